@@ -1,0 +1,302 @@
+"""The MSF pipeline: autoencoder + one DiT per scale + sampler settings.
+
+``MSFPipeline`` is what users hold: it factorizes images into training targets
+(Algorithms 1-2), computes the per-scale losses (eq. 5), samples (Algorithm 3),
+and saves to / loads from a model directory:
+
+    model_dir/
+      config.json            # {"format": "msf-pipeline", "version": 1, "model": {...}}
+      scale_0.safetensors    # weights of scale 0's network (EMA weights after training)
+      scale_1.safetensors
+      ...
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from msf.autoencoder import Autoencoder, build_autoencoder
+from msf.config import Config, ConfigError, ModelConfig, from_dict, to_dict, validate
+from msf.factorize import accumulate_sample, compose, factorize, input_priors, resize_image
+from msf.flow import drop_labels, rectified_flow_loss, sample_time
+from msf.models import DiT
+from msf.sampler import guided_velocity, solve
+
+FORMAT = "msf-pipeline"
+FORMAT_VERSION = 1
+
+
+class ModelDirError(ValueError):
+    """A model directory is missing, incomplete or corrupted; the message names the file."""
+
+
+def autocast(device: torch.device | str, precision: str):
+    """bf16 autocast on CPU (AMX) or CUDA; a no-op for fp32."""
+    if precision == "fp32":
+        return nullcontext()
+    device_type = torch.device(device).type
+    return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
+
+
+class MSFPipeline(nn.Module):
+    def __init__(self, config: ModelConfig, autoencoder: Autoencoder | None = None):
+        super().__init__()
+        validate(Config(model=config))
+        self.config = config
+        self.autoencoder = autoencoder if autoencoder is not None else build_autoencoder(
+            config.autoencoder
+        )
+        ch = config.autoencoder.channels
+        self.scales = nn.ModuleList(
+            DiT(
+                input_size=n,
+                channels=ch,
+                width=s.width,
+                depth=s.depth,
+                heads=s.heads,
+                num_classes=config.num_classes,
+                patch_size=s.patch_size,
+                mlp_ratio=s.mlp_ratio,
+                prior_channels=ch if (k > 0 and config.prior == "concat") else 0,
+            )
+            for k, (s, n) in enumerate(zip(config.scales, config.latent_sizes))
+        )
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.scales.parameters()).device
+
+    @property
+    def num_scales(self) -> int:
+        return len(self.scales)
+
+    # ----------------------------------------------------------------- targets
+
+    def _std(self, k: int) -> float:
+        if self.config.normalize == "std" and self.config.component_std is not None:
+            return self.config.component_std[k]
+        return 1.0
+
+    @torch.no_grad()
+    def components(self, images: Tensor) -> list[Tensor]:
+        """Algorithm 1 on images in [-1, 1]: the unnormalised components ``c_0 .. c_{K-1}``."""
+        cfg = self.config
+        if images.dim() != 4 or images.shape[-1] != cfg.image_size:
+            raise ValueError(
+                f"images must be (B, 3, {cfg.image_size}, {cfg.image_size}), "
+                f"got {tuple(images.shape)}"
+            )
+        z = self.autoencoder.encode(images)
+        base = None
+        if cfg.base_mode == "image" and self.num_scales > 1:
+            base = self.autoencoder.encode(resize_image(images, cfg.image_sizes[0]))
+        return factorize(z, cfg.latent_sizes, base=base)
+
+    @torch.no_grad()
+    def measure_component_std(self, images: Tensor) -> list[float]:
+        """Per-scale standard deviation of the components of ``images``."""
+        return [c.float().std().item() for c in self.components(images)]
+
+    def _net_prior(self, k: int, prior: Tensor | None) -> Tensor | None:
+        """A prior as scale k's network sees it: scaled like the base, optionally noised."""
+        if k == 0 or self.config.prior == "none" or prior is None:
+            return None
+        prior = prior / self._std(0)
+        if self.config.prior_noise > 0:
+            prior = prior + self.config.prior_noise * torch.randn_like(prior)
+        return prior
+
+    # ----------------------------------------------------------------- training
+
+    def training_losses(
+        self,
+        images: Tensor,
+        labels: Tensor,
+        scales: Sequence[int] | None = None,
+        *,
+        class_dropout: float = 0.1,
+        time_sampler: str = "uniform",
+        logit_mean: float = 0.0,
+        logit_std: float = 1.0,
+    ) -> dict[int, Tensor]:
+        """Eq. 5 for each scale in ``scales``, under teacher forcing (Algorithm 2 priors)."""
+        self.check_labels(labels)
+        scales = range(self.num_scales) if scales is None else scales
+        comps = self.components(images)
+        priors = input_priors(comps)
+        y = drop_labels(labels, class_dropout, self.config.num_classes)
+        losses = {}
+        for k in scales:
+            c = comps[k] / self._std(k)
+            t = sample_time(
+                c.shape[0], time_sampler, mean=logit_mean, std=logit_std, device=c.device
+            )
+            losses[k] = rectified_flow_loss(self.scales[k], c, y, t, self._net_prior(k, priors[k]))
+        return losses
+
+    # ----------------------------------------------------------------- sampling
+
+    def check_labels(self, labels: Tensor) -> None:
+        n = self.config.num_classes
+        if labels.dtype not in (torch.int64, torch.int32) or labels.dim() != 1:
+            raise ValueError(f"labels must be a 1-D integer tensor, got {labels.dtype} {labels.shape}")
+        if labels.numel() and (labels.min() < 0 or labels.max() >= n):
+            bad = labels[(labels < 0) | (labels >= n)][0].item()
+            raise ValueError(f"class label {bad} is out of range: this model has classes 0..{n - 1}")
+
+    def _per_scale(self, name: str, value, default: list) -> list:
+        if value is None:
+            return list(default)
+        if isinstance(value, (list, tuple)):
+            if len(value) != self.num_scales:
+                raise ValueError(
+                    f"{name}: need one value per scale ({self.num_scales}), got {list(value)}"
+                )
+            return list(value)
+        return [value] * self.num_scales
+
+    @torch.no_grad()
+    def sample(
+        self,
+        labels: Tensor | Sequence[int],
+        *,
+        steps: int | Sequence[int] | None = None,
+        cfg_scale: float | Sequence[float] | None = None,
+        solver: str | Sequence[str] | None = None,
+        seed: int | None = 0,
+        generator: torch.Generator | None = None,
+        precision: str = "fp32",
+        return_components: bool = False,
+    ) -> Tensor | tuple[Tensor, list[Tensor]]:
+        """Algorithm 3: generate images in [-1, 1] for ``labels``.
+
+        ``steps``, ``cfg_scale`` and ``solver`` take one value for all scales or a list
+        with one per scale; unset, each scale uses its config's defaults. The initial
+        noise of every scale comes from ``generator`` (or a fresh one seeded ``seed``,
+        on the CPU so that results do not depend on the device).
+        """
+        device = self.device
+        labels = torch.as_tensor(labels, dtype=torch.int64)
+        self.check_labels(labels)
+        labels = labels.to(device)
+        cfg = self.config
+        steps = self._per_scale("steps", steps, [s.steps for s in cfg.scales])
+        cfg_scale = self._per_scale("cfg_scale", cfg_scale, [s.cfg_scale for s in cfg.scales])
+        solver = self._per_scale("solver", solver, [s.solver for s in cfg.scales])
+        if generator is None:
+            generator = torch.Generator().manual_seed(0 if seed is None else seed)
+        B, C, N = labels.shape[0], cfg.autoencoder.channels, cfg.latent_sizes[-1]
+        was_training = self.training
+        self.eval()
+
+        def generate(k: int, prior: Tensor | None) -> Tensor:  # Algorithm 3, one scale
+            n = cfg.latent_sizes[k]
+            noise = torch.randn(B, C, n, n, generator=generator).to(device)
+            velocity = guided_velocity(
+                self.scales[k], labels, self._net_prior(k, prior), cfg_scale[k], cfg.num_classes
+            )
+            with autocast(device, precision):
+                c = solve(velocity, noise, steps[k], solver[k])
+            return c.float() * self._std(k)
+
+        like = torch.zeros(B, C, N, N, device=device)
+        comps = accumulate_sample(generate, cfg.latent_sizes, like)
+        z = compose(comps)
+        images = self.autoencoder.decode(z)
+        self.train(was_training)
+        return (images, comps) if return_components else images
+
+    # ----------------------------------------------------------------- save / load
+
+    def save_pretrained(self, path: str | os.PathLike, extra: dict | None = None) -> Path:
+        """Write ``config.json`` and one ``scale_k.safetensors`` per scale (atomically each)."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        for k, net in enumerate(self.scales):
+            state = {n: p.detach().contiguous().cpu() for n, p in net.state_dict().items()}
+            _atomic(path / f"scale_{k}.safetensors", lambda p, s=state: save_file(s, str(p)))
+        meta = {"format": FORMAT, "version": FORMAT_VERSION, "model": to_dict(self.config)}
+        meta.update(extra or {})
+        _atomic(path / "config.json", lambda p: p.write_text(json.dumps(meta, indent=2)))
+        return path
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        autoencoder: Autoencoder | None = None,
+        device: torch.device | str = "cpu",
+    ) -> MSFPipeline:
+        """Load a model directory written by :meth:`save_pretrained` (never unpickles)."""
+        config = load_model_config(path)
+        pipe = cls(config, autoencoder=autoencoder)
+        for k, net in enumerate(pipe.scales):
+            file = Path(path) / f"scale_{k}.safetensors"
+            if not file.is_file():
+                raise ModelDirError(f"{file}: missing (the config has {config.num_scales} scales)")
+            try:
+                state = load_file(str(file))
+            except (SafetensorError, OSError, ValueError) as e:
+                raise ModelDirError(f"{file}: not a readable safetensors file ({e})") from None
+            expected = net.state_dict()
+            missing = sorted(set(expected) - set(state))
+            unexpected = sorted(set(state) - set(expected))
+            if missing or unexpected:
+                raise ModelDirError(
+                    f"{file}: weights do not match config.json's scale {k} "
+                    f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+                )
+            for name, t in state.items():
+                if t.shape != expected[name].shape:
+                    raise ModelDirError(
+                        f"{file}: {name} has shape {tuple(t.shape)}, config.json's scale {k} "
+                        f"needs {tuple(expected[name].shape)}"
+                    )
+            net.load_state_dict(state)
+        return pipe.to(device)
+
+
+def load_model_config(path: str | os.PathLike) -> ModelConfig:
+    """Read and validate ``config.json`` of a model directory."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ModelDirError(f"{path}: model directory does not exist")
+    file = path / "config.json"
+    if not file.is_file():
+        raise ModelDirError(f"{file}: missing; is {path} a model directory written by msf?")
+    try:
+        meta = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelDirError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ModelDirError(f"{file}: field 'format' must be {FORMAT!r}")
+    if meta.get("version") != FORMAT_VERSION:
+        raise ModelDirError(
+            f"{file}: field 'version' is {meta.get('version')!r}; this msf reads {FORMAT_VERSION}"
+        )
+    if "model" not in meta:
+        raise ModelDirError(f"{file}: field 'model' is missing")
+    try:
+        model = from_dict(ModelConfig, meta["model"], "model")
+        validate(Config(model=model))
+    except ConfigError as e:
+        raise ModelDirError(f"{file}: {e}") from None
+    return model
+
+
+def _atomic(final: Path, write) -> None:
+    """Write via a temporary file in the same directory, fsync, then rename over ``final``."""
+    tmp = final.with_name(f".{final.name}.tmp")
+    write(tmp)
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, final)
