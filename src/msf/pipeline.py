@@ -47,6 +47,25 @@ def autocast(device: torch.device | str, precision: str):
     return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
 
 
+def build_scale_networks(config: ModelConfig) -> nn.ModuleList:
+    """One DiT per scale, sized by the config; scale k > 0 takes its prior as extra channels."""
+    ch = config.autoencoder.channels
+    return nn.ModuleList(
+        DiT(
+            input_size=n,
+            channels=ch,
+            width=s.width,
+            depth=s.depth,
+            heads=s.heads,
+            num_classes=config.num_classes,
+            patch_size=s.patch_size,
+            mlp_ratio=s.mlp_ratio,
+            prior_channels=ch if (k > 0 and config.prior == "concat") else 0,
+        )
+        for k, (s, n) in enumerate(zip(config.scales, config.latent_sizes))
+    )
+
+
 class MSFPipeline(nn.Module):
     def __init__(self, config: ModelConfig, autoencoder: Autoencoder | None = None):
         super().__init__()
@@ -55,21 +74,7 @@ class MSFPipeline(nn.Module):
         self.autoencoder = autoencoder if autoencoder is not None else build_autoencoder(
             config.autoencoder
         )
-        ch = config.autoencoder.channels
-        self.scales = nn.ModuleList(
-            DiT(
-                input_size=n,
-                channels=ch,
-                width=s.width,
-                depth=s.depth,
-                heads=s.heads,
-                num_classes=config.num_classes,
-                patch_size=s.patch_size,
-                mlp_ratio=s.mlp_ratio,
-                prior_channels=ch if (k > 0 and config.prior == "concat") else 0,
-            )
-            for k, (s, n) in enumerate(zip(config.scales, config.latent_sizes))
-        )
+        self.scales = build_scale_networks(config)
 
     @property
     def device(self) -> torch.device:

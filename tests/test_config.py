@@ -1,0 +1,75 @@
+import json
+
+import pytest
+
+from msf.config import (
+    PRESETS, Config, ConfigError, apply_overrides, config_from_json, config_to_json, preset,
+)
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_presets_validate_and_round_trip_through_json(name):
+    cfg = preset(name)
+    again = config_from_json(config_to_json(cfg))
+    assert isinstance(again, Config) and again == cfg
+
+
+def test_overrides_set_nested_fields_and_lists():
+    cfg = apply_overrides(preset("tiny"), [
+        "train.lr=3e-4", "model.scales.0.depth=3", "train.scale_steps=[10, 20]",
+        "model.base_mode=latent", "train.balance_classes=false",
+    ])
+    assert cfg.train.lr == 3e-4 and cfg.model.scales[0].depth == 3
+    assert cfg.train.scale_steps == [10, 20] and cfg.train.steps_for(1) == 20
+    assert cfg.model.base_mode == "latent" and cfg.train.balance_classes is False
+
+
+def test_unknown_key_suggests_the_nearest():
+    with pytest.raises(ConfigError, match="train.lrr.*did you mean 'lr'"):
+        apply_overrides(preset("tiny"), ["train.lrr=1"])
+    with pytest.raises(ConfigError, match="did you mean 'depth'"):
+        apply_overrides(preset("tiny"), ["model.scales.1.dept=1"])
+    with pytest.raises(ConfigError, match="index must be 0..1"):
+        apply_overrides(preset("tiny"), ["model.scales.2.depth=1"])
+    with pytest.raises(ConfigError, match="did you mean 'demo'"):
+        preset("dem")
+
+
+def test_bad_values_name_the_field():
+    with pytest.raises(ConfigError, match="train.batch_size: expected an integer"):
+        apply_overrides(preset("tiny"), ["train.batch_size=many"])
+    with pytest.raises(ConfigError, match="model.base_mode must be one of"):
+        apply_overrides(preset("tiny"), ["model.base_mode=pixels"])
+    with pytest.raises(ConfigError, match="strictly increasing.*\\[16, 16\\]"):
+        apply_overrides(preset("tiny"), ["model.scales.0.image_size=16"])
+    with pytest.raises(ConfigError, match="key=value"):
+        apply_overrides(preset("tiny"), ["train.lr"])
+
+
+def test_size_not_divisible_by_factor_times_patch_names_the_sizes():
+    with pytest.raises(ConfigError, match=r"model.scales.1.image_size=18 .* 1 x 4 = 4"):
+        apply_overrides(preset("tiny"), ["model.scales.1.image_size=18",
+                                         "model.scales.1.patch_size=4"])
+    # 24 / 8 = 3 latent pixels cannot be cut into 2 x 2 patches.
+    with pytest.raises(ConfigError, match="image_size=24 .* 8 x 2 = 16"):
+        apply_overrides(preset("paper-imagenet256"), ["model.scales.0.image_size=24"])
+
+
+def test_config_file_errors_name_the_source():
+    with pytest.raises(ConfigError, match="my.json: not valid JSON"):
+        config_from_json("{", source="my.json")
+    data = json.loads(config_to_json(preset("tiny")))
+    data["model"]["scales"][0]["width"] = "wide"
+    with pytest.raises(ConfigError, match="config.model.scales.0.width: expected an integer"):
+        config_from_json(json.dumps(data))
+
+
+def test_paper_preset_matches_the_paper():
+    m = preset("paper-imagenet256").model
+    assert m.image_sizes == [192, 256] and m.latent_sizes == [24, 32]
+    assert [(s.depth, s.width) for s in m.scales] == [(18, 1152), (10, 1280)]
+    assert [(s.steps, s.cfg_scale) for s in m.scales] == [(100, 1.4), (50, 1.0)]
+    assert m.autoencoder.scaling_factor == 0.18215 and m.autoencoder.factor == 8
+    t = preset("paper-imagenet256").train
+    assert t.batch_size == 2560 and t.scale_steps == [400_000, 250_000]
+    assert preset("dit-xl2").model.num_scales == 1

@@ -1,0 +1,132 @@
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from msf.flow import drop_labels, interpolate, rectified_flow_loss, sample_time
+from msf.sampler import guided_velocity, solve
+
+
+class Counting:
+    """A velocity field v = a * x, whose flow from t=1 to t=0 is x(0) = x(1) * exp(-a)."""
+
+    def __init__(self, a: float):
+        self.a, self.calls = a, 0
+
+    def __call__(self, x, t):
+        self.calls += 1
+        return self.a * x
+
+
+def _error(solver, steps, a=1.5):
+    x1 = torch.ones(1, dtype=torch.float64)
+    field = Counting(a)
+    x0 = solve(field, x1, steps, solver)
+    return abs(x0.item() - math.exp(-a)), field.calls
+
+
+@pytest.mark.parametrize("solver", ["euler", "heun"])
+@pytest.mark.parametrize("steps", [1, 2, 7, 10, 51])
+def test_steps_count_network_evaluations(solver, steps):
+    _, calls = _error(solver, steps)
+    assert calls == steps
+
+
+def test_euler_is_first_order_and_heun_second_order():
+    e1, _ = _error("euler", 20)
+    e2, _ = _error("euler", 40)
+    assert 1.8 < e1 / e2 < 2.2
+    h1, _ = _error("heun", 20)
+    h2, _ = _error("heun", 40)
+    assert 3.5 < h1 / h2 < 4.5
+    assert h2 < e2 / 10  # at equal network evaluations
+
+
+def test_solver_integrates_time_dependent_field_exactly_for_linear_paths():
+    # A single data point c: the exact rectified-flow velocity is (x - c) / t, and the
+    # straight path makes Euler exact at any step count.
+    c = torch.tensor([0.3, -1.2], dtype=torch.float64)
+    e = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    x0 = solve(lambda x, t: (x - c) / t, e, 3, "euler")
+    torch.testing.assert_close(x0, c)
+
+
+def test_unknown_solver_and_zero_steps():
+    with pytest.raises(ValueError, match="solver"):
+        solve(lambda x, t: x, torch.zeros(1), 4, "rk4")
+    with pytest.raises(ValueError, match="steps"):
+        solve(lambda x, t: x, torch.zeros(1), 0, "euler")
+
+
+class LabelNet(nn.Module):
+    """Velocity depends on the label on every channel; counts forwards and batch sizes."""
+
+    def __init__(self, channels=4):
+        super().__init__()
+        self.calls = []
+        self.w = torch.randn(11, channels)
+
+    def forward(self, x, t, y, prior=None):
+        self.calls.append(x.shape[0])
+        return x * 0.5 + self.w[y][:, :, None, None] + (0 if prior is None else prior)
+
+
+def test_cfg_one_is_the_conditional_pass_in_one_forward():
+    net = LabelNet()
+    x, y = torch.randn(3, 4, 5, 5), torch.tensor([1, 2, 3])
+    v = guided_velocity(net, y, None, 1.0, null_class=10)(x, 0.5)
+    torch.testing.assert_close(v, net(x, torch.full((3,), 0.5), y))
+    assert net.calls[0] == 3
+
+
+def test_cfg_guides_every_channel_in_one_batched_forward():
+    net = LabelNet(channels=4)
+    x, y = torch.randn(3, 4, 5, 5), torch.tensor([1, 2, 3])
+    prior = torch.randn(3, 4, 5, 5)
+    v = guided_velocity(net, y, prior, 1.7, null_class=10)(x, 0.5)
+    assert net.calls == [6]
+    t = torch.full((3,), 0.5)
+    vc, vu = net(x, t, y, prior), net(x, t, torch.full_like(y, 10), prior)
+    torch.testing.assert_close(v, vu + 1.7 * (vc - vu))
+    # All four channels differ from the conditional branch (not only the first three).
+    assert all(not torch.allclose(v[:, ch], vc[:, ch]) for ch in range(4))
+
+
+def test_time_samplers():
+    g = torch.Generator().manual_seed(0)
+    u = sample_time(20000, "uniform", generator=g)
+    ln = sample_time(20000, "logit-normal", mean=0.0, std=1.0, generator=g)
+    for t in (u, ln):
+        assert t.min() > 0 and t.max() < 1
+    assert abs(u.mean() - 0.5) < 0.01 and abs(ln.mean() - 0.5) < 0.01
+    assert ln.std() < u.std()  # logit-normal concentrates mass in the middle
+    shifted = sample_time(20000, "logit-normal", mean=1.0, std=1.0, generator=g)
+    assert shifted.mean() > 0.6
+    with pytest.raises(ValueError):
+        sample_time(4, "cosine")
+
+
+def test_label_dropout_rate_and_null_class():
+    y = torch.zeros(20000, dtype=torch.long)
+    d = drop_labels(y, 0.1, null_class=7)
+    assert set(d.unique().tolist()) == {0, 7}
+    assert abs((d == 7).float().mean() - 0.1) < 0.01
+    assert torch.equal(drop_labels(y, 0.0, 7), y)
+
+
+def test_loss_is_zero_for_the_true_velocity_and_positive_otherwise():
+    c = torch.randn(4, 3, 6, 6)
+    e = torch.randn_like(c)
+    t = torch.rand(4) * 0.9 + 0.05
+
+    class Oracle(nn.Module):  # x_t = (1-t)c + t e  =>  e - c = (x_t - c) / t
+        def forward(self, x, t, y, prior=None):
+            return (x - c) / t.view(-1, 1, 1, 1)
+
+    y = torch.zeros(4, dtype=torch.long)
+    assert rectified_flow_loss(Oracle(), c, y, t, noise=e) < 1e-10
+    zero = rectified_flow_loss(lambda x, t, y, p: torch.zeros_like(x), c, y, t, noise=e)
+    torch.testing.assert_close(zero, ((e - c) ** 2).mean())
+    torch.testing.assert_close(interpolate(c, e, torch.zeros(4)), c)
+    torch.testing.assert_close(interpolate(c, e, torch.ones(4)), e)
