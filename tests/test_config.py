@@ -3,7 +3,13 @@ import json
 import pytest
 
 from msf.config import (
-    PRESETS, Config, ConfigError, apply_overrides, config_from_json, config_to_json, preset,
+    PRESETS,
+    Config,
+    ConfigError,
+    apply_overrides,
+    config_from_json,
+    config_to_json,
+    preset,
 )
 
 

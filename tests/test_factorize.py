@@ -2,7 +2,14 @@ import pytest
 import torch
 
 from msf.factorize import (
-    accumulate_sample, check_sizes, compose, down, factorize, input_priors, resize_image, up,
+    accumulate_sample,
+    check_sizes,
+    compose,
+    down,
+    factorize,
+    input_priors,
+    resize_image,
+    up,
 )
 
 SIZE_LISTS = [[5], [3, 7], [24, 32], [4, 7, 11], [3, 6, 9, 13]]

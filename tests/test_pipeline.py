@@ -5,7 +5,7 @@ import torch
 
 from msf.config import apply_overrides
 from msf.data import load_builtin, to_model_range
-from msf.pipeline import MSFPipeline, ModelDirError, load_model_config
+from msf.pipeline import ModelDirError, MSFPipeline, load_model_config
 from msf.train import prepare_data, train
 
 
@@ -160,3 +160,16 @@ def test_bf16_autocast_training_step(tiny_cfg, tmp_path):
     assert all(torch.isfinite(torch.tensor(v[-1][1])) for v in result.history.values())
     img = result.pipeline.sample([0], precision="bf16")
     assert img.dtype == torch.float32 and torch.isfinite(img).all()
+
+
+def test_prior_modes_and_conditioning_augmentation(tiny_cfg):
+    cfg = apply_overrides(tiny_cfg, ["model.prior_noise=0.5"]).model
+    pipe = MSFPipeline(cfg)
+    for p in pipe.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    assert torch.equal(pipe.sample([1, 2], seed=3), pipe.sample([1, 2], seed=3))
+    x, y = _images(4)
+    assert set(pipe.training_losses(x, y)) == {0, 1}
+    none = MSFPipeline(apply_overrides(tiny_cfg, ["model.prior=none"]).model)
+    assert none.scales[1].prior_channels == 0 and pipe.scales[1].prior_channels == 3
+    assert none.sample([0]).shape == (1, 3, 16, 16)

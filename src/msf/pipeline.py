@@ -111,13 +111,20 @@ class MSFPipeline(nn.Module):
         """Per-scale standard deviation of the components of ``images``."""
         return [c.float().std().item() for c in self.components(images)]
 
-    def _net_prior(self, k: int, prior: Tensor | None) -> Tensor | None:
-        """A prior as scale k's network sees it: scaled like the base, optionally noised."""
+    def _net_prior(
+        self, k: int, prior: Tensor | None, generator: torch.Generator | None = None
+    ) -> Tensor | None:
+        """A prior as scale k's network sees it: scaled like the base, optionally noised.
+
+        The noise (conditioning augmentation, Ho et al. 2022) is added in training and
+        in sampling alike, so the network sees the same kind of prior in both.
+        """
         if k == 0 or self.config.prior == "none" or prior is None:
             return None
         prior = prior / self._std(0)
         if self.config.prior_noise > 0:
-            prior = prior + self.config.prior_noise * torch.randn_like(prior)
+            noise = torch.randn(prior.shape, generator=generator).to(prior.device)
+            prior = prior + self.config.prior_noise * noise
         return prior
 
     # ----------------------------------------------------------------- training
@@ -207,7 +214,8 @@ class MSFPipeline(nn.Module):
             n = cfg.latent_sizes[k]
             noise = torch.randn(B, C, n, n, generator=generator).to(device)
             velocity = guided_velocity(
-                self.scales[k], labels, self._net_prior(k, prior), cfg_scale[k], cfg.num_classes
+                self.scales[k], labels, self._net_prior(k, prior, generator), cfg_scale[k],
+                cfg.num_classes,
             )
             with autocast(device, precision):
                 c = solve(velocity, noise, steps[k], solver[k])

@@ -81,7 +81,8 @@ def train(
 
     pipe = MSFPipeline(cfg.model).to(device)
     if cfg.model.normalize == "std" and cfg.model.component_std is None:
-        probe = to_model_range(data.images[: min(len(data), 1024)]).to(device)
+        pick = torch.randperm(len(data), generator=torch.Generator().manual_seed(t.seed))[:1024]
+        probe = to_model_range(data.images[pick]).to(device)
         cfg.model.component_std = pipe.measure_component_std(probe)
     pipe.config = cfg.model
 
