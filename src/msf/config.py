@@ -167,7 +167,7 @@ def _demo() -> Config:
         class_names=list(EMOJI_CLASSES),
     )
     train = TrainConfig(
-        steps=1500, batch_size=32, lr=1e-3, warmup_steps=100, ema_decay=0.995,
+        steps=1500, batch_size=32, lr=2e-3, warmup_steps=100, ema_decay=0.995,
         time_sampler="logit-normal", out_dir="runs/demo",
     )
     return Config(model=model, train=train, preset="demo")
