@@ -4,7 +4,7 @@ import torch
 
 from msf.config import preset
 from msf.info import _dit_parameters
-from msf.models import DiT, count_parameters, sincos_pos_embed_2d
+from msf.models import DiT, attention, count_parameters, sincos_pos_embed_2d
 from msf.pipeline import build_scale_networks
 
 
@@ -86,13 +86,14 @@ def test_output_depends_on_every_input():
     assert not torch.allclose(base[:, :, -2:, -2:], net(x2, t, y, prior)[:, :, -2:, -2:])
 
 
-def test_train_and_eval_attention_paths_agree():
-    torch.manual_seed(0)
-    net = DiT(input_size=8, channels=3, width=32, depth=2, heads=2, num_classes=4)
-    for p in net.parameters():
-        torch.nn.init.normal_(p, std=0.05)
-    x, t, y = torch.randn(2, 3, 8, 8, requires_grad=True), torch.rand(2), torch.tensor([1, 2])
-    with_grad = net(x, t, y)
+def test_attention_paths_agree():
+    # bf16 with grad takes the math path on the CPU; without grad, SDPA.
+    q, k, v = (torch.randn(2, 3, 10, 8).bfloat16().requires_grad_() for _ in range(3))
+    train_out = attention(q, k, v)
+    train_out.float().sum().backward()
     with torch.no_grad():
-        without = net(x, t, y)
-    torch.testing.assert_close(with_grad.detach(), without, atol=1e-5, rtol=1e-4)
+        eval_out = attention(q, k, v)
+    ref = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float())
+    torch.testing.assert_close(train_out.float(), ref, atol=3e-2, rtol=3e-2)
+    torch.testing.assert_close(eval_out.float(), ref, atol=3e-2, rtol=3e-2)
+    assert q.grad is not None and torch.isfinite(q.grad.float()).all()

@@ -66,11 +66,12 @@ class LabelEmbedder(nn.Module):
 def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """Softmax attention over (B, heads, N, head_dim).
 
-    ``scaled_dot_product_attention`` everywhere except training on the CPU: there its
-    flash kernel's backward is 2-5x slower than two batched matmuls and a softmax
-    (benchmarks/backbone.py), while its forward is the faster one.
+    ``scaled_dot_product_attention`` everywhere except bf16 training on the CPU: there
+    its flash kernel's backward is 2-4x slower than two batched matmuls and a softmax
+    (benchmarks/backbone.py), while its forward, and fp32, are as fast or faster.
     """
-    if q.device.type == "cpu" and torch.is_grad_enabled() and q.requires_grad:
+    if (q.device.type == "cpu" and q.dtype != torch.float32 and torch.is_grad_enabled()
+            and q.requires_grad):
         scores = (q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5)
         return scores.softmax(dim=-1) @ v
     return F.scaled_dot_product_attention(q, k, v)
