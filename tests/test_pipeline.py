@@ -173,3 +173,19 @@ def test_prior_modes_and_conditioning_augmentation(tiny_cfg):
     none = MSFPipeline(apply_overrides(tiny_cfg, ["model.prior=none"]).model)
     assert none.scales[1].prior_channels == 0 and pipe.scales[1].prior_channels == 3
     assert none.sample([0]).shape == (1, 3, 16, 16)
+
+
+@pytest.mark.parametrize("sizes", [[16], [4, 8, 16]])
+def test_one_and_three_scale_pipelines(sizes, tiny_cfg, tmp_path):
+    from msf.config import ScaleConfig
+
+    cfg = tiny_cfg
+    cfg.model.scales = [ScaleConfig(image_size=s, depth=1, width=32, heads=2, steps=2)
+                        for s in sizes]
+    cfg.train.steps, cfg.train.out_dir = 2, str(tmp_path)
+    result = train(cfg, progress=False)
+    assert sorted(result.history) == list(range(len(sizes)))
+    img, comps = result.pipeline.sample([0, 5], return_components=True)
+    assert img.shape == (2, 3, 16, 16) and [c.shape[-1] for c in comps] == sizes
+    loaded = MSFPipeline.from_pretrained(result.model_dir)
+    assert torch.equal(loaded.sample([0, 5]), img)
