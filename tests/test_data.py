@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from msf.data import BatchSampler, load_builtin, load_dataset, to_model_range, to_uint8
+from msf.data import IndexStream, iterate_batches, load_builtin, load_dataset, to_model_range, to_uint8
 
 
 def test_builtin_emoji_dataset():
@@ -22,15 +22,47 @@ def test_uint8_round_trip():
     assert torch.equal(to_uint8(to_model_range(d.images[:5])), d.images[:5])
 
 
-def test_balanced_sampler_sees_classes_equally():
+def test_balanced_stream_sees_classes_equally():
     d = load_builtin()
-    s = BatchSampler(d, 512, balance_classes=True, seed=0)
-    seen = torch.cat([s.next()[1] for _ in range(20)])
+    s = IndexStream(d.labels, 512, balance_classes=True, seed=0)
+    seen = torch.cat([d.labels[s.batch(step)[0]] for step in range(1, 21)])
     freq = torch.bincount(seen, minlength=9).float() / len(seen)
     assert (freq - 1 / 9).abs().max() < 0.025
-    s = BatchSampler(d, 512, balance_classes=False, seed=0)
-    seen = torch.cat([s.next()[1] for _ in range(20)])
+    s = IndexStream(d.labels, 512, balance_classes=False, seed=0)
+    seen = torch.cat([d.labels[s.batch(step)[0]] for step in range(1, 21)])
     assert torch.bincount(seen, minlength=9)[1] > 2 * torch.bincount(seen, minlength=9)[5]
+
+
+def test_epoch_stream_visits_every_example_once_per_epoch():
+    labels = torch.tensor([0, 0, 1, 1, 1, 2, 2])
+    s = IndexStream(labels, 3, balance_classes=False, seed=1)
+    order = torch.cat([s.batch(step)[0] for step in range(1, 15)])  # 42 = 6 epochs of 7
+    for e in range(6):
+        assert sorted(order[7 * e:7 * (e + 1)].tolist()) == list(range(7))
+    assert not torch.equal(order[:7], order[7:14])  # a fresh order each epoch
+
+
+def test_stream_is_stateless_and_rank_slices_make_the_global_batch():
+    labels = torch.randint(0, 5, (100,))
+    a = IndexStream(labels, 12, seed=4)
+    b = IndexStream(labels, 12, seed=4)
+    assert torch.equal(a.batch(7)[0], b.batch(7)[0])  # no state: step 7 without steps 1-6
+    assert torch.equal(a.batch(7)[1], b.batch(7)[1])
+    parts = [a.rank_slice(7, r, 3) for r in range(3)]
+    assert torch.equal(torch.cat([p[0] for p in parts]), a.batch(7)[0])
+    assert not torch.equal(a.batch(7)[0], a.batch(8)[0])
+
+
+def test_iterate_batches_flips_and_ranges():
+    d = load_builtin()
+    s = IndexStream(d.labels, 4, seed=0)
+    got = list(iterate_batches(d, s, 3, 5))
+    assert [g[0] for g in got] == [3, 4, 5]
+    step, x, y, bad = got[0]
+    idx, flips = s.batch(3)
+    expect = to_model_range(d.images[idx])
+    expect[flips] = expect[flips].flip(-1)
+    assert torch.equal(x, expect) and torch.equal(y, d.labels[idx]) and bad == []
 
 
 def test_npz_dataset_and_bad_data(tmp_path):

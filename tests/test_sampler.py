@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from msf.flow import drop_labels, interpolate, rectified_flow_loss, sample_time
+from msf.flow import StepNoise, drop_labels, interpolate, rectified_flow_loss, sample_time
 from msf.sampler import guided_velocity, solve
 
 
@@ -94,17 +94,26 @@ def test_cfg_guides_every_channel_in_one_batched_forward():
 
 
 def test_time_samplers():
-    g = torch.Generator().manual_seed(0)
-    u = sample_time(20000, "uniform", generator=g)
-    ln = sample_time(20000, "logit-normal", mean=0.0, std=1.0, generator=g)
+    u = sample_time(20000, "uniform", noise=StepNoise(0, 1))
+    ln = sample_time(20000, "logit-normal", mean=0.0, std=1.0, noise=StepNoise(0, 2))
     for t in (u, ln):
         assert t.min() > 0 and t.max() < 1
     assert abs(u.mean() - 0.5) < 0.01 and abs(ln.mean() - 0.5) < 0.01
     assert ln.std() < u.std()  # logit-normal concentrates mass in the middle
-    shifted = sample_time(20000, "logit-normal", mean=1.0, std=1.0, generator=g)
+    shifted = sample_time(20000, "logit-normal", mean=1.0, std=1.0)
     assert shifted.mean() > 0.6
     with pytest.raises(ValueError):
         sample_time(4, "cosine")
+
+
+def test_step_noise_is_a_function_of_seed_step_key_and_slices_the_global_batch():
+    a, b = StepNoise(3, 10), StepNoise(3, 10)
+    assert torch.equal(a.normal("e0", (4, 2)), b.normal("e0", (4, 2)))
+    assert not torch.equal(a.normal("e0", (4, 2)), a.normal("e1", (4, 2)))
+    assert not torch.equal(a.normal("e0", (4, 2)), StepNoise(3, 11).normal("e0", (4, 2)))
+    whole = StepNoise(3, 10).uniform("t0", 6)
+    parts = [StepNoise(3, 10, rank=r, world=3).uniform("t0", 2) for r in range(3)]
+    assert torch.equal(torch.cat(parts), whole)
 
 
 def test_label_dropout_rate_and_null_class():

@@ -87,11 +87,13 @@ class TrainConfig:
     scale: str = "all"  # "all", or one scale index: the scales train independently
     steps: int = 1000  # optimizer steps per scale (see scale_steps)
     scale_steps: list[int] | None = None  # per-scale steps, overriding ``steps``
-    batch_size: int = 64
+    batch_size: int = 64  # global batch: split evenly over the processes of a torchrun job
     lr: float = 1e-4
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     warmup_steps: int = 0
+    lr_schedule: str = "constant"  # after warm-up: "constant" (DiT) or "cosine" to min_lr_ratio
+    min_lr_ratio: float = 0.0
     grad_clip: float = 1.0  # max global grad norm; 0 disables
     ema_decay: float = 0.9999
     class_dropout: float = 0.1  # label -> null class with this probability (CFG)
@@ -102,8 +104,18 @@ class TrainConfig:
     balance_classes: bool = True  # sample classes uniformly, not by frequency
     seed: int = 0
     log_every: int = 10
-    data: str = "emoji"  # "emoji" (built-in) or a path (image folders: see msf.data)
+    data: str = "emoji"  # "emoji" (built-in), a .npz, or an image folder (one sub-folder per class)
+    strict_data: bool = False  # stop at an unreadable image instead of skipping it
+    num_workers: int = 4  # data-loading processes, for image folders
     out_dir: str = "runs/msf"
+    ckpt_every: int = 0  # steps between checkpoints; 0: only at the end (and on Ctrl-C)
+    keep_last: int = 3  # checkpoints kept, newest first ...
+    keep_every: int = 0  # ... plus every M-th step's, for good (0: none)
+    on_nonfinite: str = "stop"  # a NaN/Inf loss: "stop" the run, or "skip" the step and count it
+    grad_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
+    compile: bool = False  # torch.compile each scale's network
+    tensorboard: bool = True  # scalars (and sample grids) under <out_dir>/tb, if installed
+    sample_every: int = 0  # steps between sample grids of the EMA model; 0: off
 
     def steps_for(self, k: int) -> int:
         return self.scale_steps[k] if self.scale_steps is not None else self.steps
@@ -311,6 +323,10 @@ def validate(cfg: Config) -> Config:
             f"train.scale_steps needs {m.num_scales} values (one per scale), got {t.scale_steps}"
         )
     _choice("train.time_sampler", t.time_sampler, TIME_SAMPLERS)
+    _choice("train.lr_schedule", t.lr_schedule, ("constant", "cosine"))
+    _choice("train.on_nonfinite", t.on_nonfinite, ("stop", "skip"))
+    if t.keep_last < 1:
+        raise ConfigError(f"train.keep_last must be >= 1, got {t.keep_last}")
     _choice("train.precision", t.precision, PRECISIONS)
     if not 0.0 <= t.class_dropout < 1.0:
         raise ConfigError(f"train.class_dropout must be in [0, 1), got {t.class_dropout}")

@@ -51,11 +51,23 @@ def load_builtin(name: str = "emoji32") -> ImageDataset:
         )
 
 
-def load_dataset(spec: str) -> ImageDataset:
-    """``"emoji"`` (built-in) or a ``.npz`` file with ``images`` (N,H,W,3 uint8) and ``labels``."""
+def load_dataset(spec: str, image_size: int | None = None, strict: bool = False):
+    """The training data a config names.
+
+    ``"emoji"``: the built-in set. A ``.npz`` with ``images`` (N, H, W, 3 uint8) and
+    ``labels``: loaded into memory. A directory with one sub-folder per class (the
+    ImageNet train layout): read lazily with ADM's centre crop to ``image_size``
+    (:mod:`msf.imagefolder`).
+    """
     if spec in ("emoji", "emoji32"):
         return load_builtin("emoji32")
     path = Path(spec)
+    if path.is_dir():
+        from msf.imagefolder import ImageFolder
+
+        if image_size is None:
+            raise ValueError(f"data {spec!r}: an image folder needs the model's image size")
+        return ImageFolder(path, image_size, strict=strict)
     if path.suffix == ".npz" and path.is_file():
         with np.load(path, allow_pickle=False) as d:
             for key in ("images", "labels"):
@@ -71,8 +83,8 @@ def load_dataset(spec: str) -> ImageDataset:
             names or [str(i) for i in range(n_cls)],
         )
     raise ValueError(
-        f"data {spec!r}: expected 'emoji' (built-in) or an existing .npz file "
-        "(image folders arrive with the training-at-scale work)"
+        f"data {spec!r}: expected 'emoji' (built-in), an existing .npz file, or a directory "
+        "with one sub-folder of images per class"
     )
 
 
@@ -87,29 +99,111 @@ def to_uint8(images: Tensor) -> Tensor:
     return x.to(torch.uint8).permute(0, 2, 3, 1).cpu()
 
 
-class BatchSampler:
-    """Endless random batches from an in-memory dataset, with horizontal flips.
+def _generator(*keys: int) -> torch.Generator:
+    """A generator seeded by a tuple of integers (seed, step, purpose ...)."""
+    seed = 0
+    for k in keys:
+        seed = (seed * 1_000_003 + int(k) + 1) % (2**63 - 1)
+    return torch.Generator().manual_seed(seed)
 
-    ``balance_classes`` draws each example with probability proportional to
-    ``1 / count(class)``, so every class is seen equally often.
+
+class IndexStream:
+    """Which examples, flipped or not, make the global batch of each step.
+
+    Stateless: step s's batch is a pure function of (seed, s), so resuming at step s
+    needs nothing but s, every process of a torchrun job computes the same global
+    batch and takes its own slice, and the global batch does not depend on how many
+    processes share it.
+
+    ``balance_classes`` draws examples with probability ``1 / count(class)`` (with
+    replacement), so every class is seen equally often; otherwise the data is read
+    in a fresh random order each epoch.
     """
 
     def __init__(
-        self, data: ImageDataset, batch_size: int, *, balance_classes: bool = True,
-        flip: bool = True, seed: int = 0,
+        self, labels: Tensor, global_batch: int, *, seed: int = 0, balance_classes: bool = True,
+        flip: bool = True,
     ):
-        self.data = data
-        self.batch_size = batch_size
+        self.n = len(labels)
+        self.global_batch = global_batch
+        self.seed = seed
+        self.balance = balance_classes
         self.flip = flip
-        self.generator = torch.Generator().manual_seed(seed)
-        counts = torch.bincount(data.labels, minlength=data.num_classes).float()
-        self.weights = (1.0 / counts[data.labels]) if balance_classes else torch.ones(len(data))
+        counts = torch.bincount(labels).float()
+        self.weights = 1.0 / counts[labels]
+        self._perm_epoch, self._perm = -1, torch.empty(0, dtype=torch.long)
 
-    def next(self) -> tuple[Tensor, Tensor]:
-        idx = torch.multinomial(self.weights, self.batch_size, replacement=True,
-                                generator=self.generator)
-        x = to_model_range(self.data.images[idx])
-        if self.flip:
-            flip = torch.rand(self.batch_size, generator=self.generator) < 0.5
-            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-        return x, self.data.labels[idx]
+    def _permutation(self, epoch: int) -> Tensor:
+        if epoch != self._perm_epoch:
+            self._perm = torch.randperm(self.n, generator=_generator(self.seed, epoch, 1))
+            self._perm_epoch = epoch
+        return self._perm
+
+    def batch(self, step: int) -> tuple[Tensor, Tensor]:
+        """(indices, flips) of the global batch of ``step`` (1-based)."""
+        g = _generator(self.seed, step, 2)
+        if self.balance:
+            idx = torch.multinomial(self.weights, self.global_batch, replacement=True, generator=g)
+        else:
+            pos = torch.arange((step - 1) * self.global_batch, step * self.global_batch)
+            idx = torch.empty_like(pos)
+            for epoch in (pos // self.n).unique().tolist():
+                sel = pos // self.n == epoch
+                idx[sel] = self._permutation(epoch)[pos[sel] % self.n]
+        flips = torch.rand(self.global_batch, generator=g) < 0.5
+        return idx, flips & self.flip
+
+    def rank_slice(self, step: int, rank: int, world: int) -> tuple[Tensor, Tensor]:
+        idx, flips = self.batch(step)
+        per = self.global_batch // world
+        return idx[rank * per:(rank + 1) * per], flips[rank * per:(rank + 1) * per]
+
+
+def apply_flips(x: Tensor, flips: Tensor) -> Tensor:
+    """Horizontally flip the images of a (B, C, H, W) batch where ``flips`` is True."""
+    return torch.where(flips.to(x.device)[:, None, None, None], x.flip(-1), x)
+
+
+class _StepBatches(torch.utils.data.Sampler):
+    """Yields this process's index list for each step in [start, end]."""
+
+    def __init__(self, stream: IndexStream, start: int, end: int, rank: int, world: int):
+        self.stream, self.start, self.end, self.rank, self.world = stream, start, end, rank, world
+
+    def __iter__(self):
+        for step in range(self.start, self.end + 1):
+            yield self.stream.rank_slice(step, self.rank, self.world)[0].tolist()
+
+    def __len__(self) -> int:
+        return max(0, self.end - self.start + 1)
+
+
+def _collate(items):
+    images = torch.stack([it[0] for it in items])
+    labels = torch.tensor([it[1] for it in items], dtype=torch.long)
+    bad = [it[2] for it in items if it[2]]
+    return images, labels, bad
+
+
+def iterate_batches(
+    data, stream: IndexStream, start: int, end: int, *, rank: int = 0, world: int = 1,
+    num_workers: int = 0,
+):
+    """Yield ``(step, images in [-1, 1] (B, 3, H, W), labels, bad_files)`` for steps start..end.
+
+    ``data`` is an in-memory :class:`ImageDataset` (indexed directly) or a map-style
+    dataset returning ``(uint8 HxWx3, label, bad_path)`` (read by a DataLoader).
+    """
+    if isinstance(data, ImageDataset):
+        for step in range(start, end + 1):
+            idx, flips = stream.rank_slice(step, rank, world)
+            yield step, apply_flips(to_model_range(data.images[idx]), flips), data.labels[idx], []
+        return
+    loader = torch.utils.data.DataLoader(
+        data, batch_sampler=_StepBatches(stream, start, end, rank, world),
+        num_workers=num_workers, collate_fn=_collate, persistent_workers=False,
+        prefetch_factor=4 if num_workers > 0 else None,
+    )
+    for step, (images, labels, bad) in enumerate(loader, start=start):
+        _, flips = stream.rank_slice(step, rank, world)
+        yield step, apply_flips(to_model_range(images), flips), labels, bad

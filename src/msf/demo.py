@@ -18,14 +18,13 @@ import torch
 from msf.config import Config, apply_overrides, preset
 from msf.data import load_builtin, to_model_range
 from msf.factorize import compose
+from msf.pipeline import MSFPipeline
 from msf.train import prepare_data, train
 from msf.viz import factorization_figure, loss_plot, save_sample_grid
 
 
 def factorization_of_real_images(cfg: Config, out: Path, per_class: int = 1) -> Path:
     """Figure of Algorithm 1 on one real image per class (pixel-space components)."""
-    from msf.pipeline import MSFPipeline
-
     data = prepare_data(load_builtin(), cfg.model.image_size)
     g = torch.Generator().manual_seed(1)
     idx = []
@@ -49,7 +48,6 @@ def run_demo(
 ) -> dict[str, Path]:
     """Run the whole demo; returns the paths it wrote."""
     t0 = time.perf_counter()
-    torch.set_num_threads(max(torch.get_num_threads(), 1))
     cfg = apply_overrides(preset("demo"), [f"train.out_dir={out_dir}", *(overrides or [])])
     out = Path(cfg.train.out_dir)
     out.mkdir(parents=True, exist_ok=True)

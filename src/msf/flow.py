@@ -6,9 +6,51 @@ velocity ``dx_t/dt = e - c``. ``t = 0`` is data, ``t = 1`` is noise.
 
 from __future__ import annotations
 
+import zlib
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+
+class Noise:
+    """Where the training randomness (times, noise, label dropout) comes from.
+
+    This default draws from the global torch RNG. :class:`StepNoise` makes every
+    draw a pure function of (seed, step, what), which is what makes resumed and
+    multi-process runs equal a single uninterrupted one.
+    """
+
+    def uniform(self, key: str, n: int, device: torch.device | str = "cpu") -> Tensor:
+        return torch.rand(n, device=device)
+
+    def normal(self, key: str, shape: tuple[int, ...], device: torch.device | str = "cpu") -> Tensor:
+        return torch.randn(shape, device=device)
+
+
+class StepNoise(Noise):
+    """Randomness of one training step, drawn for the global batch, sliced to this process.
+
+    Each draw is seeded by (seed, step, key), so it does not depend on what was drawn
+    before, on how many processes share the batch, or on the device.
+    """
+
+    def __init__(self, seed: int, step: int, rank: int = 0, world: int = 1):
+        self.seed, self.step, self.rank, self.world = seed, step, rank, world
+
+    def _generator(self, key: str) -> torch.Generator:
+        h = zlib.crc32(f"{self.seed}/{self.step}/{key}".encode())
+        return torch.Generator().manual_seed(h * 1_000_003 + self.step)
+
+    def _slice(self, full: Tensor, n: int, device) -> Tensor:
+        return full[self.rank * n:(self.rank + 1) * n].to(device)
+
+    def uniform(self, key: str, n: int, device: torch.device | str = "cpu") -> Tensor:
+        return self._slice(torch.rand(n * self.world, generator=self._generator(key)), n, device)
+
+    def normal(self, key: str, shape: tuple[int, ...], device: torch.device | str = "cpu") -> Tensor:
+        full = torch.randn((shape[0] * self.world, *shape[1:]), generator=self._generator(key))
+        return self._slice(full, shape[0], device)
 
 
 def sample_time(
@@ -18,21 +60,23 @@ def sample_time(
     mean: float = 0.0,
     std: float = 1.0,
     device: torch.device | str = "cpu",
-    generator: torch.Generator | None = None,
+    noise: Noise | None = None,
+    key: str = "t",
 ) -> Tensor:
     """Training times in (0, 1): ``uniform``, or ``logit-normal`` (sigmoid of N(mean, std))."""
+    noise = noise or Noise()
     if kind == "uniform":
-        return torch.rand(n, device=device, generator=generator)
+        return noise.uniform(key, n, device)
     if kind == "logit-normal":
-        return torch.sigmoid(mean + std * torch.randn(n, device=device, generator=generator))
+        return torch.sigmoid(mean + std * noise.normal(key, (n,), device))
     raise ValueError(f"time sampler must be 'uniform' or 'logit-normal', got {kind!r}")
 
 
-def drop_labels(y: Tensor, p: float, null_class: int, generator: torch.Generator | None = None):
+def drop_labels(y: Tensor, p: float, null_class: int, noise: Noise | None = None) -> Tensor:
     """Replace each label by the null class with probability ``p`` (trains the CFG branch)."""
     if p <= 0:
         return y
-    drop = torch.rand(y.shape, device=y.device, generator=generator) < p
+    drop = (noise or Noise()).uniform("drop", y.shape[0], y.device) < p
     return torch.where(drop, torch.full_like(y, null_class), y)
 
 

@@ -20,6 +20,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 
@@ -189,6 +190,7 @@ class DiT(nn.Module):
         )
         self.blocks = nn.ModuleList([DiTBlock(width, heads, mlp_ratio) for _ in range(depth)])
         self.final_layer = FinalLayer(width, patch_size, channels)
+        self.grad_checkpointing = False  # recompute each block's activations in backward
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -228,7 +230,10 @@ class DiT(nn.Module):
         x = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed
         c = self.t_embedder(t) + self.y_embedder(y)
         for block in self.blocks:
-            x = block(x, c)
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(block, x, c, use_reentrant=False)
+            else:
+                x = block(x, c)
         return self.unpatchify(self.final_layer(x, c))
 
 

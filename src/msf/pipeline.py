@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from msf.autoencoder import Autoencoder, build_autoencoder
 from msf.config import Config, ConfigError, ModelConfig, from_dict, to_dict, validate
 from msf.factorize import accumulate_sample, compose, factorize, input_priors, resize_image
-from msf.flow import drop_labels, rectified_flow_loss, sample_time
+from msf.flow import Noise, drop_labels, rectified_flow_loss, sample_time
 from msf.models import DiT
 from msf.sampler import guided_velocity, solve
 
@@ -112,7 +112,8 @@ class MSFPipeline(nn.Module):
         return [c.float().std().item() for c in self.components(images)]
 
     def _net_prior(
-        self, k: int, prior: Tensor | None, generator: torch.Generator | None = None
+        self, k: int, prior: Tensor | None, generator: torch.Generator | None = None,
+        noise: Noise | None = None,
     ) -> Tensor | None:
         """A prior as scale k's network sees it: scaled like the base, optionally noised.
 
@@ -123,8 +124,11 @@ class MSFPipeline(nn.Module):
             return None
         prior = prior / self._std(0)
         if self.config.prior_noise > 0:
-            noise = torch.randn(prior.shape, generator=generator).to(prior.device)
-            prior = prior + self.config.prior_noise * noise
+            if noise is not None:
+                n = noise.normal(f"prior{k}", tuple(prior.shape), prior.device)
+            else:
+                n = torch.randn(prior.shape, generator=generator).to(prior.device)
+            prior = prior + self.config.prior_noise * n
         return prior
 
     # ----------------------------------------------------------------- training
@@ -139,20 +143,29 @@ class MSFPipeline(nn.Module):
         time_sampler: str = "uniform",
         logit_mean: float = 0.0,
         logit_std: float = 1.0,
+        noise: Noise | None = None,
+        nets: Mapping[int, nn.Module] | None = None,
     ) -> dict[int, Tensor]:
-        """Eq. 5 for each scale in ``scales``, under teacher forcing (Algorithm 2 priors)."""
+        """Eq. 5 for each scale in ``scales``, under teacher forcing (Algorithm 2 priors).
+
+        ``noise`` is the source of times, noise and label dropout (the global RNG by
+        default); ``nets`` replaces scale k's network by a wrapper (DDP, compiled).
+        """
         self.check_labels(labels)
         scales = range(self.num_scales) if scales is None else scales
+        noise = noise or Noise()
         comps = self.components(images)
         priors = input_priors(comps)
-        y = drop_labels(labels, class_dropout, self.config.num_classes)
+        y = drop_labels(labels, class_dropout, self.config.num_classes, noise)
         losses = {}
         for k in scales:
             c = comps[k] / self._std(k)
-            t = sample_time(
-                c.shape[0], time_sampler, mean=logit_mean, std=logit_std, device=c.device
-            )
-            losses[k] = rectified_flow_loss(self.scales[k], c, y, t, self._net_prior(k, priors[k]))
+            t = sample_time(c.shape[0], time_sampler, mean=logit_mean, std=logit_std,
+                            device=c.device, noise=noise, key=f"t{k}")
+            e = noise.normal(f"e{k}", tuple(c.shape), c.device)
+            prior = self._net_prior(k, priors[k], noise=noise)
+            net = self.scales[k] if nets is None or k not in nets else nets[k]
+            losses[k] = rectified_flow_loss(net, c, y, t, prior, noise=e)
         return losses
 
     # ----------------------------------------------------------------- sampling

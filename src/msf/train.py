@@ -1,16 +1,34 @@
-"""Training in one process: all scales at once, or one scale alone.
+"""Training: all scales at once or one alone, one process or many, resumable exactly.
 
 Under teacher forcing (Algorithm 2) the scales are independent: each has its own
-network, optimizer, EMA and step count, and a job that trains only scale k
-computes exactly what scale k would see in an all-scales job. An all-scales job
-shares one batch of images (one encode) between the scales.
+network, optimizer, EMA, learning-rate schedule and step count, and a job that
+trains only scale k computes exactly what scale k sees in an all-scales job (an
+all-scales job shares one batch of images, and one encode, between the scales).
+
+Everything random in a step (which images, flips, times, noise, label dropout) is
+a pure function of (seed, step): see ``msf.data.IndexStream`` and
+``msf.flow.StepNoise``. So a run resumed from a checkpoint continues exactly as
+the uninterrupted run would have, and N processes under torchrun compute the
+same global batch as one process.
+
+Run directory (``train.out_dir``)::
+
+    config.json           the resolved config of the run
+    checkpoints/          step_*.pt: weights, EMA, optimizer, step, history (resume)
+    model/                the EMA pipeline: config.json + scale_k.safetensors (sampling)
+    losses.json           loss per scale and step
+    samples/, tb/         sample grids and TensorBoard logs, when enabled
 """
 
 from __future__ import annotations
 
-import copy
 import json
+import math
+import signal
+import threading
 import time
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,10 +36,20 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from msf.config import Config, ConfigError, validate
-from msf.data import BatchSampler, ImageDataset, load_dataset, to_model_range, to_uint8
+from msf.checkpoint import CheckpointError, load_latest, prune, save_checkpoint
+from msf.config import Config, ConfigError, TrainConfig, from_dict, to_dict, validate
+from msf.data import ImageDataset, IndexStream, iterate_batches, load_dataset, to_model_range, to_uint8
+from msf.distributed import World, any_rank, barrier, close_world, init_world, mean_over_ranks
 from msf.factorize import resize_image
+from msf.flow import StepNoise
 from msf.pipeline import MSFPipeline, autocast
+
+# Train-config fields that may change on resume without changing what the run computes.
+RESUMABLE_CHANGES = {
+    "steps", "scale_steps", "log_every", "ckpt_every", "keep_last", "keep_every", "out_dir",
+    "num_workers", "tensorboard", "sample_every", "on_nonfinite", "compile", "grad_checkpointing",
+    "data", "strict_data",
+}
 
 
 @dataclass
@@ -29,13 +57,16 @@ class TrainResult:
     pipeline: MSFPipeline  # holds the EMA weights
     history: dict[int, list[tuple[int, float]]] = field(default_factory=dict)  # k -> (step, loss)
     model_dir: Path | None = None
+    checkpoint: Path | None = None
     seconds: float = 0.0
-    steps: int = 0
+    steps: int = 0  # the last completed step
     images_per_second: float = 0.0
+    skipped: int = 0  # steps skipped for a non-finite loss (train.on_nonfinite=skip)
+    interrupted: bool = False  # stopped by Ctrl-C / SIGTERM, after saving a checkpoint
 
 
 def prepare_data(data: ImageDataset, image_size: int) -> ImageDataset:
-    """Resize a dataset once to the model's image size (antialiased), if it differs."""
+    """Resize an in-memory dataset once to the model's image size (antialiased), if it differs."""
     if data.image_size == image_size:
         return data
     x = resize_image(to_model_range(data.images), image_size)
@@ -44,8 +75,7 @@ def prepare_data(data: ImageDataset, image_size: int) -> ImageDataset:
 
 @torch.no_grad()
 def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    ema_p = list(ema.parameters())
-    torch._foreach_lerp_(ema_p, [p.detach() for p in model.parameters()], 1.0 - decay)
+    torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in model.parameters()], 1.0 - decay)
 
 
 def trained_scales(cfg: Config) -> list[int]:
@@ -54,111 +84,334 @@ def trained_scales(cfg: Config) -> list[int]:
     return [int(cfg.train.scale)]
 
 
+def learning_rate(t: TrainConfig, step: int, total: int) -> float:
+    """Linear warm-up, then constant or cosine decay to ``min_lr_ratio * lr`` at ``total``."""
+    if t.warmup_steps and step <= t.warmup_steps:
+        return t.lr * step / t.warmup_steps
+    if t.lr_schedule == "cosine":
+        span = max(1, total - t.warmup_steps)
+        progress = min(1.0, (step - t.warmup_steps) / span)
+        return t.lr * (t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+    return t.lr
+
+
+class StopRequest:
+    """Turns the first Ctrl-C / SIGTERM into a request to stop at the next step boundary.
+
+    A second Ctrl-C interrupts at once (the last checkpoint stays intact).
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old: dict[int, object] = {}
+
+    def _handler(self, signum, frame) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        name = signal.Signals(signum).name
+        print(f"\n[msf] {name}: saving a checkpoint at the end of this step, then stopping "
+              "(Ctrl-C again to abort now)", flush=True)
+
+    @contextmanager
+    def installed(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._old[sig] = signal.signal(sig, self._handler)
+        try:
+            yield self
+        finally:
+            for sig, old in self._old.items():
+                signal.signal(sig, old)
+
+
+def _check_resume(cfg: Config, saved: Config, path: Path) -> None:
+    """A checkpoint must belong to this model; train changes that alter the run are warned about."""
+    a, b = to_dict(cfg.model), to_dict(saved.model)
+    a["component_std"] = b["component_std"] = None
+    if a != b:
+        diff = [k for k in a if a[k] != b[k]]
+        raise CheckpointError(
+            f"{path}: the checkpoint's model config differs from this run's in {diff}; "
+            "resume with the config saved in the run directory (config.json)"
+        )
+    if cfg.train.scale != saved.train.scale:
+        raise CheckpointError(
+            f"{path}: the checkpoint trains scale {saved.train.scale!r}, this run {cfg.train.scale!r}"
+        )
+    ta, tb = to_dict(cfg.train), to_dict(saved.train)
+    changed = [k for k in ta if ta[k] != tb[k] and k not in RESUMABLE_CHANGES]
+    if changed:
+        warnings.warn(
+            f"resuming with train settings changed from the checkpoint's: {changed}; "
+            "the run will not equal an uninterrupted one", stacklevel=3,
+        )
+
+
+class _Logger:
+    """TensorBoard scalars and images on the main process, if tensorboard is installed."""
+
+    def __init__(self, out: Path, enabled: bool):
+        self.writer = None
+        if not enabled:
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            warnings.warn("tensorboard is not installed: no TensorBoard logs "
+                          "(pip install tensorboard, or set train.tensorboard=false)", stacklevel=3)
+            return
+        self.writer = SummaryWriter(str(out / "tb"))
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        if self.writer:
+            for k, v in values.items():
+                self.writer.add_scalar(k, v, step)
+
+    def image(self, step: int, tag: str, path: Path) -> None:
+        if self.writer:
+            import numpy as np
+            from PIL import Image
+
+            self.writer.add_image(tag, np.asarray(Image.open(path).convert("RGB")), step,
+                                  dataformats="HWC")
+
+    def close(self) -> None:
+        if self.writer:
+            self.writer.close()
+
+
 def train(
     cfg: Config,
     *,
-    data: ImageDataset | None = None,
-    device: str | torch.device = "cpu",
+    data=None,
+    device: str | torch.device | None = "cpu",
     progress: bool = True,
     max_seconds: float | None = None,
     save: bool = True,
+    resume: bool = False,
 ) -> TrainResult:
-    """Train ``cfg`` and save the EMA pipeline to ``<train.out_dir>/model``.
+    """Train ``cfg``; checkpoints in ``<out_dir>/checkpoints``, the EMA pipeline in ``<out_dir>/model``.
 
-    ``max_seconds`` stops early (at a step boundary) once that much time has passed.
+    ``resume`` continues from the newest checkpoint in the run directory (or starts
+    fresh, saying so, when there is none). ``max_seconds`` stops early at a step
+    boundary. Under torchrun every process calls this; the main one writes files.
     """
     validate(cfg)
     t = cfg.train
-    torch.manual_seed(t.seed)
-    data = load_dataset(t.data) if data is None else data
+    world = init_world(None if device is None else str(device))
+    try:
+        return _train(cfg, t, world, data, progress, max_seconds, save, resume)
+    finally:
+        close_world(world)
+
+
+def _train(cfg: Config, t: TrainConfig, world: World, data, progress: bool,
+           max_seconds: float | None, save: bool, resume: bool) -> TrainResult:
+    dev = world.device
+    if t.batch_size % world.size:
+        raise ConfigError(f"train.batch_size={t.batch_size} (global) is not divisible by the "
+                          f"{world.size} processes")
+    out = Path(t.out_dir)
+    ckpt_dir = out / "checkpoints"
+
+    state, state_path = None, None
+    if resume:
+        found = load_latest(ckpt_dir)
+        if found is None:
+            if world.is_main:
+                print(f"[msf] no checkpoint in {ckpt_dir}: starting from scratch", flush=True)
+        else:
+            state, state_path = found
+            saved = from_dict(Config, state["config"], "checkpoint config")
+            _check_resume(cfg, saved, state_path)
+            cfg.model.component_std = saved.model.component_std
+
+    data = load_dataset(t.data, cfg.model.image_size, t.strict_data) if data is None else data
     if data.num_classes > cfg.model.num_classes:
         raise ConfigError(
             f"data has {data.num_classes} classes but model.num_classes={cfg.model.num_classes}"
         )
     if cfg.model.class_names is None and data.num_classes == cfg.model.num_classes:
         cfg.model.class_names = list(data.class_names)
-    data = prepare_data(data, cfg.model.image_size)
+    if isinstance(data, ImageDataset):
+        data = prepare_data(data, cfg.model.image_size)
 
-    pipe = MSFPipeline(cfg.model).to(device)
+    torch.manual_seed(t.seed)  # the same initial weights on every process
+    pipe = MSFPipeline(cfg.model).to(dev)
     if cfg.model.normalize == "std" and cfg.model.component_std is None:
         pick = torch.randperm(len(data), generator=torch.Generator().manual_seed(t.seed))[:1024]
-        probe = to_model_range(data.images[pick]).to(device)
-        cfg.model.component_std = pipe.measure_component_std(probe)
+        if isinstance(data, ImageDataset):
+            probe = data.images[pick]
+        else:
+            probe = torch.stack([data[int(i)][0] for i in pick])
+        cfg.model.component_std = pipe.measure_component_std(to_model_range(probe).to(dev))
     pipe.config = cfg.model
 
     scales = trained_scales(cfg)
-    emas = {k: copy.deepcopy(pipe.scales[k]).requires_grad_(False) for k in scales}
+    for k in scales:
+        pipe.scales[k].grad_checkpointing = t.grad_checkpointing
+    ema = MSFPipeline(cfg.model, autoencoder=pipe.autoencoder).to(dev)  # shares the autoencoder
+    ema.scales.load_state_dict(pipe.scales.state_dict())
+    ema.requires_grad_(False).eval()
     opts = {
-        k: torch.optim.AdamW(
-            pipe.scales[k].parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay
-        )
+        k: torch.optim.AdamW(pipe.scales[k].parameters(), lr=t.lr, betas=tuple(t.betas),
+                             weight_decay=t.weight_decay)
         for k in scales
     }
-    total_steps = max(t.steps_for(k) for k in scales)
-    sampler = BatchSampler(data, t.batch_size, balance_classes=t.balance_classes, seed=t.seed)
     history: dict[int, list[tuple[int, float]]] = {k: [] for k in scales}
-    running = {k: 0.0 for k in scales}
-    n_running = 0
+    start_step, skipped = 0, 0
+    if state is not None:
+        for k in range(pipe.num_scales):
+            pipe.scales[k].load_state_dict(state["models"][str(k)])
+            ema.scales[k].load_state_dict(state["emas"][str(k)])
+        for k in scales:
+            opts[k].load_state_dict(state["optimizers"][str(k)])
+        history = {int(k): [tuple(p) for p in v] for k, v in state["history"].items()}
+        start_step, skipped = int(state["step"]), int(state.get("skipped", 0))
 
-    pipe.train()
-    start = time.perf_counter()
-    bar = tqdm(total=total_steps, disable=not progress, desc="train", dynamic_ncols=True)
-    step = 0
-    for step in range(1, total_steps + 1):
-        active = [k for k in scales if step <= t.steps_for(k)]
-        lr = t.lr * min(1.0, step / t.warmup_steps) if t.warmup_steps else t.lr
-        x, y = sampler.next()
-        x, y = x.to(device), y.to(device)
-        with autocast(device, t.precision):
-            losses = pipe.training_losses(
-                x, y, active, class_dropout=t.class_dropout, time_sampler=t.time_sampler,
-                logit_mean=t.logit_mean, logit_std=t.logit_std,
-            )
-        for k, loss in losses.items():
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"scale {k}: loss is {loss.item()} at step {step}; lower train.lr "
-                    f"(now {t.lr}) or check the data"
-                )
-        sum(losses.values()).backward()
-        for k in active:
-            params = list(pipe.scales[k].parameters())
-            if t.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
-            for g in opts[k].param_groups:
-                g["lr"] = lr
-            opts[k].step()
-            opts[k].zero_grad(set_to_none=True)
-            ema_update(emas[k], pipe.scales[k], t.ema_decay)
-            running[k] += losses[k].item()
-        n_running += 1
-        if step % t.log_every == 0 or step == total_steps:
-            for k in active:
-                history[k].append((step, running[k] / n_running))
-            running = {k: 0.0 for k in scales}
-            n_running = 0
-            elapsed = time.perf_counter() - start
-            bar.set_postfix(
-                {f"loss{k}": f"{history[k][-1][1]:.4f}" for k in active}
-                | {"img/s": f"{step * t.batch_size / elapsed:.0f}"}
-            )
-        bar.update(1)
-        if max_seconds is not None and time.perf_counter() - start > max_seconds:
-            break
-    bar.close()
-    seconds = time.perf_counter() - start
-
+    nets: dict[int, nn.Module] = {}
     for k in scales:
-        pipe.scales[k].load_state_dict(emas[k].state_dict())
-    pipe.eval()
+        net: nn.Module = pipe.scales[k]
+        if world.distributed:
+            net = nn.parallel.DistributedDataParallel(
+                net, device_ids=[dev.index] if dev.type == "cuda" else None
+            )
+        if t.compile:
+            net = torch.compile(net)
+        nets[k] = net
+
+    total_steps = max(t.steps_for(k) for k in scales)
+    stream = IndexStream(data.labels, t.batch_size, seed=t.seed, balance_classes=t.balance_classes)
+    logger = _Logger(out, t.tensorboard and world.is_main and save)
+    if save and world.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+
+    saved_step = start_step if state is not None else -1
+
+    def checkpoint(step: int) -> Path | None:
+        nonlocal saved_step
+        if not save:
+            return None
+        saved_step, path = step, None
+        if world.is_main:
+            path = save_checkpoint(ckpt_dir, step, {
+                "config": to_dict(cfg),
+                "models": {str(k): s.state_dict() for k, s in enumerate(pipe.scales)},
+                "emas": {str(k): s.state_dict() for k, s in enumerate(ema.scales)},
+                "optimizers": {str(k): o.state_dict() for k, o in opts.items()},
+                "history": {str(k): [list(p) for p in v] for k, v in history.items()},
+                "skipped": skipped,
+            })
+            prune(ckpt_dir, t.keep_last, t.keep_every)
+        barrier(world)
+        return path
+
+    running = torch.zeros(len(scales), dtype=torch.float64)
+    n_running, grad_norms = 0, {k: 0.0 for k in scales}
+    bad_files: list[str] = []
+    stop = StopRequest()
+    step, last_ckpt, interrupted = start_step, state_path, False
+    bar = tqdm(total=total_steps, initial=start_step, disable=not (progress and world.is_main),
+               desc="train", dynamic_ncols=True)
+    started = time.perf_counter()
+    pipe.train()
+    with stop.installed():
+        batches = iterate_batches(data, stream, start_step + 1, total_steps, rank=world.rank,
+                                  world=world.size, num_workers=t.num_workers)
+        for step, x, y, bad in batches:
+            if bad:
+                bad_files += bad
+                if len(bad_files) == len(bad) and world.is_main:
+                    warnings.warn(f"unreadable images skipped (first: {bad[:3]}); "
+                                  "set train.strict_data=true to stop instead", stacklevel=2)
+            active = [k for k in scales if step <= t.steps_for(k)]
+            with autocast(dev, t.precision):
+                losses = pipe.training_losses(
+                    x.to(dev, non_blocking=True), y.to(dev), active, class_dropout=t.class_dropout,
+                    time_sampler=t.time_sampler, logit_mean=t.logit_mean, logit_std=t.logit_std,
+                    noise=StepNoise(t.seed, step, world.rank, world.size), nets=nets,
+                )
+            total = sum(losses.values())
+            if any_rank(not bool(torch.isfinite(total)), world):
+                bad_k = [k for k, v in losses.items() if not torch.isfinite(v)]
+                if t.on_nonfinite == "stop":
+                    where = f"; the last good checkpoint is {last_ckpt}" if last_ckpt else ""
+                    raise FloatingPointError(
+                        f"non-finite loss at step {step} (scale(s) {bad_k or 'on another process'})"
+                        f"{where}. Lower train.lr (now {t.lr}), check the data, or set "
+                        "train.on_nonfinite=skip"
+                    )
+                skipped += 1
+                for k in active:
+                    opts[k].zero_grad(set_to_none=True)
+                bar.update(1)
+                continue
+            total.backward()
+            for k in active:
+                if t.grad_clip > 0:
+                    grad_norms[k] = float(torch.nn.utils.clip_grad_norm_(
+                        pipe.scales[k].parameters(), t.grad_clip))
+                for g in opts[k].param_groups:
+                    g["lr"] = learning_rate(t, step, t.steps_for(k))
+                opts[k].step()
+                opts[k].zero_grad(set_to_none=True)
+                ema_update(ema.scales[k], pipe.scales[k], t.ema_decay)
+            running += torch.tensor([losses[k].item() if k in losses else 0.0 for k in scales],
+                                    dtype=torch.float64)
+            n_running += 1
+
+            if step % t.log_every == 0 or step == total_steps:
+                mean = mean_over_ranks((running / n_running).to(dev), world).cpu()
+                for i, k in enumerate(scales):
+                    if k in active:
+                        history[k].append((step, float(mean[i])))
+                running.zero_()
+                n_running = 0
+                rate = (step - start_step) * t.batch_size / (time.perf_counter() - started)
+                bar.set_postfix({f"loss{k}": f"{history[k][-1][1]:.4f}" for k in active}
+                                | {"img/s": f"{rate:.0f}"})
+                logger.scalars(step, {f"loss/scale{k}": history[k][-1][1] for k in active}
+                               | {f"grad_norm/scale{k}": grad_norms[k] for k in active}
+                               | {f"lr/scale{k}": learning_rate(t, step, t.steps_for(k)) for k in active}
+                               | {"images_per_second": rate})
+            if t.sample_every and step % t.sample_every == 0 and world.is_main and save:
+                path = _sample_grid(ema, out / "samples" / f"step_{step:09d}.png", dev)
+                logger.image(step, "samples", path)
+            if t.ckpt_every and step % t.ckpt_every == 0:
+                last_ckpt = checkpoint(step)
+            bar.update(1)
+            out_of_time = max_seconds is not None and time.perf_counter() - started > max_seconds
+            if any_rank(stop.requested, world) or out_of_time:
+                interrupted = stop.requested
+                break
+    bar.close()
+    seconds = time.perf_counter() - started
+    logger.close()
+
+    if save and saved_step != step:
+        last_ckpt = checkpoint(step)
     result = TrainResult(
-        pipeline=pipe, history=history, seconds=seconds, steps=step,
-        images_per_second=step * t.batch_size / max(seconds, 1e-9),
+        pipeline=ema, history=history, checkpoint=last_ckpt, seconds=seconds, steps=step,
+        images_per_second=(step - start_step) * t.batch_size / max(seconds, 1e-9),
+        skipped=skipped, interrupted=interrupted,
     )
-    if save:
-        out = Path(t.out_dir)
-        result.model_dir = pipe.save_pretrained(
-            out / "model", extra={"train": json.loads(json.dumps(cfg.train.__dict__))}
-        )
+    if save and world.is_main:
+        result.model_dir = ema.save_pretrained(out / "model", extra={"train": to_dict(t)})
         (out / "losses.json").write_text(json.dumps({str(k): v for k, v in history.items()}))
+    if bad_files and world.is_main:
+        warnings.warn(f"{len(bad_files)} unreadable image reads were replaced by their neighbours; "
+                      f"first: {bad_files[:5]}", stacklevel=2)
     return result
+
+
+def _sample_grid(pipe: MSFPipeline, path: Path, device) -> Path:
+    from msf.viz import save_sample_grid
+
+    n = min(pipe.config.num_classes, 10)
+    labels = [c for c in range(n) for _ in range(4)]
+    images = pipe.sample(labels, seed=0, precision="bf16" if device.type != "cpu" else "fp32")
+    return save_sample_grid(images, labels, pipe.config.class_names, path)

@@ -1,0 +1,101 @@
+"""Training checkpoints: atomic, pruned, verified on load, never unpickling code.
+
+A checkpoint is one file ``<out_dir>/checkpoints/step_000001000.pt`` holding
+everything a resumed run needs to continue as if never stopped: every scale's
+weights, EMA weights and optimizer state, the step, the loss history, the RNG
+states, and the resolved config. It is written with ``torch.save`` to a
+temporary file, fsync'ed, then renamed, so a crash or SIGKILL at any moment
+leaves either the old set of checkpoints or the new one, never a torn file; it
+is read back with ``torch.load(weights_only=True)``, which loads tensors and
+plain containers only.
+
+(Model directories for sampling are safetensors + JSON, see ``msf.pipeline``.)
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import warnings
+from pathlib import Path
+
+import torch
+
+FORMAT = "msf-train-checkpoint"
+VERSION = 1
+_NAME = re.compile(r"^step_(\d{9})\.pt$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, unreadable or does not belong to this run."""
+
+
+def checkpoint_path(directory: Path, step: int) -> Path:
+    return Path(directory) / f"step_{step:09d}.pt"
+
+
+def list_checkpoints(directory: str | os.PathLike) -> list[tuple[int, Path]]:
+    """(step, path) of every complete checkpoint in ``directory``, oldest first."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = []
+    for p in directory.iterdir():
+        m = _NAME.match(p.name)
+        if m:
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def save_checkpoint(directory: str | os.PathLike, step: int, state: dict) -> Path:
+    """Write ``state`` atomically as the checkpoint of ``step``."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    final = checkpoint_path(directory, step)
+    tmp = directory / f".{final.name}.tmp"
+    with open(tmp, "wb") as f:
+        torch.save({"format": FORMAT, "version": VERSION, "step": step, **state}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, final)
+    fd = os.open(directory, os.O_RDONLY)  # make the rename itself durable
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return final
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many kinds for a damaged file
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not an msf training checkpoint (field 'format')")
+    if state.get("version") != VERSION:
+        raise CheckpointError(f"{path}: checkpoint version {state.get('version')}, expected {VERSION}")
+    return state
+
+
+def load_latest(directory: str | os.PathLike) -> tuple[dict, Path] | None:
+    """The newest checkpoint that loads; a damaged newer one is reported and passed over."""
+    for step, path in reversed(list_checkpoints(directory)):
+        try:
+            return load_checkpoint(path), path
+        except CheckpointError as e:
+            warnings.warn(f"skipping damaged checkpoint of step {step}: {e}", stacklevel=2)
+    return None
+
+
+def prune(directory: str | os.PathLike, keep_last: int, keep_every: int = 0) -> list[Path]:
+    """Delete all but the newest ``keep_last`` checkpoints and those of every ``keep_every``-th step."""
+    ckpts = list_checkpoints(directory)
+    removed = []
+    for step, path in ckpts[:-keep_last] if keep_last > 0 else ckpts:
+        if keep_every and step % keep_every == 0:
+            continue
+        path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
