@@ -45,7 +45,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     run_demo(args.out, minutes=args.minutes, overrides=args.overrides, progress=not args.quiet)
 
 
-def cmd_train(args: argparse.Namespace) -> None:
+def cmd_train(args: argparse.Namespace) -> int:
     from msf.train import train
 
     cfg = load_config(args.preset, args.config, args.overrides)
@@ -54,10 +54,19 @@ def cmd_train(args: argparse.Namespace) -> None:
 
         print(config_to_json(cfg))
         return
-    result = train(cfg, device=args.device, progress=not args.quiet,
+    result = train(cfg, device=args.device, progress=not args.quiet, resume=args.resume,
                    max_seconds=args.minutes * 60 if args.minutes else None)
-    print(f"trained {result.steps} steps in {result.seconds:.0f}s "
-          f"({result.images_per_second:.0f} images/s); model: {result.model_dir}")
+    if result.model_dir is None:  # not the main process of a torchrun job
+        return 0
+    print(f"trained to step {result.steps} in {result.seconds:.0f}s "
+          f"({result.images_per_second:.0f} images/s); model: {result.model_dir}; "
+          f"checkpoint: {result.checkpoint}")
+    if result.skipped:
+        print(f"skipped {result.skipped} steps with a non-finite loss")
+    if result.interrupted:
+        print(f"interrupted: resume with `msf train --config {cfg.train.out_dir}/config.json --resume`")
+        return 130
+    return 0
 
 
 def _parse_classes(spec: str, names: list[str] | None, num_classes: int) -> list[int]:
@@ -127,7 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train from a preset or config file")
     t.add_argument("--preset", default="demo", help=f"one of: {', '.join(PRESETS)}")
     t.add_argument("--config", help="a JSON config file (as written by --print-config)")
-    t.add_argument("--device", default="cpu")
+    t.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    t.add_argument("--resume", action="store_true",
+                   help="continue from the newest checkpoint in train.out_dir (fresh start if none)")
     t.add_argument("--minutes", type=float, default=0, help="stop after this long (0: no cap)")
     t.add_argument("--print-config", action="store_true", help="print the resolved config, exit")
     t.add_argument("--quiet", action="store_true")
@@ -158,14 +169,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
-    except (ConfigError, ValueError, FileNotFoundError) as e:
+        return args.func(args) or 0
+    except (ConfigError, ValueError, FileNotFoundError, FloatingPointError) as e:
         print(f"msf {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"msf {args.command}: interrupted", file=sys.stderr)
         return 130
-    return 0
 
 
 if __name__ == "__main__":

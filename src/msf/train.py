@@ -143,6 +143,8 @@ def _check_resume(cfg: Config, saved: Config, path: Path) -> None:
         )
     ta, tb = to_dict(cfg.train), to_dict(saved.train)
     changed = [k for k in ta if ta[k] != tb[k] and k not in RESUMABLE_CHANGES]
+    if ta["lr_schedule"] == "cosine" and (ta["steps"], ta["scale_steps"]) != (tb["steps"], tb["scale_steps"]):
+        changed.append("steps (the cosine schedule spans the total)")
     if changed:
         warnings.warn(
             f"resuming with train settings changed from the checkpoint's: {changed}; "
@@ -305,6 +307,7 @@ def _train(cfg: Config, t: TrainConfig, world: World, data, progress: bool,
                 "optimizers": {str(k): o.state_dict() for k, o in opts.items()},
                 "history": {str(k): [list(p) for p in v] for k, v in history.items()},
                 "skipped": skipped,
+                "world_size": world.size,
             })
             prune(ckpt_dir, t.keep_last, t.keep_every)
         barrier(world)
