@@ -247,3 +247,31 @@ def test_picklable_and_dataloader(folder):
     assert x.shape == (9, S, S, 3) and x.dtype == torch.uint8
     assert torch.cat(ys).tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
     assert [b for b in bads if b] == [str(folder / "n03000684" / n) for n in ("garbage.png", "truncated.jpg")]
+
+
+def test_training_reads_an_image_folder_end_to_end(tmp_path):
+    from msf.config import apply_overrides, preset
+    from msf.train import train
+
+    rng = np.random.default_rng(0)
+    for c, colour in enumerate([(255, 0, 0), (0, 0, 255)]):
+        d = tmp_path / "data" / f"class_{c}"
+        d.mkdir(parents=True)
+        for i in range(6):
+            arr = np.full((40 + i, 30 + 2 * i, 3), colour, np.uint8)
+            arr += rng.integers(0, 20, arr.shape, dtype=np.uint8)
+            Image.fromarray(arr).save(d / f"{i}.png")
+    (tmp_path / "data" / "class_1" / "broken.png").write_bytes(b"not a png")
+    cfg = apply_overrides(preset("tiny"), [
+        f"train.data={tmp_path / 'data'}", "model.num_classes=2", "model.class_names=null",
+        "train.steps=3", "train.batch_size=4", "train.num_workers=0", "train.tensorboard=false",
+        f"train.out_dir={tmp_path / 'run'}", "model.normalize=std",
+    ])
+    with pytest.warns(UserWarning, match="unreadable"):
+        result = train(cfg, progress=False)
+    assert result.pipeline.config.class_names == ["class_0", "class_1"]
+    assert result.pipeline.config.component_std[0] > 0
+    strict = apply_overrides(cfg, ["train.strict_data=true", f"train.out_dir={tmp_path / 's'}",
+                                   "train.steps=30"])
+    with pytest.raises(ValueError, match="broken.png"):
+        train(strict, progress=False)

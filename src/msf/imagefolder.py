@@ -236,6 +236,11 @@ class ImageFolder(torch.utils.data.Dataset):
     def num_classes(self) -> int:
         return len(self.classes)
 
+    @property
+    def class_names(self) -> list[str]:
+        """The class folder names, in label order (as ``msf.data.ImageDataset`` names them)."""
+        return self.classes
+
     def __len__(self) -> int:
         return len(self.samples)
 

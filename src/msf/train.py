@@ -241,6 +241,7 @@ def _train(cfg: Config, t: TrainConfig, world: World, data, progress: bool,
     if isinstance(data, ImageDataset):
         data = prepare_data(data, cfg.model.image_size)
 
+    bad_files: list[str] = []
     torch.manual_seed(t.seed)  # the same initial weights on every process
     pipe = MSFPipeline(cfg.model).to(dev)
     if cfg.model.normalize == "std" and cfg.model.component_std is None:
@@ -248,7 +249,9 @@ def _train(cfg: Config, t: TrainConfig, world: World, data, progress: bool,
         if isinstance(data, ImageDataset):
             probe = data.images[pick]
         else:
-            probe = torch.stack([data[int(i)][0] for i in pick])
+            items = [data[int(i)] for i in pick]
+            probe = torch.stack([it[0] for it in items])
+            bad_files += [it[2] for it in items if it[2]]
         cfg.model.component_std = pipe.measure_component_std(to_model_range(probe).to(dev))
     pipe.config = cfg.model
 
@@ -315,7 +318,6 @@ def _train(cfg: Config, t: TrainConfig, world: World, data, progress: bool,
 
     running = torch.zeros(len(scales), dtype=torch.float64)
     n_running, grad_norms = 0, {k: 0.0 for k in scales}
-    bad_files: list[str] = []
     stop = StopRequest()
     step, last_ckpt, interrupted = start_step, state_path, False
     bar = tqdm(total=total_steps, initial=start_step, disable=not (progress and world.is_main),
@@ -327,8 +329,9 @@ def _train(cfg: Config, t: TrainConfig, world: World, data, progress: bool,
                                   world=world.size, num_workers=t.num_workers)
         for step, x, y, bad in batches:
             if bad:
+                first = not bad_files
                 bad_files += bad
-                if len(bad_files) == len(bad) and world.is_main:
+                if first and world.is_main:
                     warnings.warn(f"unreadable images skipped (first: {bad[:3]}); "
                                   "set train.strict_data=true to stop instead", stacklevel=2)
             active = [k for k in scales if step <= t.steps_for(k)]
