@@ -39,3 +39,30 @@ def test_two_processes_match_one_on_the_same_global_batch(tmp_path):
         (s1, l1), = [h for h in one["history"][k] if h[0] == 1]
         (s2, l2), = [h for h in ddp["history"][k] if h[0] == 1]
         assert abs(l1 - l2) < 1e-5
+
+
+def test_fsdp_two_processes_match_one_and_checkpoints_interchange(tmp_path):
+    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+          "-m", "msf", "train", *ARGS, "train.fsdp=true", "train.sample_every=2",
+          f"train.out_dir={tmp_path / 'fsdp'}"])
+    _run([sys.executable, "-m", "msf", "train", *ARGS, f"train.out_dir={tmp_path / 'one'}"])
+    fsdp, _ = load_latest(tmp_path / "fsdp" / "checkpoints")
+    one, _ = load_latest(tmp_path / "one" / "checkpoints")
+    assert fsdp["world_size"] == 2
+    for k in ("0", "1"):
+        for name, w in one["models"][k].items():
+            torch.testing.assert_close(fsdp["models"][k][name], w, atol=2e-6, rtol=1e-5)
+        for name, w in one["emas"][k].items():
+            torch.testing.assert_close(fsdp["emas"][k][name], w, atol=2e-6, rtol=1e-5)
+    assert (tmp_path / "fsdp" / "samples" / "step_000000002.png").is_file()
+    # The sampling model gathered from the shards equals the single process's.
+    from msf.pipeline import MSFPipeline
+
+    a = MSFPipeline.from_pretrained(tmp_path / "fsdp" / "model")
+    b = MSFPipeline.from_pretrained(tmp_path / "one" / "model")
+    torch.testing.assert_close(a.sample([0, 1], seed=0), b.sample([0, 1], seed=0), atol=1e-4, rtol=0)
+    # A sharded run's checkpoint resumes in a single process (and the other way round).
+    more = [a for a in ARGS if not a.startswith("train.steps")] + ["train.steps=3"]
+    _run([sys.executable, "-m", "msf", "train", *more, f"train.out_dir={tmp_path / 'fsdp'}",
+          "--resume"])
+    assert load_latest(tmp_path / "fsdp" / "checkpoints")[0]["step"] == 3

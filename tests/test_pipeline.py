@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from msf.config import apply_overrides
+from msf.config import ConfigError, apply_overrides
 from msf.data import load_builtin, to_model_range
 from msf.pipeline import ModelDirError, MSFPipeline, load_model_config
 from msf.train import prepare_data, train
@@ -189,3 +189,26 @@ def test_one_and_three_scale_pipelines(sizes, tiny_cfg, tmp_path):
     assert img.shape == (2, 3, 16, 16) and [c.shape[-1] for c in comps] == sizes
     loaded = MSFPipeline.from_pretrained(result.model_dir)
     assert torch.equal(loaded.sample([0, 5]), img)
+
+
+def test_per_scale_jobs_equal_an_all_scales_job_and_combine(tiny_cfg, tmp_path):
+    common = ["train.steps=6", "train.tensorboard=false", "model.normalize=std",
+              "model.prior_noise=0.1"]
+    both = train(apply_overrides(tiny_cfg, [*common, f"train.out_dir={tmp_path / 'all'}"]),
+                 progress=False)
+    s0 = train(apply_overrides(tiny_cfg, [*common, "train.scale=0",
+                                          f"train.out_dir={tmp_path / 's0'}"]), progress=False)
+    s1 = train(apply_overrides(tiny_cfg, [*common, "train.scale=1",
+                                          f"train.other_scales_from={tmp_path / 's0' / 'model'}",
+                                          f"train.out_dir={tmp_path / 's1'}"]), progress=False)
+    for k in (0, 1):
+        for (name, a), b in zip(both.pipeline.scales[k].state_dict().items(),
+                                s1.pipeline.scales[k].state_dict().values()):
+            assert torch.equal(a, b), (k, name)
+    combined = MSFPipeline.from_pretrained(s1.model_dir)
+    assert torch.equal(combined.sample([2], seed=0), both.pipeline.sample([2], seed=0))
+    bad = apply_overrides(tiny_cfg, [*common, "train.scale=1", "model.scales.0.depth=3",
+                                     f"train.other_scales_from={s0.model_dir}",
+                                     f"train.out_dir={tmp_path / 'bad'}"])
+    with pytest.raises(ConfigError, match="scale 0 differs"):
+        train(bad, progress=False)

@@ -85,6 +85,7 @@ class ModelConfig:
 @dataclass
 class TrainConfig:
     scale: str = "all"  # "all", or one scale index: the scales train independently
+    other_scales_from: str = ""  # model dir whose weights the scales this job does not train take
     steps: int = 1000  # optimizer steps per scale (see scale_steps)
     scale_steps: list[int] | None = None  # per-scale steps, overriding ``steps``
     batch_size: int = 64  # global batch: split evenly over the processes of a torchrun job
@@ -114,6 +115,7 @@ class TrainConfig:
     on_nonfinite: str = "stop"  # a NaN/Inf loss: "stop" the run, or "skip" the step and count it
     grad_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
     compile: bool = False  # torch.compile each scale's network
+    fsdp: bool = False  # shard weights, grads and optimizer state over processes (large presets)
     tensorboard: bool = True  # scalars (and sample grids) under <out_dir>/tb, if installed
     sample_every: int = 0  # steps between sample grids of the EMA model; 0: off
 

@@ -34,6 +34,13 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 from tqdm.auto import tqdm
 
 from msf.checkpoint import CheckpointError, load_latest, prune, save_checkpoint
@@ -48,7 +55,7 @@ from msf.pipeline import MSFPipeline, autocast
 RESUMABLE_CHANGES = {
     "steps", "scale_steps", "log_every", "ckpt_every", "keep_last", "keep_every", "out_dir",
     "num_workers", "tensorboard", "sample_every", "on_nonfinite", "compile", "grad_checkpointing",
-    "data", "strict_data",
+    "data", "strict_data", "fsdp",
 }
 
 
@@ -73,9 +80,28 @@ def prepare_data(data: ImageDataset, image_size: int) -> ImageDataset:
     return ImageDataset(to_uint8(x), data.labels, data.class_names)
 
 
+def _local(p: torch.Tensor) -> torch.Tensor:
+    """This process's shard of an FSDP parameter (a DTensor), or the tensor itself."""
+    return p.to_local() if hasattr(p, "to_local") else p
+
+
 @torch.no_grad()
 def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in model.parameters()], 1.0 - decay)
+    """EMA of the weights; under FSDP each process updates its own shard."""
+    torch._foreach_lerp_([_local(p) for p in ema.parameters()],
+                         [_local(p.detach()) for p in model.parameters()], 1.0 - decay)
+
+
+def shard(net: nn.Module) -> None:
+    """FSDP2: shard each transformer block, then the rest of the network."""
+    from torch.distributed.fsdp import fully_shard
+
+    for block in net.blocks:
+        fully_shard(block)
+    fully_shard(net)
+
+
+_FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
 def trained_scales(cfg: Config) -> list[int]:
@@ -256,11 +282,19 @@ def _train(cfg: Config, t: TrainConfig, world: World, data, progress: bool,
     pipe.config = cfg.model
 
     scales = trained_scales(cfg)
+    if t.other_scales_from and state is None:
+        _load_other_scales(pipe, cfg, scales, Path(t.other_scales_from))
     for k in scales:
         pipe.scales[k].grad_checkpointing = t.grad_checkpointing
     ema = MSFPipeline(cfg.model, autoencoder=pipe.autoencoder).to(dev)  # shares the autoencoder
     ema.scales.load_state_dict(pipe.scales.state_dict())
     ema.requires_grad_(False).eval()
+    if t.fsdp:
+        if not world.distributed:
+            raise ConfigError("train.fsdp=true needs several processes: launch with torchrun")
+        for k in scales:
+            shard(pipe.scales[k])
+            shard(ema.scales[k])
     opts = {
         k: torch.optim.AdamW(pipe.scales[k].parameters(), lr=t.lr, betas=tuple(t.betas),
                              weight_decay=t.weight_decay)
@@ -269,18 +303,20 @@ def _train(cfg: Config, t: TrainConfig, world: World, data, progress: bool,
     history: dict[int, list[tuple[int, float]]] = {k: [] for k in scales}
     start_step, skipped = 0, 0
     if state is not None:
+        load = StateDictOptions(full_state_dict=True)
         for k in range(pipe.num_scales):
-            pipe.scales[k].load_state_dict(state["models"][str(k)])
-            ema.scales[k].load_state_dict(state["emas"][str(k)])
+            set_model_state_dict(pipe.scales[k], state["models"][str(k)], options=load)
+            set_model_state_dict(ema.scales[k], state["emas"][str(k)], options=load)
         for k in scales:
-            opts[k].load_state_dict(state["optimizers"][str(k)])
+            set_optimizer_state_dict(pipe.scales[k], opts[k], state["optimizers"][str(k)],
+                                     options=load)
         history = {int(k): [tuple(p) for p in v] for k, v in state["history"].items()}
         start_step, skipped = int(state["step"]), int(state.get("skipped", 0))
 
     nets: dict[int, nn.Module] = {}
     for k in scales:
         net: nn.Module = pipe.scales[k]
-        if world.distributed:
+        if world.distributed and not t.fsdp:
             net = nn.parallel.DistributedDataParallel(
                 net, device_ids=[dev.index] if dev.type == "cuda" else None
             )
@@ -302,12 +338,17 @@ def _train(cfg: Config, t: TrainConfig, world: World, data, progress: bool,
         if not save:
             return None
         saved_step, path = step, None
+        # Gathering full state dicts is collective under FSDP: every process takes part.
+        models = {str(k): get_model_state_dict(s, options=_FULL) for k, s in enumerate(pipe.scales)}
+        emas = {str(k): get_model_state_dict(s, options=_FULL) for k, s in enumerate(ema.scales)}
+        optims = {str(k): get_optimizer_state_dict(pipe.scales[k], o, options=_FULL)
+                  for k, o in opts.items()}
         if world.is_main:
             path = save_checkpoint(ckpt_dir, step, {
                 "config": to_dict(cfg),
-                "models": {str(k): s.state_dict() for k, s in enumerate(pipe.scales)},
-                "emas": {str(k): s.state_dict() for k, s in enumerate(ema.scales)},
-                "optimizers": {str(k): o.state_dict() for k, o in opts.items()},
+                "models": models,
+                "emas": emas,
+                "optimizers": optims,
                 "history": {str(k): [list(p) for p in v] for k, v in history.items()},
                 "skipped": skipped,
                 "world_size": world.size,
@@ -384,9 +425,11 @@ def _train(cfg: Config, t: TrainConfig, world: World, data, progress: bool,
                                | {f"grad_norm/scale{k}": grad_norms[k] for k in active}
                                | {f"lr/scale{k}": learning_rate(t, step, t.steps_for(k)) for k in active}
                                | {"images_per_second": rate})
-            if t.sample_every and step % t.sample_every == 0 and world.is_main and save:
-                path = _sample_grid(ema, out / "samples" / f"step_{step:09d}.png", dev)
-                logger.image(step, "samples", path)
+            if t.sample_every and step % t.sample_every == 0 and save:
+                plain = _gathered(ema, cfg, world)
+                if plain is not None:
+                    path = _sample_grid(plain, out / "samples" / f"step_{step:09d}.png", dev)
+                    logger.image(step, "samples", path)
             if t.ckpt_every and step % t.ckpt_every == 0:
                 last_ckpt = checkpoint(step)
             bar.update(1)
@@ -400,6 +443,8 @@ def _train(cfg: Config, t: TrainConfig, world: World, data, progress: bool,
 
     if save and saved_step != step:
         last_ckpt = checkpoint(step)
+    if t.fsdp:
+        ema = _gathered(ema, cfg, world) or ema
     result = TrainResult(
         pipeline=ema, history=history, checkpoint=last_ckpt, seconds=seconds, steps=step,
         images_per_second=(step - start_step) * t.batch_size / max(seconds, 1e-9),
@@ -412,6 +457,49 @@ def _train(cfg: Config, t: TrainConfig, world: World, data, progress: bool,
         warnings.warn(f"{len(bad_files)} unreadable image reads were replaced by their neighbours; "
                       f"first: {bad_files[:5]}", stacklevel=2)
     return result
+
+
+def _load_other_scales(pipe: MSFPipeline, cfg: Config, scales: list[int], src: Path) -> None:
+    """Take the scales this job does not train from another run's model directory.
+
+    This is how per-scale jobs meet: train scale 0 in one job, then scale 1 with
+    ``train.other_scales_from=<scale-0 run>/model``, and the second run's model
+    directory holds both.
+    """
+    other = MSFPipeline.from_pretrained(src, autoencoder=pipe.autoencoder)
+    a, b = to_dict(cfg.model), to_dict(other.config)
+    for key in ("num_classes", "autoencoder", "base_mode", "prior", "normalize"):
+        if a[key] != b[key]:
+            raise ConfigError(f"train.other_scales_from={src}: model.{key} is {b[key]!r} there, "
+                              f"{a[key]!r} here")
+    if [s["image_size"] for s in a["scales"]] != [s["image_size"] for s in b["scales"]]:
+        raise ConfigError(f"train.other_scales_from={src}: its scale sizes differ from this run's")
+    for k in range(pipe.num_scales):
+        if k not in scales:
+            if a["scales"][k] != b["scales"][k]:
+                raise ConfigError(f"train.other_scales_from={src}: scale {k} differs "
+                                  f"({b['scales'][k]} there, {a['scales'][k]} here)")
+            pipe.scales[k].load_state_dict(other.scales[k].state_dict())
+    if cfg.model.normalize == "std" and other.config.component_std != cfg.model.component_std:
+        raise ConfigError(f"train.other_scales_from={src}: its component_std "
+                          f"{other.config.component_std} differs from this run's "
+                          f"{cfg.model.component_std} (different data or seed?)")
+
+
+def _gathered(ema: MSFPipeline, cfg: Config, world: World) -> MSFPipeline | None:
+    """The EMA pipeline with whole (unsharded) weights, on the main process; None elsewhere.
+
+    Without FSDP that is ``ema`` itself; with FSDP the shards are gathered (collective).
+    """
+    if not cfg.train.fsdp:
+        return ema if world.is_main else None
+    states = [get_model_state_dict(s, options=_FULL) for s in ema.scales]
+    if not world.is_main:
+        return None
+    plain = MSFPipeline(cfg.model, autoencoder=ema.autoencoder)
+    for net, st in zip(plain.scales, states):
+        net.load_state_dict(st)
+    return plain.to(world.device).requires_grad_(False).eval()
 
 
 def _sample_grid(pipe: MSFPipeline, path: Path, device) -> Path:
