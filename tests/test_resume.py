@@ -56,7 +56,8 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path):
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
     last = list_checkpoints(out / "checkpoints")[-1][0]
     assert 20 <= last < steps
-    assert len(list_checkpoints(out / "checkpoints")) <= 2
+    # keep_last=2, plus possibly one more when the kill fell between a save and its pruning.
+    assert len(list_checkpoints(out / "checkpoints")) <= 3
 
     resumed = subprocess.run(_cli(out, steps, ["train.ckpt_every=5"], resume=True),
                              capture_output=True, text=True)
