@@ -2,6 +2,7 @@
 
     msf demo                       train a small MSF on the built-in emoji, write figures
     msf train --preset demo k=v    train from a preset (or --config file.json) with overrides
+    msf extract --out DIR k=v      encode the training data once into a latent cache
     msf sample MODEL_DIR ...       class labels -> PNG grid
     msf info PRESET|MODEL_DIR      sizes, tokens, parameters, FLOPs per scale
 """
@@ -66,6 +67,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     if result.interrupted:
         print(f"interrupted: resume with `msf train --config {cfg.train.out_dir}/config.json --resume`")
         return 130
+    return 0
+
+
+def cmd_extract(args: argparse.Namespace) -> int:
+    from msf.latent_cache import extract
+
+    cfg = load_config(args.preset, args.config, args.overrides)
+    out = extract(cfg, args.out, shard_size=args.shard_size, batch_size=args.batch_size,
+                  dtype=args.dtype, device=args.device, progress=not args.quiet)
+    print(f"latent cache: {out}; train on it with train.data={out}")
     return 0
 
 
@@ -145,6 +156,18 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*",
                    help="key=value, e.g. train.scale=1 train.lr=1e-4 model.scales.0.depth=8")
     t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("extract", help="encode train.data once into a latent cache to train on")
+    e.add_argument("--preset", default="demo", help=f"one of: {', '.join(PRESETS)}")
+    e.add_argument("--config", help="a JSON config file")
+    e.add_argument("--out", required=True, help="cache directory (re-run to resume)")
+    e.add_argument("--shard-size", type=int, default=10_000, help="examples per shard file")
+    e.add_argument("--batch-size", type=int, default=64, help="images per encoder call")
+    e.add_argument("--dtype", choices=["float16", "float32"], default="float16")
+    e.add_argument("--device", default=None)
+    e.add_argument("--quiet", action="store_true")
+    e.add_argument("overrides", nargs="*", help="key=value, e.g. train.data=/data/imagenet/train")
+    e.set_defaults(func=cmd_extract)
 
     s = sub.add_parser("sample", help="class labels -> PNG grid")
     s.add_argument("model_dir")

@@ -55,13 +55,18 @@ def load_dataset(spec: str, image_size: int | None = None, strict: bool = False)
     """The training data a config names.
 
     ``"emoji"``: the built-in set. A ``.npz`` with ``images`` (N, H, W, 3 uint8) and
-    ``labels``: loaded into memory. A directory with one sub-folder per class (the
+    ``labels``: loaded into memory. A latent cache made by ``msf extract``
+    (:mod:`msf.latent_cache`). A directory with one sub-folder per class (the
     ImageNet train layout): read lazily with ADM's centre crop to ``image_size``
     (:mod:`msf.imagefolder`).
     """
     if spec in ("emoji", "emoji32"):
         return load_builtin("emoji32")
     path = Path(spec)
+    if path.is_dir() and (path / "manifest.json").is_file():
+        from msf.latent_cache import LatentCache
+
+        return LatentCache(path)
     if path.is_dir():
         from msf.imagefolder import ImageFolder
 
@@ -189,11 +194,18 @@ def iterate_batches(
     data, stream: IndexStream, start: int, end: int, *, rank: int = 0, world: int = 1,
     num_workers: int = 0,
 ):
-    """Yield ``(step, images in [-1, 1] (B, 3, H, W), labels, bad_files)`` for steps start..end.
+    """Yield ``(step, inputs, labels, bad_files)`` for steps start..end.
 
-    ``data`` is an in-memory :class:`ImageDataset` (indexed directly) or a map-style
-    dataset returning ``(uint8 HxWx3, label, bad_path)`` (read by a DataLoader).
+    ``inputs`` are images in [-1, 1] (B, 3, H, W), or ``(z, base)`` latents when
+    ``data`` is a latent cache. ``data`` is an in-memory :class:`ImageDataset` or a
+    latent cache (both indexed directly), or a map-style dataset returning
+    ``(uint8 HxWx3, label, bad_path)`` (read by a DataLoader).
     """
+    if hasattr(data, "get"):  # a latent cache: mirrored copies are stored, not computed
+        for step in range(start, end + 1):
+            idx, flips = stream.rank_slice(step, rank, world)
+            yield step, data.get(idx, flips), data.labels[idx], []
+        return
     if isinstance(data, ImageDataset):
         for step in range(start, end + 1):
             idx, flips = stream.rank_slice(step, rank, world)

@@ -92,8 +92,12 @@ class MSFPipeline(nn.Module):
         return 1.0
 
     @torch.no_grad()
-    def components(self, images: Tensor) -> list[Tensor]:
-        """Algorithm 1 on images in [-1, 1]: the unnormalised components ``c_0 .. c_{K-1}``."""
+    def encode(self, images: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Images in [-1, 1] -> ``(z, base)``: the target ``E(x)`` and, in the ``image``
+        base mode, the base ``E(resize_image(x, s_0))`` (None otherwise).
+
+        This is what the latent cache (``msf extract``) stores.
+        """
         cfg = self.config
         if images.dim() != 4 or images.shape[-1] != cfg.image_size:
             raise ValueError(
@@ -104,12 +108,26 @@ class MSFPipeline(nn.Module):
         base = None
         if cfg.base_mode == "image" and self.num_scales > 1:
             base = self.autoencoder.encode(resize_image(images, cfg.image_sizes[0]))
-        return factorize(z, cfg.latent_sizes, base=base)
+        return z, base
 
     @torch.no_grad()
-    def measure_component_std(self, images: Tensor) -> list[float]:
-        """Per-scale standard deviation of the components of ``images``."""
-        return [c.float().std().item() for c in self.components(images)]
+    def components(
+        self, images: Tensor | None = None, *, latents: tuple[Tensor, Tensor | None] | None = None
+    ) -> list[Tensor]:
+        """Algorithm 1: the unnormalised components ``c_0 .. c_{K-1}`` of images in [-1, 1],
+        or of ``latents = (z, base)`` already encoded."""
+        z, base = self.encode(images) if latents is None else latents
+        if self.config.base_mode != "image":
+            base = None
+        return factorize(z.float(), self.config.latent_sizes,
+                         base=None if base is None else base.float())
+
+    @torch.no_grad()
+    def measure_component_std(
+        self, images: Tensor | None = None, *, latents: tuple[Tensor, Tensor | None] | None = None
+    ) -> list[float]:
+        """Per-scale standard deviation of the components of ``images`` (or ``latents``)."""
+        return [c.float().std().item() for c in self.components(images, latents=latents)]
 
     def _net_prior(
         self, k: int, prior: Tensor | None, generator: torch.Generator | None = None,
@@ -135,7 +153,7 @@ class MSFPipeline(nn.Module):
 
     def training_losses(
         self,
-        images: Tensor,
+        images: Tensor | None,
         labels: Tensor,
         scales: Sequence[int] | None = None,
         *,
@@ -145,16 +163,18 @@ class MSFPipeline(nn.Module):
         logit_std: float = 1.0,
         noise: Noise | None = None,
         nets: Mapping[int, nn.Module] | None = None,
+        latents: tuple[Tensor, Tensor | None] | None = None,
     ) -> dict[int, Tensor]:
         """Eq. 5 for each scale in ``scales``, under teacher forcing (Algorithm 2 priors).
 
         ``noise`` is the source of times, noise and label dropout (the global RNG by
-        default); ``nets`` replaces scale k's network by a wrapper (DDP, compiled).
+        default); ``nets`` replaces scale k's network by a wrapper (DDP, compiled);
+        ``latents = (z, base)`` replaces ``images`` when they come from the latent cache.
         """
         self.check_labels(labels)
         scales = range(self.num_scales) if scales is None else scales
         noise = noise or Noise()
-        comps = self.components(images)
+        comps = self.components(images, latents=latents)
         priors = input_priors(comps)
         y = drop_labels(labels, class_dropout, self.config.num_classes, noise)
         losses = {}

@@ -49,6 +49,7 @@ from msf.data import ImageDataset, IndexStream, iterate_batches, load_dataset, t
 from msf.distributed import World, any_rank, barrier, close_world, init_world, mean_over_ranks
 from msf.factorize import resize_image
 from msf.flow import StepNoise
+from msf.latent_cache import LatentCache
 from msf.pipeline import MSFPipeline, autocast
 
 # Train-config fields that may change on resume without changing what the run computes.
@@ -266,19 +267,26 @@ def _train(cfg: Config, t: TrainConfig, world: World, data, progress: bool,
         cfg.model.class_names = list(data.class_names)
     if isinstance(data, ImageDataset):
         data = prepare_data(data, cfg.model.image_size)
+    if isinstance(data, LatentCache):
+        data.check_model(cfg)
 
     bad_files: list[str] = []
     torch.manual_seed(t.seed)  # the same initial weights on every process
     pipe = MSFPipeline(cfg.model).to(dev)
     if cfg.model.normalize == "std" and cfg.model.component_std is None:
         pick = torch.randperm(len(data), generator=torch.Generator().manual_seed(t.seed))[:1024]
-        if isinstance(data, ImageDataset):
-            probe = data.images[pick]
+        if isinstance(data, LatentCache):
+            z, base = data.get(pick, torch.zeros(len(pick), dtype=torch.bool))
+            cfg.model.component_std = pipe.measure_component_std(
+                latents=(z.to(dev), None if base is None else base.to(dev)))
         else:
-            items = [data[int(i)] for i in pick]
-            probe = torch.stack([it[0] for it in items])
-            bad_files += [it[2] for it in items if it[2]]
-        cfg.model.component_std = pipe.measure_component_std(to_model_range(probe).to(dev))
+            if isinstance(data, ImageDataset):
+                probe = data.images[pick]
+            else:
+                items = [data[int(i)] for i in pick]
+                probe = torch.stack([it[0] for it in items])
+                bad_files += [it[2] for it in items if it[2]]
+            cfg.model.component_std = pipe.measure_component_std(to_model_range(probe).to(dev))
     pipe.config = cfg.model
 
     scales = trained_scales(cfg)
@@ -376,9 +384,14 @@ def _train(cfg: Config, t: TrainConfig, world: World, data, progress: bool,
                     warnings.warn(f"unreadable images skipped (first: {bad[:3]}); "
                                   "set train.strict_data=true to stop instead", stacklevel=2)
             active = [k for k in scales if step <= t.steps_for(k)]
+            if isinstance(x, tuple):  # (z, base) from the latent cache
+                latents = tuple(None if v is None else v.to(dev, non_blocking=True) for v in x)
+                x = None
+            else:
+                latents, x = None, x.to(dev, non_blocking=True)
             with autocast(dev, t.precision):
                 losses = pipe.training_losses(
-                    x.to(dev, non_blocking=True), y.to(dev), active, class_dropout=t.class_dropout,
+                    x, y.to(dev), active, latents=latents, class_dropout=t.class_dropout,
                     time_sampler=t.time_sampler, logit_mean=t.logit_mean, logit_std=t.logit_std,
                     noise=StepNoise(t.seed, step, world.rank, world.size), nets=nets,
                 )
