@@ -9,6 +9,10 @@ the same interface.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
+import torch
 from torch import Tensor, nn
 
 from msf.config import AutoencoderConfig
@@ -57,14 +61,108 @@ class IdentityAutoencoder(Autoencoder):
         return (z / self.scaling_factor).clamp(-1.0, 1.0)
 
 
+class SDAutoencoder(Autoencoder):
+    """Stable Diffusion's VAE (or any diffusers ``AutoencoderKL``): f = 8, 4 channels.
+
+    ``encode`` returns ``(posterior - shift) * scaling_factor`` with the posterior's
+    mean (default: deterministic, what a latent cache should store) or a sample of it
+    (``sample_posterior``, as DiT's training script does). ``decode`` inverts that and
+    runs in chunks of ``decode_batch`` latents to bound memory.
+    """
+
+    def __init__(self, vae, cfg: AutoencoderConfig, decode_batch: int = 32):
+        super().__init__()
+        self.vae = vae.eval().requires_grad_(False)
+        vc = vae.config
+        self.channels = int(vc.latent_channels)
+        self.factor = 2 ** (len(vc.block_out_channels) - 1)
+        self.scaling_factor = float(vc.scaling_factor)
+        self.shift_factor = float(getattr(vc, "shift_factor", None) or 0.0)
+        self.sample_posterior = cfg.sample_posterior
+        self.decode_batch = decode_batch
+        self.dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
+        self.vae.to(self.dtype)
+        where = f"autoencoder at {cfg.path!r}"
+        if (self.channels, self.factor) != (cfg.channels, cfg.factor):
+            raise ValueError(
+                f"{where} has {self.channels} latent channels and factor {self.factor}; the config "
+                f"says model.autoencoder.channels={cfg.channels}, factor={cfg.factor}"
+            )
+        if abs(self.scaling_factor - cfg.scaling_factor) > 1e-6:
+            raise ValueError(
+                f"{where} has scaling_factor {self.scaling_factor}; the config says "
+                f"{cfg.scaling_factor}: set model.autoencoder.scaling_factor={self.scaling_factor}"
+            )
+
+    @torch.no_grad()
+    def encode(self, x: Tensor) -> Tensor:
+        if x.dim() != 4 or x.shape[1] != 3:
+            raise ValueError(f"the VAE expects images (B, 3, H, W), got {tuple(x.shape)}")
+        posterior = self.vae.encode(x.to(self.dtype)).latent_dist
+        z = posterior.sample() if self.sample_posterior else posterior.mean
+        return (z.float() - self.shift_factor) * self.scaling_factor
+
+    @torch.no_grad()
+    def decode(self, z: Tensor) -> Tensor:
+        z = z / self.scaling_factor + self.shift_factor
+        out = [self.vae.decode(chunk.to(self.dtype)).sample.float()
+               for chunk in z.split(self.decode_batch)]
+        return torch.cat(out).clamp(-1.0, 1.0)
+
+
+def load_sd_vae(cfg: AutoencoderConfig) -> SDAutoencoder:
+    """Load ``AutoencoderKL`` from a local folder or, on a machine with network, a hub id."""
+    try:
+        from diffusers import AutoencoderKL
+    except ImportError:
+        raise ValueError(
+            "model.autoencoder.kind='sd-vae' needs diffusers: pip install 'msf[vae]'"
+        ) from None
+    if not cfg.path:
+        raise ValueError("model.autoencoder.path: give a local folder or a hub id for the VAE")
+    local = Path(cfg.path).expanduser()
+    if local.exists():
+        if not (local / "config.json").is_file():
+            raise ValueError(f"{local}: not a diffusers AutoencoderKL folder (no config.json)")
+        try:
+            vae = AutoencoderKL.from_pretrained(str(local))
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{local}: could not load the VAE ({e})") from None
+        return SDAutoencoder(vae, cfg)
+    try:  # the local Hugging Face cache first: no network when the VAE was fetched before
+        return SDAutoencoder(AutoencoderKL.from_pretrained(cfg.path, local_files_only=True), cfg)
+    except (OSError, ValueError):
+        pass
+    try:
+        if _hub_offline():
+            raise OSError("HF_HUB_OFFLINE is set")
+        vae = AutoencoderKL.from_pretrained(cfg.path)
+    except Exception as e:  # offline, unknown id, gated repo: all end here
+        raise ValueError(
+            f"could not load the VAE {cfg.path!r} from the Hugging Face hub or its cache "
+            f"({type(e).__name__}). Offline? On a machine with network run\n"
+            f"  python -c \"from diffusers import AutoencoderKL; "
+            f"AutoencoderKL.from_pretrained('{cfg.path}').save_pretrained('vae')\"\n"
+            f"copy the folder here and pass model.autoencoder.path=/path/to/vae"
+        ) from None
+    return SDAutoencoder(vae, cfg)
+
+
+def _hub_offline() -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return True
+    try:
+        from huggingface_hub import constants
+
+        return bool(constants.HF_HUB_OFFLINE)
+    except ImportError:
+        return False
+
+
 def build_autoencoder(cfg: AutoencoderConfig) -> Autoencoder:
-    """Build the autoencoder a config names (``identity`` now; ``sd-vae`` in its own module)."""
+    """Build the autoencoder a config names: ``identity`` (pixel space) or ``sd-vae``."""
     if cfg.kind == "identity":
         return IdentityAutoencoder(channels=cfg.channels, scaling_factor=cfg.scaling_factor)
     if cfg.kind == "sd-vae":
-        raise ValueError(
-            "autoencoder.kind='sd-vae' (diffusers' AutoencoderKL) is not built into this "
-            "version yet; `msf info` works for its presets, training and sampling need 'identity'"
-        )
-    raise ValueError(f"autoencoder.kind: unknown kind {cfg.kind!r}; available: 'identity'")
-
+        return load_sd_vae(cfg)
+    raise ValueError(f"autoencoder.kind: unknown kind {cfg.kind!r}; available: 'identity', 'sd-vae'")

@@ -1,0 +1,115 @@
+"""The SD VAE path, with a tiny randomly initialised AutoencoderKL saved to a folder."""
+
+import json
+
+import pytest
+import torch
+from diffusers import AutoencoderKL
+
+from msf.config import ConfigError, apply_overrides, preset
+from msf.factorize import compose
+from msf.pipeline import MSFPipeline
+
+SIZES = ["model.scales.0.image_size=48", "model.scales.1.image_size=64",
+         "model.scales.0.patch_size=2", "model.scales.1.patch_size=2"]
+
+
+@pytest.fixture(scope="module")
+def vae_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=4, layers_per_block=1,
+        block_out_channels=(8, 8, 8, 8), down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, sample_size=64, scaling_factor=0.18215,
+    )
+    path = tmp_path_factory.mktemp("vae")
+    vae.save_pretrained(path)
+    return path
+
+
+def _cfg(vae_dir, *extra):
+    return apply_overrides(preset("tiny"), [
+        "model.autoencoder.kind=sd-vae", f"model.autoencoder.path={vae_dir}",
+        "model.autoencoder.channels=4", "model.autoencoder.factor=8",
+        "model.autoencoder.scaling_factor=0.18215", *SIZES, *extra,
+    ])
+
+
+@pytest.mark.parametrize("base_mode", ["image", "latent"])
+def test_encode_factorize_compose_decode(vae_dir, base_mode):
+    pipe = MSFPipeline(_cfg(vae_dir, f"model.base_mode={base_mode}").model)
+    assert pipe.config.latent_sizes == [6, 8]
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    z, base = pipe.encode(x)
+    assert z.shape == (2, 4, 8, 8)
+    assert (base is None) == (base_mode == "latent")
+    if base is not None:
+        assert base.shape == (2, 4, 6, 6)
+        # The image base is the encoding of the downsampled image, not a resized latent.
+        assert not torch.allclose(base, torch.nn.functional.interpolate(z, size=6), atol=1e-3)
+    comps = pipe.components(x)
+    torch.testing.assert_close(compose(comps), z, atol=1e-5, rtol=0)
+    ae = pipe.autoencoder
+    torch.testing.assert_close(ae.decode(compose(comps)), ae.decode(z), atol=1e-4, rtol=0)
+    # Latents are scaled: decode undoes the factor the encoder applied.
+    raw = ae.vae.encode(x).latent_dist.mean
+    torch.testing.assert_close(z, raw * 0.18215, atol=1e-6, rtol=0)
+
+
+def test_pipeline_trains_samples_saves_and_loads(vae_dir, tmp_path):
+    from msf.train import train
+
+    cfg = _cfg(vae_dir, "train.steps=2", "train.batch_size=4", "train.tensorboard=false",
+               f"train.out_dir={tmp_path}", "model.scales.0.steps=2", "model.scales.1.steps=2")
+    result = train(cfg, progress=False)
+    images = result.pipeline.sample([0, 3], seed=1)
+    assert images.shape == (2, 3, 64, 64)
+    loaded = MSFPipeline.from_pretrained(result.model_dir)
+    assert torch.equal(loaded.sample([0, 3], seed=1), images)
+
+
+def test_latent_cache_with_the_vae(vae_dir, tmp_path):
+    from msf.latent_cache import LatentCache, extract
+
+    cfg = _cfg(vae_dir, "model.autoencoder.dtype=bf16")
+    from msf.data import load_builtin
+
+    small = load_builtin()
+    small.images, small.labels = small.images[:40], small.labels[:40]
+    small.labels[-1] = 8  # keep all 9 classes present
+    out = extract(cfg, tmp_path / "c", shard_size=16, progress=False, data=small)
+    cache = LatentCache(out)
+    z, base = cache.get(torch.tensor([0, 39]), torch.tensor([False, True]))
+    assert z.shape == (2, 4, 8, 8) and base.shape == (2, 4, 6, 6)
+
+
+def test_bad_sizes_and_mismatches_fail_clearly(vae_dir):
+    with pytest.raises(ConfigError, match=r"image_size=60 must be divisible by .* 8 x 2 = 16"):
+        _cfg(vae_dir, "model.scales.1.image_size=60")
+    with pytest.raises(ValueError, match="scaling_factor 0.18215; the config says 0.13025"):
+        MSFPipeline(_cfg(vae_dir, "model.autoencoder.scaling_factor=0.13025").model)
+    with pytest.raises(ValueError, match="4 latent channels and factor 8"):
+        MSFPipeline(_cfg(vae_dir, "model.autoencoder.channels=16").model)
+    cfg = json.loads((vae_dir / "config.json").read_text())
+    assert cfg["_class_name"] == "AutoencoderKL"
+
+
+def test_hub_id_offline_says_how_to_pass_a_folder(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
+    cfg = apply_overrides(preset("paper-imagenet256"), ["model.autoencoder.path=nobody/no-such-vae"])
+    with pytest.raises(ValueError, match=r"(?s)nobody/no-such-vae.*Offline\?.*"
+                                         r"model.autoencoder.path=/path/to/vae"):
+        MSFPipeline(cfg.model)
+    (tmp_path / "empty").mkdir()
+    cfg = apply_overrides(cfg, [f"model.autoencoder.path={tmp_path / 'empty'}"])
+    with pytest.raises(ValueError, match="not a diffusers AutoencoderKL folder"):
+        MSFPipeline(cfg.model)
+
+
+@pytest.mark.parametrize("name,tokens", [("paper-imagenet512", [576, 1024]), ("dit-xl2-512", [1024])])
+def test_512_presets(name, tokens):
+    from msf.info import model_info
+
+    info = model_info(preset(name).model)
+    assert [s["tokens"] for s in info["scales"]] == tokens
