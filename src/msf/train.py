@@ -216,7 +216,7 @@ def train(
     cfg: Config,
     *,
     data=None,
-    device: str | torch.device | None = "cpu",
+    device: str | torch.device | None = None,
     progress: bool = True,
     max_seconds: float | None = None,
     save: bool = True,
@@ -224,8 +224,9 @@ def train(
 ) -> TrainResult:
     """Train ``cfg``; checkpoints in ``<out_dir>/checkpoints``, the EMA pipeline in ``<out_dir>/model``.
 
-    ``resume`` continues from the newest checkpoint in the run directory (or starts
-    fresh, saying so, when there is none). ``max_seconds`` stops early at a step
+    ``device``: "cpu", "cuda", or None for CUDA when available. ``resume`` continues
+    from the newest checkpoint in the run directory (or starts fresh, saying so,
+    when there is none). ``max_seconds`` stops early at a step
     boundary. Under torchrun every process calls this; the main one writes files.
     """
     validate(cfg)
@@ -274,19 +275,7 @@ def _train(cfg: Config, t: TrainConfig, world: World, data, progress: bool,
     torch.manual_seed(t.seed)  # the same initial weights on every process
     pipe = MSFPipeline(cfg.model).to(dev)
     if cfg.model.normalize == "std" and cfg.model.component_std is None:
-        pick = torch.randperm(len(data), generator=torch.Generator().manual_seed(t.seed))[:1024]
-        if isinstance(data, LatentCache):
-            z, base = data.get(pick, torch.zeros(len(pick), dtype=torch.bool))
-            cfg.model.component_std = pipe.measure_component_std(
-                latents=(z.to(dev), None if base is None else base.to(dev)))
-        else:
-            if isinstance(data, ImageDataset):
-                probe = data.images[pick]
-            else:
-                items = [data[int(i)] for i in pick]
-                probe = torch.stack([it[0] for it in items])
-                bad_files += [it[2] for it in items if it[2]]
-            cfg.model.component_std = pipe.measure_component_std(to_model_range(probe).to(dev))
+        cfg.model.component_std = _measure_std(pipe, data, t.seed, dev, bad_files)
     pipe.config = cfg.model
 
     scales = trained_scales(cfg)
@@ -470,6 +459,21 @@ def _train(cfg: Config, t: TrainConfig, world: World, data, progress: bool,
         warnings.warn(f"{len(bad_files)} unreadable image reads were replaced by their neighbours; "
                       f"first: {bad_files[:5]}", stacklevel=2)
     return result
+
+
+def _measure_std(pipe: MSFPipeline, data, seed: int, dev, bad_files: list[str]) -> list[float]:
+    """Per-scale std of the components of 1,024 random training examples (``normalize=std``)."""
+    pick = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:1024]
+    if isinstance(data, LatentCache):
+        z, base = data.get(pick, torch.zeros(len(pick), dtype=torch.bool))
+        return pipe.measure_component_std(latents=(z.to(dev), None if base is None else base.to(dev)))
+    if isinstance(data, ImageDataset):
+        images = data.images[pick]
+    else:
+        items = [data[int(i)] for i in pick]
+        images = torch.stack([it[0] for it in items])
+        bad_files += [it[2] for it in items if it[2]]
+    return pipe.measure_component_std(to_model_range(images).to(dev))
 
 
 def _load_other_scales(pipe: MSFPipeline, cfg: Config, scales: list[int], src: Path) -> None:
