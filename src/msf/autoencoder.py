@@ -31,14 +31,6 @@ class Autoencoder(nn.Module):
     def decode(self, z: Tensor) -> Tensor:  # pragma: no cover - interface
         raise NotImplementedError
 
-    def latent_size(self, image_size: int) -> int:
-        if image_size % self.factor:
-            raise ValueError(
-                f"image size {image_size} is not divisible by the autoencoder's "
-                f"downsampling factor {self.factor}"
-            )
-        return image_size // self.factor
-
 
 class IdentityAutoencoder(Autoencoder):
     """Pixel space: the target is the RGB image itself (f = 1, 3 channels)."""

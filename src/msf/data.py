@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from msf.factorize import resize_image
+
 
 @dataclass
 class ImageDataset:
@@ -102,6 +104,14 @@ def to_uint8(images: Tensor) -> Tensor:
     """float (B, 3, H, W) in [-1, 1] -> uint8 (B, H, W, 3)."""
     x = images.detach().float().clamp(-1, 1).add(1).mul(127.5).round()
     return x.to(torch.uint8).permute(0, 2, 3, 1).cpu()
+
+
+def prepare_data(data: ImageDataset, image_size: int) -> ImageDataset:
+    """Resize an in-memory dataset once to the model's image size (antialiased), if it differs."""
+    if data.image_size == image_size:
+        return data
+    x = resize_image(to_model_range(data.images), image_size)
+    return ImageDataset(to_uint8(x), data.labels, data.class_names)
 
 
 def _generator(*keys: int) -> torch.Generator:

@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 
 from msf.config import Config, apply_overrides, preset
-from msf.data import load_builtin, to_model_range
+from msf.data import load_builtin, prepare_data, to_model_range
 from msf.factorize import compose
 from msf.pipeline import MSFPipeline
-from msf.train import prepare_data, train
+from msf.train import train
 from msf.viz import factorization_figure, loss_plot, save_sample_grid
 
 

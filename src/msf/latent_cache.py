@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +34,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from msf.config import Config, to_dict, validate
-from msf.data import ImageDataset, load_dataset, to_model_range
+from msf.data import ImageDataset, load_dataset, prepare_data, to_model_range
 from msf.distributed import barrier, close_world, init_world
 
 FORMAT = "msf-latent-cache"
@@ -101,8 +102,6 @@ def extract(
         data = load_dataset(cfg.train.data, cfg.model.image_size, cfg.train.strict_data) \
             if data is None else data
         if isinstance(data, ImageDataset):
-            from msf.train import prepare_data
-
             data = prepare_data(data, cfg.model.image_size)
         pipe = MSFPipeline(cfg.model).to(world.device)
         n = len(data)
@@ -144,8 +143,6 @@ def extract(
             os.replace(tmp, marker)
         bar.close()
         if bad:
-            import warnings
-
             warnings.warn(f"{len(bad)} unreadable images were replaced by their neighbours; "
                           f"first: {bad[:5]}", stacklevel=2)
         barrier(world)

@@ -45,9 +45,15 @@ from tqdm.auto import tqdm
 
 from msf.checkpoint import CheckpointError, load_latest, prune, save_checkpoint
 from msf.config import Config, ConfigError, TrainConfig, from_dict, to_dict, validate
-from msf.data import ImageDataset, IndexStream, iterate_batches, load_dataset, to_model_range, to_uint8
+from msf.data import (
+    ImageDataset,
+    IndexStream,
+    iterate_batches,
+    load_dataset,
+    prepare_data,
+    to_model_range,
+)
 from msf.distributed import World, any_rank, barrier, close_world, init_world, mean_over_ranks
-from msf.factorize import resize_image
 from msf.flow import StepNoise
 from msf.latent_cache import LatentCache
 from msf.pipeline import MSFPipeline, autocast
@@ -71,14 +77,6 @@ class TrainResult:
     images_per_second: float = 0.0
     skipped: int = 0  # steps skipped for a non-finite loss (train.on_nonfinite=skip)
     interrupted: bool = False  # stopped by Ctrl-C / SIGTERM, after saving a checkpoint
-
-
-def prepare_data(data: ImageDataset, image_size: int) -> ImageDataset:
-    """Resize an in-memory dataset once to the model's image size (antialiased), if it differs."""
-    if data.image_size == image_size:
-        return data
-    x = resize_image(to_model_range(data.images), image_size)
-    return ImageDataset(to_uint8(x), data.labels, data.class_names)
 
 
 def _local(p: torch.Tensor) -> torch.Tensor:
