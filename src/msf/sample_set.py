@@ -1,0 +1,199 @@
+"""Sample sets for evaluation: many samples into one ADM-format ``.npz``.
+
+ADM's evaluator (and DiT's ``sample_ddp.py``) read ``arr_0``, uint8 N x H x W x 3,
+with the class labels in ``arr_1``. We write that, plus a JSON ``meta`` entry with
+the settings that produced it.
+
+The set is cut into chunks of ``batch_size`` samples. Chunk ``c`` gets labels and
+noise from ``(seed, c)`` alone, so the set does not depend on how many processes
+drew it, and each finished chunk is a file under ``<out>.parts/``. A re-run with the
+same settings skips the finished chunks; under ``torchrun`` rank ``r`` draws chunks
+``r, r + world, ...`` and rank 0 merges. Labels are exactly class-balanced (each
+class ``N / C`` times, the remainder spread over the first classes) and shuffled, where
+ADM draws them uniformly at random: the same in expectation, without the noise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from msf.data import to_uint8
+from msf.distributed import World, barrier
+
+SETTINGS = "settings.json"
+
+
+@dataclass
+class SampleSetResult:
+    path: Path | None  # None on ranks other than 0
+    num_samples: int
+    generated: int  # samples this process drew in this call
+    resumed: int  # samples of this process found finished from an earlier call
+    seconds: float
+
+    @property
+    def images_per_second(self) -> float:
+        return self.generated / max(self.seconds, 1e-9)
+
+
+def balanced_labels(num_samples: int, num_classes: int, seed: int = 0) -> np.ndarray:
+    """``num_samples`` labels, each class equally often (+-1), in a seeded random order."""
+    labels = np.arange(num_samples) % num_classes
+    return np.random.default_rng(seed).permutation(labels).astype(np.int64)
+
+
+def chunk_seed(seed: int, chunk: int) -> int:
+    return int(np.random.SeedSequence([seed, chunk]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def weights_fingerprint(pipe: torch.nn.Module) -> str:
+    """A cheap identity of the weights (shapes and leading values), to refuse mixing models."""
+    h = hashlib.sha256()
+    for name, p in sorted(pipe.state_dict().items()):
+        h.update(name.encode())
+        h.update(str(tuple(p.shape)).encode())
+        h.update(p.detach().flatten()[:256].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def parts_dir(out: str | os.PathLike) -> Path:
+    out = Path(out)
+    return out.with_name(out.name + ".parts")
+
+
+def _check_settings(parts: Path, settings: dict) -> None:
+    file = parts / SETTINGS
+    if file.is_file():
+        old = json.loads(file.read_text())
+        diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
+        if diff:
+            changes = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
+            raise ValueError(
+                f"{parts}: holds chunks drawn with other settings ({changes}). "
+                f"Use another output path, or delete {parts} to start over."
+            )
+    else:
+        parts.mkdir(parents=True, exist_ok=True)
+        tmp = file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(settings, indent=2))
+        os.replace(tmp, file)
+
+
+def _chunk_file(parts: Path, c: int) -> Path:
+    return parts / f"chunk_{c:06d}.npz"
+
+
+def _chunk_done(file: Path, n: int) -> bool:
+    try:
+        with np.load(file, allow_pickle=False) as d:
+            return d["arr_0"].shape[0] == n and d["arr_1"].shape[0] == n
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        return False  # a partial write from a crash: draw it again
+
+
+def _save_npz(path: Path, **arrays) -> None:
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+
+
+@torch.no_grad()
+def sample_set(
+    pipe,
+    out: str | os.PathLike,
+    num_samples: int,
+    *,
+    batch_size: int = 64,
+    steps=None,
+    cfg_scale=None,
+    solver=None,
+    seed: int = 0,
+    precision: str = "bf16",
+    world: World | None = None,
+    keep_parts: bool = False,
+    progress: bool = True,
+    meta: dict | None = None,
+) -> SampleSetResult:
+    """Draw ``num_samples`` class-balanced samples from ``pipe`` into the ADM-format ``out``.
+
+    ``steps``, ``cfg_scale`` and ``solver`` are as in :meth:`MSFPipeline.sample` (one
+    value or one per scale; unset: the model's defaults). Resumes finished chunks of
+    an interrupted run with the same settings; refuses chunks from other settings.
+    ``meta`` (e.g. the model directory) is stored in the file beside the settings.
+    """
+    world = world or World(device=pipe.device)
+    out = Path(out)
+    if out.suffix != ".npz":
+        raise ValueError(f"{out}: the sample set is written as an .npz file; name it *.npz")
+    if num_samples < 1 or batch_size < 1:
+        raise ValueError(f"num_samples and batch_size must be >= 1, got {num_samples} and {batch_size}")
+    cfg = pipe.config
+    steps = pipe._per_scale("steps", steps, [s.steps for s in cfg.scales])
+    cfg_scale = pipe._per_scale("cfg_scale", cfg_scale, [s.cfg_scale for s in cfg.scales])
+    solver = pipe._per_scale("solver", solver, [s.solver for s in cfg.scales])
+    settings = {
+        "num_samples": num_samples, "batch_size": batch_size, "seed": seed, "steps": steps,
+        "cfg_scale": cfg_scale, "solver": solver, "precision": precision,
+        "weights": weights_fingerprint(pipe), "image_size": cfg.image_size,
+    }
+    parts = parts_dir(out)
+    if world.is_main:
+        _check_settings(parts, settings)
+    barrier(world)
+
+    labels = balanced_labels(num_samples, cfg.num_classes, seed)
+    chunks = range(0, -(-num_samples // batch_size))
+    mine = [c for c in chunks if c % world.size == world.rank]
+    size = {c: min(batch_size, num_samples - c * batch_size) for c in chunks}
+    todo = [c for c in mine if not _chunk_done(_chunk_file(parts, c), size[c])]
+    done_here = sum(size[c] for c in mine if c not in todo)
+    bar = None
+    if progress and world.is_main:
+        from tqdm import tqdm
+
+        bar = tqdm(total=sum(size[c] for c in mine),
+                   initial=done_here, unit="img", desc=f"sampling {out.name}")
+    start, generated = time.perf_counter(), 0
+    for c in todo:
+        y = labels[c * batch_size:(c + 1) * batch_size]
+        gen = torch.Generator().manual_seed(chunk_seed(seed, c))
+        images = pipe.sample(torch.from_numpy(y), steps=steps, cfg_scale=cfg_scale, solver=solver,
+                             generator=gen, precision=precision)
+        _save_npz(_chunk_file(parts, c), arr_0=to_uint8(images).numpy(), arr_1=y)
+        generated += len(y)
+        if bar is not None:
+            bar.update(len(y))
+            bar.set_postfix(img_s=f"{generated / (time.perf_counter() - start):.2f}")
+    if bar is not None:
+        bar.close()
+    seconds = time.perf_counter() - start
+    barrier(world)
+    if not world.is_main:
+        return SampleSetResult(None, num_samples, generated, done_here, seconds)
+
+    merged = np.empty((num_samples, cfg.image_size, cfg.image_size, 3), dtype=np.uint8)
+    for c in chunks:
+        file = _chunk_file(parts, c)
+        with np.load(file, allow_pickle=False) as d:
+            merged[c * batch_size:(c + 1) * batch_size] = d["arr_0"]
+    info = dict(settings, **(meta or {}), created=time.strftime("%Y-%m-%d %H:%M:%S"))
+    _save_npz(out, arr_0=merged, arr_1=labels, meta=np.array(json.dumps(info)))
+    if not keep_parts:
+        shutil.rmtree(parts)
+    return SampleSetResult(out, num_samples, generated, done_here, seconds)
+
+
+def read_meta(path: str | os.PathLike) -> dict:
+    """The settings stored in a sample set written by :func:`sample_set` ({} for other files)."""
+    with np.load(path, allow_pickle=False) as d:
+        return json.loads(str(d["meta"])) if "meta" in d.files else {}

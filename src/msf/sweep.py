@@ -1,0 +1,161 @@
+"""Sweeps over per-scale sampling settings: the paper's Tables 2-5.
+
+Tables 2 and 3 vary the CFG scale of scale 1 and of scale 2, Tables 4 and 5 the
+steps, each with the other settings at the model's defaults. A sweep here varies one
+setting (``cfg_scale`` or ``steps``) of one scale over a list of values, draws a sample
+set per value, evaluates it against a reference, and writes ``sweep.csv``,
+``sweep.md`` and ``sweep.png``. Sample sets stay in ``<out>/samples/``; re-running the
+sweep reuses finished ones, so an interrupted sweep continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from pathlib import Path
+
+from msf.distributed import World, barrier
+from msf.sample_set import read_meta, sample_set
+
+COLUMNS = ["scale", "setting", "value", "steps", "cfg_scale", "nfe_per_image", "fid", "is", "precision",
+           "recall", "kid", "seconds_per_image", "num_samples", "feature_network"]
+
+
+def sweep_points(pipe, scale: int, setting: str, values: list) -> list[dict]:
+    """One sampling setting per value: ``setting`` of ``scale`` varied, the rest at defaults."""
+    cfg = pipe.config
+    if not 0 <= scale < cfg.num_scales:
+        raise ValueError(f"--scale {scale}: this model has scales 0..{cfg.num_scales - 1}")
+    if setting not in ("cfg_scale", "steps"):
+        raise ValueError(f"setting must be 'cfg_scale' or 'steps', got {setting!r}")
+    points = []
+    for v in values:
+        steps = [s.steps for s in cfg.scales]
+        cfg_scale = [s.cfg_scale for s in cfg.scales]
+        (steps if setting == "steps" else cfg_scale)[scale] = v
+        points.append({"scale": scale, "setting": setting, "value": v, "steps": steps,
+                       "cfg_scale": cfg_scale})
+    return points
+
+
+def nfe_per_image(steps: list[int], cfg_scale: list[float]) -> int:
+    """Network evaluations per image: CFG doubles a scale's batch, except at scale 1.0."""
+    return sum(s * (1 if c == 1.0 else 2) for s, c in zip(steps, cfg_scale))
+
+
+def run_sweep(
+    pipe,
+    ref: str,
+    points: list[dict],
+    out_dir: str | os.PathLike,
+    *,
+    num_samples: int = 5000,
+    batch_size: int = 64,
+    seed: int = 0,
+    precision: str = "bf16",
+    metrics: tuple[str, ...] = ("fid", "is", "pr"),
+    weights: str | None = None,
+    cache_dir: str | None = None,
+    world: World | None = None,
+    progress: bool = True,
+    model: str | None = None,
+) -> list[dict]:
+    """Sample and evaluate every point; write the tables and the plot (on rank 0)."""
+    world = world or World(device=pipe.device)
+    out_dir = Path(out_dir)
+    rows = []
+    for p in points:
+        name = f"scale{p['scale']}_{p['setting']}_{p['value']}"
+        path = out_dir / "samples" / f"{name}.npz"
+        seconds = math.nan
+        if not (path.is_file() and _same_settings(path, p, num_samples, seed, precision)):
+            res = sample_set(pipe, path, num_samples, batch_size=batch_size, steps=p["steps"],
+                             cfg_scale=p["cfg_scale"], seed=seed, precision=precision, world=world,
+                             progress=progress, meta={"model": model})
+            if res.resumed == 0:  # wall-clock per image over all processes; unknown after a resume
+                seconds = res.seconds / num_samples
+        barrier(world)
+        if not world.is_main:
+            continue
+        from msf.metrics import evaluate
+
+        r = evaluate(str(path), ref, metrics=metrics, weights=weights, device=str(pipe.device),
+                     cache_dir=cache_dir, progress=progress)
+        rows.append({
+            **p, "nfe_per_image": nfe_per_image(p["steps"], p["cfg_scale"]),
+            "fid": r.get("fid"), "is": r.get("is"), "precision": r.get("precision"),
+            "recall": r.get("recall"), "kid": r.get("kid"), "seconds_per_image": seconds,
+            "num_samples": num_samples, "feature_network": r.get("feature_network"),
+        })
+        write_tables(rows, out_dir)
+    if world.is_main and rows:
+        sweep_plot(rows, out_dir / "sweep.png")
+    return rows
+
+
+def _same_settings(path: Path, p: dict, num_samples: int, seed: int, precision: str) -> bool:
+    meta = read_meta(path)
+    return (meta.get("steps") == p["steps"] and meta.get("cfg_scale") == p["cfg_scale"]
+            and meta.get("num_samples") == num_samples and meta.get("seed") == seed
+            and meta.get("precision") == precision)
+
+
+def _fmt(v) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, list):
+        return "/".join(_fmt(x) for x in v)
+    return str(v)
+
+
+def write_tables(rows: list[dict], out_dir: str | os.PathLike) -> tuple[Path, Path]:
+    """``sweep.csv`` (all columns) and ``sweep.md`` (a table like the paper's)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    csv_path, md_path = out_dir / "sweep.csv", out_dir / "sweep.md"
+    with open(csv_path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: json.dumps(r[k]) if isinstance(r.get(k), list) else r.get(k) for k in COLUMNS})
+    shown = ["setting", "value", "steps", "cfg_scale", "nfe_per_image", "fid", "is", "precision", "recall",
+             "seconds_per_image"]
+    first = rows[0]
+    lines = [f"Sweep of scale {first['scale']} ({len(rows)} settings, {first['num_samples']} samples each, "
+             f"features: {first['feature_network']})", "",
+             "| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
+    lines += ["| " + " | ".join(_fmt(r.get(k)) for k in shown) + " |" for r in rows]
+    md_path.write_text("\n".join(lines) + "\n")
+    return csv_path, md_path
+
+
+def sweep_plot(rows: list[dict], path: str | os.PathLike) -> Path:
+    """FID (and IS where measured) against the swept value."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xs = [r["value"] for r in rows]
+    has_is = any(r.get("is") is not None for r in rows)
+    fig, axes = plt.subplots(1, 2 if has_is else 1, figsize=(8 if has_is else 4.5, 3.2), squeeze=False)
+    label = {"cfg_scale": "CFG scale", "steps": "steps"}[rows[0]["setting"]]
+    for ax, key in zip(axes[0], ["fid", "is"]):
+        ax.plot(xs, [r.get(key) if r.get(key) is not None else math.nan for r in rows], "o-")
+        ax.set_xlabel(f"{label} of scale {rows[0]['scale']}")
+        ax.set_ylabel(key.upper() + ("-" + _k(rows[0]["num_samples"]) if key == "fid" else ""))
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _k(n: int) -> str:
+    return f"{n // 1000}K" if n % 1000 == 0 else str(n)

@@ -1,0 +1,125 @@
+"""ADM-format sample sets: balanced labels, determinism, sharding, resume, the CLI."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import msf.sample_set as ss
+from msf.cli import main
+from msf.distributed import World
+from msf.pipeline import MSFPipeline
+from msf.sample_set import balanced_labels, parts_dir, read_meta, sample_set
+
+KW = dict(batch_size=4, steps=2, precision="fp32", progress=False)
+
+
+@pytest.fixture
+def pipe(tiny_cfg):
+    torch.manual_seed(1)
+    p = MSFPipeline(tiny_cfg.model)
+    for net in p.scales:  # DiT zero-initialises its output: make the samples depend on the weights
+        for param in net.parameters():
+            param.data.add_(0.02 * torch.randn_like(param))
+    return p
+
+
+def test_balanced_labels_are_balanced_shuffled_and_seeded():
+    y = balanced_labels(103, 10, seed=3)
+    counts = np.bincount(y, minlength=10)
+    assert counts.max() - counts.min() == 1 and counts.sum() == 103
+    assert not np.array_equal(y[:10], np.arange(10))
+    np.testing.assert_array_equal(y, balanced_labels(103, 10, seed=3))
+    assert not np.array_equal(y, balanced_labels(103, 10, seed=4))
+
+
+def test_sample_set_is_adm_format_and_matches_the_pipeline(pipe, tmp_path):
+    out = tmp_path / "s.npz"
+    res = sample_set(pipe, out, 10, seed=5, meta={"model": "m"}, **KW)
+    assert res.path == out and res.generated == 10 and res.resumed == 0
+    with np.load(out) as d:
+        images, labels = d["arr_0"], d["arr_1"]
+    size = pipe.config.image_size
+    assert images.dtype == np.uint8 and images.shape == (10, size, size, 3)
+    np.testing.assert_array_equal(labels, balanced_labels(10, pipe.config.num_classes, 5))
+    assert images.std() > 0
+    assert not parts_dir(out).exists()  # merged, chunks removed
+    meta = read_meta(out)
+    assert meta["num_samples"] == 10 and meta["steps"] == [2, 2] and meta["model"] == "m"
+    # The third chunk (samples 8, 9) is the pipeline's output for its labels and seed.
+    gen = torch.Generator().manual_seed(ss.chunk_seed(5, 2))
+    direct = pipe.sample(torch.from_numpy(labels[8:]), steps=2, generator=gen, precision="fp32")
+    from msf.data import to_uint8
+
+    np.testing.assert_array_equal(images[8:], to_uint8(direct).numpy())
+
+
+def test_two_ranks_give_the_same_set_as_one(pipe, tmp_path, monkeypatch):
+    one = tmp_path / "one.npz"
+    sample_set(pipe, one, 13, seed=1, **KW)
+    # Two ranks in turn, barrier stubbed: rank 1 draws the odd chunks, rank 0 the even ones and merges.
+    monkeypatch.setattr(ss, "barrier", lambda world: None)
+    two = tmp_path / "two.npz"
+    ss.parts_dir(two).mkdir()
+    r1 = sample_set(pipe, two, 13, seed=1, world=World(rank=1, size=2), **KW)
+    assert r1.path is None and r1.generated == 4 + 1  # chunks 1 and 3 (the last holds one sample)
+    r0 = sample_set(pipe, two, 13, seed=1, world=World(rank=0, size=2), **KW)
+    assert r0.generated == 8
+    with np.load(one) as a, np.load(two) as b:
+        np.testing.assert_array_equal(a["arr_0"], b["arr_0"])
+        np.testing.assert_array_equal(a["arr_1"], b["arr_1"])
+
+
+def test_an_interrupted_set_resumes_where_it_stopped(pipe, tmp_path, monkeypatch):
+    full = tmp_path / "full.npz"
+    sample_set(pipe, full, 16, **KW)
+    out = tmp_path / "cut.npz"
+    real, calls = pipe.sample, []
+
+    def interrupted(*a, **k):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(pipe, "sample", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        sample_set(pipe, out, 16, **KW)
+    assert not out.exists() and len(list(parts_dir(out).glob("chunk_*.npz"))) == 2
+    # A chunk cut off mid-write is drawn again, not trusted.
+    (parts_dir(out) / "chunk_000001.npz").write_bytes(b"PK\x03\x04 truncated")
+    monkeypatch.setattr(pipe, "sample", real)
+    res = sample_set(pipe, out, 16, **KW)
+    assert res.generated == 12 and res.resumed == 4
+    with np.load(full) as a, np.load(out) as b:
+        np.testing.assert_array_equal(a["arr_0"], b["arr_0"])
+
+
+def test_chunks_from_other_settings_are_refused(pipe, tmp_path, monkeypatch):
+    out = tmp_path / "s.npz"
+    monkeypatch.setattr(pipe, "sample", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        sample_set(pipe, out, 8, **KW)
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match=r"s\.npz\.parts.*cfg_scale: \[.*\] -> \[3\.0, 3\.0\]"):
+        sample_set(pipe, out, 8, cfg_scale=3.0, **KW)
+    with pytest.raises(ValueError, match="name it \\*.npz"):
+        sample_set(pipe, tmp_path / "s.png", 8, **KW)
+
+
+def test_cli_sample_set_under_torchrun(pipe, tmp_path):
+    model = pipe.save_pretrained(tmp_path / "model")
+    cmd = ["-m", "msf", "sample", str(model), "--num-samples", "9", "--batch-size", "4", "--steps", "2",
+           "--precision", "fp32", "--device", "cpu", "--quiet"]
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                        "2", *cmd, "--npz", str(tmp_path / "two.npz")], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "wrote 9 samples" in r.stdout
+    assert main(cmd[2:] + ["--npz", str(tmp_path / "one.npz")]) == 0
+    with np.load(tmp_path / "one.npz") as a, np.load(tmp_path / "two.npz") as b:
+        assert a["arr_0"].shape[0] == 9
+        np.testing.assert_array_equal(a["arr_0"], b["arr_0"])
+    assert read_meta(tmp_path / "two.npz")["model"] == str(model.resolve())
