@@ -123,3 +123,14 @@ def test_cli_sample_set_under_torchrun(pipe, tmp_path):
         assert a["arr_0"].shape[0] == 9
         np.testing.assert_array_equal(a["arr_0"], b["arr_0"])
     assert read_meta(tmp_path / "two.npz")["model"] == str(model.resolve())
+
+
+def test_given_labels_replace_the_balanced_ones(pipe, tmp_path):
+    y = np.array([0, 0, 0, 1, 2])
+    sample_set(pipe, tmp_path / "s.npz", 5, labels=y, **KW)
+    with np.load(tmp_path / "s.npz") as d:
+        np.testing.assert_array_equal(d["arr_1"], y)
+    with pytest.raises(ValueError, match=r"need 4 labels, got shape \(5,\)"):
+        sample_set(pipe, tmp_path / "t.npz", 4, labels=y, **KW)
+    with pytest.raises(ValueError, match="class label 99 is out of range"):
+        sample_set(pipe, tmp_path / "u.npz", 5, labels=np.array([0, 1, 2, 3, 99]), **KW)

@@ -123,6 +123,7 @@ def sample_set(
     keep_parts: bool = False,
     progress: bool = True,
     meta: dict | None = None,
+    labels: np.ndarray | None = None,
 ) -> SampleSetResult:
     """Draw ``num_samples`` class-balanced samples from ``pipe`` into the ADM-format ``out``.
 
@@ -130,6 +131,8 @@ def sample_set(
     value or one per scale; unset: the model's defaults). Resumes finished chunks of
     an interrupted run with the same settings; refuses chunks from other settings.
     ``meta`` (e.g. the model directory) is stored in the file beside the settings.
+    ``labels`` replaces the balanced labels, e.g. by a reference set's own labels when
+    its classes are imbalanced.
     """
     world = world or World(device=pipe.device)
     out = Path(out)
@@ -141,17 +144,25 @@ def sample_set(
     steps = pipe._per_scale("steps", steps, [s.steps for s in cfg.scales])
     cfg_scale = pipe._per_scale("cfg_scale", cfg_scale, [s.cfg_scale for s in cfg.scales])
     solver = pipe._per_scale("solver", solver, [s.solver for s in cfg.scales])
+    if labels is None:
+        labels = balanced_labels(num_samples, cfg.num_classes, seed)
+        label_source = "balanced"
+    else:
+        labels = np.asarray(labels, dtype=np.int64)
+        if labels.shape != (num_samples,):
+            raise ValueError(f"labels: need {num_samples} labels, got shape {labels.shape}")
+        pipe.check_labels(torch.from_numpy(labels))
+        label_source = "given:" + hashlib.sha256(labels.tobytes()).hexdigest()[:16]
     settings = {
         "num_samples": num_samples, "batch_size": batch_size, "seed": seed, "steps": steps,
         "cfg_scale": cfg_scale, "solver": solver, "precision": precision,
-        "weights": weights_fingerprint(pipe), "image_size": cfg.image_size,
+        "weights": weights_fingerprint(pipe), "image_size": cfg.image_size, "labels": label_source,
     }
     parts = parts_dir(out)
     if world.is_main:
         _check_settings(parts, settings)
     barrier(world)
 
-    labels = balanced_labels(num_samples, cfg.num_classes, seed)
     chunks = range(0, -(-num_samples // batch_size))
     mine = [c for c in chunks if c % world.size == world.rank]
     size = {c: min(batch_size, num_samples - c * batch_size) for c in chunks}
