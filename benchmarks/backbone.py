@@ -6,21 +6,30 @@ Prints three tables, each measured in one run, interleaved, as ratios:
    two matmuls and a softmax ("math"), fp32 and bf16;
 2. GELU, exact vs tanh approximation (DiT's), bf16 and fp32;
 3. one training step (forward + backward + AdamW) of the demo's scale networks and
-   a sampling forward, fp32 vs bf16 autocast: images/s.
+   a sampling forward, fp32 vs bf16 autocast: images/s;
+4. our DiT against diffusers' ``DiTTransformer2DModel`` at the same configuration
+   (DiT-XL/2 dims on 256 tokens, with ``--xl-blocks`` of its 28 blocks, and DiT-S/2),
+   forward and forward + backward, bf16: seconds, ratio, and the fraction of the bf16
+   matrix-product rate measured in the same run on the sizes of one block's Linear
+   layers. ``--compile`` adds ``msf.models.compile_for_inference`` for both models.
 
-    python benchmarks/backbone.py [--repeats 5]
+    python benchmarks/backbone.py [--repeats 5] [--sections 1,2,3,4] [--compile]
+    python benchmarks/backbone.py --quick      # smoke run: small sizes, 2 repeats
 """
 
 from __future__ import annotations
 
 import argparse
 import platform
+import statistics
 import time
 
 import torch
 import torch.nn.functional as F
 
-from msf.config import preset
+from msf.config import AutoencoderConfig, ModelConfig, ScaleConfig, preset
+from msf.info import scale_infos
+from msf.models import DiT, compile_for_inference, inference_copy
 from msf.pipeline import autocast, build_scale_networks
 
 
@@ -104,17 +113,166 @@ def training_table(repeats: int, batch: int) -> None:
               f"| {rates[2]:.0f} | {rates[3]:.0f} | {rates[3] / rates[2]:.2f} |")
 
 
+# --------------------------------------------------------------------- ours vs diffusers
+
+
+def interleaved(fns: dict, repeats: int) -> dict[str, list[float]]:
+    """Seconds per call of each function, run in turn ``repeats`` times after one warm-up each."""
+    for fn in fns.values():
+        fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def ratio(times: dict, num: str, den: str) -> float:
+    """Median over repeats of the per-repeat ratio: robust to a busy machine."""
+    return statistics.median(a / b for a, b in zip(times[num], times[den]))
+
+
+def matmul_rate(tokens: int, width: int, hidden: int, repeats: int) -> float:
+    """bf16 FLOP/s of ``x @ w.T`` on one block's Linear sizes (qkv, proj, fc1, fc2), summed."""
+    shapes = [(width, 3 * width), (width, width), (width, hidden), (hidden, width)]
+    xs = {k: torch.randn(tokens, k, dtype=torch.bfloat16) for k in {width, hidden}}
+    ws = [torch.randn(n, k, dtype=torch.bfloat16) for k, n in shapes]
+
+    def run():
+        for (k, _), w in zip(shapes, ws):
+            xs[k] @ w.t()
+
+    flops = sum(2 * tokens * k * n for k, n in shapes)
+    return flops / statistics.median(interleaved({"mm": run}, repeats)["mm"])
+
+
+def diffusers_dit(depth: int, width: int, heads: int, size: int, channels: int, classes: int):
+    from diffusers import DiTTransformer2DModel
+
+    return DiTTransformer2DModel(
+        num_attention_heads=heads, attention_head_dim=width // heads, in_channels=channels,
+        out_channels=channels, num_layers=depth, sample_size=size, patch_size=2,
+        num_embeds_ada_norm=classes, norm_type="ada_norm_zero",
+    )
+
+
+def randomize(model: torch.nn.Module) -> None:
+    """Small random weights everywhere: adaLN-Zero's zeros would make the blocks trivial."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.02)
+
+
+def diffusers_table(repeats: int, batch: int, xl_blocks: int, quick: bool, compile_: bool) -> None:
+    import logging
+
+    logging.getLogger("diffusers").setLevel(logging.ERROR)  # its bf16 .to() warning
+    size, channels, classes = 32, 4, 1000
+    configs = [("S/2 (12 x 384)", 12, 384, 6),
+               (f"XL/2 ({xl_blocks} of 28 blocks x 1152)", xl_blocks, 1152, 16)]
+    if quick:
+        configs = [("tiny (2 x 128)", 2, 128, 2), ("XL/2 (1 of 28 blocks x 1152)", 1, 1152, 16)]
+    print(f"\n## our DiT vs diffusers' DiTTransformer2DModel, batch {batch}, 256 tokens, bf16\n")
+    print("seconds per call, median of interleaved repeats; 'ours / diffusers' is the median "
+          "per-repeat speed-up (> 1: ours faster); '% mm' = counted matrix-product FLOP/s as a "
+          "fraction of the bf16 matmul rate measured on the same sizes in this run.\n")
+    print("| config | mode | ours s | diffusers s | ours / diffusers | ours % mm | diffusers % mm |")
+    print("|---|---|---|---|---|---|---|")
+    for name, depth, width, heads in configs:
+        torch.manual_seed(0)
+        ours = DiT(size, channels, width, depth, heads, classes)
+        theirs = diffusers_dit(depth, width, heads, size, channels, classes)
+        randomize(ours)
+        randomize(theirs)
+        x, t = torch.randn(batch, channels, size, size), torch.rand(batch)
+        y = torch.randint(0, classes, (batch,))
+        info = scale_infos(ModelConfig(
+            num_classes=classes, autoencoder=AutoencoderConfig(channels=channels),
+            scales=[ScaleConfig(image_size=size, depth=depth, width=width, heads=heads)]))[0]
+        rate = matmul_rate(batch * info.tokens, width, 4 * width, repeats)
+        fwd_flops = info.flops_per_forward * batch
+        ours16, theirs16 = inference_copy(ours), inference_copy(theirs)
+
+        def call(model, ours: bool, x):
+            return model(x, t, y) if ours else model(x, timestep=t * 1000, class_labels=y).sample
+
+        def fwd(model, ours: bool, dtype, amp: bool):
+            def run():
+                with torch.no_grad(), autocast("cpu", "bf16" if amp else "fp32"):
+                    call(model, ours, x.to(dtype))
+            return run
+
+        def train(model, ours: bool):
+            def run():
+                with autocast("cpu", "bf16"):
+                    out = call(model, ours, x)
+                F.mse_loss(out.float(), x).backward()
+                model.zero_grad(set_to_none=True)
+            return run
+
+        modes = [
+            ("fwd, bf16 weights", fwd(ours16, True, torch.bfloat16, False),
+             fwd(theirs16, False, torch.bfloat16, False), fwd_flops),
+            ("fwd, fp32 weights + bf16 autocast", fwd(ours, True, torch.float32, True),
+             fwd(theirs, False, torch.float32, True), fwd_flops),
+            ("fwd + bwd, bf16 autocast (training)", train(ours, True), train(theirs, False),
+             3 * fwd_flops),
+        ]
+        if compile_:
+            oc, dc = compile_for_inference(ours), compile_for_inference(theirs)
+            t0 = time.perf_counter()
+            fwd(oc, True, torch.bfloat16, False)()
+            t1 = time.perf_counter()
+            fwd(dc, False, torch.bfloat16, False)()
+            t2 = time.perf_counter()
+            print(f"<!-- compile time: ours {t1 - t0:.0f} s, diffusers {t2 - t1:.0f} s -->")
+            modes.append(("fwd, compile_for_inference (bf16, frozen)",
+                          fwd(oc, True, torch.bfloat16, False), fwd(dc, False, torch.bfloat16, False),
+                          fwd_flops))
+        fns = {}
+        for mode, o, d, _ in modes:
+            fns[f"ours {mode}"], fns[f"diffusers {mode}"] = o, d
+        times = interleaved(fns, repeats)
+        for mode, _, _, flops in modes:
+            to, td = (statistics.median(times[f"{w} {mode}"]) for w in ("ours", "diffusers"))
+            print(f"| {name} | {mode} | {to:.3f} | {td:.3f} "
+                  f"| {ratio(times, f'diffusers {mode}', f'ours {mode}'):.2f} "
+                  f"| {flops / to / rate:.0%} | {flops / td / rate:.0%} |")
+        if compile_:
+            eager, compiled = modes[0][0], modes[-1][0]
+            print(f"| {name} | compiled / eager speed-up (bf16 weights) "
+                  f"| {ratio(times, f'ours {eager}', f'ours {compiled}'):.2f} "
+                  f"| {ratio(times, f'diffusers {eager}', f'diffusers {compiled}'):.2f} | | | |")
+        print(f"| {name} | bf16 matmul rate, {batch * info.tokens} x {width} x {4 * width} etc. "
+              f"| {rate / 1e12:.2f} TFLOP/s | | | | |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--batch", type=int, default=32, help="batch of section 3")
+    ap.add_argument("--dit-batch", type=int, default=8, help="batch of section 4")
+    ap.add_argument("--xl-blocks", type=int, default=8, help="blocks of the XL/2 model in section 4")
+    ap.add_argument("--sections", default="1,2,3,4")
+    ap.add_argument("--compile", action="store_true", help="section 4: add compiled forwards")
+    ap.add_argument("--quick", action="store_true", help="smoke run: small sizes, 2 repeats")
     args = ap.parse_args()
+    if args.quick:
+        args.repeats, args.batch, args.dit_batch = 2, 8, 2
+    sections = {int(s) for s in args.sections.split(",")}
     torch.manual_seed(0)
     print(f"# backbone benchmark: torch {torch.__version__}, {platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} threads, {time.strftime('%Y-%m-%d')}")
-    attention_table(args.repeats)
-    gelu_table(args.repeats)
-    training_table(args.repeats, args.batch)
+    if 1 in sections:
+        attention_table(args.repeats)
+    if 2 in sections:
+        gelu_table(args.repeats)
+    if 3 in sections:
+        training_table(args.repeats, args.batch)
+    if 4 in sections:
+        diffusers_table(args.repeats, args.dit_batch, args.xl_blocks, args.quick, args.compile)
 
 
 if __name__ == "__main__":

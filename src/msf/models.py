@@ -16,6 +16,7 @@ sinusoidal embedding so the frequencies match DiT's.
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -227,6 +228,7 @@ class DiT(nn.Module):
             if prior is None:
                 raise ValueError("this scale's network needs its prior, got None")
             x = torch.cat([x, prior.to(x.dtype)], dim=1)
+        x = x.to(self.x_embedder.weight.dtype)  # the sampler's fp32 state into bf16 weights
         x = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed
         c = self.t_embedder(t) + self.y_embedder(y)
         for block in self.blocks:
@@ -242,3 +244,24 @@ def count_parameters(model: nn.Module) -> int:
     n = sum(p.numel() for p in model.parameters())
     pos = getattr(model, "pos_embed", None)
     return n + (pos.numel() if pos is not None else 0)
+
+
+def inference_copy(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+    """An eval-mode copy of ``model`` with its weights in ``dtype`` and no gradients.
+
+    For sampling on the CPU, bf16 weights beat bf16 autocast over fp32 weights: autocast
+    casts every weight on every call, which is most of a forward at batch 1
+    (``benchmarks/sampling_cost.py``). The residual stream is then bf16 too.
+    """
+    return copy.deepcopy(model).to(dtype).eval().requires_grad_(False)
+
+
+def compile_for_inference(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+    """:func:`inference_copy` compiled with ``torch.compile`` and inductor's weight freezing.
+
+    Freezing turns the weights into constants (prepacked for oneDNN on the CPU, bias
+    fused) and the elementwise ops are fused. Call it under ``torch.no_grad()``. The
+    first call for each input shape compiles (seconds for a few blocks, minutes for
+    paper sizes); the copy does not follow later changes to ``model``'s weights.
+    """
+    return torch.compile(inference_copy(model, dtype), options={"freezing": True})

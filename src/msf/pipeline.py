@@ -221,13 +221,15 @@ class MSFPipeline(nn.Module):
         generator: torch.Generator | None = None,
         precision: str = "fp32",
         return_components: bool = False,
+        nets: Mapping[int, nn.Module] | None = None,
     ) -> Tensor | tuple[Tensor, list[Tensor]]:
         """Algorithm 3: generate images in [-1, 1] for ``labels``.
 
         ``steps``, ``cfg_scale`` and ``solver`` take one value for all scales or a list
         with one per scale; unset, each scale uses its config's defaults. The initial
         noise of every scale comes from ``generator`` (or a fresh one seeded ``seed``,
-        on the CPU so that results do not depend on the device).
+        on the CPU so that results do not depend on the device). ``nets`` replaces scale
+        k's network, e.g. by ``msf.models.compile_for_inference(pipe.scales[k])``.
         """
         device = self.device
         labels = torch.as_tensor(labels, dtype=torch.int64)
@@ -246,8 +248,9 @@ class MSFPipeline(nn.Module):
         def generate(k: int, prior: Tensor | None) -> Tensor:  # Algorithm 3, one scale
             n = cfg.latent_sizes[k]
             noise = torch.randn(B, C, n, n, generator=generator).to(device)
+            net = self.scales[k] if nets is None or k not in nets else nets[k]
             velocity = guided_velocity(
-                self.scales[k], labels, self._net_prior(k, prior, generator), cfg_scale[k],
+                net, labels, self._net_prior(k, prior, generator), cfg_scale[k],
                 cfg.num_classes,
             )
             with autocast(device, precision):

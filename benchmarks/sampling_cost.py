@@ -1,0 +1,203 @@
+"""MSF's sampling cost against DiT-XL/2: FLOPs per image (counted) and time per image (measured).
+
+The ``paper-imagenet256`` model at the paper's settings (scale 1: 100 steps, CFG 1.4;
+scale 2: 50 steps, no CFG; also scale 2 at 10 steps, the paper's Table 5) against
+``dit-xl2`` at 100 and 250 steps with CFG. Random weights; bf16 on this machine.
+
+What is timed: the latent generation only. Both pipelines are built with an identity
+autoencoder at the SD VAE's latent shapes (4 channels; 24 x 24 and 32 x 32 latents),
+so no VAE is loaded; the VAE decode, the same for both models, is excluded.
+
+How: a full 100-step DiT-XL/2 sample at batch 8 takes ~15 minutes here, so each network
+is timed for one evaluation at the exact batch the sampler feeds it (CFG batches the
+two branches: 2B; no CFG: B), all networks interleaved, median of ``--repeats``; then
+
+    time per image = sum over scales of  evaluations x time per evaluation / batch.
+
+That extrapolation is checked against real ``MSFPipeline.sample`` calls with
+``--check-steps`` steps per scale (overhead = measured / predicted - 1).
+
+Two precision paths, both timed: ``autocast`` (fp32 weights under bf16 autocast:
+``sample(precision="bf16")``) and ``bf16 weights`` (``sample(nets=...)`` with
+``msf.models.inference_copy``); ``--compile`` adds ``compile_for_inference``.
+
+    python benchmarks/sampling_cost.py --batch 8 --repeats 3
+    python benchmarks/sampling_cost.py --batch 1 --repeats 5
+    python benchmarks/sampling_cost.py --quick     # smoke run: narrow, shallow networks
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import platform
+import statistics
+import time
+
+import torch
+
+from msf.autoencoder import IdentityAutoencoder
+from msf.config import ModelConfig, preset
+from msf.info import scale_infos
+from msf.models import compile_for_inference, inference_copy
+from msf.pipeline import MSFPipeline, autocast
+
+# (label, per-scale steps, per-scale CFG) for each setting compared.
+MSF_SETTINGS = [("paper: 100 CFG 1.4 + 50", [100, 50], [1.4, 1.0]),
+                ("scale 2 at 10 steps", [100, 10], [1.4, 1.0])]
+DIT_SETTINGS = [("100 steps CFG 1.5", [100], [1.5]), ("250 steps CFG 1.5", [250], [1.5])]
+
+
+def shrink(cfg: ModelConfig) -> ModelConfig:
+    """--quick: same tokens and steps, networks 256 wide and ~1/6 as deep."""
+    cfg = dataclasses.replace(cfg, scales=[
+        dataclasses.replace(s, width=256, heads=4, depth=max(1, s.depth // 6)) for s in cfg.scales])
+    return cfg
+
+
+def build(cfg: ModelConfig) -> MSFPipeline:
+    """A pipeline at the config's latent shapes with an identity autoencoder (no VAE)."""
+    pipe = MSFPipeline(cfg, autoencoder=IdentityAutoencoder(channels=cfg.autoencoder.channels))
+    with torch.no_grad():  # small random weights: adaLN-Zero's zeros would skip real work
+        for p in pipe.scales.parameters():
+            p.normal_(0.0, 0.02)
+    return pipe.eval()
+
+
+def flops_per_image(cfg: ModelConfig, steps: list[int], cfg_scale: list[float]) -> tuple[int, list]:
+    cfg = dataclasses.replace(cfg, scales=[
+        dataclasses.replace(s, steps=n, cfg_scale=w) for s, n, w in zip(cfg.scales, steps, cfg_scale)])
+    infos = scale_infos(cfg)
+    return sum(i.flops_per_sample for i in infos), [i.forwards_per_sample for i in infos]
+
+
+def eval_inputs(pipe: MSFPipeline, k: int, batch: int, cfg_scale: float):
+    """The arguments the sampler passes to scale k's network: CFG doubles the batch."""
+    cfg = pipe.config
+    fed = 2 * batch if cfg_scale != 1.0 else batch
+    n, c = cfg.latent_sizes[k], cfg.autoencoder.channels
+    x = torch.randn(fed, c, n, n)
+    t = torch.full((fed,), 0.5)
+    y = torch.randint(0, cfg.num_classes, (fed,))
+    prior = torch.randn(fed, c, n, n) if pipe.scales[k].prior_channels else None
+    return fed, (x, t, y, prior)
+
+
+def interleaved(fns: dict, repeats: int) -> dict[str, list[float]]:
+    for fn in fns.values():  # warm-up (and compilation)
+        fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--check-steps", type=int, default=2, help="steps per scale of the real samples")
+    ap.add_argument("--check-repeats", type=int, default=1)
+    ap.add_argument("--compile", action="store_true", help="also time compile_for_inference")
+    ap.add_argument("--quick", action="store_true", help="smoke run: narrow, shallow networks")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    msf_cfg, dit_cfg = preset("paper-imagenet256").model, preset("dit-xl2").model
+    if args.quick:
+        msf_cfg, dit_cfg = shrink(msf_cfg), shrink(dit_cfg)
+    pipes = {"MSF": build(msf_cfg), "DiT-XL/2": build(dit_cfg)}
+    settings = {"MSF": MSF_SETTINGS, "DiT-XL/2": DIT_SETTINGS}
+    B = args.batch
+    print(f"# sampling cost{' (--quick: reduced networks)' if args.quick else ''}: batch {B}, "
+          f"torch {torch.__version__}, {platform.machine()}, {torch.get_num_threads()} threads, "
+          f"{time.strftime('%Y-%m-%d')}\n")
+
+    # Precision paths: (name, autocast precision, per-pipeline net replacements).
+    paths = [("autocast", "bf16", {m: None for m in pipes}),
+             ("bf16 weights", "fp32",
+              {m: {k: inference_copy(n) for k, n in enumerate(p.scales)} for m, p in pipes.items()})]
+    if args.compile:
+        paths.append(("compiled", "fp32", {
+            m: {k: compile_for_inference(n) for k, n in enumerate(p.scales)} for m, p in pipes.items()}))
+
+    # --- one network evaluation per scale, at the batch the sampler feeds it, interleaved
+    cfg_of = {"MSF": MSF_SETTINGS[0][2], "DiT-XL/2": DIT_SETTINGS[0][2]}
+    fns, fed = {}, {}
+    for m, pipe in pipes.items():
+        for k, net in enumerate(pipe.scales):
+            fed[m, k], inputs = eval_inputs(pipe, k, B, cfg_of[m][k])
+            for path, precision, nets in paths:
+                use = net if nets[m] is None else nets[m][k]
+
+                def run(use=use, inputs=inputs, precision=precision):
+                    with torch.no_grad(), autocast("cpu", precision):
+                        use(*inputs)
+                fns[m, k, path] = run
+    t0 = time.perf_counter()
+    times = interleaved(fns, args.repeats)
+    per_eval = {key: statistics.median(v) for key, v in times.items()}
+    print(f"(per-evaluation timing: {time.perf_counter() - t0:.0f} s)\n")
+    print("## seconds per network evaluation (median of interleaved repeats)\n")
+    print("| model | scale | tokens | depth x width | batch fed | " + " | ".join(p[0] for p in paths) + " |")
+    print("|---|---|---|---|---|" + "---|" * len(paths))
+    for m, pipe in pipes.items():
+        for k, info in enumerate(scale_infos(pipe.config)):
+            print(f"| {m} | {k} | {info.tokens} | {info.depth} x {info.width} | {fed[m, k]} | "
+                  + " | ".join(f"{per_eval[m, k, p[0]]:.3f}" for p in paths) + " |")
+
+    def time_per_image(m: str, steps: list[int], path: str) -> float:
+        return sum(n * per_eval[m, k, path] for k, n in enumerate(steps)) / B
+
+    def ratio_per_repeat(m: str, steps: list[int], path: str, ref_steps: list[int]) -> float:
+        """Median over repeats of the ratio to DiT-XL/2, each repeat's times taken together."""
+        def one(r, mm, st):
+            return sum(n * times[mm, k, path][r] for k, n in enumerate(st))
+        return statistics.median(one(r, m, steps) / one(r, "DiT-XL/2", ref_steps)
+                                 for r in range(args.repeats))
+
+    # --- FLOPs and time per image
+    ref_steps = DIT_SETTINGS[0][1]
+    ref_flops, _ = flops_per_image(dit_cfg, *DIT_SETTINGS[0][1:])
+    print("\n## per image: counted FLOPs and extrapolated time; ratios to DiT-XL/2 at 100 steps\n")
+    print("FLOPs: matrix products (msf.info), 1 multiply-add (MAC) = 2 FLOPs; per image, "
+          "CFG's two branches counted. Time: latent generation only, VAE decode excluded.\n")
+    print("| model | setting | evaluations per scale | GFLOPs | GMACs | FLOPs ratio | "
+          + " | ".join(f"s/image {p[0]} | ratio {p[0]}" for p in paths) + " |")
+    print("|---|---|---|---|---|---|" + "---|---|" * len(paths))
+    for m in pipes:
+        cfg = msf_cfg if m == "MSF" else dit_cfg
+        for label, steps, cfg_scale in settings[m]:
+            flops, forwards = flops_per_image(cfg, steps, cfg_scale)
+            row = f"| {m} | {label} | {' + '.join(map(str, forwards))} | {flops / 1e9:,.0f} " \
+                  f"| {flops / 2e9:,.0f} | {flops / ref_flops:.3f} |"
+            for path, _, _ in paths:
+                row += f" {time_per_image(m, steps, path):.2f} " \
+                       f"| {ratio_per_repeat(m, steps, path, ref_steps):.3f} |"
+            print(row)
+
+    # --- check the extrapolation against real MSFPipeline.sample calls
+    n = args.check_steps
+    labels = torch.randint(0, 1000, (B,))
+    checks = {}
+    for path, precision, nets in paths:
+        for m, pipe in pipes.items():
+            w = settings[m][0][2]
+
+            def sample(pipe=pipe, w=w, precision=precision, nets=nets[m]):
+                pipe.sample(labels, steps=n, cfg_scale=w, precision=precision, nets=nets)
+            checks[m, path] = sample
+    stimes = interleaved(checks, args.check_repeats)
+    print(f"\n## check: real MSFPipeline.sample calls, {n} steps per scale, batch {B}\n")
+    print("| model | path | predicted s | measured s | overhead |")
+    print("|---|---|---|---|---|")
+    for (m, path), v in stimes.items():
+        pred = time_per_image(m, [n] * pipes[m].num_scales, path) * B
+        meas = statistics.median(v)
+        print(f"| {m} | {path} | {pred:.2f} | {meas:.2f} | {meas / pred - 1:+.1%} |")
+
+
+if __name__ == "__main__":
+    main()
