@@ -144,8 +144,6 @@ def main() -> None:
         cells = []
         for c in cols:
             v = r[c]
-            if c == "kid":
-                v = v[0] if isinstance(v, (list, tuple)) else v
             if c in ("train_flops", "sample_flops"):
                 cells.append(f"{v / 1e12:.2f} T" if c == "train_flops" else f"{v / 1e9:.2f} G")
             elif c == "params":

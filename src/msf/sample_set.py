@@ -1,7 +1,7 @@
 """Sample sets for evaluation: many samples into one ADM-format ``.npz``.
 
 ADM's evaluator (and DiT's ``sample_ddp.py``) read ``arr_0``, uint8 N x H x W x 3,
-with the class labels in ``arr_1``. We write that, plus a JSON ``meta`` entry with
+with the class labels in ``arr_1``. We write that, plus a JSON ``settings`` entry with
 the settings that produced it.
 
 The set is cut into chunks of ``batch_size`` samples. Chunk ``c`` gets labels and
@@ -198,7 +198,7 @@ def sample_set(
         with np.load(file, allow_pickle=False) as d:
             merged[c * batch_size:(c + 1) * batch_size] = d["arr_0"]
     info = dict(settings, **(meta or {}), created=time.strftime("%Y-%m-%d %H:%M:%S"))
-    _save_npz(out, arr_0=merged, arr_1=labels, meta=np.array(json.dumps(info)))
+    _save_npz(out, arr_0=merged, arr_1=labels, settings=np.array(json.dumps(info)))
     if not keep_parts:
         shutil.rmtree(parts)
     return SampleSetResult(out, num_samples, generated, done_here, seconds)
@@ -207,4 +207,4 @@ def sample_set(
 def read_meta(path: str | os.PathLike) -> dict:
     """The settings stored in a sample set written by :func:`sample_set` ({} for other files)."""
     with np.load(path, allow_pickle=False) as d:
-        return json.loads(str(d["meta"])) if "meta" in d.files else {}
+        return json.loads(str(d["settings"])) if "settings" in d.files else {}

@@ -66,6 +66,7 @@ def run_sweep(
     world = world or World(device=pipe.device)
     out_dir = Path(out_dir)
     rows = []
+    extractor = None
     for p in points:
         name = f"scale{p['scale']}_{p['setting']}_{p['value']}"
         path = out_dir / "samples" / f"{name}.npz"
@@ -79,10 +80,12 @@ def run_sweep(
         barrier(world)
         if not world.is_main:
             continue
-        from msf.metrics import evaluate
+        from msf.metrics import evaluate, load_feature_extractor
 
-        r = evaluate(str(path), ref, metrics=metrics, weights=weights, device=str(pipe.device),
-                     cache_dir=cache_dir, progress=progress)
+        if extractor is None:
+            extractor = load_feature_extractor(weights, device=pipe.device)
+        r = evaluate(str(path), ref, metrics=metrics, device=str(pipe.device), cache_dir=cache_dir,
+                     progress=progress, extractor=extractor)
         rows.append({
             **p, "nfe_per_image": nfe_per_image(p["steps"], p["cfg_scale"]),
             "fid": r.get("fid"), "is": r.get("is"), "precision": r.get("precision"),

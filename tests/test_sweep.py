@@ -1,0 +1,77 @@
+"""Sweeps over per-scale sampling settings (the paper's Tables 2-5), end to end through the CLI."""
+
+import csv
+
+import numpy as np
+import pytest
+import torch
+
+import msf.sample_set as ss
+from msf.cli import build_parser, cmd_sweep, main
+from msf.config import ConfigError
+from msf.data import load_builtin, prepare_data
+from msf.pipeline import MSFPipeline
+from msf.sweep import nfe_per_image, sweep_points
+
+
+@pytest.fixture
+def pipe(tiny_cfg):
+    torch.manual_seed(2)
+    p = MSFPipeline(tiny_cfg.model)
+    for net in p.scales:
+        for param in net.parameters():
+            param.data.add_(0.02 * torch.randn_like(param))
+    return p
+
+
+def test_points_vary_one_setting_of_one_scale(pipe):
+    pts = sweep_points(pipe, 1, "steps", [2, 6])
+    assert [p["steps"] for p in pts] == [[8, 2], [8, 6]]
+    assert all(p["cfg_scale"] == [s.cfg_scale for s in pipe.config.scales] for p in pts)
+    pts = sweep_points(pipe, 0, "cfg_scale", [1.0, 2.5])
+    assert [p["cfg_scale"][0] for p in pts] == [1.0, 2.5] and pts[0]["steps"] == [8, 4]
+    with pytest.raises(ValueError, match="scales 0..1"):
+        sweep_points(pipe, 2, "steps", [1])
+    # CFG doubles a scale's evaluations, except at 1.0.
+    assert nfe_per_image([100, 50], [1.4, 1.0]) == 250
+    assert nfe_per_image([100, 10], [1.0, 1.0]) == 110
+
+
+def test_cli_sweep_writes_tables_plot_and_resumes(pipe, tmp_path, monkeypatch, capsys):
+    model = pipe.save_pretrained(tmp_path / "model")
+    data = prepare_data(load_builtin(), 16)
+    ref = tmp_path / "ref.npz"
+    np.savez(ref, arr_0=data.images[:40].numpy())
+    out = tmp_path / "sweep"
+    cmd = ["sweep", str(model), "--ref", str(ref), "--scale", "0", "--cfg", "1,4", "--num-samples", "12",
+           "--batch-size", "6", "--out", str(out), "--precision", "fp32", "--device", "cpu", "--quiet",
+           "--metrics", "fid,pr", "--cache-dir", str(tmp_path / "cache")]
+    assert main(cmd) == 0
+    with open(out / "sweep.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [float(r["value"]) for r in rows] == [1.0, 4.0]
+    assert [int(r["nfe_per_image"]) for r in rows] == [8 + 4, 16 + 4]
+    for r in rows:
+        assert float(r["fid"]) > 0 and 0 <= float(r["precision"]) <= 1 and float(r["seconds_per_image"]) > 0
+        assert "inception" in r["feature_network"].lower()
+    # The two CFG scales drew different samples, so their FIDs differ.
+    assert rows[0]["fid"] != rows[1]["fid"]
+    assert (out / "sweep.png").stat().st_size > 1000
+    md = (out / "sweep.md").read_text()
+    assert md.count("\n| cfg_scale |") == 2 and "12 samples each" in md
+    assert "sweep.csv" in capsys.readouterr().out
+    # A second run reuses the finished sample sets: nothing is drawn again.
+    monkeypatch.setattr(ss, "_save_npz", lambda *a, **k: pytest.fail("a sample set was drawn again"))
+    assert main(cmd) == 0
+    with open(out / "sweep.csv") as f:
+        again = list(csv.DictReader(f))
+    assert [r["fid"] for r in again] == [r["fid"] for r in rows]
+
+
+def test_cli_sweep_needs_exactly_one_setting(pipe, tmp_path, capsys):
+    model = pipe.save_pretrained(tmp_path / "model")
+    assert main(["sweep", str(model), "--ref", "x.npz", "--device", "cpu"]) == 2
+    assert "give exactly one of --cfg" in capsys.readouterr().err
+    args = build_parser().parse_args(["sweep", str(model), "--ref", "x", "--cfg", "1", "--steps", "2"])
+    with pytest.raises(ConfigError):
+        cmd_sweep(args)
