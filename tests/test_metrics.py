@@ -396,3 +396,31 @@ def test_end_to_end_with_fallback_network(tmp_path, emoji, extractor, monkeypatc
     assert seen == [16, 16, 12]
     assert abs(itself["kid"]) < 0.05 * far["kid"]
     assert (itself["precision"], itself["recall"]) == (1.0, 1.0)
+
+
+def test_frechet_distance_from_features_equals_the_moment_formula():
+    from msf.metrics import frechet_distance_from_features
+
+    rng = np.random.default_rng(0)
+    for n1, n2, d in [(7, 12, 30), (50, 40, 6)]:  # fewer samples than dimensions, and more
+        f1, f2 = rng.normal(size=(n1, d)), rng.normal(0.3, 1.5, size=(n2, d))
+        s1, s2 = np.cov(f1, rowvar=False), np.cov(f2, rowvar=False)
+        expected = frechet_distance(f1.mean(0), s1, f2.mean(0), s2, method="sqrtm" if n1 > d else "eigh")
+        assert frechet_distance_from_features(f1, f2) == pytest.approx(expected, rel=1e-6, abs=1e-8)
+    f = rng.normal(size=(9, 40))
+    assert abs(frechet_distance_from_features(f, f)) < 1e-9
+
+
+def test_adm_reference_batch_moments_are_used_for_fid(tmp_path, emoji):
+    # ADM's reference batches: 10k images in arr_0 plus mu/sigma of the whole dataset.
+    rng = np.random.default_rng(1)
+    mu, sigma = np.array([120.0, 90.0, 60.0]), _random_spd(rng, 3) * 50
+    np.savez(tmp_path / "adm.npz", arr_0=emoji[:30], mu=mu, sigma=sigma)
+    net = MeanColour()
+    r = evaluate(emoji[30:50], tmp_path / "adm.npz", extractor=net, cache_dir=tmp_path / "c", progress=False)
+    feats = emoji[30:50].reshape(20, -1, 3).astype(np.float64).mean(1)
+    assert r["fid"] == pytest.approx(frechet_distance(feats.mean(0), np.cov(feats, rowvar=False), mu, sigma))
+    assert r["num_ref"] == 30  # precision, recall and KID use the batch's images
+    np.savez(tmp_path / "bad.npz", arr_0=emoji[:30], mu=mu, sigma=sigma[:2])
+    with pytest.raises(ValueError, match="bad.npz: 'mu'"):
+        evaluate(emoji[30:50], tmp_path / "bad.npz", extractor=net, cache_dir=tmp_path / "c", progress=False)

@@ -41,10 +41,10 @@ def test_cli_sweep_writes_tables_plot_and_resumes(pipe, tmp_path, monkeypatch, c
     model = pipe.save_pretrained(tmp_path / "model")
     data = prepare_data(load_builtin(), 16)
     ref = tmp_path / "ref.npz"
-    np.savez(ref, arr_0=data.images[:40].numpy())
+    np.savez(ref, arr_0=data.images[:24].numpy())
     out = tmp_path / "sweep"
-    cmd = ["sweep", str(model), "--ref", str(ref), "--scale", "0", "--cfg", "1,4", "--num-samples", "12",
-           "--batch-size", "6", "--out", str(out), "--precision", "fp32", "--device", "cpu", "--quiet",
+    cmd = ["sweep", str(model), "--ref", str(ref), "--scale", "0", "--cfg", "1,4", "--num-samples", "8",
+           "--batch-size", "4", "--out", str(out), "--precision", "fp32", "--device", "cpu", "--quiet",
            "--metrics", "fid,pr", "--cache-dir", str(tmp_path / "cache")]
     assert main(cmd) == 0
     with open(out / "sweep.csv") as f:
@@ -58,7 +58,7 @@ def test_cli_sweep_writes_tables_plot_and_resumes(pipe, tmp_path, monkeypatch, c
     assert rows[0]["fid"] != rows[1]["fid"]
     assert (out / "sweep.png").stat().st_size > 1000
     md = (out / "sweep.md").read_text()
-    assert md.count("\n| cfg_scale |") == 2 and "12 samples each" in md
+    assert md.count("\n| cfg_scale |") == 2 and "8 samples each" in md
     assert "sweep.csv" in capsys.readouterr().out
     # A second run reuses the finished sample sets: nothing is drawn again.
     monkeypatch.setattr(ss, "_save_npz", lambda *a, **k: pytest.fail("a sample set was drawn again"))

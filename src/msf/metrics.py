@@ -401,8 +401,7 @@ def compute_reference(
     ``logits`` (float32, where the network has them) and ``meta``, a JSON string with the feature network,
     its weights' sha256, the source and the number of images.
     """
-    images = load_images(spec, progress)
-    stats = _stats_of(images, extractor, str(Path(spec).expanduser().resolve()), batch_size, progress)
+    stats = _stats_with_moments(Path(spec).expanduser(), extractor, batch_size, progress)
     out = Path(out_path)
     _save_stats(stats, out)
     return out
@@ -440,7 +439,7 @@ def _reference_stats(
             stats = None  # unreadable: recompute over it
         if stats is not None and stats.meta.get("cache_key") == key:
             return stats, cached
-    stats = _stats_of(load_images(path, progress), extractor, str(path.resolve()), batch_size, progress)
+    stats = _stats_with_moments(path, extractor, batch_size, progress)
     stats.meta["cache_key"] = key
     _save_stats(stats, cached)
     prefix = cached.name.rsplit("-", 1)[0] + "-"
@@ -448,6 +447,30 @@ def _reference_stats(
         if stale.name.startswith(prefix) and stale.suffix == ".npz" and stale != cached:
             stale.unlink(missing_ok=True)  # the same source before it changed
     return stats, cached
+
+
+def _stats_with_moments(path: Path, extractor: FeatureExtractor, batch_size: int, progress: bool) -> Stats:
+    stats = _stats_of(load_images(path, progress), extractor, str(path.resolve()), batch_size, progress)
+    adm = _adm_reference_moments(path)
+    if adm is not None:
+        # ADM's reference batches hold the moments of the whole training set, computed by its evaluator,
+        # and 10,000 of its images: FID against those moments, the other metrics against the images.
+        stats.mu, stats.sigma = adm
+        stats.meta["moments"] = "ADM reference batch (mu, sigma of the whole dataset)"
+    return stats
+
+
+def _adm_reference_moments(path: Path) -> tuple[np.ndarray, np.ndarray] | None:
+    if path.suffix != ".npz":
+        return None
+    with _open_npz(path) as d:
+        if "mu" in d.files and "sigma" in d.files:
+            mu, sigma = d["mu"].astype(np.float64), d["sigma"].astype(np.float64)
+            if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
+                raise ValueError(f"{path}: 'mu' {mu.shape} and 'sigma' {sigma.shape} are not a mean and "
+                                 "covariance of one dimension")
+            return mu, sigma
+    return None
 
 
 def _stats_for(
@@ -498,6 +521,27 @@ def frechet_distance(
         raise ValueError(f"Fréchet distance: method {method!r} is not 'eigh' or 'sqrtm'")
     diff = mu1 - mu2
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
+
+
+def frechet_distance_from_features(feats1: np.ndarray, feats2: np.ndarray) -> float:
+    """The Fréchet distance of the two sets' Gaussians, from the features themselves.
+
+    With centred features scaled by 1/sqrt(n - 1), A (n1 x d) and B (n2 x d), sigma1 sigma2 =
+    A^T (A B^T) B has the nonzero eigenvalues of (A B^T)(A B^T)^T, so tr (sigma1 sigma2)^(1/2) is the
+    nuclear norm of the n1 x n2 matrix A B^T: exact, and far cheaper than d x d eigenproblems when
+    the sets are smaller than the feature dimension (sweeps, tests).
+    """
+    f1 = torch.from_numpy(np.asarray(feats1, dtype=np.float64))
+    f2 = torch.from_numpy(np.asarray(feats2, dtype=np.float64))
+    if f1.ndim != 2 or f2.ndim != 2 or f1.shape[1] != f2.shape[1] or min(len(f1), len(f2)) < 2:
+        raise ValueError(f"Fréchet distance: need two (n >= 2, d) feature arrays, got {tuple(f1.shape)} "
+                         f"and {tuple(f2.shape)}")
+    mu1, mu2 = f1.mean(0), f2.mean(0)
+    a = (f1 - mu1) / (len(f1) - 1) ** 0.5
+    b = (f2 - mu2) / (len(f2) - 1) ** 0.5
+    tr_covmean = torch.linalg.svdvals(a @ b.T).sum()
+    diff = mu1 - mu2
+    return float(diff @ diff + (a * a).sum() + (b * b).sum() - 2 * tr_covmean)
 
 
 def _trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
@@ -674,7 +718,12 @@ def evaluate(
     }
     skipped = []
     if "fid" in metrics:
-        results["fid"] = frechet_distance(sample_stats.mu, sample_stats.sigma, ref_stats.mu, ref_stats.sigma)
+        low_rank = min(len(sample_stats), len(ref_stats)) < len(ref_stats.mu)
+        if low_rank and "moments" not in sample_stats.meta and "moments" not in ref_stats.meta:
+            results["fid"] = frechet_distance_from_features(sample_stats.features, ref_stats.features)
+        else:
+            results["fid"] = frechet_distance(sample_stats.mu, sample_stats.sigma, ref_stats.mu,
+                                              ref_stats.sigma)
     if "is" in metrics:
         if sample_stats.logits is None:
             skipped.append({"metric": "is", "reason": f"{extractor.name} gives no logits"})
