@@ -20,6 +20,7 @@ Prints three tables, each measured in one run, interleaved, as ratios:
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import time
@@ -264,7 +265,8 @@ def main() -> None:
     sections = {int(s) for s in args.sections.split(",")}
     torch.manual_seed(0)
     print(f"# backbone benchmark: torch {torch.__version__}, {platform.processor() or platform.machine()}, "
-          f"{torch.get_num_threads()} threads, {time.strftime('%Y-%m-%d')}")
+          f"{torch.get_num_threads()} threads, {time.strftime('%Y-%m-%d')}, "
+          f"load average {os.getloadavg()[0]:.1f} at start")
     if 1 in sections:
         attention_table(args.repeats)
     if 2 in sections:

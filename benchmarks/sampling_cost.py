@@ -19,10 +19,12 @@ That extrapolation is checked against real ``MSFPipeline.sample`` calls with
 
 Two precision paths, both timed: ``autocast`` (fp32 weights under bf16 autocast:
 ``sample(precision="bf16")``) and ``bf16 weights`` (``sample(nets=...)`` with
-``msf.models.inference_copy``); ``--compile`` adds ``compile_for_inference``.
+``msf.models.inference_copy``); ``--paths compiled`` adds ``compile_for_inference``
+(bf16 weights, inductor with frozen weights; its compilation is in the warm-up, untimed).
 
     python benchmarks/sampling_cost.py --batch 8 --repeats 3
     python benchmarks/sampling_cost.py --batch 1 --repeats 5
+    python benchmarks/sampling_cost.py --batch 8 --paths compiled
     python benchmarks/sampling_cost.py --quick     # smoke run: narrow, shallow networks
 """
 
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import platform
 import statistics
 import time
@@ -84,8 +87,11 @@ def eval_inputs(pipe: MSFPipeline, k: int, batch: int, cfg_scale: float):
 
 
 def interleaved(fns: dict, repeats: int) -> dict[str, list[float]]:
-    for fn in fns.values():  # warm-up (and compilation)
+    for name, fn in fns.items():  # warm-up (and compilation)
+        t0 = time.perf_counter()
         fn()
+        if time.perf_counter() - t0 > 20:
+            print(f"(warm-up of {name}: {time.perf_counter() - t0:.0f} s)")
     times = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
@@ -101,7 +107,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--check-steps", type=int, default=2, help="steps per scale of the real samples")
     ap.add_argument("--check-repeats", type=int, default=1)
-    ap.add_argument("--compile", action="store_true", help="also time compile_for_inference")
+    ap.add_argument("--paths", default="autocast,bf16",
+                    help="comma-separated precision paths: autocast, bf16 (weights), compiled")
     ap.add_argument("--quick", action="store_true", help="smoke run: narrow, shallow networks")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -113,15 +120,18 @@ def main() -> None:
     B = args.batch
     print(f"# sampling cost{' (--quick: reduced networks)' if args.quick else ''}: batch {B}, "
           f"torch {torch.__version__}, {platform.machine()}, {torch.get_num_threads()} threads, "
-          f"{time.strftime('%Y-%m-%d')}\n")
+          f"{time.strftime('%Y-%m-%d')}, load average {os.getloadavg()[0]:.1f} at start\n")
 
     # Precision paths: (name, autocast precision, per-pipeline net replacements).
-    paths = [("autocast", "bf16", {m: None for m in pipes}),
-             ("bf16 weights", "fp32",
-              {m: {k: inference_copy(n) for k, n in enumerate(p.scales)} for m, p in pipes.items()})]
-    if args.compile:
-        paths.append(("compiled", "fp32", {
-            m: {k: compile_for_inference(n) for k, n in enumerate(p.scales)} for m, p in pipes.items()}))
+    wanted = args.paths.split(",")
+    paths = []
+    if "autocast" in wanted:
+        paths.append(("autocast", "bf16", {m: None for m in pipes}))
+    for name, label, make in (("bf16", "bf16 weights", inference_copy),
+                              ("compiled", "compiled", compile_for_inference)):
+        if name in wanted:
+            paths.append((label, "fp32", {
+                m: {k: make(n) for k, n in enumerate(p.scales)} for m, p in pipes.items()}))
 
     # --- one network evaluation per scale, at the batch the sampler feeds it, interleaved
     cfg_of = {"MSF": MSF_SETTINGS[0][2], "DiT-XL/2": DIT_SETTINGS[0][2]}
@@ -151,17 +161,19 @@ def main() -> None:
     def time_per_image(m: str, steps: list[int], path: str) -> float:
         return sum(n * per_eval[m, k, path] for k, n in enumerate(steps)) / B
 
-    def ratio_per_repeat(m: str, steps: list[int], path: str, ref_steps: list[int]) -> float:
-        """Median over repeats of the ratio to DiT-XL/2, each repeat's times taken together."""
+    def ratio(m: str, steps: list[int], path: str, ref_steps: list[int]) -> str:
+        """Ratio of the medians to DiT-XL/2's; in brackets, the range of the per-repeat ratios."""
         def one(r, mm, st):
             return sum(n * times[mm, k, path][r] for k, n in enumerate(st))
-        return statistics.median(one(r, m, steps) / one(r, "DiT-XL/2", ref_steps)
-                                 for r in range(args.repeats))
+        each = [one(r, m, steps) / one(r, "DiT-XL/2", ref_steps) for r in range(args.repeats)]
+        med = time_per_image(m, steps, path) / time_per_image("DiT-XL/2", ref_steps, path)
+        return f"{med:.3f} [{min(each):.2f}-{max(each):.2f}]"
 
     # --- FLOPs and time per image
     ref_steps = DIT_SETTINGS[0][1]
     ref_flops, _ = flops_per_image(dit_cfg, *DIT_SETTINGS[0][1:])
     print("\n## per image: counted FLOPs and extrapolated time; ratios to DiT-XL/2 at 100 steps\n")
+    print("Time ratio: of the median times; in brackets the range of the ratio within each repeat.")
     print("FLOPs: matrix products (msf.info), 1 multiply-add (MAC) = 2 FLOPs; per image, "
           "CFG's two branches counted. Time: latent generation only, VAE decode excluded.\n")
     print("| model | setting | evaluations per scale | GFLOPs | GMACs | FLOPs ratio | "
@@ -175,7 +187,7 @@ def main() -> None:
                   f"| {flops / 2e9:,.0f} | {flops / ref_flops:.3f} |"
             for path, _, _ in paths:
                 row += f" {time_per_image(m, steps, path):.2f} " \
-                       f"| {ratio_per_repeat(m, steps, path, ref_steps):.3f} |"
+                       f"| {ratio(m, steps, path, ref_steps)} |"
             print(row)
 
     # --- check the extrapolation against real MSFPipeline.sample calls
