@@ -13,7 +13,7 @@ Prints three tables, each measured in one run, interleaved, as ratios:
    matrix-product rate measured in the same run on the sizes of one block's Linear
    layers. ``--compile`` adds ``msf.models.compile_for_inference`` for both models.
 
-    python benchmarks/backbone.py [--repeats 5] [--sections 1,2,3,4] [--compile]
+    python benchmarks/backbone.py [--repeats 5] [--sections 1,2,3,4] [--compile] [--configs small,xl]
     python benchmarks/backbone.py --quick      # smoke run: small sizes, 2 repeats
 """
 
@@ -130,13 +130,14 @@ def interleaved(fns: dict, repeats: int) -> dict[str, list[float]]:
     return times
 
 
-def ratio(times: dict, num: str, den: str) -> float:
-    """Median over repeats of the per-repeat ratio: robust to a busy machine."""
-    return statistics.median(a / b for a, b in zip(times[num], times[den]))
+def ratio(times: dict, num: str, den: str) -> str:
+    """Median over repeats of the per-repeat ratio (robust to a busy machine), and its range."""
+    each = [a / b for a, b in zip(times[num], times[den])]
+    return f"{statistics.median(each):.2f} [{min(each):.2f}-{max(each):.2f}]"
 
 
-def matmul_rate(tokens: int, width: int, hidden: int, repeats: int) -> float:
-    """bf16 FLOP/s of ``x @ w.T`` on one block's Linear sizes (qkv, proj, fc1, fc2), summed."""
+def block_matmuls(tokens: int, width: int, hidden: int):
+    """bf16 ``x @ w.T`` on one block's Linear sizes (qkv, proj, fc1, fc2): (function, FLOPs)."""
     shapes = [(width, 3 * width), (width, width), (width, hidden), (hidden, width)]
     xs = {k: torch.randn(tokens, k, dtype=torch.bfloat16) for k in {width, hidden}}
     ws = [torch.randn(n, k, dtype=torch.bfloat16) for k, n in shapes]
@@ -145,8 +146,7 @@ def matmul_rate(tokens: int, width: int, hidden: int, repeats: int) -> float:
         for (k, _), w in zip(shapes, ws):
             xs[k] @ w.t()
 
-    flops = sum(2 * tokens * k * n for k, n in shapes)
-    return flops / statistics.median(interleaved({"mm": run}, repeats)["mm"])
+    return run, sum(2 * tokens * k * n for k, n in shapes)
 
 
 def diffusers_dit(depth: int, width: int, heads: int, size: int, channels: int, classes: int):
@@ -166,7 +166,8 @@ def randomize(model: torch.nn.Module) -> None:
             p.normal_(0.0, 0.02)
 
 
-def diffusers_table(repeats: int, batch: int, xl_blocks: int, quick: bool, compile_: bool) -> None:
+def diffusers_table(repeats: int, batch: int, xl_blocks: int, quick: bool, compile_: bool,
+                    which: str) -> None:
     import logging
 
     logging.getLogger("diffusers").setLevel(logging.ERROR)  # its bf16 .to() warning
@@ -175,6 +176,7 @@ def diffusers_table(repeats: int, batch: int, xl_blocks: int, quick: bool, compi
                (f"XL/2 ({xl_blocks} of 28 blocks x 1152)", xl_blocks, 1152, 16)]
     if quick:
         configs = [("tiny (2 x 128)", 2, 128, 2), ("XL/2 (1 of 28 blocks x 1152)", 1, 1152, 16)]
+    configs = [c for c, key in zip(configs, ("small", "xl")) if key in which.split(",")]
     print(f"\n## our DiT vs diffusers' DiTTransformer2DModel, batch {batch}, 256 tokens, bf16\n")
     print("seconds per call, median of interleaved repeats; 'ours / diffusers' is the median "
           "per-repeat speed-up (> 1: ours faster); '% mm' = counted matrix-product FLOP/s as a "
@@ -192,7 +194,7 @@ def diffusers_table(repeats: int, batch: int, xl_blocks: int, quick: bool, compi
         info = scale_infos(ModelConfig(
             num_classes=classes, autoencoder=AutoencoderConfig(channels=channels),
             scales=[ScaleConfig(image_size=size, depth=depth, width=width, heads=heads)]))[0]
-        rate = matmul_rate(batch * info.tokens, width, 4 * width, repeats)
+        matmuls, matmul_flops = block_matmuls(batch * info.tokens, width, 4 * width)
         fwd_flops = info.flops_per_forward * batch
         ours16, theirs16 = inference_copy(ours), inference_copy(theirs)
 
@@ -235,17 +237,19 @@ def diffusers_table(repeats: int, batch: int, xl_blocks: int, quick: bool, compi
         fns = {}
         for mode, o, d, _ in modes:
             fns[f"ours {mode}"], fns[f"diffusers {mode}"] = o, d
+        fns["matmul"] = matmuls  # interleaved too: the rate under the same load as the models
         times = interleaved(fns, repeats)
+        rate = matmul_flops / statistics.median(times["matmul"])
         for mode, _, _, flops in modes:
             to, td = (statistics.median(times[f"{w} {mode}"]) for w in ("ours", "diffusers"))
             print(f"| {name} | {mode} | {to:.3f} | {td:.3f} "
-                  f"| {ratio(times, f'diffusers {mode}', f'ours {mode}'):.2f} "
+                  f"| {ratio(times, f'diffusers {mode}', f'ours {mode}')} "
                   f"| {flops / to / rate:.0%} | {flops / td / rate:.0%} |")
         if compile_:
             eager, compiled = modes[0][0], modes[-1][0]
             print(f"| {name} | compiled / eager speed-up (bf16 weights) "
-                  f"| {ratio(times, f'ours {eager}', f'ours {compiled}'):.2f} "
-                  f"| {ratio(times, f'diffusers {eager}', f'diffusers {compiled}'):.2f} | | | |")
+                  f"| {ratio(times, f'ours {eager}', f'ours {compiled}')} "
+                  f"| {ratio(times, f'diffusers {eager}', f'diffusers {compiled}')} | | | |")
         print(f"| {name} | bf16 matmul rate, {batch * info.tokens} x {width} x {4 * width} etc. "
               f"| {rate / 1e12:.2f} TFLOP/s | | | | |")
 
@@ -258,6 +262,7 @@ def main() -> None:
     ap.add_argument("--xl-blocks", type=int, default=8, help="blocks of the XL/2 model in section 4")
     ap.add_argument("--sections", default="1,2,3,4")
     ap.add_argument("--compile", action="store_true", help="section 4: add compiled forwards")
+    ap.add_argument("--configs", default="small,xl", help="section 4: 'small', 'xl' or both")
     ap.add_argument("--quick", action="store_true", help="smoke run: small sizes, 2 repeats")
     args = ap.parse_args()
     if args.quick:
@@ -274,7 +279,8 @@ def main() -> None:
     if 3 in sections:
         training_table(args.repeats, args.batch)
     if 4 in sections:
-        diffusers_table(args.repeats, args.dit_batch, args.xl_blocks, args.quick, args.compile)
+        diffusers_table(args.repeats, args.dit_batch, args.xl_blocks, args.quick, args.compile,
+                        args.configs)
 
 
 if __name__ == "__main__":
