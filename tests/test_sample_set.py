@@ -134,3 +134,20 @@ def test_given_labels_replace_the_balanced_ones(pipe, tmp_path):
         sample_set(pipe, tmp_path / "t.npz", 4, labels=y, **KW)
     with pytest.raises(ValueError, match="class label 99 is out of range"):
         sample_set(pipe, tmp_path / "u.npz", 5, labels=np.array([0, 1, 2, 3, 99]), **KW)
+
+
+def test_bf16_weight_copies_sample_close_to_fp32(pipe, tmp_path):
+    kw = dict(KW, precision="bf16-weights")
+    sample_set(pipe, tmp_path / "fast.npz", 8, **kw)
+    sample_set(pipe, tmp_path / "ref.npz", 8, **KW)
+    with np.load(tmp_path / "fast.npz") as a, np.load(tmp_path / "ref.npz") as b:
+        diff = np.abs(a["arr_0"].astype(int) - b["arr_0"].astype(int))
+        assert diff.mean() < 3 and diff.max() < 40  # bf16 rounding, not other samples
+    assert read_meta(tmp_path / "fast.npz")["precision"] == "bf16-weights"
+    assert next(pipe.scales.parameters()).dtype == torch.float32  # the pipeline's weights untouched
+    with pytest.raises(ValueError, match="precision must be one of"):
+        sample_set(pipe, tmp_path / "x.npz", 8, **dict(KW, precision="fp16"))
+    model = pipe.save_pretrained(tmp_path / "model")
+    assert main(["sample", str(model), "--per-class", "1", "--steps", "2", "--precision", "bf16-weights",
+                 "--device", "cpu", "--out", str(tmp_path / "grid.png")]) == 0
+    assert (tmp_path / "grid.png").stat().st_size > 0

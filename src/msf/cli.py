@@ -120,7 +120,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
     cfg = pipe.config
     classes = _parse_classes(args.classes, cfg.class_names, cfg.num_classes)
     labels = [c for c in classes for _ in range(args.per_class)]
-    images = pipe.sample(torch.tensor(labels), **_sampling(args), seed=args.seed, precision=args.precision)
+    from msf.sample_set import inference_nets
+
+    nets = inference_nets(pipe, args.precision, args.compile)
+    images = pipe.sample(torch.tensor(labels), **_sampling(args), seed=args.seed, nets=nets,
+                         precision="fp32" if args.precision == "fp32" else "bf16")
     path = save_sample_grid(images, labels, cfg.class_names, args.out)
     print(f"wrote {len(labels)} samples to {path}")
     return 0
@@ -136,7 +140,8 @@ def _sample_set(args: argparse.Namespace) -> int:
         pipe = MSFPipeline.from_pretrained(args.model_dir, device=world.device)
         out = args.npz or "samples.npz"
         res = sample_set(pipe, out, args.num_samples, batch_size=args.batch_size, **_sampling(args),
-                         seed=args.seed, precision=args.precision, world=world, progress=not args.quiet,
+                         seed=args.seed, precision=args.precision, compile=args.compile, world=world,
+                         progress=not args.quiet,
                          meta={"model": str(Path(args.model_dir).resolve())})
     finally:
         close_world(world)
@@ -173,6 +178,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         points = sweep_points(pipe, args.scale, setting, values)
         rows = run_sweep(pipe, args.ref, points, args.out, num_samples=args.num_samples,
                          batch_size=args.batch_size, seed=args.seed, precision=args.precision,
+                         compile=args.compile,
                          metrics=tuple(args.metrics.split(",")), weights=args.weights,
                          cache_dir=args.cache_dir, world=world, progress=not args.quiet,
                          model=str(Path(args.model_dir).resolve()))
@@ -204,7 +210,11 @@ def _sampling_args(p: argparse.ArgumentParser, per_scale: bool = True) -> None:
         p.add_argument("--cfg", type=_floats, help="CFG scale per scale: 1.5 or 1.4,1.0")
         p.add_argument("--solver", help="euler or heun, or one per scale: heun,euler")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
+    p.add_argument("--precision", choices=["bf16", "bf16-weights", "fp32"], default="bf16",
+                   help="bf16: autocast over fp32 weights; bf16-weights: a bf16 copy of the weights "
+                   "(faster on CPUs); fp32: for numbers to compare with papers")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the networks with weight freezing first (minutes at paper size)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
 
 

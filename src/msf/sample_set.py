@@ -31,6 +31,8 @@ from msf.data import to_uint8
 from msf.distributed import World, barrier
 
 SETTINGS = "settings.json"
+# bf16: autocast over the fp32 weights; bf16-weights: a bf16 copy of the weights (faster on CPUs)
+PRECISIONS = ("fp32", "bf16", "bf16-weights")
 
 
 @dataclass
@@ -64,6 +66,21 @@ def weights_fingerprint(pipe: torch.nn.Module) -> str:
         h.update(str(tuple(p.shape)).encode())
         h.update(p.detach().flatten()[:256].float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def inference_nets(pipe, precision: str, compile: bool = False) -> dict | None:
+    """Per-scale networks for sampling: bf16 weight copies for ``precision="bf16-weights"``, and
+    compiled copies (inductor freezing) with ``compile``; None keeps the pipeline's own networks."""
+    from msf.models import compile_for_inference, inference_copy
+
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if compile:
+        dtype = torch.float32 if precision == "fp32" else torch.bfloat16
+        return {k: compile_for_inference(net, dtype) for k, net in enumerate(pipe.scales)}
+    if precision == "bf16-weights":
+        return {k: inference_copy(net) for k, net in enumerate(pipe.scales)}
+    return None
 
 
 def parts_dir(out: str | os.PathLike) -> Path:
@@ -119,6 +136,7 @@ def sample_set(
     solver=None,
     seed: int = 0,
     precision: str = "bf16",
+    compile: bool = False,
     world: World | None = None,
     keep_parts: bool = False,
     progress: bool = True,
@@ -131,13 +149,16 @@ def sample_set(
     value or one per scale; unset: the model's defaults). Resumes finished chunks of
     an interrupted run with the same settings; refuses chunks from other settings.
     ``meta`` (e.g. the model directory) is stored in the file beside the settings.
-    ``labels`` replaces the balanced labels, e.g. by a reference set's own labels when
-    its classes are imbalanced.
+    ``precision`` is "fp32", "bf16" (autocast) or "bf16-weights"; ``compile`` compiles the
+    networks first (:func:`inference_nets`). ``labels`` replaces the balanced labels, e.g.
+    by a reference set's own labels when its classes are imbalanced.
     """
     world = world or World(device=pipe.device)
     out = Path(out)
     if out.suffix != ".npz":
         raise ValueError(f"{out}: the sample set is written as an .npz file; name it *.npz")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if num_samples < 1 or batch_size < 1:
         raise ValueError(f"num_samples and batch_size must be >= 1, got {num_samples} and {batch_size}")
     cfg = pipe.config
@@ -155,7 +176,7 @@ def sample_set(
         label_source = "given:" + hashlib.sha256(labels.tobytes()).hexdigest()[:16]
     settings = {
         "num_samples": num_samples, "batch_size": batch_size, "seed": seed, "steps": steps,
-        "cfg_scale": cfg_scale, "solver": solver, "precision": precision,
+        "cfg_scale": cfg_scale, "solver": solver, "precision": precision, "compile": compile,
         "weights": weights_fingerprint(pipe), "image_size": cfg.image_size, "labels": label_source,
     }
     parts = parts_dir(out)
@@ -174,12 +195,14 @@ def sample_set(
 
         bar = tqdm(total=sum(size[c] for c in mine),
                    initial=done_here, unit="img", desc=f"sampling {out.name}")
+    nets = inference_nets(pipe, precision, compile) if todo else None
+    autocast = "fp32" if precision == "fp32" else "bf16"
     start, generated = time.perf_counter(), 0
     for c in todo:
         y = labels[c * batch_size:(c + 1) * batch_size]
         gen = torch.Generator().manual_seed(chunk_seed(seed, c))
         images = pipe.sample(torch.from_numpy(y), steps=steps, cfg_scale=cfg_scale, solver=solver,
-                             generator=gen, precision=precision)
+                             generator=gen, precision=autocast, nets=nets)
         _save_npz(_chunk_file(parts, c), arr_0=to_uint8(images).numpy(), arr_1=y)
         generated += len(y)
         if bar is not None:

@@ -55,6 +55,7 @@ def run_sweep(
     batch_size: int = 64,
     seed: int = 0,
     precision: str = "bf16",
+    compile: bool = False,
     metrics: tuple[str, ...] = ("fid", "is", "pr"),
     weights: str | None = None,
     cache_dir: str | None = None,
@@ -73,8 +74,8 @@ def run_sweep(
         seconds = math.nan
         if not (path.is_file() and _same_settings(path, p, num_samples, seed, precision)):
             res = sample_set(pipe, path, num_samples, batch_size=batch_size, steps=p["steps"],
-                             cfg_scale=p["cfg_scale"], seed=seed, precision=precision, world=world,
-                             progress=progress, meta={"model": model})
+                             cfg_scale=p["cfg_scale"], seed=seed, precision=precision, compile=compile,
+                             world=world, progress=progress, meta={"model": model})
             if res.resumed == 0:  # wall-clock per image over all processes; unknown after a resume
                 seconds = res.seconds / num_samples
         barrier(world)
