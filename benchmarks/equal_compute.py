@@ -70,6 +70,16 @@ def sampling_seconds_per_image(pipes: dict, labels: torch.Tensor, repeats: int) 
     return {n: statistics.median(v) for n, v in times.items()}
 
 
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--budget-minutes", type=float, default=6.0, help="training wall-clock per model")
@@ -136,10 +146,10 @@ def main() -> None:
         for where in [out] + ([Path(args.docs)] if args.docs else []):
             save_sample_grid(grid, grid_labels, pipe.config.class_names, where / f"equal_compute_{name}.png")
 
-    print(f"\nMSF vs DiT at equal training wall-clock ({args.budget_minutes:g} min each), built-in emoji; "
-          f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+    print(f"\nMSF vs DiT at equal training wall-clock ({args.budget_minutes:.3g} min each), built-in emoji; "
+          f"{cpu_name()}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}, {time.strftime('%Y-%m-%d')}")
-    print(f"FID of {m} training images against {m} others (about the floor at this size): {floor['fid']:.2f}; "
+    print(f"FID of {m} training images against {m} others (about the floor here): {floor['fid']:.2f}; "
           f"{n} samples per model; features: {rows[next(iter(rows))]['features']}\n")
     cols = ["preset", "params", "steps", "train_seconds", "train_flops", "fid", "kid", "precision", "recall",
             "sample_flops", "sec_per_image"]
