@@ -18,6 +18,7 @@ from pathlib import Path
 
 from msf.distributed import World, barrier
 from msf.sample_set import read_meta, sample_set
+from msf.viz import save_figure
 
 COLUMNS = ["scale", "setting", "value", "steps", "cfg_scale", "nfe_per_image", "fid", "is", "precision",
            "recall", "kid", "seconds_per_image", "num_samples", "feature_network"]
@@ -153,12 +154,7 @@ def sweep_plot(rows: list[dict], path: str | os.PathLike) -> Path:
         ax.set_xlabel(f"{label} of scale {rows[0]['scale']}")
         ax.set_ylabel(key.upper() + ("-" + _k(rows[0]["num_samples"]) if key == "fid" else ""))
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def _k(n: int) -> str:

@@ -103,12 +103,7 @@ def factorization_figure(
             if i == 0:
                 ax.set_title(titles[j], fontsize=7)
     fig.suptitle("MSF factorization: image = up(base) + up(residuals)", fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def loss_plot(history: dict[int, list[tuple[int, float]]], path: str | Path) -> Path:
@@ -128,6 +123,13 @@ def loss_plot(history: dict[int, list[tuple[int, float]]], path: str | Path) -> 
     ax.set_yscale("log")
     ax.legend()
     ax.grid(alpha=0.3)
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path: str | Path) -> Path:
+    """Lay out, write (creating the folder) and close a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
