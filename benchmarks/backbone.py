@@ -27,6 +27,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from timing import interleaved  # benchmarks/timing.py, beside this script
 
 from msf.config import AutoencoderConfig, ModelConfig, ScaleConfig, preset
 from msf.info import scale_infos
@@ -115,19 +116,6 @@ def training_table(repeats: int, batch: int) -> None:
 
 
 # --------------------------------------------------------------------- ours vs diffusers
-
-
-def interleaved(fns: dict, repeats: int) -> dict[str, list[float]]:
-    """Seconds per call of each function, run in turn ``repeats`` times after one warm-up each."""
-    for fn in fns.values():
-        fn()
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return times
 
 
 def ratio(times: dict, num: str, den: str) -> str:

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from timing import interleaved  # benchmarks/timing.py, beside this script
 
 from msf.config import apply_overrides, preset
 from msf.data import load_builtin
@@ -61,13 +62,8 @@ def step_rates(out: Path, calib_steps: int, repeats: int, extra: list[str]) -> d
 
 def sampling_seconds_per_image(pipes: dict, labels: torch.Tensor, repeats: int) -> dict[str, float]:
     """Interleaved timed sample calls at the models' default settings, bf16 (median)."""
-    times: dict[str, list[float]] = {n: [] for n in pipes}
-    for _ in range(repeats):
-        for label, pipe in pipes.items():
-            t = time.perf_counter()
-            pipe.sample(labels, seed=1, precision="bf16")
-            times[label].append((time.perf_counter() - t) / len(labels))
-    return {n: statistics.median(v) for n, v in times.items()}
+    fns = {n: (lambda p=p: p.sample(labels, seed=1, precision="bf16")) for n, p in pipes.items()}
+    return {n: statistics.median(t) / len(labels) for n, t in interleaved(fns, repeats).items()}
 
 
 def cpu_name() -> str:

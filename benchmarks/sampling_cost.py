@@ -38,6 +38,7 @@ import statistics
 import time
 
 import torch
+from timing import interleaved  # benchmarks/timing.py, beside this script
 
 from msf.autoencoder import IdentityAutoencoder
 from msf.config import ModelConfig, preset
@@ -84,21 +85,6 @@ def eval_inputs(pipe: MSFPipeline, k: int, batch: int, cfg_scale: float):
     y = torch.randint(0, cfg.num_classes, (fed,))
     prior = torch.randn(fed, c, n, n) if pipe.scales[k].prior_channels else None
     return fed, (x, t, y, prior)
-
-
-def interleaved(fns: dict, repeats: int) -> dict[str, list[float]]:
-    for name, fn in fns.items():  # warm-up (and compilation)
-        t0 = time.perf_counter()
-        fn()
-        if time.perf_counter() - t0 > 20:
-            print(f"(warm-up of {name}: {time.perf_counter() - t0:.0f} s)")
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return times
 
 
 def main() -> None:
