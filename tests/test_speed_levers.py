@@ -61,3 +61,44 @@ def test_compile_for_inference_matches_eager():
     with torch.no_grad():
         a, b = eager(x, t, y), compiled(x, t, y)
     assert (a.float() - b.float()).abs().max() / a.float().abs().max() < 3e-2
+
+
+def test_residual_stream_is_contiguous():
+    # The conv's (B, D, N) layout must not leak into the blocks: every LayerNorm and
+    # Linear would copy it (10% of an XL forward).
+    net = _net()
+    seen = []
+    net.blocks[0].register_forward_pre_hook(lambda m, args: seen.append(args[0].is_contiguous()))
+    x, t, y, _ = _inputs()
+    net(x, t, y)
+    assert seen == [True]
+
+
+def _ops(fn) -> set[str]:
+    with torch.profiler.profile() as prof:
+        fn()
+    return {e.key for e in prof.key_averages()}
+
+
+def test_linear_fuses_bias_in_bf16_inference_and_falls_back_elsewhere():
+    from msf import models
+
+    torch.manual_seed(0)
+    lin = models.Linear(64, 96)
+    x = torch.randn(2, 5, 64)
+    ref = torch.nn.functional.linear(x, lin.weight, lin.bias)
+    fast = inference_copy(lin)
+    xb = x.bfloat16()
+    with torch.no_grad():
+        out = fast(xb)
+        ops = _ops(lambda: fast(xb))
+    assert out.shape == (2, 5, 96) and out.dtype == torch.bfloat16
+    assert (out.float() - ref).abs().max() / ref.abs().max() < 2e-2
+    fused = "mkldnn::_linear_pointwise"
+    assert (fused in ops) == models._ONEDNN_BF16
+    # fp32, and anything autograd must differentiate, take F.linear
+    assert fused not in _ops(lambda: lin(x))
+    train = inference_copy(lin).requires_grad_(True)
+    out = train(xb.requires_grad_())
+    out.float().sum().backward()
+    assert xb.grad is not None and train.weight.grad is not None
