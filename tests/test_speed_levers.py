@@ -102,3 +102,17 @@ def test_linear_fuses_bias_in_bf16_inference_and_falls_back_elsewhere():
     out = train(xb.requires_grad_())
     out.float().sum().backward()
     assert xb.grad is not None and train.weight.grad is not None
+
+
+def test_cpu_autocast_normalises_in_bf16_and_keeps_an_fp32_residual_stream():
+    net = _net()
+    norm_in, block_out = [], []
+    net.blocks[0].norm1.register_forward_pre_hook(lambda m, a: norm_in.append(a[0].dtype))
+    net.blocks[0].register_forward_hook(lambda m, a, out: block_out.append(out.dtype))
+    x, t, y, _ = _inputs()
+    ref = net(x, t, y)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = net(x, t, y)
+    assert norm_in == [torch.float32, torch.bfloat16]
+    assert block_out == [torch.float32, torch.float32]
+    assert (out.float() - ref).abs().max() / ref.abs().max() < 3e-2
