@@ -21,17 +21,22 @@ Two precision paths, both timed: ``autocast`` (fp32 weights under bf16 autocast:
 ``sample(precision="bf16")``) and ``bf16 weights`` (``sample(nets=...)`` with
 ``msf.models.inference_copy``); ``--paths compiled`` adds ``compile_for_inference``
 (bf16 weights, inductor with frozen weights; its compilation is in the warm-up, untimed).
+``--load N`` times every path a second time, interleaved with the first, while N
+processes spin on the CPU: how a shared machine changes each network and the ratio.
 
     python benchmarks/sampling_cost.py --batch 8 --repeats 3
     python benchmarks/sampling_cost.py --batch 1 --repeats 5
     python benchmarks/sampling_cost.py --batch 8 --paths compiled
+    python benchmarks/sampling_cost.py --batch 8 --paths bf16 --load 1   # + timed beside a busy process
     python benchmarks/sampling_cost.py --quick     # smoke run: narrow, shallow networks
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import multiprocessing as mp
 import os
 import platform
 import statistics
@@ -87,6 +92,36 @@ def eval_inputs(pipe: MSFPipeline, k: int, batch: int, cfg_scale: float):
     return fed, (x, t, y, prior)
 
 
+def _spin(on) -> None:
+    while True:
+        on.wait()
+        for _ in range(100_000):  # a few ms of pure Python between checks
+            pass
+
+
+class BusyLoad:
+    """``n`` processes that keep a core each busy while switched on: a shared machine."""
+
+    def __init__(self, n: int):
+        ctx = mp.get_context("fork")
+        self.on = ctx.Event()
+        self.procs = [ctx.Process(target=_spin, args=(self.on,), daemon=True) for _ in range(n)]
+        for p in self.procs:
+            p.start()
+
+    @contextlib.contextmanager
+    def running(self):
+        self.on.set()
+        try:
+            yield
+        finally:
+            self.on.clear()
+
+    def close(self) -> None:
+        for p in self.procs:
+            p.terminate()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=8)
@@ -95,6 +130,8 @@ def main() -> None:
     ap.add_argument("--check-repeats", type=int, default=1)
     ap.add_argument("--paths", default="autocast,bf16",
                     help="comma-separated precision paths: autocast, bf16 (weights), compiled")
+    ap.add_argument("--load", type=int, default=0,
+                    help="also time every path beside this many busy processes")
     ap.add_argument("--quick", action="store_true", help="smoke run: narrow, shallow networks")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -120,6 +157,10 @@ def main() -> None:
                 m: {k: make(n) for k, n in enumerate(p.scales)} for m, p in pipes.items()}))
 
     # --- one network evaluation per scale, at the batch the sampler feeds it, interleaved
+    load = BusyLoad(args.load) if args.load else None
+    checked = list(paths)  # the loaded paths are not checked against real samples
+    if load:
+        paths += [(f"{p[0]}, loaded", *p[1:]) for p in paths]
     cfg_of = {"MSF": MSF_SETTINGS[0][2], "DiT-XL/2": DIT_SETTINGS[0][2]}
     fns, fed = {}, {}
     for m, pipe in pipes.items():
@@ -127,13 +168,19 @@ def main() -> None:
             fed[m, k], inputs = eval_inputs(pipe, k, B, cfg_of[m][k])
             for path, precision, nets in paths:
                 use = net if nets[m] is None else nets[m][k]
+                busy = path.endswith(", loaded")
 
-                def run(use=use, inputs=inputs, precision=precision):
-                    with torch.no_grad(), autocast("cpu", precision):
+                def run(use=use, inputs=inputs, precision=precision, busy=busy):
+                    with (load.running() if busy else contextlib.nullcontext()), torch.no_grad(), \
+                            autocast("cpu", precision):
                         use(*inputs)
                 fns[m, k, path] = run
     t0 = time.perf_counter()
-    times = interleaved(fns, args.repeats)
+    try:
+        times = interleaved(fns, args.repeats)
+    finally:
+        if load:
+            load.close()
     per_eval = {key: statistics.median(v) for key, v in times.items()}
     print(f"(per-evaluation timing: {time.perf_counter() - t0:.0f} s)\n")
     print("## seconds per network evaluation (median of interleaved repeats)\n")
@@ -143,6 +190,15 @@ def main() -> None:
         for k, info in enumerate(scale_infos(pipe.config)):
             print(f"| {m} | {k} | {info.tokens} | {info.depth} x {info.width} | {fed[m, k]} | "
                   + " | ".join(f"{per_eval[m, k, p[0]]:.3f}" for p in paths) + " |")
+    if load:
+        print(f"\n## slowdown beside {args.load} busy process(es): loaded / idle seconds\n")
+        print("| model | scale | " + " | ".join(p[0] for p in checked) + " |")
+        print("|---|---|" + "---|" * len(checked))
+        for m, pipe in pipes.items():
+            for k in range(pipe.num_scales):
+                print(f"| {m} | {k} | " + " | ".join(
+                    f"{per_eval[m, k, f'{p[0]}, loaded'] / per_eval[m, k, p[0]]:.2f}"
+                    for p in checked) + " |")
 
     def time_per_image(m: str, steps: list[int], path: str) -> float:
         return sum(n * per_eval[m, k, path] for k, n in enumerate(steps)) / B
@@ -180,7 +236,7 @@ def main() -> None:
     n = args.check_steps
     labels = torch.randint(0, 1000, (B,))
     checks = {}
-    for path, precision, nets in paths:
+    for path, precision, nets in checked:
         for m, pipe in pipes.items():
             w = settings[m][0][2]
 
