@@ -9,9 +9,10 @@ Prints three tables, each measured in one run, interleaved, as ratios:
    a sampling forward, fp32 vs bf16 autocast: images/s;
 4. our DiT against diffusers' ``DiTTransformer2DModel`` at the same configuration
    (DiT-XL/2 dims on 256 tokens, with ``--xl-blocks`` of its 28 blocks, and DiT-S/2),
-   forward and forward + backward, bf16: seconds, ratio, and the fraction of the bf16
-   matrix-product rate measured in the same run on the sizes of one block's Linear
-   layers. ``--compile`` adds ``msf.models.compile_for_inference`` for both models.
+   forward and forward + backward (bf16 autocast, and bf16 weights): seconds, ratio,
+   and the fraction of the bf16 matrix-product rate measured in the same run on the
+   sizes of one block's Linear layers. ``--compile`` adds
+   ``msf.models.compile_for_inference`` for both models.
 
     python benchmarks/backbone.py [--repeats 5] [--sections 1,2,3,4] [--compile] [--configs small,xl]
     python benchmarks/backbone.py --quick      # smoke run: small sizes, 2 repeats
@@ -20,6 +21,7 @@ Prints three tables, each measured in one run, interleaved, as ratios:
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import platform
 import statistics
@@ -195,10 +197,10 @@ def diffusers_table(repeats: int, batch: int, xl_blocks: int, quick: bool, compi
                     call(model, ours, x.to(dtype))
             return run
 
-        def train(model, ours: bool):
+        def train(model, ours: bool, amp: bool = True):
             def run():
-                with autocast("cpu", "bf16"):
-                    out = call(model, ours, x)
+                with autocast("cpu", "bf16" if amp else "fp32"):
+                    out = call(model, ours, x if amp else x.bfloat16())
                 F.mse_loss(out.float(), x).backward()
                 model.zero_grad(set_to_none=True)
             return run
@@ -210,6 +212,10 @@ def diffusers_table(repeats: int, batch: int, xl_blocks: int, quick: bool, compi
              fwd(theirs, False, torch.float32, True), fwd_flops),
             ("fwd + bwd, bf16 autocast (training)", train(ours, True), train(theirs, False),
              3 * fwd_flops),
+            # bf16 everywhere: under autocast the residual streams differ (ours fp32,
+            # diffusers' bf16 on the CPU), here both models run one dtype throughout
+            ("fwd + bwd, bf16 weights", train(copy.deepcopy(ours).bfloat16(), True, False),
+             train(copy.deepcopy(theirs).bfloat16(), False, False), 3 * fwd_flops),
         ]
         if compile_:
             oc, dc = compile_for_inference(ours), compile_for_inference(theirs)
