@@ -16,6 +16,7 @@ Prints three tables, each measured in one run, interleaved, as ratios:
 
     python benchmarks/backbone.py [--repeats 5] [--sections 1,2,3,4] [--compile] [--configs small,xl]
     python benchmarks/backbone.py --quick      # smoke run: small sizes, 2 repeats
+    python benchmarks/backbone.py --sections 4 --dit-batch 64 --xl-blocks 28 --device cuda
 """
 
 from __future__ import annotations
@@ -126,15 +127,21 @@ def ratio(times: dict, num: str, den: str) -> str:
     return f"{statistics.median(each):.2f} [{min(each):.2f}-{max(each):.2f}]"
 
 
-def block_matmuls(tokens: int, width: int, hidden: int):
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def block_matmuls(tokens: int, width: int, hidden: int, device: torch.device):
     """bf16 ``x @ w.T`` on one block's Linear sizes (qkv, proj, fc1, fc2): (function, FLOPs)."""
     shapes = [(width, 3 * width), (width, width), (width, hidden), (hidden, width)]
-    xs = {k: torch.randn(tokens, k, dtype=torch.bfloat16) for k in {width, hidden}}
-    ws = [torch.randn(n, k, dtype=torch.bfloat16) for k, n in shapes]
+    xs = {k: torch.randn(tokens, k, dtype=torch.bfloat16, device=device) for k in {width, hidden}}
+    ws = [torch.randn(n, k, dtype=torch.bfloat16, device=device) for k, n in shapes]
 
     def run():
         for (k, _), w in zip(shapes, ws):
             xs[k] @ w.t()
+        synchronize(device)
 
     return run, sum(2 * tokens * k * n for k, n in shapes)
 
@@ -157,7 +164,7 @@ def randomize(model: torch.nn.Module) -> None:
 
 
 def diffusers_table(repeats: int, batch: int, xl_blocks: int, quick: bool, compile_: bool,
-                    which: str) -> None:
+                    which: str, device: torch.device) -> None:
     import logging
 
     logging.getLogger("diffusers").setLevel(logging.ERROR)  # its bf16 .to() warning
@@ -167,7 +174,8 @@ def diffusers_table(repeats: int, batch: int, xl_blocks: int, quick: bool, compi
     if quick:
         configs = [("tiny (2 x 128)", 2, 128, 2), ("XL/2 (1 of 28 blocks x 1152)", 1, 1152, 16)]
     configs = [c for c, key in zip(configs, ("small", "xl")) if key in which.split(",")]
-    print(f"\n## our DiT vs diffusers' DiTTransformer2DModel, batch {batch}, 256 tokens, bf16\n")
+    print(f"\n## our DiT vs diffusers' DiTTransformer2DModel, batch {batch}, 256 tokens, bf16, "
+          f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}\n")
     print("seconds per call, median of interleaved repeats; 'ours / diffusers' is the median "
           "per-repeat speed-up (> 1: ours faster); '% mm' = counted matrix-product FLOP/s as a "
           "fraction of the bf16 matmul rate measured on the same sizes in this run.\n")
@@ -175,16 +183,16 @@ def diffusers_table(repeats: int, batch: int, xl_blocks: int, quick: bool, compi
     print("|---|---|---|---|---|---|---|")
     for name, depth, width, heads in configs:
         torch.manual_seed(0)
-        ours = DiT(size, channels, width, depth, heads, classes)
-        theirs = diffusers_dit(depth, width, heads, size, channels, classes)
+        ours = DiT(size, channels, width, depth, heads, classes).to(device)
+        theirs = diffusers_dit(depth, width, heads, size, channels, classes).to(device)
         randomize(ours)
         randomize(theirs)
-        x, t = torch.randn(batch, channels, size, size), torch.rand(batch)
-        y = torch.randint(0, classes, (batch,))
+        x = torch.randn(batch, channels, size, size, device=device)
+        t, y = torch.rand(batch, device=device), torch.randint(0, classes, (batch,), device=device)
         info = scale_infos(ModelConfig(
             num_classes=classes, autoencoder=AutoencoderConfig(channels=channels),
             scales=[ScaleConfig(image_size=size, depth=depth, width=width, heads=heads)]))[0]
-        matmuls, matmul_flops = block_matmuls(batch * info.tokens, width, 4 * width)
+        matmuls, matmul_flops = block_matmuls(batch * info.tokens, width, 4 * width, device)
         fwd_flops = info.flops_per_forward * batch
         ours16, theirs16 = inference_copy(ours), inference_copy(theirs)
 
@@ -193,16 +201,18 @@ def diffusers_table(repeats: int, batch: int, xl_blocks: int, quick: bool, compi
 
         def fwd(model, ours: bool, dtype, amp: bool):
             def run():
-                with torch.no_grad(), autocast("cpu", "bf16" if amp else "fp32"):
+                with torch.no_grad(), autocast(device, "bf16" if amp else "fp32"):
                     call(model, ours, x.to(dtype))
+                synchronize(device)
             return run
 
         def train(model, ours: bool, amp: bool = True):
             def run():
-                with autocast("cpu", "bf16" if amp else "fp32"):
+                with autocast(device, "bf16" if amp else "fp32"):
                     out = call(model, ours, x if amp else x.bfloat16())
                 F.mse_loss(out.float(), x).backward()
                 model.zero_grad(set_to_none=True)
+                synchronize(device)
             return run
 
         modes = [
@@ -257,6 +267,7 @@ def main() -> None:
     ap.add_argument("--sections", default="1,2,3,4")
     ap.add_argument("--compile", action="store_true", help="section 4: add compiled forwards")
     ap.add_argument("--configs", default="small,xl", help="section 4: 'small', 'xl' or both")
+    ap.add_argument("--device", default="cpu", help="section 4's device: cpu, cuda, ...")
     ap.add_argument("--quick", action="store_true", help="smoke run: small sizes, 2 repeats")
     args = ap.parse_args()
     if args.quick:
@@ -274,7 +285,7 @@ def main() -> None:
         training_table(args.repeats, args.batch)
     if 4 in sections:
         diffusers_table(args.repeats, args.dit_batch, args.xl_blocks, args.quick, args.compile,
-                        args.configs)
+                        args.configs, torch.device(args.device))
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ processes spin on the CPU: how a shared machine changes each network and the rat
     python benchmarks/sampling_cost.py --batch 1 --repeats 5
     python benchmarks/sampling_cost.py --batch 8 --paths compiled
     python benchmarks/sampling_cost.py --batch 8 --paths bf16 --load 1   # + timed beside a busy process
+    python benchmarks/sampling_cost.py --batch 64 --device cuda          # on a GPU
     python benchmarks/sampling_cost.py --quick     # smoke run: narrow, shallow networks
 """
 
@@ -66,13 +67,19 @@ def shrink(cfg: ModelConfig) -> ModelConfig:
     return cfg
 
 
-def build(cfg: ModelConfig) -> MSFPipeline:
+def build(cfg: ModelConfig, device: torch.device) -> MSFPipeline:
     """A pipeline at the config's latent shapes with an identity autoencoder (no VAE)."""
     pipe = MSFPipeline(cfg, autoencoder=IdentityAutoencoder(channels=cfg.autoencoder.channels))
     with torch.no_grad():  # small random weights: adaLN-Zero's zeros would skip real work
         for p in pipe.scales.parameters():
             p.normal_(0.0, 0.02)
-    return pipe.eval()
+    return pipe.to(device).eval()
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work, so that a timer sees it (CUDA runs asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def flops_per_image(cfg: ModelConfig, steps: list[int], cfg_scale: list[float]) -> tuple[int, list]:
@@ -87,10 +94,11 @@ def eval_inputs(pipe: MSFPipeline, k: int, batch: int, cfg_scale: float):
     cfg = pipe.config
     fed = 2 * batch if cfg_scale != 1.0 else batch
     n, c = cfg.latent_sizes[k], cfg.autoencoder.channels
-    x = torch.randn(fed, c, n, n)
-    t = torch.full((fed,), 0.5)
-    y = torch.randint(0, cfg.num_classes, (fed,))
-    prior = torch.randn(fed, c, n, n) if pipe.scales[k].prior_channels else None
+    dev = pipe.device
+    x = torch.randn(fed, c, n, n, device=dev)
+    t = torch.full((fed,), 0.5, device=dev)
+    y = torch.randint(0, cfg.num_classes, (fed,), device=dev)
+    prior = torch.randn(fed, c, n, n, device=dev) if pipe.scales[k].prior_channels else None
     return fed, (x, t, y, prior)
 
 
@@ -134,17 +142,20 @@ def main() -> None:
                     help="comma-separated precision paths: autocast, bf16 (weights), compiled")
     ap.add_argument("--load", type=int, default=0,
                     help="also time every path beside this many busy processes")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     ap.add_argument("--quick", action="store_true", help="smoke run: narrow, shallow networks")
     args = ap.parse_args()
+    device = torch.device(args.device)
     torch.manual_seed(0)
     msf_cfg, dit_cfg = preset("paper-imagenet256").model, preset("dit-xl2").model
     if args.quick:
         msf_cfg, dit_cfg = shrink(msf_cfg), shrink(dit_cfg)
-    pipes = {"MSF": build(msf_cfg), "DiT-XL/2": build(dit_cfg)}
+    pipes = {"MSF": build(msf_cfg, device), "DiT-XL/2": build(dit_cfg, device)}
     settings = {"MSF": MSF_SETTINGS, "DiT-XL/2": DIT_SETTINGS}
     B = args.batch
     print(f"# sampling cost{' (--quick: reduced networks)' if args.quick else ''}: batch {B}, "
           f"torch {torch.__version__}, {platform.machine()}, {torch.get_num_threads()} threads, "
+          f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}, "
           f"{time.strftime('%Y-%m-%d')}, load average {os.getloadavg()[0]:.1f} at start\n")
 
     # Precision paths: (name, autocast precision, per-pipeline net replacements).
@@ -174,11 +185,13 @@ def main() -> None:
 
                 def run(use=use, inputs=inputs, precision=precision, busy=busy) -> float:
                     with (load.running() if busy else contextlib.nullcontext()), torch.no_grad(), \
-                            autocast("cpu", precision):
+                            autocast(device, precision):
                         if precision != "fp32":
                             use(*inputs)  # fills autocast's weight-cast cache, as the first step does
+                        synchronize(device)
                         t0 = time.perf_counter()
                         use(*inputs)
+                        synchronize(device)
                         return time.perf_counter() - t0
                 fns[m, k, path] = run
     t0 = time.perf_counter()
@@ -248,6 +261,7 @@ def main() -> None:
 
             def sample(pipe=pipe, w=w, precision=precision, nets=nets[m]):
                 pipe.sample(labels, steps=n, cfg_scale=w, precision=precision, nets=nets)
+                synchronize(device)
             checks[m, path] = sample
     stimes = interleaved(checks, args.check_repeats)
     print(f"\n## check: real MSFPipeline.sample calls, {n} steps per scale, batch {B}\n")
