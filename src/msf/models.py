@@ -304,9 +304,10 @@ def count_parameters(model: nn.Module) -> int:
 def inference_copy(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
     """An eval-mode copy of ``model`` with its weights in ``dtype`` and no gradients.
 
-    For sampling on the CPU, bf16 weights beat bf16 autocast over fp32 weights: autocast
-    casts every weight on every call, which is most of a forward at batch 1
-    (``benchmarks/sampling_cost.py``). The residual stream is then bf16 too.
+    For sampling on the CPU, bf16 weights beat bf16 autocast over fp32 weights by
+    1.04-1.16x per evaluation (``benchmarks/sampling_cost.py``): autocast casts every
+    weight once per autocast region, keeps an fp32 residual stream, and its Linears
+    cannot take ``Linear``'s fused-bias path. The residual stream is then bf16 too.
     """
     return copy.deepcopy(model).to(dtype).eval().requires_grad_(False)
 
