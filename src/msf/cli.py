@@ -122,9 +122,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
     labels = [c for c in classes for _ in range(args.per_class)]
     from msf.sample_set import inference_nets
 
-    nets = inference_nets(pipe, args.precision, args.compile)
+    nets, autocast = inference_nets(pipe, args.precision, args.compile)
     images = pipe.sample(torch.tensor(labels), **_sampling(args), seed=args.seed, nets=nets,
-                         precision="fp32" if args.precision == "fp32" else "bf16")
+                         precision=autocast)
     path = save_sample_grid(images, labels, cfg.class_names, args.out)
     print(f"wrote {len(labels)} samples to {path}")
     return 0

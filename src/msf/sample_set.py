@@ -68,19 +68,28 @@ def weights_fingerprint(pipe: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def inference_nets(pipe, precision: str, compile: bool = False) -> dict | None:
-    """Per-scale networks for sampling: bf16 weight copies for ``precision="bf16-weights"``, and
-    compiled copies (inductor freezing) with ``compile``; None keeps the pipeline's own networks."""
-    from msf.models import compile_for_inference, inference_copy
-
+def _check_precision(precision: str) -> None:
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+
+
+def inference_nets(pipe, precision: str, compile: bool = False) -> tuple[dict | None, str]:
+    """How to sample at ``precision``: per-scale networks for ``MSFPipeline.sample(nets=...)``
+    and its autocast ``precision`` ("fp32", or "bf16" for both bf16 paths).
+
+    The networks are bf16 weight copies for "bf16-weights", compiled copies (inductor
+    freezing) with ``compile``, and None (the pipeline's own) otherwise.
+    """
+    from msf.models import compile_for_inference, inference_copy
+
+    _check_precision(precision)
+    autocast = "fp32" if precision == "fp32" else "bf16"
     if compile:
         dtype = torch.float32 if precision == "fp32" else torch.bfloat16
-        return {k: compile_for_inference(net, dtype) for k, net in enumerate(pipe.scales)}
+        return {k: compile_for_inference(net, dtype) for k, net in enumerate(pipe.scales)}, autocast
     if precision == "bf16-weights":
-        return {k: inference_copy(net) for k, net in enumerate(pipe.scales)}
-    return None
+        return {k: inference_copy(net) for k, net in enumerate(pipe.scales)}, autocast
+    return None, autocast
 
 
 def parts_dir(out: str | os.PathLike) -> Path:
@@ -157,8 +166,7 @@ def sample_set(
     out = Path(out)
     if out.suffix != ".npz":
         raise ValueError(f"{out}: the sample set is written as an .npz file; name it *.npz")
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    _check_precision(precision)
     if num_samples < 1 or batch_size < 1:
         raise ValueError(f"num_samples and batch_size must be >= 1, got {num_samples} and {batch_size}")
     cfg = pipe.config
@@ -195,8 +203,7 @@ def sample_set(
 
         bar = tqdm(total=sum(size[c] for c in mine),
                    initial=done_here, unit="img", desc=f"sampling {out.name}")
-    nets = inference_nets(pipe, precision, compile) if todo else None
-    autocast = "fp32" if precision == "fp32" else "bf16"
+    nets, autocast = inference_nets(pipe, precision, compile) if todo else (None, "fp32")
     start, generated = time.perf_counter(), 0
     for c in todo:
         y = labels[c * batch_size:(c + 1) * batch_size]
