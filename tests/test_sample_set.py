@@ -97,6 +97,22 @@ def test_an_interrupted_set_resumes_where_it_stopped(pipe, tmp_path, monkeypatch
         np.testing.assert_array_equal(a["arr_0"], b["arr_0"])
 
 
+def test_a_finished_set_is_reused_only_with_the_same_settings_and_weights(pipe, tmp_path):
+    out = tmp_path / "s.npz"
+    first = sample_set(pipe, out, 8, **KW)
+    assert first.generated == 8
+    again = sample_set(pipe, out, 8, **KW)
+    assert again.generated == 0 and again.resumed == 8 and again.path == out
+    assert sample_set(pipe, out, 8, seed=1, **KW).generated == 8  # other settings: drawn again
+    with torch.no_grad():
+        for param in pipe.scales[0].parameters():
+            param.add_(0.05)
+    before = np.load(out)["arr_0"]
+    retrained = sample_set(pipe, out, 8, seed=1, **KW)  # same settings, other weights
+    assert retrained.generated == 8
+    assert not np.array_equal(before, np.load(out)["arr_0"])
+
+
 def test_chunks_from_other_settings_are_refused(pipe, tmp_path, monkeypatch):
     out = tmp_path / "s.npz"
     monkeypatch.setattr(pipe, "sample", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))

@@ -115,6 +115,17 @@ def _check_settings(parts: Path, settings: dict) -> None:
         os.replace(tmp, file)
 
 
+def _finished(out: Path, settings: dict) -> bool:
+    """``out`` is a complete set drawn with ``settings`` (same weights included)."""
+    if not out.is_file():
+        return False
+    try:
+        meta = read_meta(out)
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        return False
+    return all(meta.get(k) == v for k, v in settings.items())
+
+
 def _chunk_file(parts: Path, c: int) -> Path:
     return parts / f"chunk_{c:06d}.npz"
 
@@ -155,8 +166,9 @@ def sample_set(
     """Draw ``num_samples`` class-balanced samples from ``pipe`` into the ADM-format ``out``.
 
     ``steps``, ``cfg_scale`` and ``solver`` are as in :meth:`MSFPipeline.sample` (one
-    value or one per scale; unset: the model's defaults). Resumes finished chunks of
-    an interrupted run with the same settings; refuses chunks from other settings.
+    value or one per scale; unset: the model's defaults). Returns at once if ``out`` is
+    already a finished set with the same settings and weights, resumes finished chunks
+    of an interrupted run with the same settings, and refuses chunks from other settings.
     ``meta`` (e.g. the model directory) is stored in the file beside the settings.
     ``precision`` is "fp32", "bf16" (autocast) or "bf16-weights"; ``compile`` compiles the
     networks first (:func:`inference_nets`). ``labels`` replaces the balanced labels, e.g.
@@ -187,14 +199,17 @@ def sample_set(
         "cfg_scale": cfg_scale, "solver": solver, "precision": precision, "compile": compile,
         "weights": weights_fingerprint(pipe), "image_size": cfg.image_size, "labels": label_source,
     }
+    chunks = range(0, -(-num_samples // batch_size))
+    mine = [c for c in chunks if c % world.size == world.rank]
+    size = {c: min(batch_size, num_samples - c * batch_size) for c in chunks}
+    if _finished(out, settings):  # every rank reads it: they agree without a barrier
+        return SampleSetResult(out if world.is_main else None, num_samples, 0,
+                               sum(size[c] for c in mine), 0.0)
     parts = parts_dir(out)
     if world.is_main:
         _check_settings(parts, settings)
     barrier(world)
 
-    chunks = range(0, -(-num_samples // batch_size))
-    mine = [c for c in chunks if c % world.size == world.rank]
-    size = {c: min(batch_size, num_samples - c * batch_size) for c in chunks}
     todo = [c for c in mine if not _chunk_done(_chunk_file(parts, c), size[c])]
     done_here = sum(size[c] for c in mine if c not in todo)
     bar = None

@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 
 from msf.distributed import World, barrier
-from msf.sample_set import read_meta, sample_set
+from msf.sample_set import sample_set
 from msf.viz import save_figure
 
 COLUMNS = ["scale", "setting", "value", "steps", "cfg_scale", "nfe_per_image", "fid", "is", "precision",
@@ -72,13 +72,12 @@ def run_sweep(
     for p in points:
         name = f"scale{p['scale']}_{p['setting']}_{p['value']}"
         path = out_dir / "samples" / f"{name}.npz"
-        seconds = math.nan
-        if not (path.is_file() and _same_settings(path, p, num_samples, seed, precision)):
-            res = sample_set(pipe, path, num_samples, batch_size=batch_size, steps=p["steps"],
-                             cfg_scale=p["cfg_scale"], seed=seed, precision=precision, compile=compile,
-                             world=world, progress=progress, meta={"model": model})
-            if res.resumed == 0:  # wall-clock per image over all processes; unknown after a resume
-                seconds = res.seconds / num_samples
+        # a set finished by an earlier run with the same settings and weights is reused
+        res = sample_set(pipe, path, num_samples, batch_size=batch_size, steps=p["steps"],
+                         cfg_scale=p["cfg_scale"], seed=seed, precision=precision, compile=compile,
+                         world=world, progress=progress, meta={"model": model})
+        # wall-clock per image over all processes; unknown after a resume or reuse
+        seconds = res.seconds / num_samples if res.resumed == 0 else math.nan
         barrier(world)
         if not world.is_main:
             continue
@@ -98,13 +97,6 @@ def run_sweep(
     if world.is_main and rows:
         sweep_plot(rows, out_dir / "sweep.png")
     return rows
-
-
-def _same_settings(path: Path, p: dict, num_samples: int, seed: int, precision: str) -> bool:
-    meta = read_meta(path)
-    return (meta.get("steps") == p["steps"] and meta.get("cfg_scale") == p["cfg_scale"]
-            and meta.get("num_samples") == num_samples and meta.get("seed") == seed
-            and meta.get("precision") == precision)
 
 
 def _fmt(v) -> str:
