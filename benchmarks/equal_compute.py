@@ -24,14 +24,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from timing import interleaved  # benchmarks/timing.py, beside this script
+from timing import interleaved, machine  # benchmarks/timing.py, beside this script
 
 from msf.config import apply_overrides, preset
 from msf.data import load_builtin
@@ -64,16 +63,6 @@ def sampling_seconds_per_image(pipes: dict, labels: torch.Tensor, repeats: int) 
     """Interleaved timed sample calls at the models' default settings, bf16 (median)."""
     fns = {n: (lambda p=p: p.sample(labels, seed=1, precision="bf16")) for n, p in pipes.items()}
     return {n: statistics.median(t) / len(labels) for n, t in interleaved(fns, repeats).items()}
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:
@@ -143,8 +132,7 @@ def main() -> None:
             save_sample_grid(grid, grid_labels, pipe.config.class_names, where / f"equal_compute_{name}.png")
 
     print(f"\nMSF vs DiT at equal training wall-clock ({args.budget_minutes:.3g} min each), built-in emoji; "
-          f"{cpu_name()}, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}, {time.strftime('%Y-%m-%d')}")
+          f"{machine()}, {time.strftime('%Y-%m-%d')}")
     print(f"FID of {m} training images against {m} others (about the floor here): {floor['fid']:.2f}; "
           f"{n} samples per model; features: {rows[next(iter(rows))]['features']}\n")
     cols = ["preset", "params", "steps", "train_seconds", "train_flops", "fid", "kid", "precision", "recall",

@@ -40,13 +40,11 @@ import argparse
 import contextlib
 import dataclasses
 import multiprocessing as mp
-import os
-import platform
 import statistics
 import time
 
 import torch
-from timing import interleaved  # benchmarks/timing.py, beside this script
+from timing import interleaved, machine  # benchmarks/timing.py, beside this script
 
 from msf.autoencoder import IdentityAutoencoder
 from msf.config import ModelConfig, preset
@@ -154,9 +152,8 @@ def main() -> None:
     settings = {"MSF": MSF_SETTINGS, "DiT-XL/2": DIT_SETTINGS}
     B = args.batch
     print(f"# sampling cost{' (--quick: reduced networks)' if args.quick else ''}: batch {B}, "
-          f"torch {torch.__version__}, {platform.machine()}, {torch.get_num_threads()} threads, "
           f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}, "
-          f"{time.strftime('%Y-%m-%d')}, load average {os.getloadavg()[0]:.1f} at start\n")
+          f"{machine()} at start, {time.strftime('%Y-%m-%d')}\n")
 
     # Precision paths: (name, autocast precision, per-pipeline net replacements).
     wanted = args.paths.split(",")

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-import platform
 import time
 
 import torch
+from timing import machine  # benchmarks/timing.py, beside this script
 
 from msf.config import preset
 from msf.flow import rectified_flow_loss
@@ -50,8 +50,8 @@ def main() -> None:
     args = ap.parse_args()
     cfg = preset(args.preset).model
     torch.manual_seed(0)
-    print(f"# train throughput: preset {args.preset}, batch {args.batch}, torch {torch.__version__}, "
-          f"{platform.machine()}, {torch.get_num_threads()} threads, {time.strftime('%Y-%m-%d')}\n")
+    print(f"# train throughput: preset {args.preset}, batch {args.batch}, {machine()} at start, "
+          f"{time.strftime('%Y-%m-%d')}\n")
     print("| scale | tokens | depth x width | params | fp32 img/s | bf16 img/s | bf16 / fp32 |")
     print("|---|---|---|---|---|---|---|")
     nets = build_scale_networks(cfg)
