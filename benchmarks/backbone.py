@@ -11,8 +11,8 @@ Prints three tables, each measured in one run, interleaved, as ratios:
    (DiT-XL/2 dims on 256 tokens, with ``--xl-blocks`` of its 28 blocks, and DiT-S/2),
    forward and forward + backward (bf16 autocast, and bf16 weights): seconds, ratio,
    and the fraction of the bf16 matrix-product rate measured in the same run on the
-   sizes of one block's Linear layers. ``--compile`` adds
-   ``msf.models.compile_for_inference`` for both models.
+   sizes of one block's Linear layers. ``--compile`` adds, for both models,
+   ``msf.models.compile_for_inference`` and a ``torch.compile``'d training step.
 
     python benchmarks/backbone.py [--repeats 5] [--sections 1,2,3,4] [--compile] [--configs small,xl]
     python benchmarks/backbone.py --quick      # smoke run: small sizes, 2 repeats
@@ -245,6 +245,9 @@ def diffusers_table(repeats: int, batch: int, xl_blocks: int, quick: bool, compi
             modes.append(("fwd, compile_for_inference (bf16, frozen)",
                           fwd(oc, True, torch.bfloat16, False), fwd(dc, False, torch.bfloat16, False),
                           fwd_flops))
+            # training as `train.compile=true` runs it: torch.compile over fp32 weights, autocast
+            modes.append(("fwd + bwd, torch.compile (bf16 autocast)", train(torch.compile(ours), True),
+                          train(torch.compile(theirs), False), 3 * fwd_flops))
         fns = {}
         for mode, o, d, _ in modes:
             fns[f"ours {mode}"], fns[f"diffusers {mode}"] = o, d
@@ -257,10 +260,11 @@ def diffusers_table(repeats: int, batch: int, xl_blocks: int, quick: bool, compi
                   f"| {ratio(times, f'diffusers {mode}', f'ours {mode}')} "
                   f"| {flops / to / rate:.0%} | {flops / td / rate:.0%} |")
         if compile_:
-            eager, compiled = modes[0][0], modes[-1][0]
-            print(f"| {name} | compiled / eager speed-up (bf16 weights) "
-                  f"| {ratio(times, f'ours {eager}', f'ours {compiled}')} "
-                  f"| {ratio(times, f'diffusers {eager}', f'diffusers {compiled}')} | | | |")
+            for what, eager, compiled in (("forward, bf16 weights", modes[0][0], modes[-2][0]),
+                                          ("training, autocast", modes[2][0], modes[-1][0])):
+                print(f"| {name} | compiled / eager speed-up ({what}) "
+                      f"| {ratio(times, f'ours {eager}', f'ours {compiled}')} "
+                      f"| {ratio(times, f'diffusers {eager}', f'diffusers {compiled}')} | | | |")
         print(f"| {name} | bf16 matmul rate, {batch * info.tokens} x {width} x {4 * width} etc. "
               f"| {rate / 1e12:.2f} TFLOP/s | | | | |")
 
