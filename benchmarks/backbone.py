@@ -172,9 +172,10 @@ def randomize(model: torch.nn.Module) -> None:
 
 def diffusers_table(repeats: int, batch: int, xl_blocks: int, quick: bool, compile_: bool,
                     which: str, device: torch.device) -> None:
-    import logging
+    from diffusers.utils import logging as diffusers_logging
 
-    logging.getLogger("diffusers").setLevel(logging.ERROR)  # its bf16 .to() warning
+    # its bf16 .to() warning; set after import (diffusers sets its own level on import)
+    diffusers_logging.set_verbosity_error()
     size, channels, classes = 32, 4, 1000
     configs = [("S/2 (12 x 384)", 12, 384, 6),
                (f"XL/2 ({xl_blocks} of 28 blocks x 1152)", xl_blocks, 1152, 16)]
