@@ -1,6 +1,6 @@
 """Backbone speed on this machine: the levers behind msf.models' choices.
 
-Prints three tables, each measured in one run, interleaved, as ratios:
+Prints four tables, each measured in one run, interleaved, as ratios:
 
 1. attention, forward and forward + backward: ``scaled_dot_product_attention`` vs
    two matmuls and a softmax ("math"), fp32 and bf16;
