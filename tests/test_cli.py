@@ -1,6 +1,11 @@
 import json
 
+import numpy as np
+from grids import grid_cells
+
 from msf.cli import main
+from msf.data import to_uint8
+from msf.pipeline import MSFPipeline
 
 
 def test_info_json_for_presets(capsys):
@@ -19,11 +24,20 @@ def test_train_sample_info_on_a_model_dir(tmp_path, capsys):
                  f"train.out_dir={out}"]) == 0
     model = out / "model"
     png = tmp_path / "s.png"
-    assert main(["sample", str(model), "--classes", "0,Flags", "--per-class", "2",
-                 "--steps", "2,1", "--cfg", "1.5,1.0", "--solver", "heun", "--out", str(png)]) == 0
-    assert png.stat().st_size > 0
-    assert main(["info", str(model), "--json"]) == 0
+    assert main(["sample", str(model), "--classes", "0,Flags", "--per-class", "2", "--seed", "3",
+                 "--steps", "2,1", "--cfg", "1.5,1.0", "--solver", "heun", "--out", str(png),
+                 "--precision", "fp32", "--device", "cpu"]) == 0
     assert "wrote 4 samples" in capsys.readouterr().out
+    # The grid holds what the library draws for the same classes and settings, a row per class.
+    pipe = MSFPipeline.from_pretrained(model)
+    flags = pipe.config.class_names.index("Flags")
+    expected = to_uint8(pipe.sample([0, 0, flags, flags], seed=3, steps=[2, 1], cfg_scale=[1.5, 1.0],
+                                    solver="heun")).numpy()
+    np.testing.assert_array_equal(grid_cells(png, 2, 2, 16).reshape(expected.shape), expected)
+    assert not np.array_equal(expected[0], expected[2])
+    assert main(["info", str(model), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert [s["tokens"] for s in info["scales"]] == [16, 64]
 
 
 def test_errors_are_one_line_messages(tmp_path, capsys):

@@ -1,17 +1,33 @@
+import json
+
+import numpy as np
+from grids import grid_cells
 from PIL import Image
 
+from msf.data import to_uint8
 from msf.demo import run_demo
+from msf.pipeline import MSFPipeline
+
+SMALL = ["model.scales.0.depth=1", "model.scales.0.width=32", "model.scales.0.heads=2",
+         "model.scales.1.depth=1", "model.scales.1.width=32", "model.scales.1.heads=2",
+         "model.scales.0.steps=2", "model.scales.1.steps=2"]
 
 
-def test_demo_writes_everything(tmp_path):
-    paths = run_demo(
-        tmp_path / "demo", minutes=1.0, per_class=2, progress=False,
-        overrides=["train.steps=3", "model.scales.0.depth=1", "model.scales.0.width=32",
-                   "model.scales.0.heads=2", "model.scales.1.depth=1",
-                   "model.scales.1.width=32", "model.scales.1.heads=2",
-                   "model.scales.0.steps=2", "model.scales.1.steps=2"],
-    )
-    for key in ("factorization", "samples", "loss"):
-        assert paths[key].is_file() and Image.open(paths[key]).width > 100
-    assert (paths["model"] / "config.json").is_file()
-    assert (paths["model"] / "scale_1.safetensors").is_file()
+def test_demo_writes_the_trained_models_samples(tmp_path):
+    paths = run_demo(tmp_path / "demo", minutes=1.0, per_class=2, progress=False,
+                     overrides=["train.steps=3", "train.log_every=1", *SMALL])
+    pipe = MSFPipeline.from_pretrained(paths["model"])
+    cfg = pipe.config
+    train_cfg = json.loads((paths["model"] / "config.json").read_text())["train"]
+    assert train_cfg["steps"] == 3
+    # samples.png: one row per class, each cell the saved model's sample for that class and seed 0
+    labels = [c for c in range(cfg.num_classes) for _ in range(2)]
+    expected = to_uint8(pipe.sample(labels, seed=0, precision=train_cfg["precision"])).numpy()
+    cells = grid_cells(paths["samples"], cfg.num_classes, 2, cfg.image_size)
+    np.testing.assert_array_equal(cells.reshape(expected.shape), expected)
+    assert len(np.unique(expected.reshape(len(labels), -1), axis=0)) == len(labels)
+    # factorization.png shows real images; loss.png the three logged steps
+    for key in ("factorization", "loss"):
+        assert Image.open(paths[key]).width > 100
+    losses = json.loads((paths["model"].parent / "losses.json").read_text())
+    assert [s for s, _ in losses["0"]] == [1, 2, 3] and all(np.isfinite(v) for _, v in losses["1"])

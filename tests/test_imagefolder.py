@@ -1,4 +1,5 @@
 import io
+import os
 import pickle
 import warnings
 
@@ -151,6 +152,28 @@ def test_center_crop_takes_the_centre():
         assert (np.abs(mid.astype(int) - (0, 255, 0)) <= 2).all()
     tall = _noise(50, 90, seed=7)
     np.testing.assert_array_equal(center_crop_arr(tall, 20), _reference_crop(tall, 20))
+
+
+def test_dataset_items_are_centre_crops_of_non_square_images(tmp_path):
+    # Through the dataset's own item path: a wide and a tall image with coloured borders that a
+    # centre crop removes and a squash or a corner crop keeps.
+    wide = np.zeros((40, 100, 3), np.uint8)
+    wide[:] = (0, 200, 0)
+    wide[:, :20], wide[:, 80:] = (200, 0, 0), (0, 0, 200)
+    tall = np.transpose(wide, (1, 0, 2)).copy()
+    (tmp_path / "a").mkdir()
+    Image.fromarray(wide).save(tmp_path / "a" / "wide.png")
+    Image.fromarray(tall).save(tmp_path / "a" / "tall.png")
+    noisy = _noise(37, 23, seed=9)
+    noisy.save(tmp_path / "a" / "noisy.png")
+    ds = ImageFolder(tmp_path, S)
+    items = {os.path.basename(p): ds[i][0].numpy() for i, (p, _) in enumerate(ds.samples)}
+    for name in ("wide.png", "tall.png"):
+        img = items[name]
+        assert img.shape == (S, S, 3)
+        assert (np.abs(img.astype(int) - (0, 200, 0)) <= 2).all(), name  # only the green centre is left
+        np.testing.assert_array_equal(img, _reference_crop(Image.open(tmp_path / "a" / name), S))
+    np.testing.assert_array_equal(items["noisy.png"], _reference_crop(noisy, S))
 
 
 def test_center_crop_box_halves_large_images():

@@ -338,18 +338,39 @@ def test_reference_cache_for_folders(tmp_path, emoji):
     assert r["num_ref"] == 7 and net.images_seen == 18 + 7 + 6
 
 
+def _mean_colour(images):
+    return images.reshape(len(images), -1, 3).astype(np.float64).mean(1)
+
+
 def test_evaluate_results_and_format(tmp_path, emoji):
-    r = evaluate(emoji[:40], emoji[40:80], extractor=MeanColour(), cache_dir=tmp_path, progress=False)
-    for key in ("fid", "is", "is_std", "kid", "kid_std", "precision", "recall"):
-        assert np.isfinite(r[key]), key
-    assert r["num_samples"] == 40 and r["num_ref"] == 40 and r["skipped"] == []
+    samples, ref = emoji[:40], emoji[40:100]
+    r = evaluate(samples, ref, extractor=MeanColour(), cache_dir=tmp_path, progress=False)
+    # Each metric from the right features, in the right order (samples first, reference second).
+    fs, fr = _mean_colour(samples), _mean_colour(ref)
+    assert r["fid"] == pytest.approx(frechet_distance(fs.mean(0), np.cov(fs, rowvar=False), fr.mean(0),
+                                                      np.cov(fr, rowvar=False)), rel=1e-5)
+    assert (r["kid"], r["kid_std"]) == pytest.approx(kid(fs, fr), rel=1e-4, abs=1e-6)
+    assert (r["is"], r["is_std"]) == pytest.approx(inception_score(fs, 10), rel=1e-5)
+    assert (r["precision"], r["recall"]) == pytest.approx(precision_recall(fr, fs), abs=1e-9)
+    assert r["num_samples"] == 40 and r["num_ref"] == 60 and r["skipped"] == []
     assert r["feature_network"] == MeanColour.name and r["weights_sha256"] == "a" * 64
     text = format_results(r)
-    assert "FID" in text and "IS" in text and "precision" in text and "40 samples" in text
+    assert f"FID {r['fid']:.3f}" in text and f"IS {r['is']:.2f}" in text
+    assert f"precision {r['precision']:.3f}  recall {r['recall']:.3f}" in text and "40 samples" in text
     assert set(evaluate(emoji[:8], emoji[8:16], metrics=["fid"], extractor=MeanColour(),
                         progress=False)) >= {"fid"}
     with pytest.raises(ValueError, match="unknown metric"):
         evaluate(emoji[:8], emoji[8:16], metrics=["fid", "sfid"], extractor=MeanColour())
+
+
+def test_mode_collapse_has_full_precision_and_low_recall(tmp_path, emoji):
+    # Samples that copy 5 of the 60 reference images 8 times each: every sample lies on the real
+    # manifold (precision 1), but the samples cover few of the real images (recall low).
+    ref = emoji[:60]
+    samples = np.repeat(ref[:5], 8, axis=0)
+    r = evaluate(samples, ref, metrics=["pr"], extractor=MeanColour(), cache_dir=tmp_path, progress=False)
+    assert r["precision"] == 1.0
+    assert r["recall"] < 0.3
 
 
 def test_stats_file_from_another_network_is_refused(tmp_path, emoji, extractor):

@@ -1,18 +1,21 @@
 """Checkpoints and resume: a run killed at any moment continues exactly."""
 
-import os
+import json
 import signal
 import subprocess
 import sys
 import time
 import warnings
 
+import numpy as np
 import pytest
 import torch
+from grids import grid_cells
 from safetensors.torch import load_file
 
 from msf.checkpoint import CheckpointError, list_checkpoints, load_latest, prune, save_checkpoint
 from msf.config import apply_overrides, preset
+from msf.data import to_uint8
 from msf.pipeline import MSFPipeline
 from msf.train import learning_rate, train
 
@@ -159,15 +162,31 @@ def test_learning_rate_schedule():
 
 
 def test_run_directory_contents(tmp_path):
-    cfg = _cfg(tmp_path / "r", 4, ["train.tensorboard=true", "train.sample_every=2"])
-    train(cfg, progress=False)
+    cfg = _cfg(tmp_path / "r", 4, ["train.tensorboard=true", "train.sample_every=2", "train.log_every=2"])
+    result = train(cfg, progress=False)
     out = tmp_path / "r"
-    assert (out / "config.json").is_file() and (out / "losses.json").is_file()
-    assert sorted(p.name for p in (out / "samples").iterdir()) == [
-        "step_000000002.png", "step_000000004.png"]
-    assert any((out / "tb").iterdir())
     from msf.config import config_from_json
 
     saved = config_from_json((out / "config.json").read_text())
-    assert saved.model.scales == cfg.model.scales
-    assert os.path.getsize(out / "model" / "scale_0.safetensors") > 0
+    assert saved.model == result.pipeline.config and saved.train == cfg.train
+    losses = json.loads((out / "losses.json").read_text())
+    assert {k: [tuple(p) for p in v] for k, v in losses.items()} == {
+        str(k): v for k, v in result.history.items()}
+    assert [s for s, _ in losses["0"]] == [2, 4]
+    # the grid at the last step shows the EMA model's samples: 4 per class, seed 0
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["step_000000002.png", "step_000000004.png"]
+    pipe = MSFPipeline.from_pretrained(out / "model")
+    n = pipe.config.num_classes
+    expected = to_uint8(pipe.sample([c for c in range(n) for _ in range(4)], seed=0)).numpy()
+    cells = grid_cells(out / "samples" / "step_000000004.png", n, 4, 16)
+    np.testing.assert_array_equal(cells.reshape(expected.shape), expected)
+    assert not np.array_equal(cells, grid_cells(out / "samples" / "step_000000002.png", n, 4, 16))
+    # TensorBoard holds the logged losses at the logged steps
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tb")).Reload()
+    for k in ("0", "1"):
+        logged = [(e.step, e.value) for e in events.Scalars(f"loss/scale{k}")]
+        assert logged == [(s, pytest.approx(v, rel=1e-6)) for s, v in losses[k]]
+    assert {"grad_norm/scale0", "lr/scale1", "images_per_second"} <= set(events.Tags()["scalars"])
+    assert len(events.Images("samples")) == 2

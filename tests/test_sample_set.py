@@ -158,7 +158,9 @@ def test_bf16_weight_copies_sample_close_to_fp32(pipe, tmp_path):
     sample_set(pipe, tmp_path / "ref.npz", 8, **KW)
     with np.load(tmp_path / "fast.npz") as a, np.load(tmp_path / "ref.npz") as b:
         diff = np.abs(a["arr_0"].astype(int) - b["arr_0"].astype(int))
-        assert diff.mean() < 3 and diff.max() < 40  # bf16 rounding, not other samples
+        # bf16 rounding moves a few pixels by one level (measured: mean 0.04, max 1); another
+        # seed's samples differ by ~100 levels on average
+        assert diff.mean() < 0.3 and diff.max() <= 4
     assert read_meta(tmp_path / "fast.npz")["precision"] == "bf16-weights"
     assert next(pipe.scales.parameters()).dtype == torch.float32  # the pipeline's weights untouched
     with pytest.raises(ValueError, match="precision must be one of"):

@@ -43,6 +43,35 @@ def test_euler_is_first_order_and_heun_second_order():
     assert h2 < e2 / 10  # at equal network evaluations
 
 
+def _time_field(x, t):
+    """``dx/dt = t x``: from x(1) the exact solution is x(0) = x(1) exp(-1/2)."""
+    return t * x
+
+
+@pytest.mark.parametrize("solver,order", [("euler", 1), ("heun", 2)])
+def test_order_on_a_time_dependent_field(solver, order):
+    # A field that depends on t tells the times apart: a Heun corrector evaluated at the
+    # interval's start instead of its end is only first order here.
+    exact = math.exp(-0.5)
+    errors = [abs(solve(_time_field, torch.ones(1, dtype=torch.float64), n, solver).item() - exact)
+              for n in (40, 80)]
+    assert 2 ** order * 0.85 < errors[0] / errors[1] < 2 ** order * 1.15
+
+
+@pytest.mark.parametrize("steps", [1, 3, 8])
+def test_euler_and_heun_evaluate_the_field_at_the_right_times(steps):
+    # dx/dt = 2t, integrated from t=1 to t=0: Euler is the left Riemann sum over its grid
+    # (evaluated at each interval's start), Heun the trapezoid rule, exact for a linear field.
+    ts = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64).tolist()
+    euler = solve(lambda x, t: 2 * t + 0 * x, torch.zeros(1, dtype=torch.float64), steps, "euler")
+    assert euler.item() == pytest.approx(sum((b - a) * 2 * a for a, b in zip(ts[:-1], ts[1:])), abs=1e-12)
+    heun = solve(lambda x, t: 2 * t + 0 * x, torch.zeros(1, dtype=torch.float64), 2 * steps, "heun")
+    assert heun.item() == pytest.approx(-1.0, abs=1e-12)
+    seen = []
+    solve(lambda x, t: seen.append(t) or 0 * x, torch.zeros(1), 2 * steps, "heun")
+    assert seen == pytest.approx([u for a, b in zip(ts[:-1], ts[1:]) for u in (a, b)])
+
+
 def test_solver_integrates_time_dependent_field_exactly_for_linear_paths():
     # A single data point c: the exact rectified-flow velocity is (x - c) / t, and the
     # straight path makes Euler exact at any step count.

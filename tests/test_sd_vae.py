@@ -62,9 +62,20 @@ def test_pipeline_trains_samples_saves_and_loads(vae_dir, tmp_path):
     cfg = _cfg(vae_dir, "train.steps=2", "train.batch_size=4", "train.tensorboard=false",
                f"train.out_dir={tmp_path}", "model.scales.0.steps=2", "model.scales.1.steps=2")
     result = train(cfg, progress=False)
-    images = result.pipeline.sample([0, 3], seed=1)
-    assert images.shape == (2, 3, 64, 64)
-    loaded = MSFPipeline.from_pretrained(result.model_dir)
+    pipe = result.pipeline
+    for p in pipe.scales.parameters():  # two steps leave the outputs near zero: make them matter
+        p.data.add_(0.05 * torch.randn_like(p))
+    images, comps = pipe.sample([0, 3], seed=1, return_components=True)
+    # components live in latent space (4 channels, 6 and 8 wide); the image is the VAE's decoding
+    # of their sum, unscaled by the VAE's factor
+    assert [tuple(c.shape) for c in comps] == [(2, 4, 6, 6), (2, 4, 8, 8)]
+    assert comps[1].abs().mean() > 1e-3
+    vae = AutoencoderKL.from_pretrained(vae_dir)
+    with torch.no_grad():
+        expected = vae.decode(compose(comps) / 0.18215).sample.clamp(-1, 1)
+    torch.testing.assert_close(images, expected, atol=1e-5, rtol=1e-5)
+    pipe.save_pretrained(tmp_path / "m")
+    loaded = MSFPipeline.from_pretrained(tmp_path / "m")
     assert torch.equal(loaded.sample([0, 3], seed=1), images)
 
 

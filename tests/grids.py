@@ -1,0 +1,25 @@
+"""Read the images back out of a labelled sample grid (``msf.viz.save_sample_grid``)."""
+
+import numpy as np
+from PIL import Image
+
+from msf.viz import labelled_grid
+
+
+def grid_cells(path, rows: int, cols: int, size: int, upscale: int = 2, pad: int = 2,
+               label_width: int = 150) -> np.ndarray:
+    """uint8 (rows, cols, size, size, 3): the cell images of a grid PNG, at their own resolution."""
+    img = np.asarray(Image.open(path).convert("RGB"))
+    grid_w = (cols * (size + pad) + pad) * upscale
+    grid_h = (rows * (size + pad) + pad) * upscale
+    assert img.shape == (grid_h, label_width + grid_w, 3), (img.shape, rows, cols, size)
+    canvas = img[:, label_width::][::upscale, ::upscale]
+    out = np.empty((rows, cols, size, size, 3), np.uint8)
+    for r in range(rows):
+        for c in range(cols):
+            y, x = pad + r * (size + pad), pad + c * (size + pad)
+            out[r, c] = canvas[y:y + size, x:x + size]
+    return out
+
+
+assert labelled_grid.__defaults__ == (2, 150), "grid_cells assumes labelled_grid's layout"
