@@ -3,27 +3,26 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # torch is pinned to the release this project is tested with; override for your platform,
-# e.g. `make test TORCH_SPEC="torch>=2.4"`.
-TORCH_SPEC ?= torch==2.14.1
-STAMP := $(VENV)/.installed
+# e.g. `make test TORCH_SPEC="torch>=2.4"`. Everything else is pinned by constraints.txt.
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+# The suite runs in this many processes of one thread each (steady on a busy machine; see tests/conftest.py).
+TEST_WORKERS ?= 2
 
-.PHONY: demo test lint clean
+.PHONY: demo test lint clean venv
 
-$(STAMP): pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -e ".[dev]"
-	touch $(STAMP)
+# (Re)installs when pyproject.toml, constraints.txt or TORCH_SPEC changed, when the environment's
+# msf is not this checkout's, or when an installed version differs from its pin.
+venv:
+	@$(PYTHON) scripts/ensure_venv.py --venv "$(VENV)" --torch "$(TORCH_SPEC)"
 
-demo: $(STAMP)
-	$(VENV)/bin/msf demo
+demo: venv
+	$(PY) -m msf demo
 
-test: $(STAMP)
-	$(PY) -m pytest
+test: venv
+	$(PY) -m pytest -n $(TEST_WORKERS)
 
-lint: $(STAMP)
-	$(VENV)/bin/ruff check .
+lint: venv
+	$(PY) -m ruff check .
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

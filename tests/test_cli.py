@@ -1,7 +1,7 @@
 import json
 
 import numpy as np
-from grids import grid_cells
+from helpers import grid_cells
 
 from msf.cli import main
 from msf.data import to_uint8

@@ -1,7 +1,7 @@
 import json
 
 import numpy as np
-from grids import grid_cells
+from helpers import grid_cells
 from PIL import Image
 
 from msf.data import to_uint8

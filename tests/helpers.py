@@ -1,9 +1,27 @@
-"""Read the images back out of a labelled sample grid (``msf.viz.save_sample_grid``)."""
+"""Shared by the tests: reading a sample grid back, and a cheap stand-in feature network."""
 
 import numpy as np
+import torch
 from PIL import Image
 
+from msf.metrics import FeatureExtractor, WeightsFile
 from msf.viz import labelled_grid
+
+
+class MeanColour(FeatureExtractor):
+    """A cheap stand-in network: features and logits are the mean colour; counts the images it sees."""
+
+    name = "mean colour (test)"
+    has_logits = True
+
+    def __init__(self, sha256: str = "a" * 64):
+        super().__init__(torch.nn.Identity(), WeightsFile("<none>", sha256), "cpu")
+        self.images_seen = 0
+
+    def _forward(self, x):
+        self.images_seen += len(x)
+        f = x.float().mean(dim=(2, 3))
+        return f, f
 
 
 def grid_cells(path, rows: int, cols: int, size: int, upscale: int = 2, pad: int = 2,

@@ -1,0 +1,155 @@
+"""Break the code on purpose, one plausible bug at a time, and check that the tests notice.
+
+Each mutation replaces one exact snippet of ``src/msf`` (it must occur exactly once), runs the
+tests that should catch it, and restores the file. The table says which were caught. Run it
+from the repository root on an otherwise idle machine (the tests it runs are single-threaded):
+
+    .venv/bin/python scripts/mutation_check.py            # all
+    .venv/bin/python scripts/mutation_check.py heun ema   # those whose name contains a word
+    .venv/bin/python scripts/mutation_check.py --whole-suite   # each against all of tests/
+
+A mutation that survives is a gap in the tests; add a test that fails on it.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# (name, file under src/msf, snippet, replacement, tests that should catch it)
+MUTATIONS = [
+    ("heun corrector at the interval's start", "sampler.py",
+     "velocity(x_euler, t_next)", "velocity(x_euler, t)", "tests/test_sampler.py"),
+    ("euler evaluates at the interval's end", "sampler.py",
+     "x = x + (t_next - t) * velocity(x, t).to(x.dtype)",
+     "x = x + (t_next - t) * velocity(x, t_next).to(x.dtype)", "tests/test_sampler.py"),
+    ("sampler prior not normalised or noised", "pipeline.py",
+     "net, labels, self._net_prior(k, prior, generator), cfg_scale[k],",
+     "net, labels, prior, cfg_scale[k],", "tests/test_agreement.py"),
+    ("prior normalised by its own scale's std", "pipeline.py",
+     "prior = prior / self._std(0)", "prior = prior / self._std(k)", "tests/test_agreement.py"),
+    ("accumulator keeps only the last component", "factorize.py",
+     "        acc = acc + up(c, sizes[-1])\n    return components",
+     "        acc = up(c, sizes[-1])\n    return components", "tests/test_agreement.py"),
+    ("sampled component un-normalised by the base's std", "pipeline.py",
+     "return c.float() * self._std(k)", "return c.float() * self._std(0)", "tests/test_agreement.py"),
+    ("conditioning noise only in training", "pipeline.py",
+     "if self.config.prior_noise > 0:", "if self.config.prior_noise > 0 and noise is not None:",
+     "tests/test_agreement.py"),
+    ("sampling's prior noise from the global RNG", "pipeline.py",
+     "n = torch.randn(prior.shape, generator=generator)", "n = torch.randn(prior.shape)",
+     "tests/test_pipeline.py"),
+    ("compose drops the base", "factorize.py",
+     "    for c in components:\n        acc = acc + up(c, n_full)\n    return acc",
+     "    for c in components[1:]:\n        acc = acc + up(c, n_full)\n    return acc",
+     "tests/test_agreement.py tests/test_factorize.py"),
+    ("attention branch without its adaLN gate", "models.py",
+     "x = x + gate_msa.unsqueeze(1) * self.attn(h)", "x = x + self.attn(h)", "tests/test_models.py"),
+    ("MLP branch without its adaLN gate", "models.py",
+     "x = x + gate_mlp.unsqueeze(1) * self.mlp(h)", "x = x + self.mlp(h)", "tests/test_models.py"),
+    ("no position embedding", "models.py",
+     ".transpose(1, 2).contiguous() + self.pos_embed", ".transpose(1, 2).contiguous()",
+     "tests/test_models.py"),
+    ("shift and scale swapped", "models.py",
+     "h = modulate(self.norm1(norm_input(x)), shift_msa, scale_msa)",
+     "h = modulate(self.norm1(norm_input(x)), scale_msa, shift_msa)", "tests/test_models.py"),
+    ("EMA weights decay and 1 - decay swapped", "train.py",
+     "[_local(p.detach()) for p in model.parameters()], 1.0 - decay)",
+     "[_local(p.detach()) for p in model.parameters()], decay)", "tests/test_train_step.py"),
+    ("EMA decay not taken from the config", "train.py",
+     "ema_update(ema.scales[k], pipe.scales[k], t.ema_decay)",
+     "ema_update(ema.scales[k], pipe.scales[k], 0.9999)", "tests/test_train_step.py"),
+    ("train.class_dropout not passed to the step", "train.py",
+     "latents=latents, class_dropout=t.class_dropout,", "latents=latents,",
+     "tests/test_train_step.py"),
+    ("label dropout drops the complement", "flow.py",
+     'drop = (noise or Noise()).uniform("drop", y.shape[0], y.device) < p',
+     'drop = (noise or Noise()).uniform("drop", y.shape[0], y.device) > p',
+     "tests/test_train_step.py tests/test_sampler.py"),
+    ("image folder squashes instead of centre-cropping", "imagefolder.py",
+     "return center_crop_arr(to_rgb(img), image_size)",
+     "return np.asarray(to_rgb(img).resize((image_size, image_size)), dtype=np.uint8)",
+     "tests/test_imagefolder.py"),
+    ("precision and recall swapped in evaluate", "metrics.py",
+     "ref_stats.features, sample_stats.features, device=device",
+     "sample_stats.features, ref_stats.features, device=device", "tests/test_metrics.py"),
+    ("training ignores train.precision", "train.py",
+     "with autocast(dev, t.precision):", 'with autocast(dev, "fp32"):', "tests/test_pipeline.py"),
+    ("every scale sampled with scale 0's step count", "pipeline.py",
+     "c = solve(velocity, noise, steps[k], solver[k])", "c = solve(velocity, noise, steps[0], solver[k])",
+     "tests/test_pipeline.py"),
+    ("VAE decodes without undoing its scaling factor", "autoencoder.py",
+     "z = z / self.scaling_factor + self.shift_factor", "z = z + self.shift_factor",
+     "tests/test_sd_vae.py"),
+    ("sample grid ignores --seed", "cli.py",
+     "**_sampling(args), seed=args.seed, nets=nets,", "**_sampling(args), seed=0, nets=nets,",
+     "tests/test_cli.py"),
+    ("training's sample grids drawn from the raw weights", "train.py",
+     "plain = _gathered(ema, cfg, world)", "plain = _gathered(pipe, cfg, world)",
+     "tests/test_resume.py::test_run_directory_contents"),
+    ("learning rate one step ahead", "train.py",
+     'g["lr"] = learning_rate(t, step, t.steps_for(k))',
+     'g["lr"] = learning_rate(t, step + 1, t.steps_for(k))',
+     "tests/test_train_step.py"),
+    ("gradient clipped at 1.0 whatever the config", "train.py",
+     "pipe.scales[k].parameters(), t.grad_clip))", "pipe.scales[k].parameters(), 1.0))",
+     "tests/test_train_step.py"),
+    ("train.logit_std not passed to the step", "train.py",
+     "logit_mean=t.logit_mean, logit_std=t.logit_std,", "logit_mean=t.logit_mean,",
+     "tests/test_train_step.py"),
+    ("gradient checkpointing cuts the residual stream's gradient", "models.py",
+     "checkpoint(block, x, c, use_reentrant=False)", "checkpoint(block, x.detach(), c, use_reentrant=False)",
+     "tests/test_train_step.py"),
+    ("component std measured as mean absolute value", "pipeline.py",
+     "[c.float().std().item() for c in", "[c.float().abs().mean().item() for c in",
+     "tests/test_train_step.py tests/test_pipeline.py"),
+]
+
+
+def run(mutation, whole_suite: bool = False, timeout: float = 900) -> tuple[str, float]:
+    name, file, old, new, tests = mutation
+    path = ROOT / "src" / "msf" / file
+    source = path.read_text()
+    if source.count(old) != 1:
+        return f"snippet found {source.count(old)} times", 0.0
+    path.write_text(source.replace(old, new))
+    # this tree's src first, whatever checkout the environment's editable install points to
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1", PYTHONPATH=str(ROOT / "src"))
+    started = time.perf_counter()
+    try:
+        selected = ["tests"] if whole_suite else tests.split()
+        r = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *selected],
+                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+        verdict = "caught" if r.returncode == 1 else ("SURVIVED" if r.returncode == 0 else
+                                                       f"pytest exit {r.returncode}")
+        if verdict == "caught":
+            failed = [ln.split(" ")[1] for ln in r.stdout.splitlines() if ln.startswith("FAILED")]
+            verdict += f" by {failed[0].split('::')[-1][:60]}" if failed else ""
+    except subprocess.TimeoutExpired:
+        verdict = "timed out"
+    finally:
+        path.write_text(source)
+    return verdict, time.perf_counter() - started
+
+
+def main(argv: list[str]) -> int:
+    whole_suite = "--whole-suite" in argv
+    argv = [a for a in argv if a != "--whole-suite"]
+    chosen = [m for m in MUTATIONS if not argv or any(w.lower() in m[0].lower() for w in argv)]
+    print("| mutation | file | verdict | seconds |\n|---|---|---|---|", flush=True)
+    survived = 0
+    for m in chosen:
+        verdict, seconds = run(m, whole_suite)
+        survived += not verdict.startswith("caught")
+        print(f"| {m[0]} | {m[1]} | {verdict} | {seconds:.0f} |", flush=True)
+    print(f"\n{len(chosen) - survived} of {len(chosen)} caught")
+    return 1 if survived else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
