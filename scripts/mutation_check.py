@@ -108,6 +108,17 @@ MUTATIONS = [
     ("component std measured as mean absolute value", "pipeline.py",
      "[c.float().std().item() for c in", "[c.float().abs().mean().item() for c in",
      "tests/test_train_step.py tests/test_pipeline.py"),
+    ("gradients never zeroed after an update", "train.py",
+     "                opts[k].step()\n                opts[k].zero_grad(set_to_none=True)",
+     "                opts[k].step()", "tests/test_train_step.py"),
+    ("heun's Euler step first instead of last", "sampler.py",
+     "last_is_euler = steps % 2 == 1 and i == intervals - 1", "last_is_euler = steps % 2 == 1 and i == 0",
+     "tests/test_sampler.py"),
+    ("training target normalised by the base's std", "pipeline.py",
+     "c = comps[k] / self._std(k)", "c = comps[k] / self._std(0)", "tests/test_agreement.py"),
+    ("a scale trains one step past its scale_steps", "train.py",
+     "active = [k for k in scales if step <= t.steps_for(k)]",
+     "active = [k for k in scales if step <= t.steps_for(k) + 1]", "tests/test_train_step.py"),
 ]
 
 

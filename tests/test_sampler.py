@@ -70,6 +70,9 @@ def test_euler_and_heun_evaluate_the_field_at_the_right_times(steps):
     seen = []
     solve(lambda x, t: seen.append(t) or 0 * x, torch.zeros(1), 2 * steps, "heun")
     assert seen == pytest.approx([u for a, b in zip(ts[:-1], ts[1:]) for u in (a, b)])
+    seen.clear()  # an odd count: the last interval is a plain Euler step, evaluated at its start only
+    solve(lambda x, t: seen.append(t) or 0 * x, torch.zeros(1), 2 * steps - 1, "heun")
+    assert seen == pytest.approx([u for a, b in zip(ts[:-1], ts[1:]) for u in (a, b)][:-1])
 
 
 def test_solver_integrates_time_dependent_field_exactly_for_linear_paths():

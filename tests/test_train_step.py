@@ -143,3 +143,63 @@ def test_std_normalisation_gives_unit_variance_components(tiny_cfg, tmp_path):
     for k, c in enumerate(comps):  # measured on other examples than these: unit variance to ~5%
         assert (c / std[k]).std().item() == pytest.approx(1.0, abs=0.05)
     assert std[1] < 0.5 * std[0]
+
+
+def test_a_step_of_train_is_the_method_written_out(tiny_cfg, tmp_path):
+    # Step 2 of train(), redone by hand from step 1's checkpoint: the step's batch (IndexStream),
+    # its randomness (StepNoise), the per-scale losses (eq. 5), backward, clipping, the scheduled
+    # lr, AdamW, and the EMA. Any missing zero_grad, wrong key, lr or clip shows as a difference.
+    from msf.data import IndexStream, iterate_batches, load_dataset, prepare_data
+    from msf.flow import StepNoise
+    from msf.train import ema_update, learning_rate
+
+    cfg = _cfg(tiny_cfg, tmp_path, "train.steps=2", "train.ckpt_every=1", "train.keep_last=5",
+               "train.lr=1e-2", "train.warmup_steps=2", "train.grad_clip=0.5", "train.class_dropout=0.3",
+               "model.prior_noise=0.1", "train.ema_decay=0.8", "train.log_every=1")
+    train(cfg, progress=False)
+    (_, first), (_, second) = list_checkpoints(tmp_path / "checkpoints")
+    s1, s2 = (torch.load(p, weights_only=True) for p in (first, second))
+    t = cfg.train
+    pipe = MSFPipeline(cfg.model)
+    ema = MSFPipeline(cfg.model)
+    opts = {}
+    for k in (0, 1):
+        pipe.scales[k].load_state_dict(s1["models"][str(k)])
+        ema.scales[k].load_state_dict(s1["emas"][str(k)])
+        opts[k] = torch.optim.AdamW(pipe.scales[k].parameters(), lr=t.lr, betas=tuple(t.betas),
+                                    weight_decay=t.weight_decay)
+        opts[k].load_state_dict(s1["optimizers"][str(k)])
+    data = prepare_data(load_dataset(t.data, cfg.model.image_size), cfg.model.image_size)
+    stream = IndexStream(data.labels, t.batch_size, seed=t.seed, balance_classes=t.balance_classes)
+    ((step, x, y, _),) = list(iterate_batches(data, stream, 2, 2))
+    losses = pipe.training_losses(x, y, class_dropout=t.class_dropout, time_sampler=t.time_sampler,
+                                  noise=StepNoise(t.seed, 2))
+    sum(losses.values()).backward()
+    for k in (0, 1):
+        torch.nn.utils.clip_grad_norm_(pipe.scales[k].parameters(), t.grad_clip)
+        for g in opts[k].param_groups:
+            g["lr"] = learning_rate(t, 2, t.steps)
+        opts[k].step()
+        ema_update(ema.scales[k], pipe.scales[k], t.ema_decay)
+        for name, w in pipe.scales[k].state_dict().items():
+            torch.testing.assert_close(s2["models"][str(k)][name], w, atol=1e-7, rtol=1e-6)
+        for name, w in ema.scales[k].state_dict().items():
+            torch.testing.assert_close(s2["emas"][str(k)][name], w, atol=1e-7, rtol=1e-6)
+    assert [v for s, v in s2["history"]["0"] if s == 2][0] == pytest.approx(losses[0].item(), rel=1e-5)
+
+
+def test_each_scale_trains_its_own_number_of_steps(tiny_cfg, tmp_path):
+    cfg = _cfg(tiny_cfg, tmp_path, "train.scale_steps=[4, 2]", "train.log_every=1", "train.ckpt_every=1",
+               "train.keep_last=10")
+    result = train(cfg, progress=False)
+    assert [s for s, _ in result.history[0]] == [1, 2, 3, 4]
+    assert [s for s, _ in result.history[1]] == [1, 2]
+    states = {s: torch.load(p, weights_only=True) for s, p in list_checkpoints(tmp_path / "checkpoints")}
+    assert sorted(states) == [1, 2, 3, 4]
+    for name, w in states[2]["models"]["1"].items():  # scale 1 stops after its 2 steps ...
+        assert torch.equal(states[4]["models"]["1"][name], w)
+        assert torch.equal(states[4]["emas"]["1"][name], states[2]["emas"]["1"][name])
+    changed = [not torch.equal(states[4]["models"]["0"][n], w) for n, w in states[3]["models"]["0"].items()]
+    assert any(changed)  # ... while scale 0 goes on
+    moved = [not torch.equal(states[2]["models"]["1"][n], w) for n, w in states[1]["models"]["1"].items()]
+    assert any(moved)  # and its second step did update it
