@@ -7,7 +7,9 @@ run is a world of one and touches nothing in torch.distributed.
 
 from __future__ import annotations
 
+import gc
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -51,6 +53,7 @@ def init_world(device: str | None = None) -> World:
 
 def close_world(world: World) -> None:
     if world.distributed and dist.is_initialized():
+        gc.collect()  # sharded tensors in reference cycles would outlive the group and abort the exit
         dist.destroy_process_group()
 
 
@@ -68,10 +71,10 @@ def mean_over_ranks(values: torch.Tensor, world: World) -> torch.Tensor:
     return values
 
 
-def any_rank(flag: bool, world: World) -> bool:
-    """True on every process if ``flag`` is True on any (e.g. a Ctrl-C seen by one rank)."""
-    if not world.distributed:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=world.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+def any_rank(flags: Sequence[bool | torch.Tensor], world: World) -> list[bool]:
+    """Each flag, True on every process if it is True on any (a NaN loss, a Ctrl-C seen by one
+    rank, one rank's time limit). One all-reduce and one wait on the host for all of them."""
+    t = torch.stack([torch.as_tensor(f, dtype=torch.float32).to(world.device).reshape(()) for f in flags])
+    if world.distributed:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [v > 0 for v in t.tolist()]

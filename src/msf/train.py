@@ -22,6 +22,7 @@ Run directory (``train.out_dir``)::
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import signal
@@ -68,7 +69,7 @@ RESUMABLE_CHANGES = {
 
 @dataclass
 class TrainResult:
-    pipeline: MSFPipeline  # holds the EMA weights
+    pipeline: MSFPipeline | None  # the EMA weights (None on an FSDP run's other processes)
     history: dict[int, list[tuple[int, float]]] = field(default_factory=dict)  # k -> (step, loss)
     model_dir: Path | None = None
     checkpoint: Path | None = None
@@ -210,6 +211,136 @@ class _Logger:
             self.writer.close()
 
 
+# --------------------------------------------------------------------------- the state of a run
+
+
+@dataclass
+class TrainState:
+    """Everything a resumed run needs to continue as if never stopped.
+
+    The step, every scale's raw weights (``pipe``, what the optimizers update) and EMA
+    weights (``ema``, what samples), the optimizers, and the loss history. The randomness
+    has no state to keep: each draw of step s (batch, flips, times, noise, label dropout)
+    is a function of (seed, s), so the step is the RNG's position.
+    """
+
+    step: int
+    pipe: MSFPipeline
+    ema: MSFPipeline
+    opts: dict[int, torch.optim.Optimizer]
+    history: dict[int, list[tuple[int, float]]]
+    skipped: int = 0  # steps skipped for a non-finite loss
+
+    @classmethod
+    def create(cls, cfg: Config, world: World, data, bad_files: list[str], load_other_scales: bool = True
+               ) -> TrainState:
+        """Fresh networks (seeded), the EMA as their copy, FSDP shards, one AdamW per trained scale.
+
+        With ``model.normalize=std`` and no ``model.component_std`` yet, the std is measured on
+        ``data`` here and written into ``cfg`` (the run's own copy), before the EMA copies the config.
+        """
+        t, scales = cfg.train, trained_scales(cfg)
+        torch.manual_seed(t.seed)  # the same initial weights on every process
+        pipe = MSFPipeline(cfg.model).to(world.device)
+        if cfg.model.normalize == "std" and cfg.model.component_std is None:
+            cfg.model.component_std = _measure_std(pipe, data, t.seed, world.device, bad_files)
+        pipe.config = cfg.model
+        if load_other_scales and t.other_scales_from:
+            _load_other_scales(pipe, cfg, scales, Path(t.other_scales_from))
+        for k in scales:
+            pipe.scales[k].grad_checkpointing = t.grad_checkpointing
+        ema = MSFPipeline(cfg.model, autoencoder=pipe.autoencoder).to(world.device)
+        ema.scales.load_state_dict(pipe.scales.state_dict())
+        ema.requires_grad_(False).eval()
+        if t.fsdp:
+            if not world.distributed:
+                raise ConfigError("train.fsdp=true needs several processes: launch with torchrun")
+            for k in scales:
+                shard(pipe.scales[k])
+                shard(ema.scales[k])
+        opts = {k: torch.optim.AdamW(pipe.scales[k].parameters(), lr=t.lr, betas=tuple(t.betas),
+                                     weight_decay=t.weight_decay)
+                for k in scales}
+        return cls(step=0, pipe=pipe, ema=ema, opts=opts, history={k: [] for k in scales})
+
+    def state_dict(self) -> dict:
+        """Full (unsharded) state dicts on the CPU; collective under FSDP: every process calls it."""
+        scales = range(self.pipe.num_scales)
+        return {
+            "models": {str(k): get_model_state_dict(self.pipe.scales[k], options=_FULL) for k in scales},
+            "emas": {str(k): get_model_state_dict(self.ema.scales[k], options=_FULL) for k in scales},
+            "optimizers": {str(k): get_optimizer_state_dict(self.pipe.scales[k], o, options=_FULL)
+                           for k, o in self.opts.items()},
+            "history": {str(k): [list(p) for p in v] for k, v in self.history.items()},
+            "step": self.step,
+            "skipped": self.skipped,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        load = StateDictOptions(full_state_dict=True)
+        for k in range(self.pipe.num_scales):
+            set_model_state_dict(self.pipe.scales[k], state["models"][str(k)], options=load)
+            set_model_state_dict(self.ema.scales[k], state["emas"][str(k)], options=load)
+        for k, opt in self.opts.items():
+            set_optimizer_state_dict(self.pipe.scales[k], opt, state["optimizers"][str(k)], options=load)
+        self.history = {int(k): [tuple(p) for p in v] for k, v in state["history"].items()}
+        self.step, self.skipped = int(state["step"]), int(state.get("skipped", 0))
+
+
+# --------------------------------------------------------------------------- one step
+
+
+@dataclass
+class StepResult:
+    losses: dict[int, torch.Tensor]  # per active scale, detached, on the device
+    grad_norms: dict[int, torch.Tensor]  # before clipping (empty when clipping is off)
+    finite: bool  # False: the loss was NaN/Inf on some process and nothing was updated
+    stop: bool  # some process asked to stop (Ctrl-C, SIGTERM, time limit) after this step
+
+
+def train_step(state: TrainState, batch, cfg: TrainConfig, nets: dict[int, nn.Module], world: World,
+               stop_requested: bool = False) -> StepResult:
+    """One step of the method for every scale still training (its step count not reached).
+
+    Algorithms 1-2 and eq. 5 (``MSFPipeline.training_losses``: factorize, priors, the loss per
+    scale), then backward, gradient clipping, the scheduled learning rate, AdamW and the EMA.
+    ``batch`` is ``(images or (z, base) latents, labels)`` on the device. Every random draw
+    comes from ``StepNoise(seed, step)``. The step waits on the host once: for the finiteness
+    of the loss, agreed over all processes together with ``stop_requested``.
+    """
+    step = state.step + 1
+    active = [k for k in state.opts if step <= cfg.steps_for(k)]
+    inputs, labels = batch
+    images, latents = (None, inputs) if isinstance(inputs, tuple) else (inputs, None)
+    with autocast(world.device, cfg.precision):
+        losses = state.pipe.training_losses(
+            images, labels, active, latents=latents, class_dropout=cfg.class_dropout,
+            time_sampler=cfg.time_sampler, logit_mean=cfg.logit_mean, logit_std=cfg.logit_std,
+            noise=StepNoise(cfg.seed, step, world.rank, world.size), nets=nets,
+        )
+    total = sum(losses.values())
+    nonfinite, stop = any_rank([~torch.isfinite(total.detach()), stop_requested], world)
+    if nonfinite:
+        state.step = step
+        return StepResult({k: v.detach() for k, v in losses.items()}, {}, False, stop)
+    total.backward()
+    grad_norms = {}
+    for k in active:
+        net, opt = state.pipe.scales[k], state.opts[k]
+        if cfg.grad_clip > 0:
+            grad_norms[k] = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
+        for g in opt.param_groups:
+            g["lr"] = learning_rate(cfg, step, cfg.steps_for(k))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        ema_update(state.ema.scales[k], net, cfg.ema_decay)
+    state.step = step
+    return StepResult({k: v.detach() for k, v in losses.items()}, grad_norms, True, stop)
+
+
+# --------------------------------------------------------------------------- the loop
+
+
 def train(
     cfg: Config,
     *,
@@ -224,39 +355,158 @@ def train(
 
     ``device``: "cpu", "cuda", or None for CUDA when available. ``resume`` continues
     from the newest checkpoint in the run directory (or starts fresh, saying so,
-    when there is none). ``max_seconds`` stops early at a step
-    boundary. Under torchrun every process calls this; the main one writes files.
+    when there is none). ``max_seconds`` stops early at a step boundary. ``cfg`` is
+    not changed: the run's resolved config (class names from the data, measured
+    component std) is the returned pipeline's and the run directory's. Under torchrun
+    every process calls this; the main one writes files.
     """
     validate(cfg)
-    t = cfg.train
     world = init_world(None if device is None else str(device))
     try:
-        return _train(cfg, t, world, data, progress, max_seconds, save, resume)
+        return _run(copy.deepcopy(cfg), world, data, progress, max_seconds, save, resume)
     finally:
         close_world(world)
 
 
-def _train(cfg: Config, t: TrainConfig, world: World, data, progress: bool,
-           max_seconds: float | None, save: bool, resume: bool) -> TrainResult:
-    dev = world.device
+def _run(cfg: Config, world: World, data, progress: bool, max_seconds: float | None, save: bool,
+         resume: bool) -> TrainResult:
+    t, dev = cfg.train, world.device
     if t.batch_size % world.size:
         raise ConfigError(f"train.batch_size={t.batch_size} (global) is not divisible by the "
                           f"{world.size} processes")
     out = Path(t.out_dir)
     ckpt_dir = out / "checkpoints"
 
-    state, state_path = None, None
-    if resume:
-        found = load_latest(ckpt_dir)
-        if found is None:
-            if world.is_main:
-                print(f"[msf] no checkpoint in {ckpt_dir}: starting from scratch", flush=True)
-        else:
-            state, state_path = found
-            saved = from_dict(Config, state["config"], "checkpoint config")
-            _check_resume(cfg, saved, state_path)
-            cfg.model.component_std = saved.model.component_std
+    # -- data, and the model config it completes (class names; component std from the data or the checkpoint)
+    data = _open_data(cfg, data)
+    found = load_latest(ckpt_dir) if resume else None
+    if resume and found is None and world.is_main:
+        print(f"[msf] no checkpoint in {ckpt_dir}: starting from scratch", flush=True)
+    if found is not None:
+        saved = from_dict(Config, found[0]["config"], "checkpoint config")
+        _check_resume(cfg, saved, found[1])
+        cfg.model.component_std = saved.model.component_std
 
+    # -- networks, EMA, optimizers; then the checkpoint's state, if resuming
+    bad_files: list[str] = []
+    state = TrainState.create(cfg, world, data, bad_files, load_other_scales=found is None)
+    if found is not None:
+        state.load_state_dict(found[0])
+    scales = trained_scales(cfg)
+    nets = {k: _wrap(state.pipe.scales[k], t, world) for k in scales}
+
+    # -- run directory, logs, checkpoints
+    logger = _Logger(out, t.tensorboard and world.is_main and save)
+    if save and world.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    last_ckpt = found[1] if found else None
+    saved_step = state.step if found else -1
+
+    def checkpoint() -> Path | None:
+        nonlocal saved_step
+        saved_step, path = state.step, None
+        full = state.state_dict()  # collective under FSDP
+        if world.is_main:
+            path = save_checkpoint(ckpt_dir, state.step, {"config": to_dict(cfg), **full,
+                                                          "world_size": world.size})
+            prune(ckpt_dir, t.keep_last, t.keep_every)
+        barrier(world)
+        return path
+
+    # -- the loop
+    total_steps = max(t.steps_for(k) for k in scales)
+    start_step = state.step
+    stream = IndexStream(data.labels, t.batch_size, seed=t.seed, balance_classes=t.balance_classes)
+    running = torch.zeros(len(scales), dtype=torch.float64, device=dev)  # loss sums since the last log
+    n_running, grad_norms = 0, {}
+    stop, interrupted = StopRequest(), False
+    bar = tqdm(total=total_steps, initial=start_step, disable=not (progress and world.is_main),
+               desc="train", dynamic_ncols=True)
+    started = time.perf_counter()
+    state.pipe.train()
+    with stop.installed():
+        batches = iterate_batches(data, stream, start_step + 1, total_steps, rank=world.rank,
+                                  world=world.size, num_workers=t.num_workers)
+        for step, x, y, bad in batches:
+            if bad:
+                _report_bad_files(bad, bad_files, world)
+            x = tuple(None if v is None else v.to(dev, non_blocking=True) for v in x) \
+                if isinstance(x, tuple) else x.to(dev, non_blocking=True)
+            out_of_time = max_seconds is not None and time.perf_counter() - started > max_seconds
+            result = train_step(state, (x, y.to(dev)), t, nets, world, stop.requested or out_of_time)
+            if not result.finite:
+                if t.on_nonfinite == "stop":
+                    bad_k = [k for k, v in result.losses.items() if not torch.isfinite(v)]
+                    where = f"; the last good checkpoint is {last_ckpt}" if last_ckpt else ""
+                    raise FloatingPointError(
+                        f"non-finite loss at step {step} (scale(s) {bad_k or 'on another process'})"
+                        f"{where}. Lower train.lr (now {t.lr}), check the data, or set "
+                        "train.on_nonfinite=skip"
+                    )
+                state.skipped += 1
+            else:
+                running += torch.stack([result.losses[k].double() if k in result.losses
+                                        else running.new_zeros(()) for k in scales])
+                n_running += 1
+                grad_norms |= result.grad_norms
+
+                # -- log, sample, checkpoint
+                if step % t.log_every == 0 or step == total_steps:
+                    active = list(result.losses)
+                    mean = mean_over_ranks(running / n_running, world).cpu()
+                    for i, k in enumerate(scales):
+                        if k in active:
+                            state.history[k].append((step, float(mean[i])))
+                    running.zero_()
+                    n_running = 0
+                    rate = (step - start_step) * t.batch_size / (time.perf_counter() - started)
+                    bar.set_postfix({f"loss{k}": f"{state.history[k][-1][1]:.4f}" for k in active}
+                                    | {"img/s": f"{rate:.0f}"})
+                    logger.scalars(step, {f"loss/scale{k}": state.history[k][-1][1] for k in active}
+                                   | {f"grad_norm/scale{k}": float(grad_norms.get(k, 0.0)) for k in active}
+                                   | {f"lr/scale{k}": learning_rate(t, step, t.steps_for(k)) for k in active}
+                                   | {"images_per_second": rate})
+                if t.sample_every and step % t.sample_every == 0 and save:
+                    plain = _gathered(state.ema, cfg, world)
+                    if plain is not None:
+                        path = _sample_grid(plain, out / "samples" / f"step_{step:09d}.png", dev)
+                        logger.image(step, "samples", path)
+                if save and t.ckpt_every and step % t.ckpt_every == 0:
+                    last_ckpt = checkpoint()
+            bar.update(1)
+            if result.stop:
+                interrupted = stop.requested
+                break
+    bar.close()
+    seconds = time.perf_counter() - started
+    logger.close()
+
+    # -- the end: a last checkpoint, the EMA model directory, the losses
+    if save and saved_step != state.step:
+        last_ckpt = checkpoint()
+    # Under FSDP the main process gathers whole weights; the others return none: shards kept past
+    # the process group's end hold its threads, and the process aborted at exit (1 run in ~10).
+    ema = _gathered(state.ema, cfg, world) if t.fsdp else state.ema
+    history, steps, skipped = state.history, state.step, state.skipped
+    result = TrainResult(
+        pipeline=ema, history=history, checkpoint=last_ckpt, seconds=seconds, steps=steps,
+        images_per_second=(steps - start_step) * t.batch_size / max(seconds, 1e-9),
+        skipped=skipped, interrupted=interrupted,
+    )
+    if save and world.is_main:
+        result.model_dir = ema.save_pretrained(out / "model", extra={"train": to_dict(t)})
+        (out / "losses.json").write_text(json.dumps({str(k): v for k, v in history.items()}))
+    if bad_files and world.is_main:
+        warnings.warn(f"{len(bad_files)} unreadable image reads were replaced by their neighbours; "
+                      f"first: {bad_files[:5]}", stacklevel=2)
+    return result
+
+
+def _open_data(cfg: Config, data):
+    """The training data (``train.data`` unless given), resized once if in memory; fills in
+    ``model.class_names`` from it when the config has none and the class counts agree."""
+    t = cfg.train
     data = load_dataset(t.data, cfg.model.image_size, t.strict_data) if data is None else data
     if data.num_classes > cfg.model.num_classes:
         raise ConfigError(
@@ -268,195 +518,22 @@ def _train(cfg: Config, t: TrainConfig, world: World, data, progress: bool,
         data = prepare_data(data, cfg.model.image_size)
     if isinstance(data, LatentCache):
         data.check_model(cfg)
+    return data
 
-    bad_files: list[str] = []
-    torch.manual_seed(t.seed)  # the same initial weights on every process
-    pipe = MSFPipeline(cfg.model).to(dev)
-    if cfg.model.normalize == "std" and cfg.model.component_std is None:
-        cfg.model.component_std = _measure_std(pipe, data, t.seed, dev, bad_files)
-    pipe.config = cfg.model
 
-    scales = trained_scales(cfg)
-    if t.other_scales_from and state is None:
-        _load_other_scales(pipe, cfg, scales, Path(t.other_scales_from))
-    for k in scales:
-        pipe.scales[k].grad_checkpointing = t.grad_checkpointing
-    ema = MSFPipeline(cfg.model, autoencoder=pipe.autoencoder).to(dev)  # shares the autoencoder
-    ema.scales.load_state_dict(pipe.scales.state_dict())
-    ema.requires_grad_(False).eval()
-    if t.fsdp:
-        if not world.distributed:
-            raise ConfigError("train.fsdp=true needs several processes: launch with torchrun")
-        for k in scales:
-            shard(pipe.scales[k])
-            shard(ema.scales[k])
-    opts = {
-        k: torch.optim.AdamW(pipe.scales[k].parameters(), lr=t.lr, betas=tuple(t.betas),
-                             weight_decay=t.weight_decay)
-        for k in scales
-    }
-    history: dict[int, list[tuple[int, float]]] = {k: [] for k in scales}
-    start_step, skipped = 0, 0
-    if state is not None:
-        load = StateDictOptions(full_state_dict=True)
-        for k in range(pipe.num_scales):
-            set_model_state_dict(pipe.scales[k], state["models"][str(k)], options=load)
-            set_model_state_dict(ema.scales[k], state["emas"][str(k)], options=load)
-        for k in scales:
-            set_optimizer_state_dict(pipe.scales[k], opts[k], state["optimizers"][str(k)],
-                                     options=load)
-        history = {int(k): [tuple(p) for p in v] for k, v in state["history"].items()}
-        start_step, skipped = int(state["step"]), int(state.get("skipped", 0))
+def _wrap(net: nn.Module, t: TrainConfig, world: World) -> nn.Module:
+    """What the step calls for a scale's network: DDP across processes (FSDP shards in place), compiled."""
+    if world.distributed and not t.fsdp:
+        net = nn.parallel.DistributedDataParallel(
+            net, device_ids=[world.device.index] if world.device.type == "cuda" else None)
+    return torch.compile(net) if t.compile else net
 
-    nets: dict[int, nn.Module] = {}
-    for k in scales:
-        net: nn.Module = pipe.scales[k]
-        if world.distributed and not t.fsdp:
-            net = nn.parallel.DistributedDataParallel(
-                net, device_ids=[dev.index] if dev.type == "cuda" else None
-            )
-        if t.compile:
-            net = torch.compile(net)
-        nets[k] = net
 
-    total_steps = max(t.steps_for(k) for k in scales)
-    stream = IndexStream(data.labels, t.batch_size, seed=t.seed, balance_classes=t.balance_classes)
-    logger = _Logger(out, t.tensorboard and world.is_main and save)
-    if save and world.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
-
-    saved_step = start_step if state is not None else -1
-
-    def checkpoint(step: int) -> Path | None:
-        nonlocal saved_step
-        if not save:
-            return None
-        saved_step, path = step, None
-        # Gathering full state dicts is collective under FSDP: every process takes part.
-        models = {str(k): get_model_state_dict(s, options=_FULL) for k, s in enumerate(pipe.scales)}
-        emas = {str(k): get_model_state_dict(s, options=_FULL) for k, s in enumerate(ema.scales)}
-        optims = {str(k): get_optimizer_state_dict(pipe.scales[k], o, options=_FULL)
-                  for k, o in opts.items()}
-        if world.is_main:
-            path = save_checkpoint(ckpt_dir, step, {
-                "config": to_dict(cfg),
-                "models": models,
-                "emas": emas,
-                "optimizers": optims,
-                "history": {str(k): [list(p) for p in v] for k, v in history.items()},
-                "skipped": skipped,
-                "world_size": world.size,
-            })
-            prune(ckpt_dir, t.keep_last, t.keep_every)
-        barrier(world)
-        return path
-
-    running = torch.zeros(len(scales), dtype=torch.float64)
-    n_running, grad_norms = 0, {k: 0.0 for k in scales}
-    stop = StopRequest()
-    step, last_ckpt, interrupted = start_step, state_path, False
-    bar = tqdm(total=total_steps, initial=start_step, disable=not (progress and world.is_main),
-               desc="train", dynamic_ncols=True)
-    started = time.perf_counter()
-    pipe.train()
-    with stop.installed():
-        batches = iterate_batches(data, stream, start_step + 1, total_steps, rank=world.rank,
-                                  world=world.size, num_workers=t.num_workers)
-        for step, x, y, bad in batches:
-            if bad:
-                first = not bad_files
-                bad_files += bad
-                if first and world.is_main:
-                    warnings.warn(f"unreadable images skipped (first: {bad[:3]}); "
-                                  "set train.strict_data=true to stop instead", stacklevel=2)
-            active = [k for k in scales if step <= t.steps_for(k)]
-            if isinstance(x, tuple):  # (z, base) from the latent cache
-                latents = tuple(None if v is None else v.to(dev, non_blocking=True) for v in x)
-                x = None
-            else:
-                latents, x = None, x.to(dev, non_blocking=True)
-            with autocast(dev, t.precision):
-                losses = pipe.training_losses(
-                    x, y.to(dev), active, latents=latents, class_dropout=t.class_dropout,
-                    time_sampler=t.time_sampler, logit_mean=t.logit_mean, logit_std=t.logit_std,
-                    noise=StepNoise(t.seed, step, world.rank, world.size), nets=nets,
-                )
-            total = sum(losses.values())
-            if any_rank(not bool(torch.isfinite(total)), world):
-                bad_k = [k for k, v in losses.items() if not torch.isfinite(v)]
-                if t.on_nonfinite == "stop":
-                    where = f"; the last good checkpoint is {last_ckpt}" if last_ckpt else ""
-                    raise FloatingPointError(
-                        f"non-finite loss at step {step} (scale(s) {bad_k or 'on another process'})"
-                        f"{where}. Lower train.lr (now {t.lr}), check the data, or set "
-                        "train.on_nonfinite=skip"
-                    )
-                skipped += 1
-                for k in active:
-                    opts[k].zero_grad(set_to_none=True)
-                bar.update(1)
-                continue
-            total.backward()
-            for k in active:
-                if t.grad_clip > 0:
-                    grad_norms[k] = float(torch.nn.utils.clip_grad_norm_(
-                        pipe.scales[k].parameters(), t.grad_clip))
-                for g in opts[k].param_groups:
-                    g["lr"] = learning_rate(t, step, t.steps_for(k))
-                opts[k].step()
-                opts[k].zero_grad(set_to_none=True)
-                ema_update(ema.scales[k], pipe.scales[k], t.ema_decay)
-            running += torch.tensor([losses[k].item() if k in losses else 0.0 for k in scales],
-                                    dtype=torch.float64)
-            n_running += 1
-
-            if step % t.log_every == 0 or step == total_steps:
-                mean = mean_over_ranks((running / n_running).to(dev), world).cpu()
-                for i, k in enumerate(scales):
-                    if k in active:
-                        history[k].append((step, float(mean[i])))
-                running.zero_()
-                n_running = 0
-                rate = (step - start_step) * t.batch_size / (time.perf_counter() - started)
-                bar.set_postfix({f"loss{k}": f"{history[k][-1][1]:.4f}" for k in active}
-                                | {"img/s": f"{rate:.0f}"})
-                logger.scalars(step, {f"loss/scale{k}": history[k][-1][1] for k in active}
-                               | {f"grad_norm/scale{k}": grad_norms[k] for k in active}
-                               | {f"lr/scale{k}": learning_rate(t, step, t.steps_for(k)) for k in active}
-                               | {"images_per_second": rate})
-            if t.sample_every and step % t.sample_every == 0 and save:
-                plain = _gathered(ema, cfg, world)
-                if plain is not None:
-                    path = _sample_grid(plain, out / "samples" / f"step_{step:09d}.png", dev)
-                    logger.image(step, "samples", path)
-            if t.ckpt_every and step % t.ckpt_every == 0:
-                last_ckpt = checkpoint(step)
-            bar.update(1)
-            out_of_time = max_seconds is not None and time.perf_counter() - started > max_seconds
-            if any_rank(stop.requested, world) or out_of_time:
-                interrupted = stop.requested
-                break
-    bar.close()
-    seconds = time.perf_counter() - started
-    logger.close()
-
-    if save and saved_step != step:
-        last_ckpt = checkpoint(step)
-    if t.fsdp:
-        ema = _gathered(ema, cfg, world) or ema
-    result = TrainResult(
-        pipeline=ema, history=history, checkpoint=last_ckpt, seconds=seconds, steps=step,
-        images_per_second=(step - start_step) * t.batch_size / max(seconds, 1e-9),
-        skipped=skipped, interrupted=interrupted,
-    )
-    if save and world.is_main:
-        result.model_dir = ema.save_pretrained(out / "model", extra={"train": to_dict(t)})
-        (out / "losses.json").write_text(json.dumps({str(k): v for k, v in history.items()}))
-    if bad_files and world.is_main:
-        warnings.warn(f"{len(bad_files)} unreadable image reads were replaced by their neighbours; "
-                      f"first: {bad_files[:5]}", stacklevel=2)
-    return result
+def _report_bad_files(bad: list[str], seen: list[str], world: World) -> None:
+    if not seen and world.is_main:
+        warnings.warn(f"unreadable images skipped (first: {bad[:3]}); "
+                      "set train.strict_data=true to stop instead", stacklevel=3)
+    seen += bad
 
 
 def _measure_std(pipe: MSFPipeline, data, seed: int, dev, bad_files: list[str]) -> list[float]:
