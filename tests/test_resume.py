@@ -190,3 +190,13 @@ def test_run_directory_contents(tmp_path):
         assert logged == [(s, pytest.approx(v, rel=1e-6)) for s, v in losses[k]]
     assert {"grad_norm/scale0", "lr/scale1", "images_per_second"} <= set(events.Tags()["scalars"])
     assert len(events.Images("samples")) == 2
+
+
+def test_resume_of_a_config_without_class_names(tmp_path):
+    # The paper presets name no classes: the data's names fill them in, before the resume check.
+    extra = ["model.class_names=null", "train.lr_schedule=constant"]
+    first = train(_cfg(tmp_path / "a", 2, extra), progress=False)
+    assert first.pipeline.config.class_names[0] == "Smileys & Emotion"
+    cfg = _cfg(tmp_path / "a", 4, extra)
+    more = train(cfg, progress=False, resume=True)
+    assert more.steps == 4 and cfg.model.class_names is None  # the caller's config is not changed
