@@ -153,8 +153,12 @@ class StopRequest:
                 signal.signal(sig, old)
 
 
-def _check_resume(cfg: Config, saved: Config, path: Path) -> None:
-    """A checkpoint must belong to this model; train changes that alter the run are warned about."""
+def _check_resume(cfg: Config, found: tuple[dict, Path]) -> None:
+    """A checkpoint must belong to this model; train changes that alter the run are warned about.
+
+    The run then takes the checkpoint's measured ``model.component_std``.
+    """
+    saved, path = from_dict(Config, found[0]["config"], "checkpoint config"), found[1]
     a, b = to_dict(cfg.model), to_dict(saved.model)
     a["component_std"] = b["component_std"] = None
     if a != b:
@@ -176,6 +180,7 @@ def _check_resume(cfg: Config, saved: Config, path: Path) -> None:
             f"resuming with train settings changed from the checkpoint's: {changed}; "
             "the run will not equal an uninterrupted one", stacklevel=3,
         )
+    cfg.model.component_std = saved.model.component_std
 
 
 class _Logger:
@@ -375,17 +380,13 @@ def _run(cfg: Config, world: World, data, progress: bool, max_seconds: float | N
         raise ConfigError(f"train.batch_size={t.batch_size} (global) is not divisible by the "
                           f"{world.size} processes")
     out = Path(t.out_dir)
-    ckpt_dir = out / "checkpoints"
+    ckpts = _Checkpoints(out / "checkpoints", cfg, world, enabled=save)
 
     # -- data, and the model config it completes (class names; component std from the data or the checkpoint)
     data = _open_data(cfg, data)
-    found = load_latest(ckpt_dir) if resume else None
-    if resume and found is None and world.is_main:
-        print(f"[msf] no checkpoint in {ckpt_dir}: starting from scratch", flush=True)
+    found = ckpts.latest() if resume else None
     if found is not None:
-        saved = from_dict(Config, found[0]["config"], "checkpoint config")
-        _check_resume(cfg, saved, found[1])
-        cfg.model.component_std = saved.model.component_std
+        _check_resume(cfg, found)
 
     # -- networks, EMA, optimizers; then the checkpoint's state, if resuming
     bad_files: list[str] = []
@@ -394,41 +395,22 @@ def _run(cfg: Config, world: World, data, progress: bool, max_seconds: float | N
         state.load_state_dict(found[0])
     scales = trained_scales(cfg)
     nets = {k: _wrap(state.pipe.scales[k], t, world) for k in scales}
-
-    # -- run directory, logs, checkpoints
-    logger = _Logger(out, t.tensorboard and world.is_main and save)
     if save and world.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
-    last_ckpt = found[1] if found else None
-    saved_step = state.step if found else -1
+    losses = _LossLog(state, scales, t, world, _Logger(out, t.tensorboard and world.is_main and save))
 
-    def checkpoint() -> Path | None:
-        nonlocal saved_step
-        saved_step, path = state.step, None
-        full = state.state_dict()  # collective under FSDP
-        if world.is_main:
-            path = save_checkpoint(ckpt_dir, state.step, {"config": to_dict(cfg), **full,
-                                                          "world_size": world.size})
-            prune(ckpt_dir, t.keep_last, t.keep_every)
-        barrier(world)
-        return path
-
-    # -- the loop
-    total_steps = max(t.steps_for(k) for k in scales)
-    start_step = state.step
+    # -- the loop: a step, then its log, sample grid and checkpoint when due
+    total_steps, start_step = max(t.steps_for(k) for k in scales), state.step
     stream = IndexStream(data.labels, t.batch_size, seed=t.seed, balance_classes=t.balance_classes)
-    running = torch.zeros(len(scales), dtype=torch.float64, device=dev)  # loss sums since the last log
-    n_running, grad_norms = 0, {}
     stop, interrupted = StopRequest(), False
     bar = tqdm(total=total_steps, initial=start_step, disable=not (progress and world.is_main),
                desc="train", dynamic_ncols=True)
     started = time.perf_counter()
     state.pipe.train()
     with stop.installed():
-        batches = iterate_batches(data, stream, start_step + 1, total_steps, rank=world.rank,
-                                  world=world.size, num_workers=t.num_workers)
-        for step, x, y, bad in batches:
+        for step, x, y, bad in iterate_batches(data, stream, start_step + 1, total_steps, rank=world.rank,
+                                               world=world.size, num_workers=t.num_workers):
             if bad:
                 _report_bad_files(bad, bad_files, world)
             x = tuple(None if v is None else v.to(dev, non_blocking=True) for v in x) \
@@ -436,71 +418,116 @@ def _run(cfg: Config, world: World, data, progress: bool, max_seconds: float | N
             out_of_time = max_seconds is not None and time.perf_counter() - started > max_seconds
             result = train_step(state, (x, y.to(dev)), t, nets, world, stop.requested or out_of_time)
             if not result.finite:
-                if t.on_nonfinite == "stop":
-                    bad_k = [k for k, v in result.losses.items() if not torch.isfinite(v)]
-                    where = f"; the last good checkpoint is {last_ckpt}" if last_ckpt else ""
-                    raise FloatingPointError(
-                        f"non-finite loss at step {step} (scale(s) {bad_k or 'on another process'})"
-                        f"{where}. Lower train.lr (now {t.lr}), check the data, or set "
-                        "train.on_nonfinite=skip"
-                    )
+                _nonfinite(result, step, t, ckpts.last)
                 state.skipped += 1
             else:
-                running += torch.stack([result.losses[k].double() if k in result.losses
-                                        else running.new_zeros(()) for k in scales])
-                n_running += 1
-                grad_norms |= result.grad_norms
-
-                # -- log, sample, checkpoint
+                losses.add(result)
                 if step % t.log_every == 0 or step == total_steps:
-                    active = list(result.losses)
-                    mean = mean_over_ranks(running / n_running, world).cpu()
-                    for i, k in enumerate(scales):
-                        if k in active:
-                            state.history[k].append((step, float(mean[i])))
-                    running.zero_()
-                    n_running = 0
                     rate = (step - start_step) * t.batch_size / (time.perf_counter() - started)
-                    bar.set_postfix({f"loss{k}": f"{state.history[k][-1][1]:.4f}" for k in active}
-                                    | {"img/s": f"{rate:.0f}"})
-                    logger.scalars(step, {f"loss/scale{k}": state.history[k][-1][1] for k in active}
-                                   | {f"grad_norm/scale{k}": float(grad_norms.get(k, 0.0)) for k in active}
-                                   | {f"lr/scale{k}": learning_rate(t, step, t.steps_for(k)) for k in active}
-                                   | {"images_per_second": rate})
-                if t.sample_every and step % t.sample_every == 0 and save:
+                    bar.set_postfix(losses.write(step, list(result.losses), rate))
+                if save and t.sample_every and step % t.sample_every == 0:
                     plain = _gathered(state.ema, cfg, world)
                     if plain is not None:
                         path = _sample_grid(plain, out / "samples" / f"step_{step:09d}.png", dev)
-                        logger.image(step, "samples", path)
-                if save and t.ckpt_every and step % t.ckpt_every == 0:
-                    last_ckpt = checkpoint()
+                        losses.logger.image(step, "samples", path)
+                if t.ckpt_every and step % t.ckpt_every == 0:
+                    ckpts.save(state)
             bar.update(1)
             if result.stop:
                 interrupted = stop.requested
                 break
     bar.close()
     seconds = time.perf_counter() - started
-    logger.close()
+    losses.logger.close()
 
     # -- the end: a last checkpoint, the EMA model directory, the losses
-    if save and saved_step != state.step:
-        last_ckpt = checkpoint()
+    if ckpts.saved_step != state.step:
+        ckpts.save(state)
+    result = TrainResult(
+        pipeline=None, history=state.history, checkpoint=ckpts.last, seconds=seconds, steps=state.step,
+        images_per_second=(state.step - start_step) * t.batch_size / max(seconds, 1e-9),
+        skipped=state.skipped, interrupted=interrupted,
+    )
     # Under FSDP the main process gathers whole weights; the others return none: shards kept past
     # the process group's end hold its threads, and the process aborted at exit (1 run in ~10).
-    ema = _gathered(state.ema, cfg, world) if t.fsdp else state.ema
-    history, steps, skipped = state.history, state.step, state.skipped
-    result = TrainResult(
-        pipeline=ema, history=history, checkpoint=last_ckpt, seconds=seconds, steps=steps,
-        images_per_second=(steps - start_step) * t.batch_size / max(seconds, 1e-9),
-        skipped=skipped, interrupted=interrupted,
-    )
+    result.pipeline = _gathered(state.ema, cfg, world) if t.fsdp else state.ema
     if save and world.is_main:
-        result.model_dir = ema.save_pretrained(out / "model", extra={"train": to_dict(t)})
-        (out / "losses.json").write_text(json.dumps({str(k): v for k, v in history.items()}))
+        result.model_dir = result.pipeline.save_pretrained(out / "model", extra={"train": to_dict(t)})
+        (out / "losses.json").write_text(json.dumps({str(k): v for k, v in state.history.items()}))
     if bad_files and world.is_main:
         warnings.warn(f"{len(bad_files)} unreadable image reads were replaced by their neighbours; "
                       f"first: {bad_files[:5]}", stacklevel=2)
     return result
+
+
+class _Checkpoints:
+    """The run's checkpoints: the newest to resume from, and saving (atomic, then pruned)."""
+
+    def __init__(self, directory: Path, cfg: Config, world: World, enabled: bool):
+        self.directory, self.cfg, self.world, self.enabled = directory, cfg, world, enabled
+        self.last: Path | None = None  # the newest good checkpoint, for error messages and the result
+        self.saved_step = -1
+
+    def latest(self) -> tuple[dict, Path] | None:
+        found = load_latest(self.directory)
+        if found is None and self.world.is_main:
+            print(f"[msf] no checkpoint in {self.directory}: starting from scratch", flush=True)
+        if found is not None:
+            self.last, self.saved_step = found[1], int(found[0]["step"])
+        return found
+
+    def save(self, state: TrainState) -> None:
+        if not self.enabled:
+            return
+        full = state.state_dict()  # collective under FSDP: every process takes part
+        if self.world.is_main:
+            self.last = save_checkpoint(self.directory, state.step, {
+                "config": to_dict(self.cfg), **full, "world_size": self.world.size})
+            prune(self.directory, self.cfg.train.keep_last, self.cfg.train.keep_every)
+        self.saved_step = state.step
+        barrier(self.world)
+
+
+class _LossLog:
+    """Per-scale losses summed on the device between logs (no wait on the host per step), then
+    averaged over steps and processes into the history, the progress bar and TensorBoard."""
+
+    def __init__(self, state: TrainState, scales: list[int], t: TrainConfig, world: World, logger: _Logger):
+        self.state, self.scales, self.t, self.world, self.logger = state, scales, t, world, logger
+        self.running = torch.zeros(len(scales), dtype=torch.float64, device=world.device)
+        self.count = 0
+        self.grad_norms: dict[int, torch.Tensor] = {}
+
+    def add(self, result: StepResult) -> None:
+        self.running += torch.stack([result.losses[k].double() if k in result.losses
+                                     else self.running.new_zeros(()) for k in self.scales])
+        self.count += 1
+        self.grad_norms |= result.grad_norms
+
+    def write(self, step: int, active: list[int], rate: float) -> dict[str, str]:
+        mean = mean_over_ranks(self.running / self.count, self.world).cpu()
+        for i, k in enumerate(self.scales):
+            if k in active:
+                self.state.history[k].append((step, float(mean[i])))
+        self.running.zero_()
+        self.count = 0
+        last = {k: self.state.history[k][-1][1] for k in active}
+        lr = {f"lr/scale{k}": learning_rate(self.t, step, self.t.steps_for(k)) for k in active}
+        self.logger.scalars(step, {f"loss/scale{k}": v for k, v in last.items()}
+                            | {f"grad_norm/scale{k}": float(self.grad_norms.get(k, 0.0)) for k in active}
+                            | lr | {"images_per_second": rate})
+        return {f"loss{k}": f"{v:.4f}" for k, v in last.items()} | {"img/s": f"{rate:.0f}"}
+
+
+def _nonfinite(result: StepResult, step: int, t: TrainConfig, last_ckpt: Path | None) -> None:
+    """Stop with a message that says what to do (``train.on_nonfinite=stop``), or let the step be skipped."""
+    if t.on_nonfinite == "stop":
+        bad = [k for k, v in result.losses.items() if not torch.isfinite(v)]
+        where = f"; the last good checkpoint is {last_ckpt}" if last_ckpt else ""
+        raise FloatingPointError(
+            f"non-finite loss at step {step} (scale(s) {bad or 'on another process'}){where}. "
+            f"Lower train.lr (now {t.lr}), check the data, or set train.on_nonfinite=skip"
+        )
 
 
 def _open_data(cfg: Config, data):
