@@ -1,4 +1,4 @@
-"""Backbone speed on this machine: the levers behind msf.models' choices.
+"""Backbone speed on this machine: the levers behind msf.speed's choices.
 
 Prints four tables, each measured in one run, interleaved, as ratios:
 
@@ -12,7 +12,7 @@ Prints four tables, each measured in one run, interleaved, as ratios:
    forward and forward + backward (bf16 autocast, and bf16 weights): seconds, ratio,
    and the fraction of the bf16 matrix-product rate measured in the same run on the
    sizes of one block's Linear layers. ``--compile`` adds, for both models,
-   ``msf.models.compile_for_inference`` and a ``torch.compile``'d training step.
+   ``msf.speed.compile_for_inference`` and a ``torch.compile``'d training step.
 
     python benchmarks/backbone.py [--repeats 5] [--sections 1,2,3,4] [--compile] [--configs small,xl]
     python benchmarks/backbone.py --quick      # smoke run: small sizes, 2 repeats
@@ -32,8 +32,9 @@ from timing import interleaved, machine  # benchmarks/timing.py, beside this scr
 
 from msf.config import AutoencoderConfig, ModelConfig, ScaleConfig, preset
 from msf.info import scale_infos
-from msf.models import DiT, compile_for_inference, inference_copy
+from msf.models import DiT
 from msf.pipeline import autocast, build_scale_networks
+from msf.speed import compile_for_inference, inference_copy
 
 
 def bench(fn, repeats: int) -> float:
@@ -51,7 +52,7 @@ def math_attention_scaled_scores(q, k, v):
 
 
 def math_attention(q, k, v):
-    """msf.models.attention's bf16 training path: the scale on q, not on the N x N scores."""
+    """msf.speed.attention's bf16 training path: the scale on q, not on the N x N scores."""
     return ((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)).softmax(-1) @ v
 
 

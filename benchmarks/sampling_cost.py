@@ -19,7 +19,7 @@ That extrapolation is checked against real ``MSFPipeline.sample`` calls with
 
 Two precision paths, both timed: ``autocast`` (fp32 weights under bf16 autocast:
 ``sample(precision="bf16")``) and ``bf16 weights`` (``sample(nets=...)`` with
-``msf.models.inference_copy``); ``--paths compiled`` adds ``compile_for_inference``
+``msf.speed.inference_copy``); ``--paths compiled`` adds ``compile_for_inference``
 (bf16 weights, inductor with frozen weights; its compilation is in the warm-up, untimed).
 The autocast path is timed in steady state: the sampler runs all steps of a scale in
 one autocast region, whose cache casts each fp32 weight to bf16 once, not per step.
@@ -49,8 +49,8 @@ from timing import interleaved, machine  # benchmarks/timing.py, beside this scr
 from msf.autoencoder import IdentityAutoencoder
 from msf.config import ModelConfig, preset
 from msf.info import scale_infos
-from msf.models import compile_for_inference, inference_copy
 from msf.pipeline import MSFPipeline, autocast
+from msf.speed import compile_for_inference, inference_copy
 
 # (label, per-scale steps, per-scale CFG) for each setting compared.
 MSF_SETTINGS = [("paper: 100 CFG 1.4 + 50", [100, 50], [1.4, 1.0]),

@@ -4,8 +4,9 @@ import torch
 
 from msf.config import preset
 from msf.info import _dit_parameters
-from msf.models import DiT, attention, count_parameters, sincos_pos_embed_2d
+from msf.models import DiT, count_parameters, sincos_pos_embed_2d
 from msf.pipeline import build_scale_networks
+from msf.speed import attention
 
 
 def _dit_reference_pos_embed(embed_dim, grid_size):

@@ -3,8 +3,9 @@
 import torch
 
 from msf.config import preset
-from msf.models import DiT, compile_for_inference, inference_copy
+from msf.models import DiT
 from msf.pipeline import MSFPipeline
+from msf.speed import compile_for_inference, inference_copy
 
 
 def _net(prior_channels: int = 0) -> DiT:
@@ -81,10 +82,10 @@ def _ops(fn) -> set[str]:
 
 
 def test_linear_fuses_bias_in_bf16_inference_and_falls_back_elsewhere():
-    from msf import models
+    from msf import speed
 
     torch.manual_seed(0)
-    lin = models.Linear(64, 96)
+    lin = speed.Linear(64, 96)
     x = torch.randn(2, 5, 64)
     ref = torch.nn.functional.linear(x, lin.weight, lin.bias)
     fast = inference_copy(lin)
@@ -95,7 +96,7 @@ def test_linear_fuses_bias_in_bf16_inference_and_falls_back_elsewhere():
     assert out.shape == (2, 5, 96) and out.dtype == torch.bfloat16
     assert (out.float() - ref).abs().max() / ref.abs().max() < 2e-2
     fused = "mkldnn::_linear_pointwise"
-    assert (fused in ops) == models._ONEDNN_BF16
+    assert (fused in ops) == speed._ONEDNN_BF16
     # fp32, and anything autograd must differentiate, take F.linear
     assert fused not in _ops(lambda: lin(x))
     train = inference_copy(lin).requires_grad_(True)

@@ -229,7 +229,7 @@ class MSFPipeline(nn.Module):
         with one per scale; unset, each scale uses its config's defaults. The initial
         noise of every scale comes from ``generator`` (or a fresh one seeded ``seed``,
         on the CPU so that results do not depend on the device). ``nets`` replaces scale
-        k's network, e.g. by ``msf.models.compile_for_inference(pipe.scales[k])``.
+        k's network, e.g. by ``msf.speed.compile_for_inference(pipe.scales[k])``.
         """
         device = self.device
         labels = torch.as_tensor(labels, dtype=torch.int64)

@@ -80,7 +80,7 @@ def inference_nets(pipe, precision: str, compile: bool = False) -> tuple[dict | 
     The networks are bf16 weight copies for "bf16-weights", compiled copies (inductor
     freezing) with ``compile``, and None (the pipeline's own) otherwise.
     """
-    from msf.models import compile_for_inference, inference_copy
+    from msf.speed import compile_for_inference, inference_copy
 
     _check_precision(precision)
     autocast = "fp32" if precision == "fp32" else "bf16"
