@@ -8,7 +8,8 @@ import torch
 
 from msf.config import apply_overrides, preset
 from msf.data import load_builtin, load_dataset, to_model_range
-from msf.latent_cache import CacheError, LatentCache, extract
+from msf.extract import extract
+from msf.latent_cache import CacheError, LatentCache
 from msf.pipeline import MSFPipeline
 from msf.train import prepare_data, train
 

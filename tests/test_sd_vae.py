@@ -80,7 +80,8 @@ def test_pipeline_trains_samples_saves_and_loads(vae_dir, tmp_path):
 
 
 def test_latent_cache_with_the_vae(vae_dir, tmp_path):
-    from msf.latent_cache import LatentCache, extract
+    from msf.extract import extract
+    from msf.latent_cache import LatentCache
 
     cfg = _cfg(vae_dir, "model.autoencoder.dtype=bf16")
     from msf.data import load_builtin

@@ -2,9 +2,10 @@
 
 A checkpoint is one file ``<out_dir>/checkpoints/step_000001000.pt`` holding
 everything a resumed run needs to continue as if never stopped: every scale's
-weights, EMA weights and optimizer state, the step, the loss history, the RNG
-states, and the resolved config. It is written with ``torch.save`` to a
-temporary file, fsync'ed, then renamed, so a crash or SIGKILL at any moment
+weights, EMA weights and optimizer state, the step, the loss history, and the
+resolved config (no RNG states: every random draw of step s is a function of the
+seed and s, see ``msf.train.TrainState``). It is written with ``torch.save`` through
+``msf.files.atomic_write`` (a temporary file, fsync'ed, renamed), so a crash or SIGKILL at any moment
 leaves either the old set of checkpoints or the new one, never a torn file; it
 is read back with ``torch.load(weights_only=True)``, which loads tensors and
 plain containers only.
@@ -20,6 +21,8 @@ import warnings
 from pathlib import Path
 
 import torch
+
+from msf.files import atomic_write
 
 FORMAT = "msf-train-checkpoint"
 VERSION = 1
@@ -49,21 +52,8 @@ def list_checkpoints(directory: str | os.PathLike) -> list[tuple[int, Path]]:
 
 def save_checkpoint(directory: str | os.PathLike, step: int, state: dict) -> Path:
     """Write ``state`` atomically as the checkpoint of ``step``."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    final = checkpoint_path(directory, step)
-    tmp = directory / f".{final.name}.tmp"
-    with open(tmp, "wb") as f:
-        torch.save({"format": FORMAT, "version": VERSION, "step": step, **state}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
-    fd = os.open(directory, os.O_RDONLY)  # make the rename itself durable
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    return final
+    payload = {"format": FORMAT, "version": VERSION, "step": step, **state}
+    return atomic_write(checkpoint_path(Path(directory), step), lambda tmp: torch.save(payload, tmp))
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:

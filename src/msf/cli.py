@@ -73,7 +73,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
-    from msf.latent_cache import extract
+    from msf.extract import extract
 
     cfg = load_config(args.preset, args.config, args.overrides)
     out = extract(cfg, args.out, shard_size=args.shard_size, batch_size=args.batch_size,

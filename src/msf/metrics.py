@@ -28,7 +28,6 @@ import importlib.util
 import io
 import json
 import os
-import tempfile
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -38,6 +37,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from msf.files import atomic_write_numpy
 
 METRICS = ("fid", "is", "kid", "pr")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -345,16 +346,7 @@ def _save_stats(stats: Stats, path: Path) -> None:
     arrays["meta"] = np.array(json.dumps(stats.meta))
     if stats.logits is not None:
         arrays["logits"] = stats.logits
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Written beside the target and renamed, so that a reader never sees half a file.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_numpy(path, np.savez, **arrays)
 
 
 def _is_stats_file(path: Path) -> bool:

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from msf.autoencoder import Autoencoder, build_autoencoder
 from msf.config import Config, ConfigError, ModelConfig, from_dict, to_dict, validate
 from msf.factorize import accumulate_sample, compose, factorize, input_priors, resize_image
+from msf.files import atomic_write, atomic_write_text
 from msf.flow import Noise, drop_labels, rectified_flow_loss, sample_time
 from msf.models import DiT
 from msf.sampler import guided_velocity, solve
@@ -272,10 +273,10 @@ class MSFPipeline(nn.Module):
         path.mkdir(parents=True, exist_ok=True)
         for k, net in enumerate(self.scales):
             state = {n: p.detach().contiguous().cpu() for n, p in net.state_dict().items()}
-            _atomic(path / f"scale_{k}.safetensors", lambda p, s=state: save_file(s, str(p)))
+            atomic_write(path / f"scale_{k}.safetensors", lambda p, s=state: save_file(s, str(p)))
         meta = {"format": FORMAT, "version": FORMAT_VERSION, "model": to_dict(self.config)}
         meta.update(extra or {})
-        _atomic(path / "config.json", lambda p: p.write_text(json.dumps(meta, indent=2)))
+        atomic_write_text(path / "config.json", json.dumps(meta, indent=2))
         return path
 
     @classmethod
@@ -340,12 +341,3 @@ def load_model_config(path: str | os.PathLike) -> ModelConfig:
     except ConfigError as e:
         raise ModelDirError(f"{file}: {e}") from None
     return model
-
-
-def _atomic(final: Path, write) -> None:
-    """Write via a temporary file in the same directory, fsync, then rename over ``final``."""
-    tmp = final.with_name(f".{final.name}.tmp")
-    write(tmp)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, final)

@@ -29,6 +29,7 @@ import torch
 
 from msf.data import to_uint8
 from msf.distributed import World, barrier
+from msf.files import atomic_write_numpy, atomic_write_text
 
 SETTINGS = "settings.json"
 # bf16: autocast over the fp32 weights; bf16-weights: a bf16 copy of the weights (faster on CPUs)
@@ -110,9 +111,7 @@ def _check_settings(parts: Path, settings: dict) -> None:
             )
     else:
         parts.mkdir(parents=True, exist_ok=True)
-        tmp = file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(settings, indent=2))
-        os.replace(tmp, file)
+        atomic_write_text(file, json.dumps(settings, indent=2))
 
 
 def _finished(out: Path, settings: dict) -> bool:
@@ -139,9 +138,7 @@ def _chunk_done(file: Path, n: int) -> bool:
 
 
 def _save_npz(path: Path, **arrays) -> None:
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+    atomic_write_numpy(path, np.savez, **arrays)
 
 
 @torch.no_grad()

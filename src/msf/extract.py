@@ -1,0 +1,121 @@
+"""``msf extract``: encode the training data once into a latent cache (:mod:`msf.latent_cache`).
+
+Each process of a torchrun job encodes every ``world``-th shard; a shard counts as done once
+its ``.json`` record exists and its files have the recorded sizes, so a re-run resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from msf.config import Config, validate
+from msf.data import ImageDataset, load_dataset, prepare_data, to_model_range
+from msf.distributed import barrier, close_world, init_world
+from msf.files import atomic_write_numpy, atomic_write_text
+from msf.latent_cache import DTYPES, FORMAT, VERSION, CacheError, cache_key
+
+
+def _write_npy(path: Path, array: np.ndarray) -> int:
+    return atomic_write_numpy(path, np.save, array, allow_pickle=False).stat().st_size
+
+
+def _shard_done(out: Path, s: int) -> bool:
+    marker = out / f"shard_{s:05d}.json"
+    if not marker.is_file():
+        return False
+    try:
+        rec = json.loads(marker.read_text())
+        return all((out / f).is_file() and (out / f).stat().st_size == size
+                   for f, size in rec["files"].items())
+    except (json.JSONDecodeError, KeyError, OSError):
+        return False
+
+
+def extract(
+    cfg: Config,
+    out_dir: str | os.PathLike,
+    *,
+    shard_size: int = 10_000,
+    batch_size: int = 64,
+    dtype: str = "float16",
+    device: str | None = None,
+    progress: bool = True,
+    data=None,
+) -> Path:
+    """Encode ``cfg.train.data`` into a latent cache at ``out_dir``; resumes where it stopped."""
+    validate(cfg)
+    if dtype not in DTYPES:
+        raise CacheError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
+    from msf.pipeline import MSFPipeline
+
+    world = init_world(device)
+    try:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        data = load_dataset(cfg.train.data, cfg.model.image_size, cfg.train.strict_data) \
+            if data is None else data
+        if isinstance(data, ImageDataset):
+            data = prepare_data(data, cfg.model.image_size)
+        pipe = MSFPipeline(cfg.model).to(world.device)
+        n = len(data)
+        shards = math.ceil(n / shard_size)
+        mine = [s for s in range(world.rank, shards, world.size) if not _shard_done(out, s)]
+        bar = tqdm(total=sum(min(shard_size, n - s * shard_size) for s in mine),
+                   disable=not progress, desc=f"extract (rank {world.rank})", unit="img")
+        bad: list[str] = []
+        for s in mine:
+            lo, hi = s * shard_size, min(n, (s + 1) * shard_size)
+            zs, bases, labels = [], [], []
+            for b in range(lo, hi, batch_size):
+                idx = list(range(b, min(hi, b + batch_size)))
+                if isinstance(data, ImageDataset):
+                    images, y = data.images[idx], data.labels[idx]
+                else:
+                    items = [data[i] for i in idx]
+                    images = torch.stack([it[0] for it in items])
+                    y = torch.tensor([it[1] for it in items])
+                    bad += [it[2] for it in items if it[2]]
+                x = to_model_range(images).to(world.device)
+                pairs = [pipe.encode(x), pipe.encode(x.flip(-1))]
+                zs.append(torch.stack([pairs[0][0], pairs[1][0]], 1).float().cpu().numpy())
+                if pairs[0][1] is not None:
+                    bases.append(torch.stack([pairs[0][1], pairs[1][1]], 1).float().cpu().numpy())
+                labels.append(y.numpy().astype(np.int64))
+                bar.update(len(idx))
+            files = {}
+            name = f"shard_{s:05d}"
+            files[f"{name}.z.npy"] = _write_npy(out / f"{name}.z.npy",
+                                                np.concatenate(zs).astype(DTYPES[dtype]))
+            if bases:
+                files[f"{name}.base.npy"] = _write_npy(out / f"{name}.base.npy",
+                                                       np.concatenate(bases).astype(DTYPES[dtype]))
+            files[f"{name}.labels.npy"] = _write_npy(out / f"{name}.labels.npy", np.concatenate(labels))
+            record = {"start": lo, "count": hi - lo, "files": files}
+            atomic_write_text(out / f"{name}.json", json.dumps(record))
+        bar.close()
+        if bad:
+            warnings.warn(f"{len(bad)} unreadable images were replaced by their neighbours; "
+                          f"first: {bad[:5]}", stacklevel=2)
+        barrier(world)
+        if world.is_main:
+            missing = [s for s in range(shards) if not _shard_done(out, s)]
+            if missing:
+                raise CacheError(f"{out}: shards {missing[:5]} are not complete; run extract again")
+            manifest = {
+                "format": FORMAT, "version": VERSION, "num_examples": n, "shard_size": shard_size,
+                "shards": [f"shard_{s:05d}" for s in range(shards)], "dtype": dtype,
+                "class_names": list(data.class_names), "model": cache_key(cfg),
+            }
+            (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        barrier(world)
+        return out
+    finally:
+        close_world(world)
