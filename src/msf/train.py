@@ -110,15 +110,15 @@ def trained_scales(cfg: Config) -> list[int]:
     return [int(cfg.train.scale)]
 
 
-def learning_rate(t: TrainConfig, step: int, total: int) -> float:
+def learning_rate(tc: TrainConfig, step: int, total: int) -> float:
     """Linear warm-up, then constant or cosine decay to ``min_lr_ratio * lr`` at ``total``."""
-    if t.warmup_steps and step <= t.warmup_steps:
-        return t.lr * step / t.warmup_steps
-    if t.lr_schedule == "cosine":
-        span = max(1, total - t.warmup_steps)
-        progress = min(1.0, (step - t.warmup_steps) / span)
-        return t.lr * (t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-    return t.lr
+    if tc.warmup_steps and step <= tc.warmup_steps:
+        return tc.lr * step / tc.warmup_steps
+    if tc.lr_schedule == "cosine":
+        span = max(1, total - tc.warmup_steps)
+        progress = min(1.0, (step - tc.warmup_steps) / span)
+        return tc.lr * (tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+    return tc.lr
 
 
 class StopRequest:
@@ -244,27 +244,27 @@ class TrainState:
         With ``model.normalize=std`` and no ``model.component_std`` yet, the std is measured on
         ``data`` here and written into ``cfg`` (the run's own copy), before the EMA copies the config.
         """
-        t, scales = cfg.train, trained_scales(cfg)
-        torch.manual_seed(t.seed)  # the same initial weights on every process
+        tc, scales = cfg.train, trained_scales(cfg)
+        torch.manual_seed(tc.seed)  # the same initial weights on every process
         pipe = MSFPipeline(cfg.model).to(world.device)
         if cfg.model.normalize == "std" and cfg.model.component_std is None:
-            cfg.model.component_std = _measure_std(pipe, data, t.seed, world.device, bad_files)
+            cfg.model.component_std = _measure_std(pipe, data, tc.seed, world.device, bad_files)
         pipe.config = cfg.model
-        if load_other_scales and t.other_scales_from:
-            _load_other_scales(pipe, cfg, scales, Path(t.other_scales_from))
+        if load_other_scales and tc.other_scales_from:
+            _load_other_scales(pipe, cfg, scales, Path(tc.other_scales_from))
         for k in scales:
-            pipe.scales[k].grad_checkpointing = t.grad_checkpointing
+            pipe.scales[k].grad_checkpointing = tc.grad_checkpointing
         ema = MSFPipeline(cfg.model, autoencoder=pipe.autoencoder).to(world.device)
         ema.scales.load_state_dict(pipe.scales.state_dict())
         ema.requires_grad_(False).eval()
-        if t.fsdp:
+        if tc.fsdp:
             if not world.distributed:
                 raise ConfigError("train.fsdp=true needs several processes: launch with torchrun")
             for k in scales:
                 shard(pipe.scales[k])
                 shard(ema.scales[k])
-        opts = {k: torch.optim.AdamW(pipe.scales[k].parameters(), lr=t.lr, betas=tuple(t.betas),
-                                     weight_decay=t.weight_decay)
+        opts = {k: torch.optim.AdamW(pipe.scales[k].parameters(), lr=tc.lr, betas=tuple(tc.betas),
+                                     weight_decay=tc.weight_decay)
                 for k in scales}
         return cls(step=0, pipe=pipe, ema=ema, opts=opts, history={k: [] for k in scales})
 
@@ -303,7 +303,7 @@ class StepResult:
     stop: bool  # some process asked to stop (Ctrl-C, SIGTERM, time limit) after this step
 
 
-def train_step(state: TrainState, batch, cfg: TrainConfig, nets: dict[int, nn.Module], world: World,
+def train_step(state: TrainState, batch, tc: TrainConfig, nets: dict[int, nn.Module], world: World,
                stop_requested: bool = False) -> StepResult:
     """One step of the method for every scale still training (its step count not reached).
 
@@ -314,14 +314,14 @@ def train_step(state: TrainState, batch, cfg: TrainConfig, nets: dict[int, nn.Mo
     of the loss, agreed over all processes together with ``stop_requested``.
     """
     step = state.step + 1
-    active = [k for k in state.opts if step <= cfg.steps_for(k)]
+    active = [k for k in state.opts if step <= tc.steps_for(k)]
     inputs, labels = batch
     images, latents = (None, inputs) if isinstance(inputs, tuple) else (inputs, None)
-    with autocast(world.device, cfg.precision):
+    with autocast(world.device, tc.precision):
         losses = state.pipe.training_losses(
-            images, labels, active, latents=latents, class_dropout=cfg.class_dropout,
-            time_sampler=cfg.time_sampler, logit_mean=cfg.logit_mean, logit_std=cfg.logit_std,
-            noise=StepNoise(cfg.seed, step, world.rank, world.size), nets=nets,
+            images, labels, active, latents=latents, class_dropout=tc.class_dropout,
+            time_sampler=tc.time_sampler, logit_mean=tc.logit_mean, logit_std=tc.logit_std,
+            noise=StepNoise(tc.seed, step, world.rank, world.size), nets=nets,
         )
     total = sum(losses.values())
     nonfinite, stop = any_rank([~torch.isfinite(total.detach()), stop_requested], world)
@@ -332,13 +332,13 @@ def train_step(state: TrainState, batch, cfg: TrainConfig, nets: dict[int, nn.Mo
     grad_norms = {}
     for k in active:
         net, opt = state.pipe.scales[k], state.opts[k]
-        if cfg.grad_clip > 0:
-            grad_norms[k] = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
+        if tc.grad_clip > 0:
+            grad_norms[k] = torch.nn.utils.clip_grad_norm_(net.parameters(), tc.grad_clip)
         for g in opt.param_groups:
-            g["lr"] = learning_rate(cfg, step, cfg.steps_for(k))
+            g["lr"] = learning_rate(tc, step, tc.steps_for(k))
         opt.step()
         opt.zero_grad(set_to_none=True)
-        ema_update(state.ema.scales[k], net, cfg.ema_decay)
+        ema_update(state.ema.scales[k], net, tc.ema_decay)
     state.step = step
     return StepResult({k: v.detach() for k, v in losses.items()}, grad_norms, True, stop)
 
@@ -375,11 +375,11 @@ def train(
 
 def _run(cfg: Config, world: World, data, progress: bool, max_seconds: float | None, save: bool,
          resume: bool) -> TrainResult:
-    t, dev = cfg.train, world.device
-    if t.batch_size % world.size:
-        raise ConfigError(f"train.batch_size={t.batch_size} (global) is not divisible by the "
+    tc, dev = cfg.train, world.device
+    if tc.batch_size % world.size:
+        raise ConfigError(f"train.batch_size={tc.batch_size} (global) is not divisible by the "
                           f"{world.size} processes")
-    out = Path(t.out_dir)
+    out = Path(tc.out_dir)
     ckpts = _Checkpoints(out / "checkpoints", cfg, world, enabled=save)
 
     # -- data, and the model config it completes (class names; component std from the data or the checkpoint)
@@ -394,15 +394,15 @@ def _run(cfg: Config, world: World, data, progress: bool, max_seconds: float | N
     if found is not None:
         state.load_state_dict(found[0])
     scales = trained_scales(cfg)
-    nets = {k: _wrap(state.pipe.scales[k], t, world) for k in scales}
+    nets = {k: _wrap(state.pipe.scales[k], tc, world) for k in scales}
     if save and world.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
-    losses = _LossLog(state, scales, t, world, _Logger(out, t.tensorboard and world.is_main and save))
+    losses = _LossLog(state, scales, tc, world, _Logger(out, tc.tensorboard and world.is_main and save))
 
     # -- the loop: a step, then its log, sample grid and checkpoint when due
-    total_steps, start_step = max(t.steps_for(k) for k in scales), state.step
-    stream = IndexStream(data.labels, t.batch_size, seed=t.seed, balance_classes=t.balance_classes)
+    total_steps, start_step = max(tc.steps_for(k) for k in scales), state.step
+    stream = IndexStream(data.labels, tc.batch_size, seed=tc.seed, balance_classes=tc.balance_classes)
     stop, interrupted = StopRequest(), False
     bar = tqdm(total=total_steps, initial=start_step, disable=not (progress and world.is_main),
                desc="train", dynamic_ncols=True)
@@ -410,27 +410,27 @@ def _run(cfg: Config, world: World, data, progress: bool, max_seconds: float | N
     state.pipe.train()
     with stop.installed():
         for step, x, y, bad in iterate_batches(data, stream, start_step + 1, total_steps, rank=world.rank,
-                                               world=world.size, num_workers=t.num_workers):
+                                               world=world.size, num_workers=tc.num_workers):
             if bad:
                 _report_bad_files(bad, bad_files, world)
             x = tuple(None if v is None else v.to(dev, non_blocking=True) for v in x) \
                 if isinstance(x, tuple) else x.to(dev, non_blocking=True)
             out_of_time = max_seconds is not None and time.perf_counter() - started > max_seconds
-            result = train_step(state, (x, y.to(dev)), t, nets, world, stop.requested or out_of_time)
+            result = train_step(state, (x, y.to(dev)), tc, nets, world, stop.requested or out_of_time)
             if not result.finite:
-                _nonfinite(result, step, t, ckpts.last)
+                _nonfinite(result, step, tc, ckpts.last)
                 state.skipped += 1
             else:
                 losses.add(result)
-                if step % t.log_every == 0 or step == total_steps:
-                    rate = (step - start_step) * t.batch_size / (time.perf_counter() - started)
+                if step % tc.log_every == 0 or step == total_steps:
+                    rate = (step - start_step) * tc.batch_size / (time.perf_counter() - started)
                     bar.set_postfix(losses.write(step, list(result.losses), rate))
-                if save and t.sample_every and step % t.sample_every == 0:
+                if save and tc.sample_every and step % tc.sample_every == 0:
                     plain = _gathered(state.ema, cfg, world)
                     if plain is not None:
                         path = _sample_grid(plain, out / "samples" / f"step_{step:09d}.png", dev)
                         losses.logger.image(step, "samples", path)
-                if t.ckpt_every and step % t.ckpt_every == 0:
+                if tc.ckpt_every and step % tc.ckpt_every == 0:
                     ckpts.save(state)
             bar.update(1)
             if result.stop:
@@ -445,14 +445,14 @@ def _run(cfg: Config, world: World, data, progress: bool, max_seconds: float | N
         ckpts.save(state)
     result = TrainResult(
         pipeline=None, history=state.history, checkpoint=ckpts.last, seconds=seconds, steps=state.step,
-        images_per_second=(state.step - start_step) * t.batch_size / max(seconds, 1e-9),
+        images_per_second=(state.step - start_step) * tc.batch_size / max(seconds, 1e-9),
         skipped=state.skipped, interrupted=interrupted,
     )
     # Under FSDP the main process gathers whole weights; the others return none: shards kept past
     # the process group's end hold its threads, and the process aborted at exit (1 run in ~10).
-    result.pipeline = _gathered(state.ema, cfg, world) if t.fsdp else state.ema
+    result.pipeline = _gathered(state.ema, cfg, world) if tc.fsdp else state.ema
     if save and world.is_main:
-        result.model_dir = result.pipeline.save_pretrained(out / "model", extra={"train": to_dict(t)})
+        result.model_dir = result.pipeline.save_pretrained(out / "model", extra={"train": to_dict(tc)})
         (out / "losses.json").write_text(json.dumps({str(k): v for k, v in state.history.items()}))
     if bad_files and world.is_main:
         warnings.warn(f"{len(bad_files)} unreadable image reads were replaced by their neighbours; "
@@ -492,8 +492,8 @@ class _LossLog:
     """Per-scale losses summed on the device between logs (no wait on the host per step), then
     averaged over steps and processes into the history, the progress bar and TensorBoard."""
 
-    def __init__(self, state: TrainState, scales: list[int], t: TrainConfig, world: World, logger: _Logger):
-        self.state, self.scales, self.t, self.world, self.logger = state, scales, t, world, logger
+    def __init__(self, state: TrainState, scales: list[int], tc: TrainConfig, world: World, logger: _Logger):
+        self.state, self.scales, self.tc, self.world, self.logger = state, scales, tc, world, logger
         self.running = torch.zeros(len(scales), dtype=torch.float64, device=world.device)
         self.count = 0
         self.grad_norms: dict[int, torch.Tensor] = {}
@@ -512,29 +512,29 @@ class _LossLog:
         self.running.zero_()
         self.count = 0
         last = {k: self.state.history[k][-1][1] for k in active}
-        lr = {f"lr/scale{k}": learning_rate(self.t, step, self.t.steps_for(k)) for k in active}
+        lr = {f"lr/scale{k}": learning_rate(self.tc, step, self.tc.steps_for(k)) for k in active}
         self.logger.scalars(step, {f"loss/scale{k}": v for k, v in last.items()}
                             | {f"grad_norm/scale{k}": float(self.grad_norms.get(k, 0.0)) for k in active}
                             | lr | {"images_per_second": rate})
         return {f"loss{k}": f"{v:.4f}" for k, v in last.items()} | {"img/s": f"{rate:.0f}"}
 
 
-def _nonfinite(result: StepResult, step: int, t: TrainConfig, last_ckpt: Path | None) -> None:
+def _nonfinite(result: StepResult, step: int, tc: TrainConfig, last_ckpt: Path | None) -> None:
     """Stop with a message that says what to do (``train.on_nonfinite=stop``), or let the step be skipped."""
-    if t.on_nonfinite == "stop":
+    if tc.on_nonfinite == "stop":
         bad = [k for k, v in result.losses.items() if not torch.isfinite(v)]
         where = f"; the last good checkpoint is {last_ckpt}" if last_ckpt else ""
         raise FloatingPointError(
             f"non-finite loss at step {step} (scale(s) {bad or 'on another process'}){where}. "
-            f"Lower train.lr (now {t.lr}), check the data, or set train.on_nonfinite=skip"
+            f"Lower train.lr (now {tc.lr}), check the data, or set train.on_nonfinite=skip"
         )
 
 
 def _open_data(cfg: Config, data):
     """The training data (``train.data`` unless given), resized once if in memory; fills in
     ``model.class_names`` from it when the config has none and the class counts agree."""
-    t = cfg.train
-    data = load_dataset(t.data, cfg.model.image_size, t.strict_data) if data is None else data
+    tc = cfg.train
+    data = load_dataset(tc.data, cfg.model.image_size, tc.strict_data) if data is None else data
     if data.num_classes > cfg.model.num_classes:
         raise ConfigError(
             f"data has {data.num_classes} classes but model.num_classes={cfg.model.num_classes}"
@@ -548,12 +548,12 @@ def _open_data(cfg: Config, data):
     return data
 
 
-def _wrap(net: nn.Module, t: TrainConfig, world: World) -> nn.Module:
+def _wrap(net: nn.Module, tc: TrainConfig, world: World) -> nn.Module:
     """What the step calls for a scale's network: DDP across processes (FSDP shards in place), compiled."""
-    if world.distributed and not t.fsdp:
+    if world.distributed and not tc.fsdp:
         net = nn.parallel.DistributedDataParallel(
             net, device_ids=[world.device.index] if world.device.type == "cuda" else None)
-    return torch.compile(net) if t.compile else net
+    return torch.compile(net) if tc.compile else net
 
 
 def _report_bad_files(bad: list[str], seen: list[str], world: World) -> None:
