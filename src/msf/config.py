@@ -190,7 +190,7 @@ def _demo() -> Config:
 
 
 def _paper_imagenet256() -> Config:
-    """MSF's ImageNet 256 recipe (paper §4.1; DESIGN.md §2).
+    """MSF's ImageNet 256 recipe (paper §4.1; docs/design.md §2).
 
     Scale 1: 192 px (24 x 24 latent, 144 tokens), DiT 18 x 1152, the paper's 435.9M.
     Scale 2: 256 px (32 x 32 latent, 256 tokens), DiT 10 x 1280 with the prior

@@ -1,4 +1,4 @@
-"""Multi-scale residual factorization (MSF §3.2-3.3; DESIGN.md §1).
+"""Multi-scale residual factorization (MSF §3.2-3.3; docs/design.md §1).
 
 A target ``z`` of size ``N x N`` is split into K components ``c_0 .. c_{K-1}`` of
 sizes ``n_0 < ... < n_{K-1} = N`` so that ``sum_k up(c_k, N) == z``. ``c_0`` is the
