@@ -226,7 +226,7 @@ def test_fallback_network_is_found_offline(extractor, emoji):
 
 def test_no_weights_error_says_where_to_get_them(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
-    monkeypatch.setattr("msf.metrics._fid_helper_file", lambda: None)
+    monkeypatch.setattr("msf.features._fid_helper_file", lambda: None)
     with pytest.raises(FileNotFoundError) as err:
         load_feature_extractor()
     msg = str(err.value)

@@ -16,7 +16,14 @@ import json
 import sys
 from pathlib import Path
 
-from msf.config import PRESETS, ConfigError, apply_overrides, config_from_json, preset
+from msf.config import (
+    PRESETS,
+    SAMPLING_PRECISIONS,
+    ConfigError,
+    apply_overrides,
+    config_from_json,
+    preset,
+)
 
 
 def _floats(s: str) -> list[float]:
@@ -101,7 +108,7 @@ def _parse_classes(spec: str, names: list[str] | None, num_classes: int) -> list
 def _sampling(args: argparse.Namespace) -> dict:
     return {
         "steps": None if args.steps is None else _one_or_list(args.steps),
-        "cfg_scale": None if args.cfg is None else _one_or_list(args.cfg),
+        "cfg_scale": None if args.cfg_scale is None else _one_or_list(args.cfg_scale),
         "solver": None if args.solver is None else _one_or_list(args.solver.split(",")),
     }
 
@@ -207,10 +214,11 @@ def cmd_info(args: argparse.Namespace) -> None:
 def _sampling_args(p: argparse.ArgumentParser, per_scale: bool = True) -> None:
     if per_scale:
         p.add_argument("--steps", type=_ints, help="network evaluations per scale: 50 or 100,20")
-        p.add_argument("--cfg", type=_floats, help="CFG scale per scale: 1.5 or 1.4,1.0")
+        p.add_argument("--cfg", "--cfg-scale", dest="cfg_scale", type=_floats,
+                       help="guidance (CFG) scale per scale: 1.5 or 1.4,1.0")
         p.add_argument("--solver", help="euler or heun, or one per scale: heun,euler")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--precision", choices=["bf16", "bf16-weights", "fp32"], default="bf16",
+    p.add_argument("--precision", choices=SAMPLING_PRECISIONS, default="bf16",
                    help="bf16: autocast over fp32 weights; bf16-weights: a bf16 copy of the weights "
                    "(faster on CPUs); fp32: for numbers to compare with papers")
     p.add_argument("--compile", action="store_true",

@@ -23,7 +23,9 @@ PRIOR_MODES = ("concat", "none")
 NORMALIZE_MODES = ("none", "std")
 SOLVERS = ("euler", "heun")
 TIME_SAMPLERS = ("uniform", "logit-normal")
-PRECISIONS = ("bf16", "fp32")
+PRECISIONS = ("bf16", "fp32")  # training: autocast dtype of the forward pass
+# sampling adds bf16 weight copies (msf.speed.inference_copy) to the autocast choices
+SAMPLING_PRECISIONS = ("fp32", "bf16", "bf16-weights")
 
 
 class ConfigError(ValueError):
@@ -53,6 +55,12 @@ class ScaleConfig:
     steps: int = 50  # network evaluations per CFG branch
     cfg_scale: float = 1.0
     solver: str = "euler"
+
+
+def evaluations(steps: int, cfg_scale: float) -> int:
+    """Network evaluations per image of one scale's sampler: ``steps`` per CFG branch, and two
+    branches unless ``cfg_scale`` is 1 (the conditional pass alone)."""
+    return steps * (1 if cfg_scale == 1.0 else 2)
 
 
 @dataclass

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from msf.config import ModelConfig, ScaleConfig
+from msf.config import ModelConfig, ScaleConfig, evaluations
 
 
 @dataclass
@@ -71,7 +71,7 @@ def scale_infos(model: ModelConfig) -> list[ScaleInfo]:
     for k, (s, n) in enumerate(zip(model.scales, model.latent_sizes)):
         prior_ch = ch if (k > 0 and model.prior == "concat") else 0
         macs = _dit_macs(s, n, ch, prior_ch)
-        forwards = s.steps * (1 if s.cfg_scale == 1.0 else 2)
+        forwards = evaluations(s.steps, s.cfg_scale)
         out.append(
             ScaleInfo(
                 scale=k, image_size=s.image_size, latent_size=n, tokens=(n // s.patch_size) ** 2,

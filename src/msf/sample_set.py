@@ -27,13 +27,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from msf.config import SAMPLING_PRECISIONS
 from msf.data import to_uint8
 from msf.distributed import World, barrier
 from msf.files import atomic_write_numpy, atomic_write_text
 
 SETTINGS = "settings.json"
 # bf16: autocast over the fp32 weights; bf16-weights: a bf16 copy of the weights (faster on CPUs)
-PRECISIONS = ("fp32", "bf16", "bf16-weights")
 
 
 @dataclass
@@ -70,8 +70,8 @@ def weights_fingerprint(pipe: torch.nn.Module) -> str:
 
 
 def _check_precision(precision: str) -> None:
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision not in SAMPLING_PRECISIONS:
+        raise ValueError(f"precision must be one of {SAMPLING_PRECISIONS}, got {precision!r}")
 
 
 def inference_nets(pipe, precision: str, compile: bool = False) -> tuple[dict | None, str]:

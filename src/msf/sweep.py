@@ -16,6 +16,7 @@ import math
 import os
 from pathlib import Path
 
+from msf.config import evaluations
 from msf.distributed import World, barrier
 from msf.sample_set import sample_set
 from msf.viz import save_figure
@@ -43,7 +44,7 @@ def sweep_points(pipe, scale: int, setting: str, values: list) -> list[dict]:
 
 def nfe_per_image(steps: list[int], cfg_scale: list[float]) -> int:
     """Network evaluations per image: CFG doubles a scale's batch, except at scale 1.0."""
-    return sum(s * (1 if c == 1.0 else 2) for s, c in zip(steps, cfg_scale))
+    return sum(evaluations(s, c) for s, c in zip(steps, cfg_scale))
 
 
 def run_sweep(

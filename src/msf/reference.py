@@ -1,0 +1,202 @@
+"""Reference statistics: the features, means and covariances of a reference set, in a file and a cache.
+
+A statistics file (``mu``, ``sigma``, ``features``, ``logits``, ``meta``) is written by
+:func:`compute_reference`, and kept automatically in a cache (:func:`default_cache_dir`) for folders
+and ``.npz`` files, keyed by their files' sizes and modification times and by the feature network.
+ADM's reference batches (``arr_0`` plus ``mu``/``sigma`` of the whole dataset) are read as they are.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from msf.features import FeatureExtractor, image_files, load_images, open_npz
+from msf.files import atomic_write_numpy
+
+STATS_FORMAT = "msf-ref-stats-v1"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Statistics files and their cache
+
+
+@dataclass
+class Stats:
+    mu: np.ndarray  # float64 (2048,)
+    sigma: np.ndarray  # float64 (2048, 2048)
+    features: np.ndarray  # float32 (N, 2048)
+    logits: np.ndarray | None  # float32 (N, 1008)
+    meta: dict
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+
+def _stats_of(
+    images: np.ndarray, extractor: FeatureExtractor, source: str, batch_size: int, progress: bool
+) -> Stats:
+    feats, logits = extractor.extract(images, batch_size, progress)
+    meta = {
+        "format": STATS_FORMAT,
+        "feature_network": extractor.name,
+        "weights_sha256": extractor.weights.sha256,
+        "source": source,
+        "num_images": len(feats),
+        "image_size": list(images.shape[1:3]),
+    }
+    return Stats(
+        mu=feats.mean(axis=0),
+        sigma=np.cov(feats, rowvar=False),
+        features=feats.astype(np.float32),
+        logits=None if logits is None else logits.astype(np.float32),
+        meta=meta,
+    )
+
+
+def _save_stats(stats: Stats, path: Path) -> None:
+    arrays = {"mu": stats.mu, "sigma": stats.sigma, "features": stats.features}
+    arrays["meta"] = np.array(json.dumps(stats.meta))
+    if stats.logits is not None:
+        arrays["logits"] = stats.logits
+    atomic_write_numpy(path, np.savez, **arrays)
+
+
+def _is_stats_file(path: Path) -> bool:
+    if path.suffix != ".npz" or not path.is_file():
+        return False
+    with open_npz(path) as d:
+        return "meta" in d.files
+
+
+def _load_stats(path: Path) -> Stats:
+    with open_npz(path) as d:
+        for key in ("mu", "sigma", "features", "meta"):
+            if key not in d.files:
+                raise ValueError(
+                    f"{path}: statistics file without {key!r} (make one with msf.metrics.compute_reference)"
+                )
+        try:
+            meta = json.loads(str(d["meta"]))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: field 'meta' is not JSON ({e})") from e
+        if meta.get("format") != STATS_FORMAT:
+            raise ValueError(
+                f"{path}: field 'meta' has format {meta.get('format')!r}, expected {STATS_FORMAT!r}"
+            )
+        return Stats(d["mu"], d["sigma"], d["features"], d["logits"] if "logits" in d.files else None, meta)
+
+
+def _check_network(stats: Stats, extractor: FeatureExtractor, path: Path) -> None:
+    if stats.meta.get("weights_sha256") != extractor.weights.sha256:
+        raise ValueError(
+            f"{path}: statistics computed with {stats.meta.get('feature_network')!r} "
+            f"(weights sha256 {str(stats.meta.get('weights_sha256'))[:12]}), but the feature network in use "
+            f"is {extractor.name!r} (weights sha256 {extractor.weights.sha256[:12]}); features of different "
+            "networks do not compare: recompute the statistics with this network or load the matching weights"
+        )
+
+
+def compute_reference(
+    spec: str | Path, extractor: FeatureExtractor, out_path: str | Path, *, batch_size: int = 64,
+    progress: bool = True,
+) -> Path:
+    """Write the statistics of an image folder or ADM ``.npz`` to ``out_path``, an ``.npz`` usable as ``ref``.
+
+    Fields: ``mu``, ``sigma`` (float64), ``features`` (float32 pool3, for KID and precision/recall),
+    ``logits`` (float32, where the network has them) and ``meta``, a JSON string with the feature network,
+    its weights' sha256, the source and the number of images.
+    """
+    stats = _stats_with_moments(Path(spec).expanduser(), extractor, batch_size, progress)
+    out = Path(out_path)
+    _save_stats(stats, out)
+    return out
+
+
+def default_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/msf/ref_stats``, by default ``~/.cache/msf/ref_stats``."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "msf" / "ref_stats"
+
+
+def _cache_file(path: Path, extractor: FeatureExtractor, cache_dir: Path) -> tuple[Path, str]:
+    """Where the statistics of ``path`` live in the cache: named by the source, keyed by its files' sizes and
+    modification times and by the feature network."""
+    path = path.resolve()
+    files = image_files(path) if path.is_dir() else [path]
+    listing = [(str(f.relative_to(path)) if path.is_dir() else f.name, f.stat().st_size, f.stat().st_mtime_ns)
+               for f in files]
+    key = hashlib.sha256(json.dumps([str(path), listing, extractor.weights.sha256]).encode()).hexdigest()
+    # Entries of one source and network share a prefix: a new one replaces those of older file versions.
+    source_id = hashlib.sha256(json.dumps([str(path), extractor.weights.sha256]).encode()).hexdigest()[:8]
+    return cache_dir / f"{path.name}-{source_id}-{key[:16]}.npz", key
+
+
+def _reference_stats(
+    spec: str | Path, extractor: FeatureExtractor, cache_dir: Path, batch_size: int, progress: bool
+) -> tuple[Stats, Path | None]:
+    """Statistics of a folder or ADM ``.npz``, from the cache when fresh; returns the cache file too."""
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or folder")
+    cached, key = _cache_file(path, extractor, cache_dir)
+    if cached.is_file():
+        try:
+            stats = _load_stats(cached)
+        except ValueError:
+            stats = None  # unreadable: recompute over it
+        if stats is not None and stats.meta.get("cache_key") == key:
+            return stats, cached
+    stats = _stats_with_moments(path, extractor, batch_size, progress)
+    stats.meta["cache_key"] = key
+    _save_stats(stats, cached)
+    prefix = cached.name.rsplit("-", 1)[0] + "-"
+    for stale in cached.parent.iterdir():
+        if stale.name.startswith(prefix) and stale.suffix == ".npz" and stale != cached:
+            stale.unlink(missing_ok=True)  # the same source before it changed
+    return stats, cached
+
+
+def _stats_with_moments(path: Path, extractor: FeatureExtractor, batch_size: int, progress: bool) -> Stats:
+    stats = _stats_of(load_images(path, progress), extractor, str(path.resolve()), batch_size, progress)
+    adm = _adm_reference_moments(path)
+    if adm is not None:
+        # ADM's reference batches hold the moments of the whole training set, computed by its evaluator,
+        # and 10,000 of its images: FID against those moments, the other metrics against the images.
+        stats.mu, stats.sigma = adm
+        stats.meta["moments"] = "ADM reference batch (mu, sigma of the whole dataset)"
+    return stats
+
+
+def _adm_reference_moments(path: Path) -> tuple[np.ndarray, np.ndarray] | None:
+    if path.suffix != ".npz":
+        return None
+    with open_npz(path) as d:
+        if "mu" in d.files and "sigma" in d.files:
+            mu, sigma = d["mu"].astype(np.float64), d["sigma"].astype(np.float64)
+            if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
+                raise ValueError(f"{path}: 'mu' {mu.shape} and 'sigma' {sigma.shape} are not a mean and "
+                                 "covariance of one dimension")
+            return mu, sigma
+    return None
+
+
+def stats_for(
+    spec: str | Path | np.ndarray, extractor: FeatureExtractor, cache_dir: Path | None, batch_size: int,
+    progress: bool,
+) -> tuple[Stats, Path | None]:
+    if isinstance(spec, np.ndarray):
+        return _stats_of(spec, extractor, "<array>", batch_size, progress), None
+    path = Path(spec).expanduser()
+    if _is_stats_file(path):
+        stats = _load_stats(path)
+        _check_network(stats, extractor, path)
+        return stats, path
+    if cache_dir is None:
+        images = load_images(path, progress)
+        return _stats_of(images, extractor, str(path.resolve()), batch_size, progress), None
+    return _reference_stats(path, extractor, cache_dir, batch_size, progress)
