@@ -75,3 +75,27 @@ def test_npz_dataset_and_bad_data(tmp_path):
         load_dataset(str(tmp_path / "bad.npz"))
     with pytest.raises(ValueError, match="expected 'emoji'"):
         load_dataset(str(tmp_path / "missing"))
+
+
+def test_training_data_gives_the_same_batches_from_memory_and_from_an_image_folder(tmp_path):
+    from PIL import Image
+
+    from msf.data import ImageDataset, TrainingData
+    from msf.imagefolder import ImageFolder
+
+    d = load_builtin()
+    pick = torch.cat([(d.labels == c).nonzero().flatten()[:6] for c in (0, 1)])
+    for n, i in enumerate(pick.tolist()):  # file names keep the order the folder lists them in
+        (tmp_path / f"c{int(d.labels[i])}").mkdir(exist_ok=True)
+        Image.fromarray(d.images[i].numpy()).save(tmp_path / f"c{int(d.labels[i])}" / f"{n:03d}.png")
+    memory = TrainingData(ImageDataset(d.images[pick], d.labels[pick], ["c0", "c1"]), 32)
+    files = TrainingData(ImageFolder(tmp_path, 32), 32)
+    assert (memory.kind, files.kind) == ("memory", "files")
+    assert files.class_names == memory.class_names and torch.equal(files.labels, memory.labels)
+    idx, flips = torch.tensor([0, 7, 3, 11]), torch.tensor([False, True, True, False])
+    (xm, ym, _), (xf, yf, bad) = memory.batch(idx, flips), files.batch(idx, flips)
+    assert torch.equal(xm, xf) and torch.equal(ym, yf) and bad == []
+    assert torch.equal(xm[1], to_model_range(d.images[pick[7]][None])[0].flip(-1))
+    stream = IndexStream(memory.labels, 4, seed=1)
+    for (s1, a, la, _), (s2, b, lb, _) in zip(memory.batches(stream, 1, 3), files.batches(stream, 1, 3)):
+        assert s1 == s2 and torch.equal(a, b) and torch.equal(la, lb)

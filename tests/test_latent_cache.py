@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from msf.config import apply_overrides, preset
-from msf.data import load_builtin, load_dataset, to_model_range
+from msf.data import load_builtin, load_dataset, prepare_data, to_model_range
 from msf.extract import extract
 from msf.latent_cache import CacheError, LatentCache
 from msf.pipeline import MSFPipeline
-from msf.train import prepare_data, train
+from msf.train import train
 
 
 def _tiny(tmp_path, *extra):

@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from msf.config import ConfigError, apply_overrides
-from msf.data import load_builtin, to_model_range
+from msf.data import load_builtin, prepare_data, to_model_range
 from msf.factorize import compose
 from msf.pipeline import ModelDirError, MSFPipeline, load_model_config
-from msf.train import prepare_data, train
+from msf.train import train
 
 
 def _images(n=8, size=16):

@@ -200,32 +200,72 @@ def _collate(items):
     return images, labels, bad
 
 
+class TrainingData:
+    """The one interface the training loop (and ``msf extract``) sees, whatever holds the data.
+
+    ``labels``, ``class_names`` and ``len`` describe it; :meth:`batch` reads given examples,
+    :meth:`batches` the batches of a run's steps. Inputs are images in [-1, 1] (B, 3, H, W), or
+    ``(z, base)`` latents when a latent cache holds the data. Behind it:
+
+    * ``"memory"``: the built-in set or a ``.npz`` (:class:`ImageDataset`), resized once to the model;
+    * ``"files"``: an image folder (:class:`msf.imagefolder.ImageFolder`), decoded lazily, in
+      DataLoader worker processes during training;
+    * ``"latents"``: a latent cache (:class:`msf.latent_cache.LatentCache`), memory-mapped; mirrored
+      examples are stored, not computed.
+    """
+
+    def __init__(self, source, image_size: int | None = None):
+        if isinstance(source, TrainingData):
+            source = source.source
+        if isinstance(source, ImageDataset) and image_size is not None:
+            source = prepare_data(source, image_size)
+        self.source = source
+        self.kind = ("latents" if hasattr(source, "get") else
+                     "memory" if isinstance(source, ImageDataset) else "files")
+        self.labels: Tensor = source.labels
+        self.class_names: list[str] = list(source.class_names)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def batch(self, indices: Tensor, flips: Tensor) -> tuple[Tensor | tuple[Tensor, Tensor | None], Tensor,
+                                                              list[str]]:
+        """``(inputs, labels, bad_files)`` of the examples at ``indices``, mirrored where ``flips``.
+
+        ``bad_files``: files that could not be decoded and were replaced by their neighbours.
+        """
+        if self.kind == "latents":
+            return self.source.get(indices, flips), self.labels[indices], []
+        if self.kind == "memory":
+            return apply_flips(to_model_range(self.source.images[indices]), flips), self.labels[indices], []
+        images, labels, bad = _collate([self.source[int(i)] for i in indices])
+        return apply_flips(to_model_range(images), flips), labels, bad
+
+    def batches(self, stream: IndexStream, start: int, end: int, *, rank: int = 0, world: int = 1,
+                num_workers: int = 0):
+        """Yield ``(step, inputs, labels, bad_files)`` for steps start..end, this process's share."""
+        if self.kind != "files":
+            for step in range(start, end + 1):
+                yield step, *self.batch(*stream.rank_slice(step, rank, world))
+            return
+        loader = torch.utils.data.DataLoader(
+            self.source, batch_sampler=_StepBatches(stream, start, end, rank, world),
+            num_workers=num_workers, collate_fn=_collate, persistent_workers=False,
+            prefetch_factor=4 if num_workers > 0 else None,
+        )
+        for step, (images, labels, bad) in enumerate(loader, start=start):
+            _, flips = stream.rank_slice(step, rank, world)
+            yield step, apply_flips(to_model_range(images), flips), labels, bad
+
+
 def iterate_batches(
     data, stream: IndexStream, start: int, end: int, *, rank: int = 0, world: int = 1,
     num_workers: int = 0,
 ):
-    """Yield ``(step, inputs, labels, bad_files)`` for steps start..end.
-
-    ``inputs`` are images in [-1, 1] (B, 3, H, W), or ``(z, base)`` latents when
-    ``data`` is a latent cache. ``data`` is an in-memory :class:`ImageDataset` or a
-    latent cache (both indexed directly), or a map-style dataset returning
-    ``(uint8 HxWx3, label, bad_path)`` (read by a DataLoader).
-    """
-    if hasattr(data, "get"):  # a latent cache: mirrored copies are stored, not computed
-        for step in range(start, end + 1):
-            idx, flips = stream.rank_slice(step, rank, world)
-            yield step, data.get(idx, flips), data.labels[idx], []
-        return
-    if isinstance(data, ImageDataset):
-        for step in range(start, end + 1):
-            idx, flips = stream.rank_slice(step, rank, world)
-            yield step, apply_flips(to_model_range(data.images[idx]), flips), data.labels[idx], []
-        return
-    loader = torch.utils.data.DataLoader(
-        data, batch_sampler=_StepBatches(stream, start, end, rank, world),
-        num_workers=num_workers, collate_fn=_collate, persistent_workers=False,
-        prefetch_factor=4 if num_workers > 0 else None,
-    )
-    for step, (images, labels, bad) in enumerate(loader, start=start):
-        _, flips = stream.rank_slice(step, rank, world)
-        yield step, apply_flips(to_model_range(images), flips), labels, bad
+    """:meth:`TrainingData.batches` of ``data`` (a :class:`TrainingData` or what it wraps)."""
+    data = data if isinstance(data, TrainingData) else TrainingData(data)
+    yield from data.batches(stream, start, end, rank=rank, world=world, num_workers=num_workers)

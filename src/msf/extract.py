@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from msf.config import Config, validate
-from msf.data import ImageDataset, load_dataset, prepare_data, to_model_range
+from msf.data import TrainingData, load_dataset
 from msf.distributed import barrier, close_world, init_world
 from msf.files import atomic_write_numpy, atomic_write_text
 from msf.latent_cache import DTYPES, FORMAT, VERSION, CacheError, cache_key
@@ -60,10 +60,10 @@ def extract(
     try:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        data = load_dataset(cfg.train.data, cfg.model.image_size, cfg.train.strict_data) \
-            if data is None else data
-        if isinstance(data, ImageDataset):
-            data = prepare_data(data, cfg.model.image_size)
+        data = TrainingData(load_dataset(cfg.train.data, cfg.model.image_size, cfg.train.strict_data)
+                            if data is None else data, cfg.model.image_size)
+        if data.kind == "latents":
+            raise CacheError(f"train.data={cfg.train.data}: already a latent cache")
         pipe = MSFPipeline(cfg.model).to(world.device)
         n = len(data)
         shards = math.ceil(n / shard_size)
@@ -75,15 +75,10 @@ def extract(
             lo, hi = s * shard_size, min(n, (s + 1) * shard_size)
             zs, bases, labels = [], [], []
             for b in range(lo, hi, batch_size):
-                idx = list(range(b, min(hi, b + batch_size)))
-                if isinstance(data, ImageDataset):
-                    images, y = data.images[idx], data.labels[idx]
-                else:
-                    items = [data[i] for i in idx]
-                    images = torch.stack([it[0] for it in items])
-                    y = torch.tensor([it[1] for it in items])
-                    bad += [it[2] for it in items if it[2]]
-                x = to_model_range(images).to(world.device)
+                idx = torch.arange(b, min(hi, b + batch_size))
+                x, y, unreadable = data.batch(idx, torch.zeros(len(idx), dtype=torch.bool))
+                bad += unreadable
+                x = x.to(world.device)
                 pairs = [pipe.encode(x), pipe.encode(x.flip(-1))]
                 zs.append(torch.stack([pairs[0][0], pairs[1][0]], 1).float().cpu().numpy())
                 if pairs[0][1] is not None:

@@ -46,17 +46,9 @@ from tqdm.auto import tqdm
 
 from msf.checkpoint import CheckpointError, load_latest, prune, save_checkpoint
 from msf.config import Config, ConfigError, TrainConfig, from_dict, to_dict, validate
-from msf.data import (
-    ImageDataset,
-    IndexStream,
-    iterate_batches,
-    load_dataset,
-    prepare_data,
-    to_model_range,
-)
+from msf.data import IndexStream, TrainingData, iterate_batches, load_dataset
 from msf.distributed import World, any_rank, barrier, close_world, init_world, mean_over_ranks
 from msf.flow import StepNoise
-from msf.latent_cache import LatentCache
 from msf.pipeline import MSFPipeline, autocast
 
 # Train-config fields that may change on resume without changing what the run computes.
@@ -530,21 +522,20 @@ def _nonfinite(result: StepResult, step: int, tc: TrainConfig, last_ckpt: Path |
         )
 
 
-def _open_data(cfg: Config, data):
-    """The training data (``train.data`` unless given), resized once if in memory; fills in
-    ``model.class_names`` from it when the config has none and the class counts agree."""
+def _open_data(cfg: Config, data) -> TrainingData:
+    """The training data (``train.data`` unless given); fills in ``model.class_names`` from it
+    when the config has none and the class counts agree."""
     tc = cfg.train
-    data = load_dataset(tc.data, cfg.model.image_size, tc.strict_data) if data is None else data
+    data = TrainingData(load_dataset(tc.data, cfg.model.image_size, tc.strict_data) if data is None else data,
+                        cfg.model.image_size)
     if data.num_classes > cfg.model.num_classes:
         raise ConfigError(
             f"data has {data.num_classes} classes but model.num_classes={cfg.model.num_classes}"
         )
     if cfg.model.class_names is None and data.num_classes == cfg.model.num_classes:
         cfg.model.class_names = list(data.class_names)
-    if isinstance(data, ImageDataset):
-        data = prepare_data(data, cfg.model.image_size)
-    if isinstance(data, LatentCache):
-        data.check_model(cfg)
+    if data.kind == "latents":
+        data.source.check_model(cfg)
     return data
 
 
@@ -563,19 +554,15 @@ def _report_bad_files(bad: list[str], seen: list[str], world: World) -> None:
     seen += bad
 
 
-def _measure_std(pipe: MSFPipeline, data, seed: int, dev, bad_files: list[str]) -> list[float]:
+def _measure_std(pipe: MSFPipeline, data: TrainingData, seed: int, dev, bad_files: list[str]) -> list[float]:
     """Per-scale std of the components of 1,024 random training examples (``normalize=std``)."""
     pick = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:1024]
-    if isinstance(data, LatentCache):
-        z, base = data.get(pick, torch.zeros(len(pick), dtype=torch.bool))
+    inputs, _, bad = data.batch(pick, torch.zeros(len(pick), dtype=torch.bool))
+    bad_files += bad
+    if data.kind == "latents":
+        z, base = inputs
         return pipe.measure_component_std(latents=(z.to(dev), None if base is None else base.to(dev)))
-    if isinstance(data, ImageDataset):
-        images = data.images[pick]
-    else:
-        items = [data[int(i)] for i in pick]
-        images = torch.stack([it[0] for it in items])
-        bad_files += [it[2] for it in items if it[2]]
-    return pipe.measure_component_std(to_model_range(images).to(dev))
+    return pipe.measure_component_std(inputs.to(dev))
 
 
 def _load_other_scales(pipe: MSFPipeline, cfg: Config, scales: list[int], src: Path) -> None:
