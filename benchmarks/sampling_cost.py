@@ -69,7 +69,7 @@ def build(cfg: ModelConfig, device: torch.device) -> MSFPipeline:
     """A pipeline at the config's latent shapes with an identity autoencoder (no VAE)."""
     pipe = MSFPipeline(cfg, autoencoder=IdentityAutoencoder(channels=cfg.autoencoder.channels))
     with torch.no_grad():  # small random weights: adaLN-Zero's zeros would skip real work
-        for p in pipe.scales.parameters():
+        for p in pipe.networks.parameters():
             p.normal_(0.0, 0.02)
     return pipe.to(device).eval()
 
@@ -96,7 +96,7 @@ def eval_inputs(pipe: MSFPipeline, k: int, batch: int, cfg_scale: float):
     x = torch.randn(fed, c, n, n, device=dev)
     t = torch.full((fed,), 0.5, device=dev)
     y = torch.randint(0, cfg.num_classes, (fed,), device=dev)
-    prior = torch.randn(fed, c, n, n, device=dev) if pipe.scales[k].prior_channels else None
+    prior = torch.randn(fed, c, n, n, device=dev) if pipe.networks[k].prior_channels else None
     return fed, (x, t, y, prior)
 
 
@@ -164,7 +164,7 @@ def main() -> None:
                               ("compiled", "compiled", compile_for_inference)):
         if name in wanted:
             paths.append((label, "fp32", {
-                m: {k: make(n) for k, n in enumerate(p.scales)} for m, p in pipes.items()}))
+                m: {k: make(n) for k, n in enumerate(p.networks)} for m, p in pipes.items()}))
 
     # --- one network evaluation per scale, at the batch the sampler feeds it, interleaved
     load = BusyLoad(args.load) if args.load else None
@@ -174,7 +174,7 @@ def main() -> None:
     cfg_of = {"MSF": MSF_SETTINGS[0][2], "DiT-XL/2": DIT_SETTINGS[0][2]}
     fns, fed = {}, {}
     for m, pipe in pipes.items():
-        for k, net in enumerate(pipe.scales):
+        for k, net in enumerate(pipe.networks):
             fed[m, k], inputs = eval_inputs(pipe, k, B, cfg_of[m][k])
             for path, precision, nets in paths:
                 use = net if nets[m] is None else nets[m][k]

@@ -13,7 +13,7 @@ def test_analytic_flops_match_torch_flop_counter(overrides):
     cfg = apply_overrides(preset("tiny"), overrides)
     pipe = MSFPipeline(cfg.model)
     infos = scale_infos(cfg.model)
-    for k, (net, n) in enumerate(zip(pipe.scales, cfg.model.latent_sizes)):
+    for k, (net, n) in enumerate(zip(pipe.networks, cfg.model.latent_sizes)):
         x = torch.randn(1, 3, n, n)
         prior = torch.randn(1, 3, n, n) if net.prior_channels else None
         counter = FlopCounterMode(display=False)

@@ -58,7 +58,7 @@ def test_sample_settings_per_scale_and_components(tiny_cfg):
     for p in pipe.parameters():
         torch.nn.init.normal_(p, std=0.05)
     calls = {0: [], 1: []}
-    counted = {k: _Counting(net, calls[k]) for k, net in enumerate(pipe.scales)}
+    counted = {k: _Counting(net, calls[k]) for k, net in enumerate(pipe.networks)}
     img, comps = pipe.sample([1, 2], steps=[3, 2], solver=["heun", "euler"], cfg_scale=[2.0, 1.0],
                              return_components=True, nets=counted)
     # steps = evaluations per CFG branch: scale 0 runs 3 batched (x2) forwards, scale 1 two plain ones
@@ -169,11 +169,11 @@ def test_single_scale_training_touches_only_that_scale(tiny_cfg, tmp_path):
     init = MSFPipeline(cfg.model)
     result = train(cfg, progress=False)
     assert list(result.history) == [1]
-    s0 = init.scales[0].state_dict()
-    for n, p in result.pipeline.scales[0].state_dict().items():
+    s0 = init.networks[0].state_dict()
+    for n, p in result.pipeline.networks[0].state_dict().items():
         assert torch.equal(p, s0[n])
-    assert any(not torch.equal(p, init.scales[1].state_dict()[n])
-               for n, p in result.pipeline.scales[1].state_dict().items())
+    assert any(not torch.equal(p, init.networks[1].state_dict()[n])
+               for n, p in result.pipeline.networks[1].state_dict().items())
 
 
 def test_bf16_autocast_training_follows_fp32(tiny_cfg, tmp_path):
@@ -183,8 +183,8 @@ def test_bf16_autocast_training_follows_fp32(tiny_cfg, tmp_path):
                                          "train.lr=3e-3", f"train.out_dir={tmp_path / precision}"])
         runs[precision] = train(cfg, progress=False)
     torch.manual_seed(cfg.train.seed)
-    init = MSFPipeline(cfg.model).scales.state_dict()
-    a, b = (runs[p].pipeline.scales.state_dict() for p in ("fp32", "bf16"))
+    init = MSFPipeline(cfg.model).networks.state_dict()
+    a, b = (runs[p].pipeline.networks.state_dict() for p in ("fp32", "bf16"))
     for k in (0, 1):  # the same losses and the same updates, to bf16's precision
         for (s1, l1), (s2, l2) in zip(runs["fp32"].history[k], runs["bf16"].history[k]):
             assert s1 == s2 and l2 == pytest.approx(l1, rel=0.03)
@@ -214,13 +214,13 @@ def test_prior_modes_and_conditioning_augmentation(tiny_cfg):
     assert (a - without.sample([1, 2], seed=3)).abs().mean() > 1e-3  # the noise does reach scale 1
     # prior=none: scale 1's network has no prior channels and is never given a prior
     none = MSFPipeline(apply_overrides(tiny_cfg, ["model.prior=none"]).model)
-    assert none.scales[1].prior_channels == 0 and pipe.scales[1].prior_channels == 3
+    assert none.networks[1].prior_channels == 0 and pipe.networks[1].prior_channels == 3
     seen = []
 
     def spy(module, args):
         seen.append(args[3] if len(args) > 3 else None)
 
-    none.scales[1].register_forward_pre_hook(spy)
+    none.networks[1].register_forward_pre_hook(spy)
     x, y = _images(4)
     none.training_losses(x, y)
     assert none.sample([0]).shape == (1, 3, 16, 16)
@@ -247,7 +247,7 @@ def test_one_and_three_scale_pipelines(sizes, tiny_cfg, tmp_path):
     if len(sizes) == 1:  # K = 1 is a plain DiT sampled with CFG: the same numbers, written out
         g = torch.Generator().manual_seed(0)
         noise = torch.randn(2, 3, 16, 16, generator=g)
-        v = guided_velocity(pipe.scales[0], torch.tensor([0, 5]), None, 2.0, cfg.model.num_classes)
+        v = guided_velocity(pipe.networks[0], torch.tensor([0, 5]), None, 2.0, cfg.model.num_classes)
         with torch.no_grad():
             torch.testing.assert_close(img, solve(v, noise, 2, "euler").clamp(-1, 1))
     pipe.save_pretrained(tmp_path / "m")
@@ -266,8 +266,8 @@ def test_per_scale_jobs_equal_an_all_scales_job_and_combine(tiny_cfg, tmp_path):
                                           f"train.other_scales_from={tmp_path / 's0' / 'model'}",
                                           f"train.out_dir={tmp_path / 's1'}"]), progress=False)
     for k in (0, 1):
-        for (name, a), b in zip(both.pipeline.scales[k].state_dict().items(),
-                                s1.pipeline.scales[k].state_dict().values()):
+        for (name, a), b in zip(both.pipeline.networks[k].state_dict().items(),
+                                s1.pipeline.networks[k].state_dict().values()):
             assert torch.equal(a, b), (k, name)
     combined = MSFPipeline.from_pretrained(s1.model_dir)
     assert torch.equal(combined.sample([2], seed=0), both.pipeline.sample([2], seed=0))

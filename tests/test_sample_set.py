@@ -20,7 +20,7 @@ KW = dict(batch_size=4, steps=2, precision="fp32", progress=False)
 def pipe(tiny_cfg):
     torch.manual_seed(1)
     p = MSFPipeline(tiny_cfg.model)
-    for net in p.scales:  # DiT zero-initialises its output: make the samples depend on the weights
+    for net in p.networks:  # DiT zero-initialises its output: make the samples depend on the weights
         for param in net.parameters():
             param.data.add_(0.02 * torch.randn_like(param))
     return p
@@ -105,7 +105,7 @@ def test_a_finished_set_is_reused_only_with_the_same_settings_and_weights(pipe, 
     assert again.generated == 0 and again.resumed == 8 and again.path == out
     assert sample_set(pipe, out, 8, seed=1, **KW).generated == 8  # other settings: drawn again
     with torch.no_grad():
-        for param in pipe.scales[0].parameters():
+        for param in pipe.networks[0].parameters():
             param.add_(0.05)
     before = np.load(out)["arr_0"]
     retrained = sample_set(pipe, out, 8, seed=1, **KW)  # same settings, other weights
@@ -162,7 +162,7 @@ def test_bf16_weight_copies_sample_close_to_fp32(pipe, tmp_path):
         # seed's samples differ by ~100 levels on average
         assert diff.mean() < 0.3 and diff.max() <= 4
     assert read_meta(tmp_path / "fast.npz")["precision"] == "bf16-weights"
-    assert next(pipe.scales.parameters()).dtype == torch.float32  # the pipeline's weights untouched
+    assert next(pipe.networks.parameters()).dtype == torch.float32  # the pipeline's weights untouched
     with pytest.raises(ValueError, match="precision must be one of"):
         sample_set(pipe, tmp_path / "x.npz", 8, **dict(KW, precision="fp16"))
     model = pipe.save_pretrained(tmp_path / "model")

@@ -63,7 +63,7 @@ def test_pipeline_trains_samples_saves_and_loads(vae_dir, tmp_path):
                f"train.out_dir={tmp_path}", "model.scales.0.steps=2", "model.scales.1.steps=2")
     result = train(cfg, progress=False)
     pipe = result.pipeline
-    for p in pipe.scales.parameters():  # two steps leave the outputs near zero: make them matter
+    for p in pipe.networks.parameters():  # two steps leave the outputs near zero: make them matter
         p.data.add_(0.05 * torch.randn_like(p))
     images, comps = pipe.sample([0, 3], seed=1, return_components=True)
     # components live in latent space (4 channels, 6 and 8 wide); the image is the VAE's decoding

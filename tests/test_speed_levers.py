@@ -43,13 +43,13 @@ def test_inference_copy_is_bf16_close_and_leaves_the_model_alone():
 def test_sample_with_replaced_nets():
     pipe = MSFPipeline(preset("tiny").model)
     with torch.no_grad():
-        for p in pipe.scales.parameters():
+        for p in pipe.networks.parameters():
             p.normal_(0.0, 0.05)
     labels = [0, 1, 2]
     ref = pipe.sample(labels, seed=3)
-    same = pipe.sample(labels, seed=3, nets=dict(enumerate(pipe.scales)))
+    same = pipe.sample(labels, seed=3, nets=dict(enumerate(pipe.networks)))
     assert torch.equal(ref, same)
-    fast = pipe.sample(labels, seed=3, nets={k: inference_copy(n) for k, n in enumerate(pipe.scales)})
+    fast = pipe.sample(labels, seed=3, nets={k: inference_copy(n) for k, n in enumerate(pipe.networks)})
     assert fast.dtype == torch.float32
     assert (fast - ref).abs().max() < 5e-2
 

@@ -20,7 +20,7 @@ from msf.sweep import nfe_per_image, sweep_points
 def pipe(tiny_cfg):
     torch.manual_seed(2)
     p = MSFPipeline(tiny_cfg.model)
-    for net in p.scales:
+    for net in p.networks:
         for param in net.parameters():
             param.data.add_(0.02 * torch.randn_like(param))
     return p

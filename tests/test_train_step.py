@@ -19,7 +19,7 @@ def test_ema_after_each_step_is_the_decayed_average(tiny_cfg, tmp_path):
     cfg = _cfg(tiny_cfg, tmp_path, "train.steps=2", "train.ckpt_every=1", "train.keep_last=5",
                f"train.ema_decay={decay}", "train.lr=1e-2")
     torch.manual_seed(cfg.train.seed)
-    init = MSFPipeline(cfg.model).scales.state_dict()
+    init = MSFPipeline(cfg.model).networks.state_dict()
     result = train(cfg, progress=False)
     states = [torch.load(p, weights_only=True) for _, p in list_checkpoints(tmp_path / "checkpoints")]
     assert [s["step"] for s in states] == [1, 2]
@@ -32,7 +32,7 @@ def test_ema_after_each_step_is_the_decayed_average(tiny_cfg, tmp_path):
                 torch.testing.assert_close(s["emas"][k][name], expected[key], atol=1e-6, rtol=1e-5)
     moved = max((s["models"]["0"][n] - init[f"0.{n}"]).abs().max().item() for n in s["models"]["0"])
     assert moved > 1e-3  # the raw weights did change, so the average is not trivially equal
-    final = result.pipeline.scales.state_dict()
+    final = result.pipeline.networks.state_dict()
     for key, w in expected.items():
         torch.testing.assert_close(final[key], w, atol=1e-6, rtol=1e-5)
 
@@ -122,7 +122,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_cfg):
         pipe = MSFPipeline(tiny_cfg.model)
         for p in pipe.parameters():
             torch.nn.init.normal_(p, std=0.05)
-        for net in pipe.scales:
+        for net in pipe.networks:
             net.grad_checkpointing = checkpointing
         torch.manual_seed(1)
         sum(pipe.training_losses(x, y).values()).backward()
@@ -164,9 +164,9 @@ def test_a_step_of_train_is_the_method_written_out(tiny_cfg, tmp_path):
     ema = MSFPipeline(cfg.model)
     opts = {}
     for k in (0, 1):
-        pipe.scales[k].load_state_dict(s1["models"][str(k)])
-        ema.scales[k].load_state_dict(s1["emas"][str(k)])
-        opts[k] = torch.optim.AdamW(pipe.scales[k].parameters(), lr=t.lr, betas=tuple(t.betas),
+        pipe.networks[k].load_state_dict(s1["models"][str(k)])
+        ema.networks[k].load_state_dict(s1["emas"][str(k)])
+        opts[k] = torch.optim.AdamW(pipe.networks[k].parameters(), lr=t.lr, betas=tuple(t.betas),
                                     weight_decay=t.weight_decay)
         opts[k].load_state_dict(s1["optimizers"][str(k)])
     data = prepare_data(load_dataset(t.data, cfg.model.image_size), cfg.model.image_size)
@@ -176,14 +176,14 @@ def test_a_step_of_train_is_the_method_written_out(tiny_cfg, tmp_path):
                                   noise=StepNoise(t.seed, 2))
     sum(losses.values()).backward()
     for k in (0, 1):
-        torch.nn.utils.clip_grad_norm_(pipe.scales[k].parameters(), t.grad_clip)
+        torch.nn.utils.clip_grad_norm_(pipe.networks[k].parameters(), t.grad_clip)
         for g in opts[k].param_groups:
             g["lr"] = learning_rate(t, 2, t.steps)
         opts[k].step()
-        ema_update(ema.scales[k], pipe.scales[k], t.ema_decay)
-        for name, w in pipe.scales[k].state_dict().items():
+        ema_update(ema.networks[k], pipe.networks[k], t.ema_decay)
+        for name, w in pipe.networks[k].state_dict().items():
             torch.testing.assert_close(s2["models"][str(k)][name], w, atol=1e-7, rtol=1e-6)
-        for name, w in ema.scales[k].state_dict().items():
+        for name, w in ema.networks[k].state_dict().items():
             torch.testing.assert_close(s2["emas"][str(k)][name], w, atol=1e-7, rtol=1e-6)
     assert [v for s, v in s2["history"]["0"] if s == 2][0] == pytest.approx(losses[0].item(), rel=1e-5)
 

@@ -75,15 +75,15 @@ class MSFPipeline(nn.Module):
         self.autoencoder = autoencoder if autoencoder is not None else build_autoencoder(
             config.autoencoder
         )
-        self.scales = build_scale_networks(config)
+        self.networks = build_scale_networks(config)  # one DiT per scale
 
     @property
     def device(self) -> torch.device:
-        return next(self.scales.parameters()).device
+        return next(self.networks.parameters()).device
 
     @property
     def num_scales(self) -> int:
-        return len(self.scales)
+        return len(self.networks)
 
     # ----------------------------------------------------------------- targets
 
@@ -185,7 +185,7 @@ class MSFPipeline(nn.Module):
                             device=c.device, noise=noise, key=f"t{k}")
             e = noise.normal(f"e{k}", tuple(c.shape), c.device)
             prior = self._net_prior(k, priors[k], noise=noise)
-            net = self.scales[k] if nets is None or k not in nets else nets[k]
+            net = self.networks[k] if nets is None or k not in nets else nets[k]
             losses[k] = rectified_flow_loss(net, c, y, t, prior, noise=e)
         return losses
 
@@ -230,7 +230,7 @@ class MSFPipeline(nn.Module):
         with one per scale; unset, each scale uses its config's defaults. The initial
         noise of every scale comes from ``generator`` (or a fresh one seeded ``seed``,
         on the CPU so that results do not depend on the device). ``nets`` replaces scale
-        k's network, e.g. by ``msf.speed.compile_for_inference(pipe.scales[k])``.
+        k's network, e.g. by ``msf.speed.compile_for_inference(pipe.networks[k])``.
         """
         device = self.device
         labels = torch.as_tensor(labels, dtype=torch.int64)
@@ -249,7 +249,7 @@ class MSFPipeline(nn.Module):
         def generate(k: int, prior: Tensor | None) -> Tensor:  # Algorithm 3, one scale
             n = cfg.latent_sizes[k]
             noise = torch.randn(B, C, n, n, generator=generator).to(device)
-            net = self.scales[k] if nets is None or k not in nets else nets[k]
+            net = self.networks[k] if nets is None or k not in nets else nets[k]
             velocity = guided_velocity(
                 net, labels, self._net_prior(k, prior, generator), cfg_scale[k],
                 cfg.num_classes,
@@ -271,7 +271,7 @@ class MSFPipeline(nn.Module):
         """Write ``config.json`` and one ``scale_k.safetensors`` per scale (atomically each)."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        for k, net in enumerate(self.scales):
+        for k, net in enumerate(self.networks):
             state = {n: p.detach().contiguous().cpu() for n, p in net.state_dict().items()}
             atomic_write(path / f"scale_{k}.safetensors", lambda p, s=state: save_file(s, str(p)))
         meta = {"format": FORMAT, "version": FORMAT_VERSION, "model": to_dict(self.config)}
@@ -289,7 +289,7 @@ class MSFPipeline(nn.Module):
         """Load a model directory written by :meth:`save_pretrained` (never unpickles)."""
         config = load_model_config(path)
         pipe = cls(config, autoencoder=autoencoder)
-        for k, net in enumerate(pipe.scales):
+        for k, net in enumerate(pipe.networks):
             file = Path(path) / f"scale_{k}.safetensors"
             if not file.is_file():
                 raise ModelDirError(f"{file}: missing (the config has {config.num_scales} scales)")

@@ -87,9 +87,9 @@ def inference_nets(pipe, precision: str, compile: bool = False) -> tuple[dict | 
     autocast = "fp32" if precision == "fp32" else "bf16"
     if compile:
         dtype = torch.float32 if precision == "fp32" else torch.bfloat16
-        return {k: compile_for_inference(net, dtype) for k, net in enumerate(pipe.scales)}, autocast
+        return {k: compile_for_inference(net, dtype) for k, net in enumerate(pipe.networks)}, autocast
     if precision == "bf16-weights":
-        return {k: inference_copy(net) for k, net in enumerate(pipe.scales)}, autocast
+        return {k: inference_copy(net) for k, net in enumerate(pipe.networks)}, autocast
     return None, autocast
 
 

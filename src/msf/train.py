@@ -245,17 +245,17 @@ class TrainState:
         if load_other_scales and tc.other_scales_from:
             _load_other_scales(pipe, cfg, scales, Path(tc.other_scales_from))
         for k in scales:
-            pipe.scales[k].grad_checkpointing = tc.grad_checkpointing
+            pipe.networks[k].grad_checkpointing = tc.grad_checkpointing
         ema = MSFPipeline(cfg.model, autoencoder=pipe.autoencoder).to(world.device)
-        ema.scales.load_state_dict(pipe.scales.state_dict())
+        ema.networks.load_state_dict(pipe.networks.state_dict())
         ema.requires_grad_(False).eval()
         if tc.fsdp:
             if not world.distributed:
                 raise ConfigError("train.fsdp=true needs several processes: launch with torchrun")
             for k in scales:
-                shard(pipe.scales[k])
-                shard(ema.scales[k])
-        opts = {k: torch.optim.AdamW(pipe.scales[k].parameters(), lr=tc.lr, betas=tuple(tc.betas),
+                shard(pipe.networks[k])
+                shard(ema.networks[k])
+        opts = {k: torch.optim.AdamW(pipe.networks[k].parameters(), lr=tc.lr, betas=tuple(tc.betas),
                                      weight_decay=tc.weight_decay)
                 for k in scales}
         return cls(step=0, pipe=pipe, ema=ema, opts=opts, history={k: [] for k in scales})
@@ -264,9 +264,9 @@ class TrainState:
         """Full (unsharded) state dicts on the CPU; collective under FSDP: every process calls it."""
         scales = range(self.pipe.num_scales)
         return {
-            "models": {str(k): get_model_state_dict(self.pipe.scales[k], options=_FULL) for k in scales},
-            "emas": {str(k): get_model_state_dict(self.ema.scales[k], options=_FULL) for k in scales},
-            "optimizers": {str(k): get_optimizer_state_dict(self.pipe.scales[k], o, options=_FULL)
+            "models": {str(k): get_model_state_dict(self.pipe.networks[k], options=_FULL) for k in scales},
+            "emas": {str(k): get_model_state_dict(self.ema.networks[k], options=_FULL) for k in scales},
+            "optimizers": {str(k): get_optimizer_state_dict(self.pipe.networks[k], o, options=_FULL)
                            for k, o in self.opts.items()},
             "history": {str(k): [list(p) for p in v] for k, v in self.history.items()},
             "step": self.step,
@@ -276,10 +276,10 @@ class TrainState:
     def load_state_dict(self, state: dict) -> None:
         load = StateDictOptions(full_state_dict=True)
         for k in range(self.pipe.num_scales):
-            set_model_state_dict(self.pipe.scales[k], state["models"][str(k)], options=load)
-            set_model_state_dict(self.ema.scales[k], state["emas"][str(k)], options=load)
+            set_model_state_dict(self.pipe.networks[k], state["models"][str(k)], options=load)
+            set_model_state_dict(self.ema.networks[k], state["emas"][str(k)], options=load)
         for k, opt in self.opts.items():
-            set_optimizer_state_dict(self.pipe.scales[k], opt, state["optimizers"][str(k)], options=load)
+            set_optimizer_state_dict(self.pipe.networks[k], opt, state["optimizers"][str(k)], options=load)
         self.history = {int(k): [tuple(p) for p in v] for k, v in state["history"].items()}
         self.step, self.skipped = int(state["step"]), int(state.get("skipped", 0))
 
@@ -323,14 +323,14 @@ def train_step(state: TrainState, batch, tc: TrainConfig, nets: dict[int, nn.Mod
     total.backward()
     grad_norms = {}
     for k in active:
-        net, opt = state.pipe.scales[k], state.opts[k]
+        net, opt = state.pipe.networks[k], state.opts[k]
         if tc.grad_clip > 0:
             grad_norms[k] = torch.nn.utils.clip_grad_norm_(net.parameters(), tc.grad_clip)
         for g in opt.param_groups:
             g["lr"] = learning_rate(tc, step, tc.steps_for(k))
         opt.step()
         opt.zero_grad(set_to_none=True)
-        ema_update(state.ema.scales[k], net, tc.ema_decay)
+        ema_update(state.ema.networks[k], net, tc.ema_decay)
     state.step = step
     return StepResult({k: v.detach() for k, v in losses.items()}, grad_norms, True, stop)
 
@@ -386,7 +386,7 @@ def _run(cfg: Config, world: World, data, progress: bool, max_seconds: float | N
     if found is not None:
         state.load_state_dict(found[0])
     scales = trained_scales(cfg)
-    nets = {k: _wrap(state.pipe.scales[k], tc, world) for k in scales}
+    nets = {k: _wrap(state.pipe.networks[k], tc, world) for k in scales}
     if save and world.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
@@ -585,7 +585,7 @@ def _load_other_scales(pipe: MSFPipeline, cfg: Config, scales: list[int], src: P
             if a["scales"][k] != b["scales"][k]:
                 raise ConfigError(f"train.other_scales_from={src}: scale {k} differs "
                                   f"({b['scales'][k]} there, {a['scales'][k]} here)")
-            pipe.scales[k].load_state_dict(other.scales[k].state_dict())
+            pipe.networks[k].load_state_dict(other.networks[k].state_dict())
     if cfg.model.normalize == "std" and other.config.component_std != cfg.model.component_std:
         raise ConfigError(f"train.other_scales_from={src}: its component_std "
                           f"{other.config.component_std} differs from this run's "
@@ -599,11 +599,11 @@ def _gathered(ema: MSFPipeline, cfg: Config, world: World) -> MSFPipeline | None
     """
     if not cfg.train.fsdp:
         return ema if world.is_main else None
-    states = [get_model_state_dict(s, options=_FULL) for s in ema.scales]
+    states = [get_model_state_dict(s, options=_FULL) for s in ema.networks]
     if not world.is_main:
         return None
     plain = MSFPipeline(cfg.model, autoencoder=ema.autoencoder)
-    for net, st in zip(plain.scales, states):
+    for net, st in zip(plain.networks, states):
         net.load_state_dict(st)
     return plain.to(world.device).requires_grad_(False).eval()
 
