@@ -1,9 +1,11 @@
 import json
 
 import numpy as np
+import pytest
 from helpers import grid_cells
 
 from msf.cli import main
+from msf.config import preset
 from msf.data import to_uint8
 from msf.pipeline import MSFPipeline
 
@@ -47,3 +49,17 @@ def test_errors_are_one_line_messages(tmp_path, capsys):
     assert "model directory does not exist" in capsys.readouterr().err
     assert main(["info", "nonsense"]) == 2
     assert "unknown preset" in capsys.readouterr().err
+
+
+def test_bad_sampler_settings_fail_before_any_work(tmp_path, capsys, monkeypatch):
+    model = MSFPipeline(preset("tiny").model).save_pretrained(tmp_path / "m")
+    monkeypatch.setattr(MSFPipeline, "from_pretrained", lambda *a, **k: pytest.fail("weights were read"))
+    for args, message in ((["--cfg", "nan"], "cfg_scale: nan for scale 0 must be a number in [0, 100]"),
+                          (["--steps", "-2"], "steps: -2 for scale 0 must be an integer >= 1"),
+                          (["--num-samples", "0", "--npz", str(tmp_path / "s.npz")],
+                           "--num-samples must be >= 1"),
+                          (["--npz", str(tmp_path / "s.npz")], "--num-samples must be >= 1")):
+        assert main(["sample", str(model), "--out", str(tmp_path / "x.png"), *args]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists() and not (tmp_path / "s.npz").exists()
+    assert not (tmp_path / "samples.png").exists()

@@ -171,3 +171,31 @@ def test_loss_is_zero_for_the_true_velocity_and_positive_otherwise():
     torch.testing.assert_close(zero, ((e - c) ** 2).mean())
     torch.testing.assert_close(interpolate(c, e, torch.zeros(4)), c)
     torch.testing.assert_close(interpolate(c, e, torch.ones(4)), e)
+
+
+@pytest.mark.parametrize("override,match", [
+    ({"cfg_scale": float("nan")}, r"cfg_scale: nan for scale 0 must be a number in \[0, 100\]"),
+    ({"cfg_scale": float("inf")}, r"cfg_scale: inf .* in \[0, 100\]"),
+    ({"cfg_scale": [1.0, 1e308]}, r"cfg_scale: 1e\+308 for scale 1"),
+    ({"steps": -3}, r"steps: -3 for scale 0 must be an integer >= 1"),
+    ({"steps": [4, 0]}, r"steps: 0 for scale 1"),
+    ({"steps": 2.5}, r"steps: 2.5 .* integer"),
+    ({"solver": "rk4"}, r"solver: 'rk4' for scale 0 must be one of \('euler', 'heun'\)"),
+    ({"steps": [1, 2, 3]}, r"steps: need one value per scale \(2\)"),
+])
+def test_sampler_settings_are_checked_when_made(tiny_cfg, override, match):
+    from msf.config import ConfigError, SamplerSettings
+
+    with pytest.raises(ConfigError, match=match):
+        SamplerSettings.of(tiny_cfg.model, **override)
+
+
+def test_sampler_settings_defaults_overrides_and_evaluations(tiny_cfg):
+    from msf.config import SamplerSettings
+
+    s = SamplerSettings.of(tiny_cfg.model)
+    assert s.steps == (8, 4) and s.cfg_scale == (1.0, 1.0) and s.solver == ("euler", "euler")
+    t = SamplerSettings.of(tiny_cfg.model, cfg_scale=[2.0, 1.0], solver="heun")
+    assert t.steps == (8, 4) and t.solver == ("heun", "heun") and t.evaluations == 16 + 4
+    assert SamplerSettings.of(tiny_cfg.model, steps=3, base=t).to_dict() == {
+        "steps": [3, 3], "cfg_scale": [2.0, 1.0], "solver": ["heun", "heun"]}

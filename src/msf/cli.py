@@ -116,10 +116,17 @@ def _sampling(args: argparse.Namespace) -> dict:
 def cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
-    from msf.pipeline import MSFPipeline
+    from msf.config import SamplerSettings
+    from msf.pipeline import MSFPipeline, load_model_config
 
-    if args.num_samples:
+    # Everything the user asked for is checked before any weights are read or images drawn.
+    SamplerSettings.of(load_model_config(args.model_dir), **_sampling(args))
+    if args.num_samples is not None or args.npz:
+        if args.num_samples is None or args.num_samples < 1:
+            raise ConfigError(f"--num-samples must be >= 1 for a sample set (--npz), got {args.num_samples}")
         return _sample_set(args)
+    if args.per_class < 1:
+        raise ConfigError(f"--per-class must be >= 1, got {args.per_class}")
     from msf.viz import save_sample_grid
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -278,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--classes", default="all", help="grid: 'all' or comma-separated indices or names")
     s.add_argument("--per-class", type=int, default=8, help="grid: samples per class")
     s.add_argument("--out", default="samples.png", help="grid: output PNG")
-    s.add_argument("--num-samples", type=int, default=0,
+    s.add_argument("--num-samples", type=int,
                    help="draw a class-balanced sample set of this size (use with --npz; torchrun shards it)")
     s.add_argument("--npz", help="sample set: ADM-format output .npz (re-run to resume)")
     s.add_argument("--batch-size", type=int, default=64, help="sample set: images per chunk")

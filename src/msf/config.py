@@ -63,6 +63,70 @@ def evaluations(steps: int, cfg_scale: float) -> int:
     return steps * (1 if cfg_scale == 1.0 else 2)
 
 
+CFG_RANGE = (0.0, 100.0)  # guidance scales accepted (0: unconditional, 1: no guidance)
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    """How each scale of Algorithm 3 is sampled, one value per scale: ``steps`` (network
+    evaluations per CFG branch), ``cfg_scale`` (guidance; 1 is none) and ``solver``.
+
+    The pipeline, ``msf sample``, sample sets and sweeps share it; it is checked when made, so
+    that a bad value fails before any sampling work, with the allowed range in the message.
+    """
+
+    steps: tuple[int, ...]
+    cfg_scale: tuple[float, ...]
+    solver: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        k = len(self.steps)
+        if len(self.cfg_scale) != k or len(self.solver) != k:
+            raise ConfigError(f"sampler settings: one value per scale for steps, cfg_scale and solver, "
+                              f"got {list(self.steps)}, {list(self.cfg_scale)}, {list(self.solver)}")
+        for i in range(k):
+            steps, w, solver = self.steps[i], self.cfg_scale[i], self.solver[i]
+            if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+                raise ConfigError(f"steps: {steps!r} for scale {i} must be an integer >= 1")
+            number = isinstance(w, (int, float)) and not isinstance(w, bool)
+            if not number or not CFG_RANGE[0] <= w <= CFG_RANGE[1]:  # also NaN
+                raise ConfigError(f"cfg_scale: {w!r} for scale {i} must be a number in "
+                                  f"[{CFG_RANGE[0]:g}, {CFG_RANGE[1]:g}] (1 = no guidance)")
+            if solver not in SOLVERS:
+                raise ConfigError(f"solver: {solver!r} for scale {i} must be one of {SOLVERS}")
+
+    @classmethod
+    def of(cls, model: ModelConfig, steps=None, cfg_scale=None, solver=None,
+           base: SamplerSettings | None = None) -> SamplerSettings:
+        """``base`` (by default the model's per-scale defaults) with the given values replacing its
+        own: each one value for every scale, or a list with one per scale."""
+        base = base or cls(tuple(s.steps for s in model.scales),
+                           tuple(float(s.cfg_scale) for s in model.scales),
+                           tuple(s.solver for s in model.scales))
+        k = model.num_scales
+
+        def per_scale(name: str, value, default: tuple) -> tuple:
+            if value is None:
+                return default
+            if isinstance(value, (list, tuple)):
+                if len(value) != k:
+                    raise ConfigError(f"{name}: need one value per scale ({k}), got {list(value)}")
+                return tuple(value)
+            return (value,) * k
+
+        return cls(per_scale("steps", steps, base.steps),
+                   per_scale("cfg_scale", cfg_scale, base.cfg_scale),
+                   per_scale("solver", solver, base.solver))
+
+    @property
+    def evaluations(self) -> int:
+        """Network evaluations per image, every scale and CFG branch counted."""
+        return sum(evaluations(s, w) for s, w in zip(self.steps, self.cfg_scale))
+
+    def to_dict(self) -> dict[str, list]:
+        return {"steps": list(self.steps), "cfg_scale": list(self.cfg_scale), "solver": list(self.solver)}
+
+
 @dataclass
 class ModelConfig:
     num_classes: int

@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from msf.autoencoder import Autoencoder, build_autoencoder
-from msf.config import Config, ConfigError, ModelConfig, from_dict, to_dict, validate
+from msf.config import Config, ConfigError, ModelConfig, SamplerSettings, from_dict, to_dict, validate
 from msf.factorize import accumulate_sample, compose, factorize, input_priors, resize_image
 from msf.files import atomic_write, atomic_write_text
 from msf.flow import Noise, drop_labels, rectified_flow_loss, sample_time
@@ -199,22 +199,12 @@ class MSFPipeline(nn.Module):
             bad = labels[(labels < 0) | (labels >= n)][0].item()
             raise ValueError(f"class label {bad} is out of range: this model has classes 0..{n - 1}")
 
-    def _per_scale(self, name: str, value, default: list) -> list:
-        if value is None:
-            return list(default)
-        if isinstance(value, (list, tuple)):
-            if len(value) != self.num_scales:
-                raise ValueError(
-                    f"{name}: need one value per scale ({self.num_scales}), got {list(value)}"
-                )
-            return list(value)
-        return [value] * self.num_scales
-
     @torch.no_grad()
     def sample(
         self,
         labels: Tensor | Sequence[int],
         *,
+        settings: SamplerSettings | None = None,
         steps: int | Sequence[int] | None = None,
         cfg_scale: float | Sequence[float] | None = None,
         solver: str | Sequence[str] | None = None,
@@ -226,8 +216,10 @@ class MSFPipeline(nn.Module):
     ) -> Tensor | tuple[Tensor, list[Tensor]]:
         """Algorithm 3: generate images in [-1, 1] for ``labels``.
 
-        ``steps``, ``cfg_scale`` and ``solver`` take one value for all scales or a list
-        with one per scale; unset, each scale uses its config's defaults. The initial
+        ``settings`` (:class:`msf.config.SamplerSettings`; by default the config's per-scale
+        steps, guidance and solver) says how each scale is sampled; ``steps``, ``cfg_scale``
+        and ``solver`` replace its values, each one value for all scales or a list with one
+        per scale. The initial
         noise of every scale comes from ``generator`` (or a fresh one seeded ``seed``,
         on the CPU so that results do not depend on the device). ``nets`` replaces scale
         k's network, e.g. by ``msf.speed.compile_for_inference(pipe.networks[k])``.
@@ -237,9 +229,7 @@ class MSFPipeline(nn.Module):
         self.check_labels(labels)
         labels = labels.to(device)
         cfg = self.config
-        steps = self._per_scale("steps", steps, [s.steps for s in cfg.scales])
-        cfg_scale = self._per_scale("cfg_scale", cfg_scale, [s.cfg_scale for s in cfg.scales])
-        solver = self._per_scale("solver", solver, [s.solver for s in cfg.scales])
+        settings = SamplerSettings.of(cfg, steps, cfg_scale, solver, base=settings)
         if generator is None:
             generator = torch.Generator().manual_seed(0 if seed is None else seed)
         B, C, N = labels.shape[0], cfg.autoencoder.channels, cfg.latent_sizes[-1]
@@ -251,11 +241,11 @@ class MSFPipeline(nn.Module):
             noise = torch.randn(B, C, n, n, generator=generator).to(device)
             net = self.networks[k] if nets is None or k not in nets else nets[k]
             velocity = guided_velocity(
-                net, labels, self._net_prior(k, prior, generator), cfg_scale[k],
+                net, labels, self._net_prior(k, prior, generator), settings.cfg_scale[k],
                 cfg.num_classes,
             )
             with autocast(device, precision):
-                c = solve(velocity, noise, steps[k], solver[k])
+                c = solve(velocity, noise, settings.steps[k], settings.solver[k])
             return c.float() * self._std(k)
 
         like = torch.zeros(B, C, N, N, device=device)

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from msf.config import SAMPLING_PRECISIONS
+from msf.config import SAMPLING_PRECISIONS, SamplerSettings
 from msf.data import to_uint8
 from msf.distributed import World, barrier
 from msf.files import atomic_write_numpy, atomic_write_text
@@ -179,9 +179,7 @@ def sample_set(
     if num_samples < 1 or batch_size < 1:
         raise ValueError(f"num_samples and batch_size must be >= 1, got {num_samples} and {batch_size}")
     cfg = pipe.config
-    steps = pipe._per_scale("steps", steps, [s.steps for s in cfg.scales])
-    cfg_scale = pipe._per_scale("cfg_scale", cfg_scale, [s.cfg_scale for s in cfg.scales])
-    solver = pipe._per_scale("solver", solver, [s.solver for s in cfg.scales])
+    sampler = SamplerSettings.of(cfg, steps, cfg_scale, solver)
     if labels is None:
         labels = balanced_labels(num_samples, cfg.num_classes, seed)
         label_source = "balanced"
@@ -192,8 +190,8 @@ def sample_set(
         pipe.check_labels(torch.from_numpy(labels))
         label_source = "given:" + hashlib.sha256(labels.tobytes()).hexdigest()[:16]
     settings = {
-        "num_samples": num_samples, "batch_size": batch_size, "seed": seed, "steps": steps,
-        "cfg_scale": cfg_scale, "solver": solver, "precision": precision, "compile": compile,
+        "num_samples": num_samples, "batch_size": batch_size, "seed": seed, **sampler.to_dict(),
+        "precision": precision, "compile": compile,
         "weights": weights_fingerprint(pipe), "image_size": cfg.image_size, "labels": label_source,
     }
     chunks = range(0, -(-num_samples // batch_size))
@@ -220,8 +218,8 @@ def sample_set(
     for c in todo:
         y = labels[c * batch_size:(c + 1) * batch_size]
         gen = torch.Generator().manual_seed(chunk_seed(seed, c))
-        images = pipe.sample(torch.from_numpy(y), steps=steps, cfg_scale=cfg_scale, solver=solver,
-                             generator=gen, precision=autocast, nets=nets)
+        images = pipe.sample(torch.from_numpy(y), settings=sampler, generator=gen, precision=autocast,
+                             nets=nets)
         _save_npz(_chunk_file(parts, c), arr_0=to_uint8(images).numpy(), arr_1=y)
         generated += len(y)
         if bar is not None:

@@ -16,7 +16,7 @@ import math
 import os
 from pathlib import Path
 
-from msf.config import evaluations
+from msf.config import SamplerSettings, evaluations
 from msf.distributed import World, barrier
 from msf.sample_set import sample_set
 from msf.viz import save_figure
@@ -37,6 +37,7 @@ def sweep_points(pipe, scale: int, setting: str, values: list) -> list[dict]:
         steps = [s.steps for s in cfg.scales]
         cfg_scale = [s.cfg_scale for s in cfg.scales]
         (steps if setting == "steps" else cfg_scale)[scale] = v
+        SamplerSettings.of(cfg, steps, cfg_scale)  # every value checked before any sampling
         points.append({"scale": scale, "setting": setting, "value": v, "steps": steps,
                        "cfg_scale": cfg_scale})
     return points
