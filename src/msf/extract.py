@@ -72,29 +72,8 @@ def extract(
                    disable=not progress, desc=f"extract (rank {world.rank})", unit="img")
         bad: list[str] = []
         for s in mine:
-            lo, hi = s * shard_size, min(n, (s + 1) * shard_size)
-            zs, bases, labels = [], [], []
-            for b in range(lo, hi, batch_size):
-                idx = torch.arange(b, min(hi, b + batch_size))
-                x, y, unreadable = data.batch(idx, torch.zeros(len(idx), dtype=torch.bool))
-                bad += unreadable
-                x = x.to(world.device)
-                pairs = [pipe.encode(x), pipe.encode(x.flip(-1))]
-                zs.append(torch.stack([pairs[0][0], pairs[1][0]], 1).float().cpu().numpy())
-                if pairs[0][1] is not None:
-                    bases.append(torch.stack([pairs[0][1], pairs[1][1]], 1).float().cpu().numpy())
-                labels.append(y.numpy().astype(np.int64))
-                bar.update(len(idx))
-            files = {}
-            name = f"shard_{s:05d}"
-            files[f"{name}.z.npy"] = _write_npy(out / f"{name}.z.npy",
-                                                np.concatenate(zs).astype(DTYPES[dtype]))
-            if bases:
-                files[f"{name}.base.npy"] = _write_npy(out / f"{name}.base.npy",
-                                                       np.concatenate(bases).astype(DTYPES[dtype]))
-            files[f"{name}.labels.npy"] = _write_npy(out / f"{name}.labels.npy", np.concatenate(labels))
-            record = {"start": lo, "count": hi - lo, "files": files}
-            atomic_write_text(out / f"{name}.json", json.dumps(record))
+            bad += _encode_shard(pipe, data, out, s, range(s * shard_size, min(n, (s + 1) * shard_size)),
+                                 batch_size, DTYPES[dtype], world.device, bar)
         bar.close()
         if bad:
             warnings.warn(f"{len(bad)} unreadable images were replaced by their neighbours; "
@@ -114,3 +93,29 @@ def extract(
         return out
     finally:
         close_world(world)
+
+
+def _encode_shard(pipe, data: TrainingData, out: Path, s: int, rows: range, batch_size: int, dtype,
+                  device, bar) -> list[str]:
+    """Encode examples ``rows`` (and their mirrors) into shard ``s``; its ``.json`` record last.
+    Returns the files that could not be decoded."""
+    zs, bases, labels, bad = [], [], [], []
+    for b in range(rows.start, rows.stop, batch_size):
+        idx = torch.arange(b, min(rows.stop, b + batch_size))
+        x, y, unreadable = data.batch(idx, torch.zeros(len(idx), dtype=torch.bool))
+        bad += unreadable
+        x = x.to(device)
+        pairs = [pipe.encode(x), pipe.encode(x.flip(-1))]
+        zs.append(torch.stack([pairs[0][0], pairs[1][0]], 1).float().cpu().numpy())
+        if pairs[0][1] is not None:
+            bases.append(torch.stack([pairs[0][1], pairs[1][1]], 1).float().cpu().numpy())
+        labels.append(y.numpy().astype(np.int64))
+        bar.update(len(idx))
+    name = f"shard_{s:05d}"
+    files = {f"{name}.z.npy": _write_npy(out / f"{name}.z.npy", np.concatenate(zs).astype(dtype))}
+    if bases:
+        files[f"{name}.base.npy"] = _write_npy(out / f"{name}.base.npy", np.concatenate(bases).astype(dtype))
+    files[f"{name}.labels.npy"] = _write_npy(out / f"{name}.labels.npy", np.concatenate(labels))
+    record = {"start": rows.start, "count": len(rows), "files": files}
+    atomic_write_text(out / f"{name}.json", json.dumps(record))
+    return bad

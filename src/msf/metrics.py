@@ -96,31 +96,34 @@ def evaluate(
         "num_ref": len(ref_stats),
         "ref_stats": None if ref_file is None else str(ref_file),
     }
+    results["skipped"] = _metrics(metrics, sample_stats, ref_stats, extractor.name, device, results)
+    return results
+
+
+def _metrics(metrics: Sequence[str], samples: Stats, ref: Stats, network: str, device, results: dict
+             ) -> list[dict]:
+    """Each metric asked for into ``results``; returns those that could not be computed, and why."""
     skipped = []
     if "fid" in metrics:
-        low_rank = min(len(sample_stats), len(ref_stats)) < len(ref_stats.mu)
-        if low_rank and "moments" not in sample_stats.meta and "moments" not in ref_stats.meta:
-            results["fid"] = frechet_distance_from_features(sample_stats.features, ref_stats.features)
+        low_rank = min(len(samples), len(ref)) < len(ref.mu)
+        if low_rank and "moments" not in samples.meta and "moments" not in ref.meta:
+            results["fid"] = frechet_distance_from_features(samples.features, ref.features)
         else:
-            results["fid"] = frechet_distance(sample_stats.mu, sample_stats.sigma, ref_stats.mu,
-                                              ref_stats.sigma)
+            results["fid"] = frechet_distance(samples.mu, samples.sigma, ref.mu, ref.sigma)
     if "is" in metrics:
-        if sample_stats.logits is None:
-            skipped.append({"metric": "is", "reason": f"{extractor.name} gives no logits"})
+        if samples.logits is None:
+            skipped.append({"metric": "is", "reason": f"{network} gives no logits"})
         else:
-            splits = min(10, len(sample_stats))
-            results["is"], results["is_std"] = inception_score(sample_stats.logits, splits)
+            results["is"], results["is_std"] = inception_score(samples.logits, min(10, len(samples)))
     if "kid" in metrics:
-        results["kid"], results["kid_std"] = kid(sample_stats.features, ref_stats.features)
+        results["kid"], results["kid_std"] = kid(samples.features, ref.features)
     if "pr" in metrics:
-        if min(len(sample_stats), len(ref_stats)) <= 3:
+        if min(len(samples), len(ref)) <= 3:
             skipped.append({"metric": "pr", "reason": "needs more than k = 3 images in each set"})
-        else:
-            results["precision"], results["recall"] = precision_recall(
-                ref_stats.features, sample_stats.features, device=device
-            )
-    results["skipped"] = skipped
-    return results
+        else:  # precision: samples on the real manifold; recall: real images on the samples'
+            results["precision"], results["recall"] = precision_recall(ref.features, samples.features,
+                                                                       device=device)
+    return skipped
 
 
 def format_results(results: dict) -> str:

@@ -180,15 +180,7 @@ def sample_set(
         raise ValueError(f"num_samples and batch_size must be >= 1, got {num_samples} and {batch_size}")
     cfg = pipe.config
     sampler = SamplerSettings.of(cfg, steps, cfg_scale, solver)
-    if labels is None:
-        labels = balanced_labels(num_samples, cfg.num_classes, seed)
-        label_source = "balanced"
-    else:
-        labels = np.asarray(labels, dtype=np.int64)
-        if labels.shape != (num_samples,):
-            raise ValueError(f"labels: need {num_samples} labels, got shape {labels.shape}")
-        pipe.check_labels(torch.from_numpy(labels))
-        label_source = "given:" + hashlib.sha256(labels.tobytes()).hexdigest()[:16]
+    labels, label_source = _labels(pipe, num_samples, seed, labels)
     settings = {
         "num_samples": num_samples, "batch_size": batch_size, "seed": seed, **sampler.to_dict(),
         "precision": precision, "compile": compile,
@@ -205,6 +197,7 @@ def sample_set(
         _check_settings(parts, settings)
     barrier(world)
 
+    # -- draw this process's unfinished chunks, each from its own seed
     todo = [c for c in mine if not _chunk_done(_chunk_file(parts, c), size[c])]
     done_here = sum(size[c] for c in mine if c not in todo)
     bar = None
@@ -231,17 +224,32 @@ def sample_set(
     barrier(world)
     if not world.is_main:
         return SampleSetResult(None, num_samples, generated, done_here, seconds)
+    _merge(parts, out, chunks, batch_size, labels, dict(settings, **(meta or {})), cfg.image_size, keep_parts)
+    return SampleSetResult(out, num_samples, generated, done_here, seconds)
 
-    merged = np.empty((num_samples, cfg.image_size, cfg.image_size, 3), dtype=np.uint8)
+
+def _labels(pipe, num_samples: int, seed: int, labels: np.ndarray | None) -> tuple[np.ndarray, str]:
+    """The set's labels (balanced unless given) and how they were made, for the settings record."""
+    if labels is None:
+        return balanced_labels(num_samples, pipe.config.num_classes, seed), "balanced"
+    labels = np.asarray(labels, dtype=np.int64)
+    if labels.shape != (num_samples,):
+        raise ValueError(f"labels: need {num_samples} labels, got shape {labels.shape}")
+    pipe.check_labels(torch.from_numpy(labels))
+    return labels, "given:" + hashlib.sha256(labels.tobytes()).hexdigest()[:16]
+
+
+def _merge(parts: Path, out: Path, chunks: range, batch_size: int, labels: np.ndarray, info: dict,
+           image_size: int, keep_parts: bool) -> None:
+    """The finished chunks into one ADM-format file (``arr_0`` images, ``arr_1`` labels, ``settings``)."""
+    merged = np.empty((len(labels), image_size, image_size, 3), dtype=np.uint8)
     for c in chunks:
-        file = _chunk_file(parts, c)
-        with np.load(file, allow_pickle=False) as d:
+        with np.load(_chunk_file(parts, c), allow_pickle=False) as d:
             merged[c * batch_size:(c + 1) * batch_size] = d["arr_0"]
-    info = dict(settings, **(meta or {}), created=time.strftime("%Y-%m-%d %H:%M:%S"))
+    info = dict(info, created=time.strftime("%Y-%m-%d %H:%M:%S"))
     _save_npz(out, arr_0=merged, arr_1=labels, settings=np.array(json.dumps(info)))
     if not keep_parts:
         shutil.rmtree(parts)
-    return SampleSetResult(out, num_samples, generated, done_here, seconds)
 
 
 def read_meta(path: str | os.PathLike) -> dict:
