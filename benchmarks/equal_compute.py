@@ -100,7 +100,7 @@ def main() -> None:
     for label, name in MODELS.items():
         steps = max(1, round(budget * rates[label]))
         cfg = config(name, out / name, steps, args.overrides)
-        res = train(cfg, progress=False, max_seconds=2 * budget)
+        res = train(cfg, progress=False, max_seconds=2 * budget, overwrite=True)
         pipes[label] = res.pipeline
         info = model_info(cfg.model)
         # forward + backward = 3 forwards, every scale once per step

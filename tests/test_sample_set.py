@@ -103,12 +103,16 @@ def test_a_finished_set_is_reused_only_with_the_same_settings_and_weights(pipe, 
     assert first.generated == 8
     again = sample_set(pipe, out, 8, **KW)
     assert again.generated == 0 and again.resumed == 8 and again.path == out
-    assert sample_set(pipe, out, 8, seed=1, **KW).generated == 8  # other settings: drawn again
+    with pytest.raises(ValueError, match=r"exists, drawn with other settings \(seed: 0 -> 1\)"):
+        sample_set(pipe, out, 8, seed=1, **KW)  # other settings: refused unless asked
+    assert sample_set(pipe, out, 8, seed=1, overwrite=True, **KW).generated == 8
     with torch.no_grad():
         for param in pipe.networks[0].parameters():
             param.add_(0.05)
     before = np.load(out)["arr_0"]
-    retrained = sample_set(pipe, out, 8, seed=1, **KW)  # same settings, other weights
+    with pytest.raises(ValueError, match=r"\(weights: "):
+        sample_set(pipe, out, 8, seed=1, **KW)  # same settings, other weights
+    retrained = sample_set(pipe, out, 8, seed=1, overwrite=True, **KW)
     assert retrained.generated == 8
     assert not np.array_equal(before, np.load(out)["arr_0"])
 

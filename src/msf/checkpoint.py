@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import re
 import warnings
+import zipfile
 from pathlib import Path
 
 import torch
@@ -70,18 +71,40 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
 
 
 def load_latest(directory: str | os.PathLike) -> tuple[dict, Path] | None:
-    """The newest checkpoint that loads; a damaged newer one is reported and passed over."""
+    """The newest checkpoint that loads; a damaged newer one is reported and passed over.
+
+    None when there is no checkpoint; an error naming each file and its problem when there are
+    checkpoints but none loads (a fresh start would silently throw the run away).
+    """
+    problems = []
     for step, path in reversed(list_checkpoints(directory)):
         try:
             return load_checkpoint(path), path
         except CheckpointError as e:
             warnings.warn(f"skipping damaged checkpoint of step {step}: {e}", stacklevel=2)
+            problems.append(str(e))
+    if problems:
+        raise CheckpointError(f"{directory}: no checkpoint can be resumed from:\n  " + "\n  ".join(problems)
+                              + "\nMove them away to start afresh, or restore a good copy.")
     return None
 
 
+def _looks_whole(path: Path) -> bool:
+    """Cheap check, without loading: a file ``torch.save`` finished (a zip with its directory)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(name.endswith("data.pkl") for name in z.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
 def prune(directory: str | os.PathLike, keep_last: int, keep_every: int = 0) -> list[Path]:
-    """Delete all but the newest ``keep_last`` checkpoints and those of every ``keep_every``-th step."""
-    ckpts = list_checkpoints(directory)
+    """Delete all but the newest ``keep_last`` checkpoints and those of every ``keep_every``-th step.
+
+    Damaged files never count toward ``keep_last`` (so they never cause a good one to be deleted),
+    and are left where they are for the user to look at.
+    """
+    ckpts = [(step, path) for step, path in list_checkpoints(directory) if _looks_whole(path)]
     removed = []
     for step, path in ckpts[:-keep_last] if keep_last > 0 else ckpts:
         if keep_every and step % keep_every == 0:

@@ -65,7 +65,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(config_to_json(cfg))
         return
     result = train(cfg, device=args.device, progress=not args.quiet, resume=args.resume,
-                   max_seconds=args.minutes * 60 if args.minutes else None)
+                   overwrite=args.overwrite, max_seconds=args.minutes * 60 if args.minutes else None)
     if result.model_dir is None:  # not the main process of a torchrun job
         return 0
     print(f"trained to step {result.steps} in {result.seconds:.0f}s "
@@ -155,7 +155,7 @@ def _sample_set(args: argparse.Namespace) -> int:
         out = args.npz or "samples.npz"
         res = sample_set(pipe, out, args.num_samples, batch_size=args.batch_size, **_sampling(args),
                          seed=args.seed, precision=args.precision, compile=args.compile, world=world,
-                         progress=not args.quiet,
+                         progress=not args.quiet, overwrite=args.overwrite,
                          meta={"model": str(Path(args.model_dir).resolve())})
     finally:
         close_world(world)
@@ -261,6 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     t.add_argument("--resume", action="store_true",
                    help="continue from the newest checkpoint in train.out_dir (fresh start if none)")
+    t.add_argument("--overwrite", action="store_true",
+                   help="delete an earlier run in train.out_dir first (without it, a fresh run refuses one)")
     t.add_argument("--minutes", type=float, default=0, help="stop after this long (0: no cap)")
     t.add_argument("--print-config", action="store_true", help="print the resolved config, exit")
     t.add_argument("--quiet", action="store_true")
@@ -289,6 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="draw a class-balanced sample set of this size (use with --npz; torchrun shards it)")
     s.add_argument("--npz", help="sample set: ADM-format output .npz (re-run to resume)")
     s.add_argument("--batch-size", type=int, default=64, help="sample set: images per chunk")
+    s.add_argument("--overwrite", action="store_true",
+                   help="sample set: replace a finished set at --npz drawn with other settings")
     _sampling_args(s)
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_sample)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -181,7 +182,7 @@ class TrainConfig:
     log_every: int = 10
     data: str = "emoji"  # "emoji" (built-in), a .npz, or an image folder (one sub-folder per class)
     strict_data: bool = False  # stop at an unreadable image instead of skipping it
-    num_workers: int = 4  # data-loading processes, for image folders
+    num_workers: int | None = None  # data-loading processes for image folders; None: min(4, CPUs - 1)
     out_dir: str = "runs/msf"
     ckpt_every: int = 0  # steps between checkpoints; 0: only at the end (and on Ctrl-C)
     keep_last: int = 3  # checkpoints kept, newest first ...
@@ -408,8 +409,7 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(
             f"model.class_names has {len(m.class_names)} names for num_classes={m.num_classes}"
         )
-    if m.prior_noise < 0:
-        raise ConfigError(f"model.prior_noise must be >= 0, got {m.prior_noise}")
+    _in_range("model.prior_noise", m.prior_noise, 0.0, INF, True, integer=False)
     if t.scale != "all":
         try:
             k = int(t.scale)
@@ -426,14 +426,52 @@ def validate(cfg: Config) -> Config:
     _choice("train.time_sampler", t.time_sampler, TIME_SAMPLERS)
     _choice("train.lr_schedule", t.lr_schedule, ("constant", "cosine"))
     _choice("train.on_nonfinite", t.on_nonfinite, ("stop", "skip"))
-    if t.keep_last < 1:
-        raise ConfigError(f"train.keep_last must be >= 1, got {t.keep_last}")
     _choice("train.precision", t.precision, PRECISIONS)
-    if not 0.0 <= t.class_dropout < 1.0:
-        raise ConfigError(f"train.class_dropout must be in [0, 1), got {t.class_dropout}")
-    if t.batch_size < 1 or t.steps < 0:
-        raise ConfigError("train.batch_size must be >= 1 and train.steps >= 0")
+    _train_ranges(t)
     return cfg
+
+
+INF = float("inf")
+# (field, lowest, highest, is the lowest itself allowed); integers where the default is an integer
+_TRAIN_RANGES = [
+    ("lr", 0.0, INF, False), ("weight_decay", 0.0, INF, True), ("warmup_steps", 0, INF, True),
+    ("min_lr_ratio", 0.0, 1.0, True), ("grad_clip", 0.0, INF, True), ("ema_decay", 0.0, 1.0, True),
+    ("class_dropout", 0.0, 1.0, True), ("logit_mean", -INF, INF, True), ("logit_std", 0.0, INF, False),
+    ("steps", 0, INF, True), ("batch_size", 1, INF, True), ("seed", 0, INF, True),
+    ("log_every", 1, INF, True),
+    ("ckpt_every", 0, INF, True), ("keep_last", 1, INF, True), ("keep_every", 0, INF, True),
+    ("sample_every", 0, INF, True),
+]
+
+
+def _in_range(name: str, value, lo: float, hi: float, lo_ok: bool, integer: bool,
+              hi_ok: bool = False) -> None:
+    kind = "an integer" if integer else "a number"
+    ok = isinstance(value, int if integer else (int, float)) and not isinstance(value, bool)
+    ok = ok and math.isfinite(value) and (value > lo or (lo_ok and value == lo)) \
+        and (value < hi or (hi_ok and value == hi))
+    if not ok:
+        low = f"{'[' if lo_ok else '('}{lo:g}" if lo != -INF else "(-inf"
+        high = f"{hi:g}{']' if hi_ok else ')'}" if hi != INF else "inf)"
+        raise ConfigError(f"{name} must be {kind} in {low}, {high}, got {value!r}")
+
+
+def _train_ranges(t: TrainConfig) -> None:
+    """Every numeric train field within the range where it means something, with the range in the error."""
+    for name, lo, hi, lo_ok in _TRAIN_RANGES:
+        default = getattr(TrainConfig, name, None)
+        _in_range(f"train.{name}", getattr(t, name), lo, hi, lo_ok, integer=isinstance(default, int),
+                  hi_ok=name == "min_lr_ratio")
+    if not isinstance(t.betas, (list, tuple)) or len(t.betas) != 2:
+        raise ConfigError(f"train.betas must be two numbers [beta1, beta2] (AdamW), got {t.betas!r}")
+    for i, b in enumerate(t.betas):
+        _in_range(f"train.betas[{i}]", b, 0.0, 1.0, True, integer=False)
+    for i, n in enumerate(t.scale_steps or []):
+        _in_range(f"train.scale_steps[{i}]", n, 0, INF, True, integer=True)
+    if t.num_workers is not None:
+        _in_range("train.num_workers", t.num_workers, 0, INF, True, integer=True)
+    if not str(t.out_dir).strip():
+        raise ConfigError("train.out_dir must name a directory, got an empty string")
 
 
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:

@@ -23,6 +23,7 @@ class ImageDataset:
     images: Tensor  # uint8 (N, H, W, 3)
     labels: Tensor  # int64 (N,)
     class_names: list[str]
+    names_given: bool = True  # False: a .npz without class names, named "0", "1", ... here
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -87,7 +88,7 @@ def load_dataset(spec: str, image_size: int | None = None, strict: bool = False)
         n_cls = int(labels.max()) + 1
         return ImageDataset(
             torch.from_numpy(images), torch.from_numpy(labels).long(),
-            names or [str(i) for i in range(n_cls)],
+            names or [str(i) for i in range(n_cls)], names_given=names is not None,
         )
     raise ValueError(
         f"data {spec!r}: expected 'emoji' (built-in), an existing .npz file, or a directory "
@@ -111,7 +112,7 @@ def prepare_data(data: ImageDataset, image_size: int) -> ImageDataset:
     if data.image_size == image_size:
         return data
     x = resize_image(to_model_range(data.images), image_size)
-    return ImageDataset(to_uint8(x), data.labels, data.class_names)
+    return ImageDataset(to_uint8(x), data.labels, data.class_names, data.names_given)
 
 
 def _generator(*keys: int) -> torch.Generator:
@@ -224,6 +225,7 @@ class TrainingData:
                      "memory" if isinstance(source, ImageDataset) else "files")
         self.labels: Tensor = source.labels
         self.class_names: list[str] = list(source.class_names)
+        self.names_given: bool = getattr(source, "names_given", True)  # False: numbered by msf
 
     def __len__(self) -> int:
         return len(self.labels)

@@ -57,7 +57,7 @@ def run_demo(
         f"[demo] training {cfg.model.num_scales} scales on the built-in emoji "
         f"({cfg.train.steps} steps, at most {minutes:g} min)"
     )
-    result = train(cfg, progress=progress, max_seconds=minutes * 60)
+    result = train(cfg, progress=progress, max_seconds=minutes * 60, overwrite=True)  # the demo's own dir
     print(
         f"[demo] trained {result.steps} steps in {result.seconds:.0f}s "
         f"({result.images_per_second:.0f} images/s)"

@@ -41,6 +41,9 @@ def init_world(device: str | None = None) -> World:
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
+    if use_cuda and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: CUDA is not available here (torch {torch.__version__}, "
+                         f"built for CUDA {torch.version.cuda}); use --device cpu")
     if use_cuda:
         dev = torch.device("cuda", local_rank if size > 1 else torch.device(device or "cuda").index or 0)
         torch.cuda.set_device(dev)

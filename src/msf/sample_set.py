@@ -114,6 +114,15 @@ def _check_settings(parts: Path, settings: dict) -> None:
         atomic_write_text(file, json.dumps(settings, indent=2))
 
 
+def _changes(out: Path, settings: dict) -> str:
+    try:
+        old = read_meta(out)
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        return "not a sample set msf can read"
+    diff = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in settings.items() if old.get(k) != v]
+    return ", ".join(diff) or "none recorded"
+
+
 def _finished(out: Path, settings: dict) -> bool:
     """``out`` is a complete set drawn with ``settings`` (same weights included)."""
     if not out.is_file():
@@ -159,6 +168,7 @@ def sample_set(
     progress: bool = True,
     meta: dict | None = None,
     labels: np.ndarray | None = None,
+    overwrite: bool = False,
 ) -> SampleSetResult:
     """Draw ``num_samples`` class-balanced samples from ``pipe`` into the ADM-format ``out``.
 
@@ -169,7 +179,8 @@ def sample_set(
     ``meta`` (e.g. the model directory) is stored in the file beside the settings.
     ``precision`` is "fp32", "bf16" (autocast) or "bf16-weights"; ``compile`` compiles the
     networks first (:func:`inference_nets`). ``labels`` replaces the balanced labels, e.g.
-    by a reference set's own labels when its classes are imbalanced.
+    by a reference set's own labels when its classes are imbalanced. A finished set at ``out``
+    drawn with other settings is refused unless ``overwrite``.
     """
     world = world or World(device=pipe.device)
     out = Path(out)
@@ -192,6 +203,9 @@ def sample_set(
     if _finished(out, settings):  # every rank reads it: they agree without a barrier
         return SampleSetResult(out if world.is_main else None, num_samples, 0,
                                sum(size[c] for c in mine), 0.0)
+    if out.exists() and not overwrite:
+        raise ValueError(f"{out}: exists, drawn with other settings ({_changes(out, settings)}); "
+                         "name another output, or pass --overwrite to replace it")
     parts = parts_dir(out)
     if world.is_main:
         _check_settings(parts, settings)

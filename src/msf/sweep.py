@@ -74,10 +74,11 @@ def run_sweep(
     for p in points:
         name = f"scale{p['scale']}_{p['setting']}_{p['value']}"
         path = out_dir / "samples" / f"{name}.npz"
-        # a set finished by an earlier run with the same settings and weights is reused
+        # a set finished by an earlier run with the same settings and weights is reused; one drawn
+        # with other weights (the model retrained) is the sweep's own file, drawn again
         res = sample_set(pipe, path, num_samples, batch_size=batch_size, steps=p["steps"],
                          cfg_scale=p["cfg_scale"], seed=seed, precision=precision, compile=compile,
-                         world=world, progress=progress, meta={"model": model})
+                         world=world, progress=progress, meta={"model": model}, overwrite=True)
         # wall-clock per image over all processes; unknown after a resume or reuse
         seconds = res.seconds / num_samples if res.resumed == 0 else math.nan
         barrier(world)

@@ -25,6 +25,8 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
+import shutil
 import signal
 import threading
 import time
@@ -347,12 +349,14 @@ def train(
     max_seconds: float | None = None,
     save: bool = True,
     resume: bool = False,
+    overwrite: bool = False,
 ) -> TrainResult:
     """Train ``cfg``; checkpoints in ``<out_dir>/checkpoints``, the EMA pipeline in ``<out_dir>/model``.
 
     ``device``: "cpu", "cuda", or None for CUDA when available. ``resume`` continues
     from the newest checkpoint in the run directory (or starts fresh, saying so,
-    when there is none). ``max_seconds`` stops early at a step boundary. ``cfg`` is
+    when there is none). A fresh run refuses a directory that holds an earlier run, unless
+    ``overwrite`` deletes that run first. ``max_seconds`` stops early at a step boundary. ``cfg`` is
     not changed: the run's resolved config (class names from the data, measured
     component std) is the returned pipeline's and the run directory's. Under torchrun
     every process calls this; the main one writes files.
@@ -360,6 +364,8 @@ def train(
     validate(cfg)
     world = init_world(None if device is None else str(device))
     try:
+        if save and not resume:
+            _claim_run_directory(Path(cfg.train.out_dir), world, overwrite)
         return _run(copy.deepcopy(cfg), world, data, progress, max_seconds, save, resume)
     finally:
         close_world(world)
@@ -402,7 +408,7 @@ def _run(cfg: Config, world: World, data, progress: bool, max_seconds: float | N
     state.pipe.train()
     with stop.installed():
         for step, x, y, bad in iterate_batches(data, stream, start_step + 1, total_steps, rank=world.rank,
-                                               world=world.size, num_workers=tc.num_workers):
+                                               world=world.size, num_workers=_workers(tc.num_workers)):
             if bad:
                 _report_bad_files(bad, bad_files, world)
             x = tuple(None if v is None else v.to(dev, non_blocking=True) for v in x) \
@@ -522,18 +528,45 @@ def _nonfinite(result: StepResult, step: int, tc: TrainConfig, last_ckpt: Path |
         )
 
 
+RUN_FILES = ("checkpoints", "model", "samples", "tb", "losses.json", "config.json")
+
+
+def _claim_run_directory(out: Path, world: World, overwrite: bool) -> None:
+    """A fresh run never mixes with an earlier one: refuse the directory, or delete that run first."""
+    found = [out / name for name in RUN_FILES if (out / name).exists()]
+    if not found:
+        return
+    if not overwrite:
+        raise ConfigError(
+            f"{out}: holds an earlier run ({', '.join(p.name for p in found)}). Continue it with --resume, "
+            "train into another train.out_dir, or pass --overwrite to delete that run first"
+        )
+    if world.is_main:
+        for p in found:
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    barrier(world)
+
+
 def _open_data(cfg: Config, data) -> TrainingData:
     """The training data (``train.data`` unless given); fills in ``model.class_names`` from it
     when the config has none and the class counts agree."""
     tc = cfg.train
     data = TrainingData(load_dataset(tc.data, cfg.model.image_size, tc.strict_data) if data is None else data,
                         cfg.model.image_size)
-    if data.num_classes > cfg.model.num_classes:
+    m, names = cfg.model, data.class_names
+    shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+    if data.num_classes != m.num_classes:
         raise ConfigError(
-            f"data has {data.num_classes} classes but model.num_classes={cfg.model.num_classes}"
+            f"train.data={tc.data}: {data.num_classes} classes ({shown}), but model.num_classes="
+            f"{m.num_classes}: set model.num_classes={data.num_classes} (and model.class_names=null)"
         )
-    if cfg.model.class_names is None and data.num_classes == cfg.model.num_classes:
-        cfg.model.class_names = list(data.class_names)
+    if m.class_names is None:
+        m.class_names = list(names)
+    elif data.names_given and list(m.class_names) != list(names):
+        raise ConfigError(
+            f"train.data={tc.data}: its classes are {shown}, but model.class_names are "
+            f"{', '.join(m.class_names[:3])}, ...: set model.class_names=null to take the data's names"
+        )
     if data.kind == "latents":
         data.source.check_model(cfg)
     return data
@@ -545,6 +578,15 @@ def _wrap(net: nn.Module, tc: TrainConfig, world: World) -> nn.Module:
         net = nn.parallel.DistributedDataParallel(
             net, device_ids=[world.device.index] if world.device.type == "cuda" else None)
     return torch.compile(net) if tc.compile else net
+
+
+def _workers(configured: int | None) -> int:
+    """``train.num_workers``, or by default one fewer than the CPUs this process may use (at most 4):
+    PyTorch warns when more loader processes than CPUs compete with the training step."""
+    if configured is not None:
+        return configured
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(0, min(4, cpus - 1))
 
 
 def _report_bad_files(bad: list[str], seen: list[str], world: World) -> None:

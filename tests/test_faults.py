@@ -1,0 +1,145 @@
+"""Bad input and faults (issue 15): a clear error naming the problem, or a safe default; nothing lost."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from msf.checkpoint import CheckpointError, list_checkpoints, prune, save_checkpoint
+from msf.cli import main
+from msf.config import ConfigError, apply_overrides, config_from_json, config_to_json, preset
+from msf.pipeline import ModelDirError, MSFPipeline
+from msf.train import train
+
+QUICK = ["train.steps=2", "train.tensorboard=false"]
+
+
+@pytest.mark.parametrize("override,message", [
+    ("train.betas=[0.9]", r"train.betas must be two numbers \[beta1, beta2\] \(AdamW\), got \[0.9\]"),
+    ("train.betas=[0.9, 1.5]", r"train.betas\[1\] must be a number in \[0, 1\), got 1.5"),
+    ("train.ema_decay=1.5", r"train.ema_decay must be a number in \[0, 1\), got 1.5"),
+    ("train.lr=0", r"train.lr must be a number in \(0, inf\), got 0"),
+    ("train.lr=nan", r"train.lr must be a number in \(0, inf\), got nan"),
+    ("train.lr=inf", r"train.lr must be a number in \(0, inf\), got inf"),
+    ("train.ckpt_every=-1", r"train.ckpt_every must be an integer in \[0, inf\), got -1"),
+    ("train.warmup_steps=-5", r"train.warmup_steps must be an integer in \[0, inf\), got -5"),
+    ("train.grad_clip=-1", r"train.grad_clip must be a number in \[0, inf\), got -1"),
+    ("train.num_workers=-2", r"train.num_workers must be an integer in \[0, inf\), got -2"),
+    ("train.out_dir=", r"train.out_dir must name a directory"),
+    ("train.log_every=0", r"train.log_every must be an integer in \[1, inf\), got 0"),
+    ("train.min_lr_ratio=2", r"train.min_lr_ratio must be a number in \[0, 1\], got 2"),
+    ("train.scale_steps=[10, -1]", r"train.scale_steps\[1\] must be an integer in \[0, inf\), got -1"),
+    ("model.prior_noise=nan", r"model.prior_noise must be a number in \[0, inf\), got nan"),
+])
+def test_every_train_field_is_range_checked_on_override_and_on_load(override, message):
+    with pytest.raises(ConfigError, match=message):
+        apply_overrides(preset("tiny"), [override])
+    key, _, value = override.partition("=")
+    data = json.loads(config_to_json(preset("tiny")))
+    section, field = key.split(".")
+    data[section][field] = json.loads(value) if value not in ("", "nan", "inf") else \
+        {"": "", "nan": float("nan"), "inf": float("inf")}[value]
+    with pytest.raises(ConfigError, match=message.split(" must")[0]):
+        config_from_json(json.dumps(data), source="run/config.json")
+
+
+def test_a_fresh_run_refuses_a_directory_holding_another_run(tmp_path):
+    cfg = apply_overrides(preset("tiny"), [*QUICK, f"train.out_dir={tmp_path}"])
+    first = train(cfg, progress=False)
+    before = load_file(first.model_dir / "scale_0.safetensors")
+    with pytest.raises(ConfigError, match=r"holds an earlier run \(checkpoints, model, .*--resume.*"
+                                          r"train.out_dir.*--overwrite"):
+        train(cfg, progress=False)
+    after = load_file(first.model_dir / "scale_0.safetensors")
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the earlier run is untouched
+    assert [s for s, _ in list_checkpoints(tmp_path / "checkpoints")] == [2]
+    again = train(apply_overrides(cfg, ["train.steps=1"]), progress=False, overwrite=True)
+    assert again.steps == 1 and [s for s, _ in list_checkpoints(tmp_path / "checkpoints")] == [1]
+    assert main(["train", "--preset", "tiny", "--quiet", *QUICK, f"train.out_dir={tmp_path}"]) == 2
+
+
+def test_resume_with_only_damaged_checkpoints_names_each_and_starts_nothing(tmp_path):
+    cfg = apply_overrides(preset("tiny"), [*QUICK, "train.ckpt_every=1", f"train.out_dir={tmp_path}"])
+    train(cfg, progress=False)
+    for _, path in list_checkpoints(tmp_path / "checkpoints"):
+        path.write_bytes(path.read_bytes()[:200])  # truncated
+    with pytest.warns(UserWarning, match="skipping damaged checkpoint"), \
+            pytest.raises(CheckpointError, match=r"(?s)no checkpoint can be resumed from.*step_000000002.pt.*"
+                                                 r"step_000000001.pt"):
+        train(apply_overrides(cfg, ["train.steps=4"]), progress=False, resume=True)
+
+
+def test_damaged_checkpoints_never_count_toward_retention(tmp_path):
+    d = tmp_path / "ck"
+    for step in (1, 2):
+        save_checkpoint(d, step, {"x": torch.tensor([step])})
+    for step in (3, 4):  # newer, but damaged
+        (d / f"step_{step:09d}.pt").write_bytes(b"not a checkpoint")
+    prune(d, keep_last=2)
+    assert [s for s, _ in list_checkpoints(d)] == [1, 2, 3, 4]  # the good ones are kept
+    save_checkpoint(d, 5, {"x": torch.tensor([5])})
+    prune(d, keep_last=2)
+    assert [s for s, _ in list_checkpoints(d)] == [2, 3, 4, 5]  # the damaged ones are left for the user
+
+
+def test_class_count_and_names_come_from_the_folder_or_the_run_says_which_override(tmp_path):
+    from PIL import Image
+
+    for name in ("cat", "dog"):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        for i in range(4):
+            Image.new("RGB", (16, 16), (40 * i, 100, 0)).save(tmp_path / "data" / name / f"{i}.png")
+    base = [*QUICK, f"train.data={tmp_path / 'data'}", "train.num_workers=0", "train.batch_size=4"]
+    with pytest.raises(ConfigError, match=r"2 classes \(cat, dog\), but model.num_classes=9: "
+                                          r"set model.num_classes=2"):
+        train(apply_overrides(preset("tiny"), [*base, f"train.out_dir={tmp_path / 'a'}"]), progress=False)
+    named = apply_overrides(preset("tiny"), [*base, "model.num_classes=2", f"train.out_dir={tmp_path / 'b'}",
+                                             "model.class_names=[\"Smileys\", \"People\"]"])
+    with pytest.raises(ConfigError, match="its classes are cat, dog, but model.class_names are Smileys, "
+                                          "People.*set model.class_names=null"):
+        train(named, progress=False)
+    ok = train(apply_overrides(named, ["model.class_names=null"]), progress=False)
+    assert ok.pipeline.config.class_names == ["cat", "dog"]
+
+
+def test_a_model_directory_with_nan_weights_is_refused_naming_the_tensor(tmp_path):
+    d = MSFPipeline(preset("tiny").model).save_pretrained(tmp_path / "m")
+    state = load_file(d / "scale_1.safetensors")
+    state["blocks.0.attn.qkv.weight"][0, 0] = float("nan")
+    save_file(state, str(d / "scale_1.safetensors"))
+    with pytest.raises(ModelDirError, match=r"scale_1.safetensors: blocks.0.attn.qkv.weight holds NaN"):
+        MSFPipeline.from_pretrained(d)
+
+
+def test_cuda_asked_for_without_cuda_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    model = MSFPipeline(preset("tiny").model).save_pretrained(tmp_path / "m")
+    assert main(["sample", str(model), "--num-samples", "2", "--npz", str(tmp_path / "s.npz"),
+                 "--device", "cuda"]) == 2
+    assert "device 'cuda': CUDA is not available here" in capsys.readouterr().err
+
+
+def test_loader_workers_default_to_what_the_machine_has(monkeypatch):
+    import msf.train as mt
+
+    assert preset("tiny").train.num_workers is None
+    monkeypatch.setattr(mt.os, "sched_getaffinity", lambda pid: {0, 1})
+    assert mt._workers(None) == 1 and mt._workers(3) == 3
+    monkeypatch.setattr(mt.os, "sched_getaffinity", lambda pid: set(range(32)))
+    assert mt._workers(None) == 4
+
+
+def test_a_finished_sample_set_is_not_replaced_by_one_with_other_settings(tmp_path):
+    from msf.sample_set import read_meta, sample_set
+
+    pipe = MSFPipeline(preset("tiny").model)
+    out = tmp_path / "s.npz"
+    kw = dict(batch_size=4, precision="fp32", progress=False)
+    sample_set(pipe, out, 4, steps=2, **kw)
+    with pytest.raises(ValueError, match=r"s.npz: exists, drawn with other settings \(steps: \[2, 2\] -> "
+                                         r"\[3, 3\]\).*--overwrite"):
+        sample_set(pipe, out, 4, steps=3, **kw)
+    assert read_meta(out)["steps"] == [2, 2]
+    sample_set(pipe, out, 4, steps=3, overwrite=True, **kw)
+    assert read_meta(out)["steps"] == [3, 3]
