@@ -143,3 +143,50 @@ def test_a_finished_sample_set_is_not_replaced_by_one_with_other_settings(tmp_pa
     assert read_meta(out)["steps"] == [2, 2]
     sample_set(pipe, out, 4, steps=3, overwrite=True, **kw)
     assert read_meta(out)["steps"] == [3, 3]
+
+
+def test_symlinks_in_class_folders_count_each_image_once_in_its_own_class(tmp_path):
+    import os
+
+    from PIL import Image
+
+    from msf.imagefolder import ImageFolder
+
+    root = tmp_path / "train"
+    for name in ("cat", "dog"):
+        (root / name).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (8, 8), (i, 0, 0)).save(root / name / f"{i}.png")
+    (root / "dog" / "sub").mkdir()
+    Image.new("RGB", (8, 8)).save(root / "dog" / "sub" / "deep.png")
+    os.symlink("..", root / "dog" / "loop")            # back up the tree: every class again
+    os.symlink("../cat", root / "dog" / "cats")        # into another class
+    os.symlink("../cat/0.png", root / "dog" / "x.png")  # a file of another class
+    os.symlink("sub", root / "dog" / "again")          # the same folder twice
+    elsewhere = tmp_path / "elsewhere"                 # outside the tree: a legitimate link
+    elsewhere.mkdir()
+    Image.new("RGB", (8, 8)).save(elsewhere / "far.png")
+    os.symlink(elsewhere, root / "dog" / "far")
+    with pytest.warns(UserWarning, match=r"not followed or counted twice: 4 symlink\(s\)"):
+        ds = ImageFolder(root, 8)
+    per_class = {c: sorted(os.path.relpath(p, root / c) for p, y in ds.samples if y == i)
+                 for i, c in enumerate(ds.classes)}
+    assert per_class == {"cat": ["0.png", "1.png", "2.png"],
+                         "dog": ["0.png", "1.png", "2.png", "far/far.png", "sub/deep.png"]}
+    assert sorted(os.path.basename(p) for p in ds.skipped_links) == ["again", "cats", "loop", "x.png"]
+
+
+def test_strict_data_with_loader_processes_fails_in_one_line(tmp_path, capsys):
+    from PIL import Image
+
+    for c in ("a", "b"):
+        (tmp_path / "data" / c).mkdir(parents=True)
+        for i in range(4):
+            Image.new("RGB", (16, 16), (60 * i, 0, 0)).save(tmp_path / "data" / c / f"{i}.png")
+    (tmp_path / "data" / "b" / "broken.png").write_bytes(b"not a png")
+    assert main(["train", "--preset", "tiny", "--quiet", f"train.data={tmp_path / 'data'}",
+                 "model.num_classes=2", "model.class_names=null", "train.strict_data=true",
+                 "train.num_workers=1", "train.balance_classes=false", "train.steps=6", "train.batch_size=4",
+                 "train.tensorboard=false", f"train.out_dir={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "broken.png: cannot decode image" in err, err

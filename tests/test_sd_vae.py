@@ -125,3 +125,18 @@ def test_512_presets(name, tokens):
 
     info = model_info(preset(name).model)
     assert [s["tokens"] for s in info["scales"]] == tokens
+
+
+def test_an_fp32_vae_stays_fp32_inside_bf16_autocast(vae_dir):
+    # Training encodes inside its bf16 autocast region; model.autoencoder.dtype=fp32 must still hold.
+    pipe = MSFPipeline(_cfg(vae_dir).model)
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    plain = pipe.autoencoder.encode(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = pipe.autoencoder.encode(x)
+        decoded = pipe.autoencoder.decode(plain)
+    assert torch.equal(inside, plain)
+    assert torch.equal(decoded, pipe.autoencoder.decode(plain))
+    bf16 = MSFPipeline(_cfg(vae_dir, "model.autoencoder.dtype=bf16").model)
+    bf16.autoencoder.vae.load_state_dict(pipe.autoencoder.vae.state_dict())
+    assert not torch.equal(bf16.autoencoder.encode(x), plain)  # and bf16 is honoured as bf16

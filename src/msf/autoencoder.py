@@ -10,6 +10,7 @@ the same interface.
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -86,19 +87,26 @@ class SDAutoencoder(Autoencoder):
                 f"{cfg.scaling_factor}: set model.autoencoder.scaling_factor={self.scaling_factor}"
             )
 
+    def _own_precision(self, x: Tensor):
+        """``model.autoencoder.dtype`` holds inside a bf16 autocast region too (training's forward):
+        an fp32 VAE runs in fp32."""
+        return torch.autocast(x.device.type, enabled=False) if self.dtype == torch.float32 else nullcontext()
+
     @torch.no_grad()
     def encode(self, x: Tensor) -> Tensor:
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"the VAE expects images (B, 3, H, W), got {tuple(x.shape)}")
-        posterior = self.vae.encode(x.to(self.dtype)).latent_dist
-        z = posterior.sample() if self.sample_posterior else posterior.mean
+        with self._own_precision(x):
+            posterior = self.vae.encode(x.to(self.dtype)).latent_dist
+            z = posterior.sample() if self.sample_posterior else posterior.mean
         return (z.float() - self.shift_factor) * self.scaling_factor
 
     @torch.no_grad()
     def decode(self, z: Tensor) -> Tensor:
         z = z / self.scaling_factor + self.shift_factor
-        out = [self.vae.decode(chunk.to(self.dtype)).sample.float()
-               for chunk in z.split(self.decode_batch)]
+        with self._own_precision(z):
+            out = [self.vae.decode(chunk.to(self.dtype)).sample.float()
+                   for chunk in z.split(self.decode_batch)]
         return torch.cat(out).clamp(-1.0, 1.0)
 
 

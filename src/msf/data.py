@@ -259,9 +259,15 @@ class TrainingData:
             num_workers=num_workers, collate_fn=_collate, persistent_workers=False,
             prefetch_factor=4 if num_workers > 0 else None,
         )
-        for step, (images, labels, bad) in enumerate(loader, start=start):
-            _, flips = stream.rank_slice(step, rank, world)
-            yield step, apply_flips(to_model_range(images), flips), labels, bad
+        try:
+            for step, (images, labels, bad) in enumerate(loader, start=start):
+                _, flips = stream.rank_slice(step, rank, world)
+                yield step, apply_flips(to_model_range(images), flips), labels, bad
+        except ValueError as e:  # a loader process's error arrives inside its whole traceback
+            text = str(e).strip()
+            if "DataLoader worker process" not in text:
+                raise
+            raise ValueError(text.splitlines()[-1].removeprefix("ValueError: ")) from None
 
 
 def iterate_batches(

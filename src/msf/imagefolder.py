@@ -190,6 +190,9 @@ class ImageFolder(torch.utils.data.Dataset):
         self.class_to_idx: dict[str, int] = {c: i for i, c in enumerate(self.classes)}
 
         self.samples: list[tuple[str, int]] = []
+        self.skipped_links: list[str] = []  # symlinks into the tree above or into another class, repeats
+        self._class_dirs = [os.path.realpath(os.path.join(self.root, c)) for c in self.classes]
+        self._seen_files: set[str] = set()
         empty: list[str] = []
         for idx, name in enumerate(self.classes):
             found = self._scan_class(os.path.join(self.root, name))
@@ -214,21 +217,57 @@ class ImageFolder(torch.utils.data.Dataset):
                 f"{self.root}: {len(empty)} class folder(s) contain no images: {_preview(empty, 10)}",
                 stacklevel=2,
             )
+        if self.skipped_links:
+            warnings.warn(
+                f"{self.root}: not followed or counted twice: {len(self.skipped_links)} symlink(s) that lead "
+                f"back up the tree, into another class folder, or to a file already counted: "
+                f"{_preview(self.skipped_links)}",
+                stacklevel=2,
+            )
         self.labels: Tensor = torch.tensor([label for _, label in self.samples], dtype=torch.long)
+
+    def _follow(self, path: str, own: str, visited: set[str]) -> bool:
+        """Walk into directory ``path`` of class folder ``own``? Not when its real location was walked
+        already (a loop), holds a class folder (leads back up the tree), or lies in another class."""
+        real = os.path.realpath(path)
+        inside = [c for c in self._class_dirs if real == c or real.startswith(c + os.sep)]
+        if real in visited or any(c.startswith(real + os.sep) or c == real for c in self._class_dirs) \
+                or (inside and inside[0] != own):
+            self.skipped_links.append(path)
+            return False
+        visited.add(real)
+        return True
+
+    def _count(self, path: str, own: str) -> bool:
+        """Count file ``path`` in class folder ``own``? Once only, and in the class it really lives in."""
+        real = os.path.realpath(path)
+        inside = [c for c in self._class_dirs if real.startswith(c + os.sep)]
+        if real in self._seen_files or (inside and inside[0] != own):
+            return False
+        self._seen_files.add(real)
+        return True
 
     def _scan_class(self, class_dir: str) -> list[str]:
         # (relative posix path, full path) pairs, so the order does not depend on the OS separator.
         found: list[tuple[str, str]] = []
+        own = os.path.realpath(class_dir)
+        visited = {own}
         for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
-            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            # real folders before links, so that a link to a folder walked anyway is the one skipped
+            candidates = sorted((d for d in dirnames if not d.startswith(".")),
+                                key=lambda d: (os.path.islink(os.path.join(dirpath, d)), d))
+            dirnames[:] = sorted(d for d in candidates
+                                 if self._follow(os.path.join(dirpath, d), own, visited))
             for fname in filenames:
                 if fname.startswith("."):
                     continue
                 path = os.path.join(dirpath, fname)
-                if os.path.splitext(fname)[1].lower() in self.extensions:
-                    found.append((Path(os.path.relpath(path, class_dir)).as_posix(), path))
-                else:
+                if os.path.splitext(fname)[1].lower() not in self.extensions:
                     self.ignored_files.append(path)
+                elif not self._count(path, own):
+                    self.skipped_links.append(path)
+                else:
+                    found.append((Path(os.path.relpath(path, class_dir)).as_posix(), path))
         found.sort()
         return [path for _, path in found]
 
