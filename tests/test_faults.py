@@ -31,14 +31,19 @@ QUICK = ["train.steps=2", "train.tensorboard=false"]
     ("train.min_lr_ratio=2", r"train.min_lr_ratio must be a number in \[0, 1\], got 2"),
     ("train.scale_steps=[10, -1]", r"train.scale_steps\[1\] must be an integer in \[0, inf\), got -1"),
     ("model.prior_noise=nan", r"model.prior_noise must be a number in \[0, inf\), got nan"),
+    ("model.scales.0.cfg_scale=nan", r"model.scales.0.cfg_scale must be a number in \[0, 100\], got nan"),
+    ("model.scales.1.steps=0", r"model.scales.1.steps must be an integer in \[1, inf\), got 0"),
 ])
 def test_every_train_field_is_range_checked_on_override_and_on_load(override, message):
     with pytest.raises(ConfigError, match=message):
         apply_overrides(preset("tiny"), [override])
     key, _, value = override.partition("=")
     data = json.loads(config_to_json(preset("tiny")))
-    section, field = key.split(".")
-    data[section][field] = json.loads(value) if value not in ("", "nan", "inf") else \
+    *path, field = key.split(".")
+    node = data
+    for part in path:
+        node = node[int(part)] if part.isdigit() else node[part]
+    node[field] = json.loads(value) if value not in ("", "nan", "inf") else \
         {"": "", "nan": float("nan"), "inf": float("inf")}[value]
     with pytest.raises(ConfigError, match=message.split(" must")[0]):
         config_from_json(json.dumps(data), source="run/config.json")
@@ -190,3 +195,50 @@ def test_strict_data_with_loader_processes_fails_in_one_line(tmp_path, capsys):
                  "train.tensorboard=false", f"train.out_dir={tmp_path / 'run'}"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "broken.png: cannot decode image" in err, err
+
+
+def _short_png(path, width=400, height=300):
+    """A PNG whose zlib stream is well formed but holds one row of the many it declares."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    idat = zlib.compress(b"\0" + b"\0" * 3 * width)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+
+
+def test_a_png_whose_data_ends_early_is_damaged_not_black(tmp_path):
+    from PIL import Image
+
+    from msf.imagefolder import load_image
+
+    _short_png(tmp_path / "short.png")
+    with pytest.raises(ValueError, match=r"PNG image data ends early: 1201 of 360300 bytes \(400 x 300"):
+        load_image(tmp_path / "short.png", 32)
+    Image.new("RGB", (400, 300)).save(tmp_path / "black.png")  # a whole black image is fine
+    assert load_image(tmp_path / "black.png", 32).max() == 0
+
+
+def test_unreadable_images_are_listed_once_each_with_the_reason(tmp_path):
+    from PIL import Image
+
+    for c in ("a", "b"):
+        (tmp_path / "data" / c).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (16, 16), (60 * i, 0, 0)).save(tmp_path / "data" / c / f"{i}.png")
+    (tmp_path / "data" / "b" / "broken.png").write_bytes(b"not a png")
+    _short_png(tmp_path / "data" / "a" / "short.png")
+    cfg = apply_overrides(preset("tiny"), [*QUICK, f"train.data={tmp_path / 'data'}", "model.num_classes=2",
+                                           "model.class_names=null", "train.num_workers=0", "train.steps=12",
+                                           "train.batch_size=8", f"train.out_dir={tmp_path / 'run'}"])
+    with pytest.warns(UserWarning, match=r"2 unreadable image file\(s\) were replaced by their neighbours "
+                                         r"\(\d+ reads\); the list, with reasons: .*unreadable_images.txt"):
+        train(cfg, progress=False)
+    listing = (tmp_path / "run" / "unreadable_images.txt").read_text()
+    rows = dict(line.split("\t") for line in listing.splitlines())
+    short, broken = str(tmp_path / "data" / "a" / "short.png"), str(tmp_path / "data" / "b" / "broken.png")
+    assert set(rows) == {short, broken}
+    assert "PNG image data ends early" in rows[short] and "UnidentifiedImageError" in rows[broken]

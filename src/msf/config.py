@@ -392,8 +392,9 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"{where}: head dim width/heads must be even")
         if s.width % 4:
             raise ConfigError(f"{where}.width={s.width} must be divisible by 4 (2-D sin-cos)")
-        if s.steps < 1:
-            raise ConfigError(f"{where}.steps must be >= 1, got {s.steps}")
+        _in_range(f"{where}.steps", s.steps, 1, INF, True, integer=True)
+        _in_range(f"{where}.cfg_scale", s.cfg_scale, *CFG_RANGE, True, integer=False, hi_ok=True)
+        _in_range(f"{where}.mlp_ratio", s.mlp_ratio, 0.0, INF, False, integer=False)
         if s.solver not in SOLVERS:
             raise ConfigError(f"{where}.solver must be one of {SOLVERS}, got {s.solver!r}")
     _choice("model.base_mode", m.base_mode, BASE_MODES)

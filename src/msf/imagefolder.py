@@ -131,8 +131,52 @@ def load_image(path: str | os.PathLike[str], image_size: int) -> np.ndarray:
     """Decode, convert and crop one file; raises one of ``DECODE_ERRORS`` if it is not a usable image."""
     with Image.open(path) as img:
         img.load()  # decode now, inside the caller's try: Image.open only reads the header
+        if img.format == "PNG" and _bottom_row_uniform(img):
+            _check_png_complete(path)
         # Crop before the file closes: closing also frees an image that to_rgb returned unchanged.
         return center_crop_arr(to_rgb(img), image_size)
+
+
+def _bottom_row_uniform(img: Image.Image) -> bool:
+    extrema = img.crop((0, img.height - 1, img.width, img.height)).getextrema()
+    bands = extrema if isinstance(extrema[0], tuple) else (extrema,)
+    return all(lo == hi for lo, hi in bands)
+
+
+_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # PNG colour type -> samples per pixel
+
+
+def _check_png_complete(path: str | os.PathLike[str]) -> None:
+    """Pillow decodes a PNG whose compressed data ends early (a short but well-formed zlib stream)
+    as black rows, without an error. Called only when the bottom row came out uniform (a truncated
+    image's does, so the common case costs nothing): count the decompressed bytes against IHDR."""
+    data = Path(path).read_bytes()
+    width, height, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", data[16:29])
+    bits = _CHANNELS.get(colour, 4) * depth
+
+    if interlace:  # Adam7's seven passes: not checked (no interlaced files to test against)
+        return
+    expected = height * (1 + (width * bits + 7) // 8)  # a filter byte, then the row's samples
+    inflate, got, pos = zlib.decompressobj(), 0, 8
+    while pos + 8 <= len(data):
+        length, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        if kind == b"IDAT":
+            got += len(inflate.decompress(data[pos + 8:pos + 8 + length], expected + 1 - got))
+        if kind == b"IEND" or got > expected:
+            break
+        pos += 12 + length
+    if got < expected:
+        raise ValueError(f"PNG image data ends early: {got} of {expected} bytes "
+                         f"({width} x {height} declared)")
+
+
+def decode_problem(path: str | os.PathLike[str], image_size: int) -> str | None:
+    """Why ``path`` cannot be used as an image (None if it can): for reports of skipped files."""
+    try:
+        load_image(path, image_size)
+    except DECODE_ERRORS as e:
+        return f"{type(e).__name__}: {e}"
+    return None
 
 
 def _normalise_extensions(extensions: Iterable[str]) -> tuple[str, ...]:

@@ -50,6 +50,7 @@ from msf.checkpoint import CheckpointError, load_latest, prune, save_checkpoint
 from msf.config import Config, ConfigError, TrainConfig, from_dict, to_dict, validate
 from msf.data import IndexStream, TrainingData, iterate_batches, load_dataset
 from msf.distributed import World, any_rank, barrier, close_world, init_world, mean_over_ranks
+from msf.files import atomic_write_text
 from msf.flow import StepNoise
 from msf.pipeline import MSFPipeline, autocast
 
@@ -453,9 +454,21 @@ def _run(cfg: Config, world: World, data, progress: bool, max_seconds: float | N
         result.model_dir = result.pipeline.save_pretrained(out / "model", extra={"train": to_dict(tc)})
         (out / "losses.json").write_text(json.dumps({str(k): v for k, v in state.history.items()}))
     if bad_files and world.is_main:
-        warnings.warn(f"{len(bad_files)} unreadable image reads were replaced by their neighbours; "
-                      f"first: {bad_files[:5]}", stacklevel=2)
+        _write_bad_files(bad_files, out if save else None, cfg.model.image_size)
     return result
+
+
+def _write_bad_files(reads: list[str], out: Path | None, image_size: int) -> None:
+    """Each unreadable file once, with why, in ``<out_dir>/unreadable_images.txt``; say where."""
+    from msf.imagefolder import decode_problem
+
+    files = list(dict.fromkeys(reads))
+    where = f"first: {files[:5]}"
+    if out is not None:
+        lines = "".join(f"{f}\t{decode_problem(f, image_size) or 'readable now'}\n" for f in files)
+        where = f"the list, with reasons: {atomic_write_text(out / 'unreadable_images.txt', lines)}"
+    warnings.warn(f"{len(files)} unreadable image file(s) were replaced by their neighbours "
+                  f"({len(reads)} reads); {where}", stacklevel=3)
 
 
 class _Checkpoints:
