@@ -242,3 +242,39 @@ def test_unreadable_images_are_listed_once_each_with_the_reason(tmp_path):
     short, broken = str(tmp_path / "data" / "a" / "short.png"), str(tmp_path / "data" / "b" / "broken.png")
     assert set(rows) == {short, broken}
     assert "PNG image data ends early" in rows[short] and "UnidentifiedImageError" in rows[broken]
+
+
+def test_extract_into_a_cache_made_with_other_settings_is_refused(tmp_path):
+    from msf.data import load_builtin
+    from msf.extract import extract
+    from msf.latent_cache import CacheError
+
+    small = load_builtin()
+    small.images, small.labels = small.images[:18], torch.arange(18) % 9
+    cfg = apply_overrides(preset("tiny"), [])
+    extract(cfg, tmp_path / "c", shard_size=8, progress=False, data=small)
+    extract(cfg, tmp_path / "c", shard_size=8, progress=False, data=small)  # the same: resumes, nothing to do
+    other = apply_overrides(preset("tiny"), ["model.base_mode=latent"])
+    with pytest.raises(CacheError, match=r"holds shards extracted with other settings "
+                                         r"\(model: .*'base_mode': 'image'.*'latent'"):
+        extract(other, tmp_path / "c", shard_size=8, progress=False, data=small)
+    with pytest.raises(CacheError, match=r"dtype: 'float16' -> 'float32'"):
+        extract(cfg, tmp_path / "c", shard_size=8, dtype="float32", progress=False, data=small)
+
+
+def test_a_busy_machine_with_several_threads_per_process_is_named(tmp_path, monkeypatch):
+    import msf.train as mt
+
+    cfg = apply_overrides(preset("tiny"), [*QUICK, "train.steps=1"])
+    monkeypatch.setattr(mt.os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr(mt.torch, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(mt.os, "getloadavg", lambda: (1.6, 1.0, 1.0))
+    with pytest.warns(UserWarning, match=r"the machine is busy \(load average 1.6 on 2 CPUs\) .* 2 threads.*"
+                                         r"OMP_NUM_THREADS=1"):
+        train(cfg, progress=False, save=False)
+    monkeypatch.setattr(mt.os, "getloadavg", lambda: (0.1, 0.1, 0.1))  # idle: no word
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train(cfg, progress=False, save=False)

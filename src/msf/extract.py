@@ -64,8 +64,10 @@ def extract(
                             if data is None else data, cfg.model.image_size)
         if data.kind == "latents":
             raise CacheError(f"train.data={cfg.train.data}: already a latent cache")
-        pipe = MSFPipeline(cfg.model).to(world.device)
         n = len(data)
+        _claim(out, {"model": cache_key(cfg), "dtype": dtype, "shard_size": shard_size, "num_examples": n,
+                     "class_names": data.class_names}, world)
+        pipe = MSFPipeline(cfg.model).to(world.device)
         shards = math.ceil(n / shard_size)
         mine = [s for s in range(world.rank, shards, world.size) if not _shard_done(out, s)]
         bar = tqdm(total=sum(min(shard_size, n - s * shard_size) for s in mine),
@@ -93,6 +95,25 @@ def extract(
         return out
     finally:
         close_world(world)
+
+
+def _claim(out: Path, settings: dict, world) -> None:
+    """Shards are reused only by an extraction with the same settings: ``extract.json`` records them
+    on the first run; a re-run with others (another autoencoder, size, dtype, data) is refused."""
+    record = out / "extract.json"
+    if record.is_file():
+        old = json.loads(record.read_text())
+        diff = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in settings.items() if old.get(k) != v]
+        if diff:
+            raise CacheError(f"{out}: holds shards extracted with other settings ({'; '.join(diff)}); "
+                             "use another --out, or delete the folder to start over")
+    elif any(out.glob("shard_*.json")):
+        raise CacheError(f"{out}: holds shards of an extraction that recorded no settings; "
+                         "use another --out, or delete the folder to start over")
+    barrier(world)
+    if world.is_main and not record.is_file():
+        atomic_write_text(record, json.dumps(settings, indent=2))
+    barrier(world)
 
 
 def _encode_shard(pipe, data: TrainingData, out: Path, s: int, rows: range, batch_size: int, dtype,

@@ -380,6 +380,7 @@ def _run(cfg: Config, world: World, data, progress: bool, max_seconds: float | N
                           f"{world.size} processes")
     out = Path(tc.out_dir)
     ckpts = _Checkpoints(out / "checkpoints", cfg, world, enabled=save)
+    _warn_if_oversubscribed(world)
 
     # -- data, and the model config it completes (class names; component std from the data or the checkpoint)
     data = _open_data(cfg, data)
@@ -593,13 +594,29 @@ def _wrap(net: nn.Module, tc: TrainConfig, world: World) -> nn.Module:
     return torch.compile(net) if tc.compile else net
 
 
+def _cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _warn_if_oversubscribed(world: World) -> None:
+    """On a busy CPU machine, several threads per process spin waiting for cores: say so, and what to set."""
+    if world.device.type != "cpu" or not hasattr(os, "getloadavg") or not world.is_main:
+        return
+    threads, cpus, load = torch.get_num_threads(), _cpus(), os.getloadavg()[0]
+    if threads > 1 and load + threads * world.size > cpus + 0.5:
+        warnings.warn(
+            f"the machine is busy (load average {load:.1f} on {cpus} CPUs) and each of the {world.size} "
+            f"training process(es) uses {threads} threads: threads then spin waiting for a core, and a step "
+            "can run many times slower (0.1 s -> 9 s seen on 2 cores). When sharing the machine, set "
+            "OMP_NUM_THREADS=1 (docs/benchmarks.md, 'On a shared machine')", stacklevel=4)
+
+
 def _workers(configured: int | None) -> int:
     """``train.num_workers``, or by default one fewer than the CPUs this process may use (at most 4):
     PyTorch warns when more loader processes than CPUs compete with the training step."""
     if configured is not None:
         return configured
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(0, min(4, cpus - 1))
+    return max(0, min(4, _cpus() - 1))
 
 
 def _report_bad_files(bad: list[str], seen: list[str], world: World) -> None:
