@@ -3,6 +3,7 @@
 * Threads: two test processes (``make test`` runs ``pytest -n 2``) with one thread each keep
   the suite's time steady when the machine is busy; two threads per process on two busy
   cores spin waiting for each other (10x slower steps seen). ``MSF_TEST_THREADS`` overrides.
+* Device: the CPU, unless ``MSF_TEST_DEVICE=cuda``.
 * Source: the tests refuse to run against an msf imported from another checkout.
 * Caches: the tests must not see, nor write to, the user's caches (torch hub weights,
   Hugging Face, msf's reference statistics, matplotlib). Everything that looks there is
@@ -14,6 +15,10 @@ import shutil
 import tempfile
 
 _threads = os.environ.get("MSF_TEST_THREADS", "1")
+# The suite runs on the CPU, where its bit-exact checks hold, unless MSF_TEST_DEVICE=cuda asks for the GPU
+# (a 2-process test would otherwise ask a one-GPU box for cuda:1).
+if os.environ.get("MSF_TEST_DEVICE", "cpu") == "cpu":
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
 os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = _threads
 _home = tempfile.mkdtemp(prefix="msf-tests-")
 for var, sub in (("XDG_CACHE_HOME", "cache"), ("TORCH_HOME", "cache/torch"), ("HF_HOME", "cache/huggingface"),

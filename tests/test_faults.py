@@ -278,3 +278,17 @@ def test_a_busy_machine_with_several_threads_per_process_is_named(tmp_path, monk
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         train(cfg, progress=False, save=False)
+
+
+def test_a_gpu_that_cuda_cannot_use_stops_the_run_and_the_device_is_named(tmp_path, monkeypatch, capsys):
+    import msf.distributed as md
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(md, "gpu_present", lambda: "/dev/nvidia0")
+    cfg = apply_overrides(preset("tiny"), [*QUICK, f"train.out_dir={tmp_path / 'a'}"])
+    with pytest.raises(ValueError, match=r"an NVIDIA GPU is present \(/dev/nvidia0\) but this torch cannot "
+                                         r"use it.*nvidia-smi.*--device cpu"):
+        train(cfg, progress=False)
+    result = train(cfg, progress=True, device="cpu")  # asked for explicitly: runs, and says where
+    assert result.steps == 2
+    assert "[msf] training on cpu (1 threads; torch" in capsys.readouterr().out

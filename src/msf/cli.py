@@ -127,9 +127,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
         return _sample_set(args)
     if args.per_class < 1:
         raise ConfigError(f"--per-class must be >= 1, got {args.per_class}")
+    from msf.distributed import describe, init_world
     from msf.viz import save_sample_grid
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = init_world(args.device).device  # one process: checks the device, starts nothing
+    if not args.quiet:
+        print(f"[msf] sampling on {describe(device)}", flush=True)
     pipe = MSFPipeline.from_pretrained(args.model_dir, device=device)
     cfg = pipe.config
     classes = _parse_classes(args.classes, cfg.class_names, cfg.num_classes)

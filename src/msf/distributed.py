@@ -11,6 +11,7 @@ import gc
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -44,14 +45,40 @@ def init_world(device: str | None = None) -> World:
     if use_cuda and not torch.cuda.is_available():
         raise ValueError(f"device {device!r}: CUDA is not available here (torch {torch.__version__}, "
                          f"built for CUDA {torch.version.cuda}); use --device cpu")
+    if device is None and not use_cuda and gpu_present():
+        raise ValueError(
+            f"an NVIDIA GPU is present ({gpu_present()}) but this torch cannot use it (torch "
+            f"{torch.__version__}, built for CUDA {torch.version.cuda}): check the driver with nvidia-smi "
+            "and the wheel's CUDA version, or pass --device cpu to run on the CPU anyway")
     if use_cuda:
         dev = torch.device("cuda", local_rank if size > 1 else torch.device(device or "cuda").index or 0)
         torch.cuda.set_device(dev)
     else:
         dev = torch.device("cpu")
     if size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        # rank 0 works alone for long stretches (checkpoint writes, sample grids, sweep metrics): the
+        # others wait in the next collective longer than NCCL's default 10 minutes
+        minutes = float(os.environ.get("MSF_DIST_TIMEOUT_MINUTES", "60"))
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=timedelta(minutes=minutes),
+                                device_id=dev if use_cuda else None)
     return World(rank=rank, size=size, local_rank=local_rank, device=dev)
+
+
+def gpu_present() -> str | None:
+    """The device file of an NVIDIA GPU the kernel knows about, whatever torch makes of it
+    (None when ``CUDA_VISIBLE_DEVICES`` hides every GPU on purpose)."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", "0").strip() in ("", "-1"):
+        return None
+    return next((p for p in ("/dev/nvidia0", "/proc/driver/nvidia/version") if os.path.exists(p)), None)
+
+
+def describe(device: torch.device) -> str:
+    """One line naming where the work runs, for the start of a run."""
+    if device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        return (f"{device} ({p.name}, {p.total_memory / 2**30:.0f} GiB, compute capability "
+                f"{p.major}.{p.minor}; torch {torch.__version__}, CUDA {torch.version.cuda})")
+    return f"cpu ({torch.get_num_threads()} threads; torch {torch.__version__})"
 
 
 def close_world(world: World) -> None:

@@ -49,7 +49,7 @@ from tqdm.auto import tqdm
 from msf.checkpoint import CheckpointError, load_latest, prune, save_checkpoint
 from msf.config import Config, ConfigError, TrainConfig, from_dict, to_dict, validate
 from msf.data import IndexStream, TrainingData, iterate_batches, load_dataset
-from msf.distributed import World, any_rank, barrier, close_world, init_world, mean_over_ranks
+from msf.distributed import World, any_rank, barrier, close_world, describe, init_world, mean_over_ranks
 from msf.files import atomic_write_text
 from msf.flow import StepNoise
 from msf.pipeline import MSFPipeline, autocast
@@ -258,8 +258,9 @@ class TrainState:
             for k in scales:
                 shard(pipe.networks[k])
                 shard(ema.networks[k])
+        fused = world.device.type == "cuda"  # one kernel per step on the GPU; the CPU keeps foreach
         opts = {k: torch.optim.AdamW(pipe.networks[k].parameters(), lr=tc.lr, betas=tuple(tc.betas),
-                                     weight_decay=tc.weight_decay)
+                                     weight_decay=tc.weight_decay, fused=fused or None)
                 for k in scales}
         return cls(step=0, pipe=pipe, ema=ema, opts=opts, history={k: [] for k in scales})
 
@@ -404,6 +405,8 @@ def _run(cfg: Config, world: World, data, progress: bool, max_seconds: float | N
     total_steps, start_step = max(tc.steps_for(k) for k in scales), state.step
     stream = IndexStream(data.labels, tc.batch_size, seed=tc.seed, balance_classes=tc.balance_classes)
     stop, interrupted = StopRequest(), False
+    if progress and world.is_main:
+        print(f"[msf] training on {describe(dev)}, {world.size} process(es)", flush=True)
     bar = tqdm(total=total_steps, initial=start_step, disable=not (progress and world.is_main),
                desc="train", dynamic_ncols=True)
     started = time.perf_counter()
