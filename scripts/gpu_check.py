@@ -1,0 +1,208 @@
+"""One GPU check for a person with one NVIDIA GPU (issue 16): correctness first, then speed.
+
+    .venv/bin/python scripts/gpu_check.py --out gpu_check.md          # on the GPU, ~5-8 minutes
+    .venv/bin/python scripts/gpu_check.py --toy --out toy.md          # anywhere, tiny sizes, CPU
+
+Sections, each reported even when an earlier one failed:
+
+1. environment: torch, CUDA, driver, the GPU, the architectures the wheel was built for, TF32;
+2. attention at the paper's head dims (72 = 1152/16, 80 = 1280/16): which SDPA kernels run, fwd+bwd time;
+3. a paper-size training step per network (MSF scale 1 and 2, DiT-XL/2): images/s and peak memory,
+   with and without activation checkpointing;
+4. a tiny train, resume and sample on the device: resumed == uninterrupted within tolerance;
+5. determinism: the same 2 steps twice, the largest weight difference;
+6. the benchmarks on the device (``benchmarks/sampling_cost.py --quick``, ``backbone.py --quick``).
+
+``--toy`` runs every section at tiny sizes on the CPU (CI runs it that way, ``tests/test_gpu_check.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+report: list[str] = []
+
+
+def say(line: str = "") -> None:
+    print(line, flush=True)
+    report.append(line)
+
+
+def section(title: str, fn, *args) -> None:
+    say(f"\n## {title}\n")
+    started = time.perf_counter()
+    try:
+        fn(*args)
+    except Exception:  # every section is reported, whatever an earlier one did
+        say("FAILED:\n```\n" + traceback.format_exc(limit=4) + "```")
+    say(f"\n({time.perf_counter() - started:.1f} s)")
+
+
+def environment(dev: torch.device) -> None:
+    say(f"- torch {torch.__version__}, built for CUDA {torch.version.cuda}, cuDNN "
+        f"{torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else 'none'}")
+    if dev.type != "cuda":
+        say(f"- device: {dev} ({torch.get_num_threads()} threads)")
+        return
+    p = torch.cuda.get_device_properties(dev)
+    say(f"- device: {p.name}, {p.total_memory / 2**30:.1f} GiB, compute capability {p.major}.{p.minor}, "
+        f"{p.multi_processor_count} SMs")
+    say(f"- wheel's architectures: {', '.join(torch.cuda.get_arch_list())}")
+    say(f"- TF32: matmul {torch.backends.cuda.matmul.allow_tf32}, cuDNN {torch.backends.cudnn.allow_tf32}")
+    try:
+        smi = subprocess.run(["nvidia-smi", "--query-gpu=driver_version,memory.used,memory.total",
+                              "--format=csv,noheader"], capture_output=True, text=True, timeout=30)
+        say(f"- nvidia-smi: {smi.stdout.strip() or smi.stderr.strip()}")
+    except (OSError, subprocess.TimeoutExpired) as e:
+        say(f"- nvidia-smi: not run ({e})")
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def attention_kernels(dev: torch.device, toy: bool) -> None:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    batch, tokens = (2, 16) if toy else (32, 256)
+    dtype = torch.bfloat16
+    say("| head dim | heads | backend | fwd+bwd ms |\n|---|---|---|---|")
+    for head_dim, heads in ((72, 16), (80, 16)):
+        shape = (batch, heads, tokens, head_dim)
+        for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH):
+            q, k, v = (torch.randn(shape, device=dev, dtype=dtype, requires_grad=True) for _ in range(3))
+            try:
+                with sdpa_kernel(backend):
+                    for _ in range(2):  # warm-up, then timed
+                        _sync(dev)
+                        t0 = time.perf_counter()
+                        torch.nn.functional.scaled_dot_product_attention(q, k, v).sum().backward()
+                        _sync(dev)
+                ms = f"{(time.perf_counter() - t0) * 1e3:.2f}"
+            except RuntimeError as e:
+                ms = f"not available ({str(e).splitlines()[0][:60]})"
+            say(f"| {head_dim} | {heads} | {backend.name} | {ms} |")
+
+
+def training_steps(dev: torch.device, toy: bool) -> None:
+    from msf.config import preset
+    from msf.flow import rectified_flow_loss
+    from msf.pipeline import autocast, build_scale_networks
+
+    names = ["tiny"] if toy else ["paper-imagenet256", "dit-xl2"]
+    batch = 2 if toy else 32
+    say("| network | batch | checkpointing | images/s | peak memory GiB |\n|---|---|---|---|---|")
+    for name in names:
+        cfg = preset(name).model
+        for k, net in enumerate(build_scale_networks(cfg)):
+            net = net.to(dev)
+            opt = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=dev.type == "cuda" or None)
+            n, ch = cfg.latent_sizes[k], cfg.autoencoder.channels
+            for checkpointing in (False, True):
+                net.grad_checkpointing = checkpointing
+                if dev.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(dev)
+                times = []
+                for _ in range(3):
+                    c = torch.randn(batch, ch, n, n, device=dev)
+                    prior = torch.randn_like(c) if net.prior_channels else None
+                    y = torch.randint(0, cfg.num_classes, (batch,), device=dev)
+                    t = torch.rand(batch, device=dev)
+                    _sync(dev)
+                    t0 = time.perf_counter()
+                    with autocast(dev, "bf16"):
+                        loss = rectified_flow_loss(net, c, y, t, prior)
+                    loss.backward()
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                    _sync(dev)
+                    times.append(time.perf_counter() - t0)
+                peak = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else float("nan")
+                rate = batch / min(times[1:])
+                say(f"| {name} scale {k} | {batch} | {checkpointing} | {rate:.1f} | {peak:.1f} |")
+            del net, opt
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+
+
+def train_resume_sample(dev: torch.device) -> None:
+    from msf.config import apply_overrides, preset
+    from msf.train import train
+
+    base = ["train.tensorboard=false", "train.lr=3e-3", "train.precision=bf16", "train.lr_schedule=constant"]
+    with tempfile.TemporaryDirectory() as d:
+        train(apply_overrides(preset("tiny"), [*base, "train.steps=3", f"train.out_dir={d}/a"]),
+              device=str(dev), progress=False)
+        resumed = train(apply_overrides(preset("tiny"), [*base, "train.steps=6", f"train.out_dir={d}/a"]),
+                        device=str(dev), progress=False, resume=True)
+        whole = train(apply_overrides(preset("tiny"), [*base, "train.steps=6", f"train.out_dir={d}/b"]),
+                      device=str(dev), progress=False)
+        diff = max((a - b).abs().max().item() for a, b in zip(resumed.pipeline.parameters(),
+                                                               whole.pipeline.parameters()))
+        verdict = "bit for bit" if diff == 0 else "within tolerance" if diff < 1e-3 else "TOO LARGE"
+        say(f"- resumed at step 3 to 6 against 6 uninterrupted steps: largest EMA weight difference "
+            f"{diff:.2e} ({verdict})")
+        images = resumed.pipeline.sample([0, 1, 2, 3], precision="bf16")
+        say(f"- sample: {tuple(images.shape)}, finite {bool(torch.isfinite(images).all())}, "
+            f"range [{images.min():.2f}, {images.max():.2f}]")
+
+
+def determinism(dev: torch.device) -> None:
+    from msf.config import apply_overrides, preset
+    from msf.train import train
+
+    runs = []
+    with tempfile.TemporaryDirectory() as d:
+        for i in range(2):
+            cfg = apply_overrides(preset("tiny"), ["train.steps=2", "train.precision=bf16",
+                                                   f"train.out_dir={d}/{i}"])
+            runs.append(train(cfg, device=str(dev), progress=False, save=False).pipeline)
+    diff = max((a - b).abs().max().item() for a, b in zip(runs[0].parameters(), runs[1].parameters()))
+    say(f"- the same 2 steps twice: largest weight difference {diff:.2e} "
+        f"({'deterministic' if diff == 0 else 'not bit-exact: non-deterministic kernels'})")
+
+
+def benchmarks(dev: torch.device, toy: bool) -> None:
+    runs = [["sampling_cost.py", "--quick", "--device", str(dev)]]
+    if not toy:
+        runs.append(["backbone.py", "--quick", "--sections", "4", "--device", str(dev)])
+    for args in runs:
+        r = subprocess.run([sys.executable, *args], cwd=ROOT / "benchmarks", capture_output=True, text=True,
+                           timeout=600)
+        say(f"### benchmarks/{' '.join(args)}\n\n```\n{(r.stdout + r.stderr)[-3000:].strip()}\n```")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--toy", action="store_true", help="tiny sizes on the CPU (for CI and a dry run)")
+    ap.add_argument("--device", default=None, help="default: cuda, or cpu with --toy")
+    ap.add_argument("--out", default="gpu_check.md", help="where the report is written")
+    args = ap.parse_args()
+    dev = torch.device(args.device or ("cpu" if args.toy else "cuda"))
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("CUDA is not available here; run with --toy for a dry run on the CPU")
+    sizes = "toy sizes" if args.toy else "paper sizes"
+    say(f"# msf GPU check ({sizes}, {dev}), {time.strftime('%Y-%m-%d %H:%M')}")
+    section("1. Environment", environment, dev)
+    section("2. Attention kernels at the paper's head dims (bf16)", attention_kernels, dev, args.toy)
+    section("3. Training step per network (bf16 autocast, AdamW)", training_steps, dev, args.toy)
+    section("4. Train, resume, sample", train_resume_sample, dev)
+    section("5. Determinism", determinism, dev)
+    section("6. Benchmarks", benchmarks, dev, args.toy)
+    Path(args.out).write_text("\n".join(report) + "\n")
+    print(f"\nreport: {args.out}")
+    return 1 if any(line.startswith("FAILED") for line in report) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
