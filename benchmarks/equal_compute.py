@@ -61,7 +61,8 @@ def step_rates(out: Path, calib_steps: int, repeats: int, extra: list[str]) -> d
 
 def sampling_seconds_per_image(pipes: dict, labels: torch.Tensor, repeats: int) -> dict[str, float]:
     """Interleaved timed sample calls at the models' default settings, bf16 (median)."""
-    fns = {n: (lambda p=p: p.sample(labels, seed=1, precision="bf16")) for n, p in pipes.items()}
+    # .cpu(): on a GPU the timer stops when the images are here, not when their kernels are queued
+    fns = {n: (lambda p=p: p.sample(labels, seed=1, precision="bf16").cpu()) for n, p in pipes.items()}
     return {n: statistics.median(t) / len(labels) for n, t in interleaved(fns, repeats).items()}
 
 

@@ -60,7 +60,9 @@ def save_checkpoint(directory: str | os.PathLike, step: int, state: dict) -> Pat
 def load_checkpoint(path: str | os.PathLike) -> dict:
     path = Path(path)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        # mmap: under torchrun every process reads the checkpoint; mapped, they share one copy of it
+        # in the page cache instead of each holding its own (9.4 GB for a paper-size scale-1 job)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # torch raises many kinds for a damaged file
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
