@@ -1,7 +1,7 @@
 """Training throughput of one scale's network: images/s in fp32 and bf16 autocast.
 
-A full training step as ``msf.train`` runs it for that scale (``--device cuda`` on a GPU): forward, rectified-flow
-loss, backward, gradient clipping, AdamW, EMA. Random inputs of the scale's sizes
+A full training step as ``msf.train`` runs it for that scale (``--device cuda`` on a GPU):
+forward, rectified-flow loss, backward, gradient clipping, AdamW, EMA. Random inputs of the scale's sizes
 (the factorization and data loading are not timed). fp32 and bf16 are interleaved
 and the best of ``--repeats`` steps is kept, after ``--warmup`` steps.
 

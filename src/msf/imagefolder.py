@@ -250,25 +250,21 @@ class ImageFolder(torch.utils.data.Dataset):
                 f"{self.root}: no image files ({', '.join(self.extensions)}) in its "
                 f"{len(self.classes)} class folder(s)"
             )
-        if self.ignored_files:
-            warnings.warn(
-                f"{self.root}: ignored {len(self.ignored_files)} file(s) that are not images in a class "
-                f"folder: {_preview(self.ignored_files)}",
-                stacklevel=2,
-            )
-        if empty:
-            warnings.warn(
-                f"{self.root}: {len(empty)} class folder(s) contain no images: {_preview(empty, 10)}",
-                stacklevel=2,
-            )
-        if self.skipped_links:
-            warnings.warn(
-                f"{self.root}: not followed or counted twice: {len(self.skipped_links)} symlink(s) that lead "
-                f"back up the tree, into another class folder, or to a file already counted: "
-                f"{_preview(self.skipped_links)}",
-                stacklevel=2,
-            )
+        self._report(empty)
         self.labels: Tensor = torch.tensor([label for _, label in self.samples], dtype=torch.long)
+
+    def _report(self, empty: list[str]) -> None:
+        """One warning each for files that are not samples, empty classes, and links not followed."""
+        if self.ignored_files:
+            warnings.warn(f"{self.root}: ignored {len(self.ignored_files)} file(s) that are not images in a "
+                          f"class folder: {_preview(self.ignored_files)}", stacklevel=3)
+        if empty:
+            warnings.warn(f"{self.root}: {len(empty)} class folder(s) contain no images: "
+                          f"{_preview(empty, 10)}", stacklevel=3)
+        if self.skipped_links:
+            warnings.warn(f"{self.root}: not followed or counted twice: {len(self.skipped_links)} symlink(s) "
+                          "that lead back up the tree, into another class folder, or to a file already "
+                          f"counted: {_preview(self.skipped_links)}", stacklevel=3)
 
     def _follow(self, path: str, own: str, visited: set[str]) -> bool:
         """Walk into directory ``path`` of class folder ``own``? Not when its real location was walked
