@@ -47,15 +47,16 @@ import torch
 from timing import interleaved, machine  # benchmarks/timing.py, beside this script
 
 from msf.autoencoder import IdentityAutoencoder
-from msf.config import ModelConfig, preset
+from msf.config import ModelConfig, SamplerSettings, preset
 from msf.info import scale_infos
 from msf.pipeline import MSFPipeline, autocast
 from msf.speed import compile_for_inference, inference_copy
 
-# (label, per-scale steps, per-scale CFG) for each setting compared.
-MSF_SETTINGS = [("paper: 100 CFG 1.4 + 50", [100, 50], [1.4, 1.0]),
-                ("scale 2 at 10 steps", [100, 10], [1.4, 1.0])]
-DIT_SETTINGS = [("100 steps CFG 1.5", [100], [1.5]), ("250 steps CFG 1.5", [250], [1.5])]
+# (label, sampler settings) for each setting compared: the pipeline's own SamplerSettings.
+MSF_SETTINGS = [("paper: 100 CFG 1.4 + 50", SamplerSettings((100, 50), (1.4, 1.0), ("euler", "euler"))),
+                ("scale 2 at 10 steps", SamplerSettings((100, 10), (1.4, 1.0), ("euler", "euler")))]
+DIT_SETTINGS = [("100 steps CFG 1.5", SamplerSettings((100,), (1.5,), ("euler",))),
+                ("250 steps CFG 1.5", SamplerSettings((250,), (1.5,), ("euler",)))]
 
 
 def shrink(cfg: ModelConfig) -> ModelConfig:
@@ -80,9 +81,10 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def flops_per_image(cfg: ModelConfig, steps: list[int], cfg_scale: list[float]) -> tuple[int, list]:
+def flops_per_image(cfg: ModelConfig, sampler: SamplerSettings) -> tuple[int, list]:
     cfg = dataclasses.replace(cfg, scales=[
-        dataclasses.replace(s, steps=n, cfg_scale=w) for s, n, w in zip(cfg.scales, steps, cfg_scale)])
+        dataclasses.replace(s, steps=n, cfg_scale=w)
+        for s, n, w in zip(cfg.scales, sampler.steps, sampler.cfg_scale)])
     infos = scale_infos(cfg)
     return sum(i.flops_per_sample for i in infos), [i.forwards_per_sample for i in infos]
 
@@ -171,7 +173,7 @@ def main() -> None:
     checked = list(paths)  # the loaded paths are not checked against real samples
     if load:
         paths += [(f"{p[0]}, loaded", *p[1:]) for p in paths]
-    cfg_of = {"MSF": MSF_SETTINGS[0][2], "DiT-XL/2": DIT_SETTINGS[0][2]}
+    cfg_of = {"MSF": MSF_SETTINGS[0][1].cfg_scale, "DiT-XL/2": DIT_SETTINGS[0][1].cfg_scale}
     fns, fed = {}, {}
     for m, pipe in pipes.items():
         for k, net in enumerate(pipe.networks):
@@ -216,10 +218,10 @@ def main() -> None:
                     f"{per_eval[m, k, f'{p[0]}, loaded'] / per_eval[m, k, p[0]]:.2f}"
                     for p in checked) + " |")
 
-    def time_per_image(m: str, steps: list[int], path: str) -> float:
+    def time_per_image(m: str, steps: tuple[int, ...], path: str) -> float:
         return sum(n * per_eval[m, k, path] for k, n in enumerate(steps)) / B
 
-    def ratio(m: str, steps: list[int], path: str, ref_steps: list[int]) -> str:
+    def ratio(m: str, steps: tuple[int, ...], path: str, ref_steps: tuple[int, ...]) -> str:
         """Ratio of the medians to DiT-XL/2's; in brackets, the range of the per-repeat ratios."""
         def one(r, mm, st):
             return sum(n * times[mm, k, path][r] for k, n in enumerate(st))
@@ -228,8 +230,8 @@ def main() -> None:
         return f"{med:.3f} [{min(each):.2f}-{max(each):.2f}]"
 
     # --- FLOPs and time per image
-    ref_steps = DIT_SETTINGS[0][1]
-    ref_flops, _ = flops_per_image(dit_cfg, *DIT_SETTINGS[0][1:])
+    ref_steps = DIT_SETTINGS[0][1].steps
+    ref_flops, _ = flops_per_image(dit_cfg, DIT_SETTINGS[0][1])
     print("\n## per image: counted FLOPs and extrapolated time; ratios to DiT-XL/2 at 100 steps\n")
     print("Time ratio: of the median times; in brackets the range of the ratio within each repeat.")
     print("FLOPs: matrix products (msf.info), 1 multiply-add (MAC) = 2 FLOPs; per image, "
@@ -239,8 +241,9 @@ def main() -> None:
     print("|---|---|---|---|---|---|" + "---|---|" * len(paths))
     for m in pipes:
         cfg = msf_cfg if m == "MSF" else dit_cfg
-        for label, steps, cfg_scale in settings[m]:
-            flops, forwards = flops_per_image(cfg, steps, cfg_scale)
+        for label, sampler in settings[m]:
+            steps = sampler.steps
+            flops, forwards = flops_per_image(cfg, sampler)
             row = f"| {m} | {label} | {' + '.join(map(str, forwards))} | {flops / 1e9:,.0f} " \
                   f"| {flops / 2e9:,.0f} | {flops / ref_flops:.3f} |"
             for path, _, _ in paths:
@@ -254,7 +257,7 @@ def main() -> None:
     checks = {}
     for path, precision, nets in checked:
         for m, pipe in pipes.items():
-            w = settings[m][0][2]
+            w = list(settings[m][0][1].cfg_scale)
 
             def sample(pipe=pipe, w=w, precision=precision, nets=nets[m]):
                 pipe.sample(labels, steps=n, cfg_scale=w, precision=precision, nets=nets)
