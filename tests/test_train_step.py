@@ -203,3 +203,12 @@ def test_each_scale_trains_its_own_number_of_steps(tiny_cfg, tmp_path):
     assert any(changed)  # ... while scale 0 goes on
     moved = [not torch.equal(states[2]["models"]["1"][n], w) for n, w in states[1]["models"]["1"].items()]
     assert any(moved)  # and its second step did update it
+
+
+def test_deterministic_mode_trains_the_same_and_is_switched_back_off(tiny_cfg, tmp_path):
+    plain = train(_cfg(tiny_cfg, tmp_path / "a", "train.steps=2"), progress=False, save=False)
+    det = train(_cfg(tiny_cfg, tmp_path / "b", "train.steps=2", "train.deterministic=true"), progress=False,
+                save=False)
+    assert not torch.are_deterministic_algorithms_enabled()  # the process's setting is restored
+    for a, b in zip(plain.pipeline.parameters(), det.pipeline.parameters()):
+        assert torch.equal(a, b)  # on the CPU the kernels were deterministic already

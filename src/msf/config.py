@@ -190,6 +190,7 @@ class TrainConfig:
     on_nonfinite: str = "stop"  # a NaN/Inf loss: "stop" the run, or "skip" the step and count it
     grad_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
     compile: bool = False  # torch.compile each scale's network
+    deterministic: bool = False  # deterministic kernels only (GPU: bit-exact resume, some ops slower)
     fsdp: bool = False  # shard weights, grads and optimizer state over processes (large presets)
     tensorboard: bool = True  # scalars (and sample grids) under <out_dir>/tb, if installed
     sample_every: int = 0  # steps between sample grids of the EMA model; 0: off

@@ -58,7 +58,7 @@ from msf.pipeline import MSFPipeline, autocast
 RESUMABLE_CHANGES = {
     "steps", "scale_steps", "log_every", "ckpt_every", "keep_last", "keep_every", "out_dir",
     "num_workers", "tensorboard", "sample_every", "on_nonfinite", "compile", "grad_checkpointing",
-    "data", "strict_data", "fsdp",
+    "data", "strict_data", "fsdp", "deterministic",
 }
 
 
@@ -365,11 +365,17 @@ def train(
     """
     validate(cfg)
     world = init_world(None if device is None else str(device))
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
     try:
         if save and not resume:
             _claim_run_directory(Path(cfg.train.out_dir), world, overwrite)
+        if cfg.train.deterministic:
+            # cuBLAS needs a fixed workspace for deterministic products; set before its first use
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True)
         return _run(copy.deepcopy(cfg), world, data, progress, max_seconds, save, resume)
     finally:
+        torch.use_deterministic_algorithms(was_deterministic)
         close_world(world)
 
 
