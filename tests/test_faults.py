@@ -268,11 +268,11 @@ def test_a_busy_machine_with_several_threads_per_process_is_named(tmp_path, monk
     cfg = apply_overrides(preset("tiny"), [*QUICK, "train.steps=1"])
     monkeypatch.setattr(mt.os, "sched_getaffinity", lambda pid: {0, 1})
     monkeypatch.setattr(mt.torch, "get_num_threads", lambda: 2)
-    monkeypatch.setattr(mt.os, "getloadavg", lambda: (1.6, 1.0, 1.0))
-    with pytest.warns(UserWarning, match=r"the machine is busy \(load average 1.6 on 2 CPUs\) .* 2 threads.*"
-                                         r"OMP_NUM_THREADS=1"):
+    monkeypatch.setattr(mt, "_busy_cpus", lambda: 1.0)  # another process keeps one core busy
+    with pytest.warns(UserWarning, match=r"the machine is busy \(1.0 of 2 CPUs in use by other processes\) "
+                                         r".* 2 threads.*OMP_NUM_THREADS=1"):
         train(cfg, progress=False, save=False)
-    monkeypatch.setattr(mt.os, "getloadavg", lambda: (0.1, 0.1, 0.1))  # idle: no word
+    monkeypatch.setattr(mt, "_busy_cpus", lambda: 0.1)  # idle: no word
     import warnings
 
     with warnings.catch_warnings():
@@ -292,3 +292,14 @@ def test_a_gpu_that_cuda_cannot_use_stops_the_run_and_the_device_is_named(tmp_pa
     result = train(cfg, progress=True, device="cpu")  # asked for explicitly: runs, and says where
     assert result.steps == 2
     assert "[msf] training on cpu (1 threads; torch" in capsys.readouterr().out
+
+
+def test_busy_cpus_counts_other_processes_not_this_one():
+    import msf.train as mt
+
+    # (all ticks, idle + iowait ticks, this process's ticks) before and after, on 2 CPUs
+    assert mt._others_busy((1000, 500, 10), (1100, 550, 10), 2) == pytest.approx(1.0)  # one core busy
+    assert mt._others_busy((1000, 500, 10), (1100, 550, 60), 2) == pytest.approx(0.0)  # busy: ourselves
+    assert mt._others_busy((1000, 500, 0), (1000, 500, 0), 2) is None
+    measured = mt._busy_cpus(0.05)  # reads /proc on Linux
+    assert measured is None or 0.0 <= measured <= mt._cpus() + 0.01

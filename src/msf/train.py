@@ -607,17 +607,43 @@ def _cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def _busy_cpus(window: float = 0.3) -> float | None:
+    """How many CPUs other processes keep busy now (from /proc/stat over ``window`` seconds, minus our
+    own use); None where that cannot be read. Not the load average: it lags by a minute, and would
+    blame, say, the install that ran just before."""
+    def sample() -> tuple[float, float, float]:
+        fields = [float(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        own = [float(v) for v in Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[11:13]]
+        return sum(fields), fields[3] + fields[4], sum(own)  # all, idle + iowait, our user + system
+
+    try:
+        before = sample()
+        time.sleep(window)
+        return _others_busy(before, sample(), _cpus())
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _others_busy(before: tuple[float, float, float], after: tuple[float, float, float], cpus: int
+                 ) -> float | None:
+    """CPUs busy with other processes between two (all, idle, own) tick counts."""
+    total, idle, own = (b - a for a, b in zip(before, after))
+    if total <= 0:
+        return None
+    return max(0.0, (total - idle - own) / total * cpus)
+
+
 def _warn_if_oversubscribed(world: World) -> None:
     """On a busy CPU machine, several threads per process spin waiting for cores: say so, and what to set."""
-    if world.device.type != "cpu" or not hasattr(os, "getloadavg") or not world.is_main:
+    if world.device.type != "cpu" or not world.is_main or torch.get_num_threads() < 2:
         return
-    threads, cpus, load = torch.get_num_threads(), _cpus(), os.getloadavg()[0]
-    if threads > 1 and load + threads * world.size > cpus + 0.5:
+    threads, cpus, load = torch.get_num_threads(), _cpus(), _busy_cpus()
+    if load is not None and load + threads * world.size > cpus + 0.5:
         warnings.warn(
-            f"the machine is busy (load average {load:.1f} on {cpus} CPUs) and each of the {world.size} "
-            f"training process(es) uses {threads} threads: threads then spin waiting for a core, and a step "
-            "can run many times slower (0.1 s -> 9 s seen on 2 cores). When sharing the machine, set "
-            "OMP_NUM_THREADS=1 (docs/benchmarks.md, 'On a shared machine')", stacklevel=4)
+            f"the machine is busy ({load:.1f} of {cpus} CPUs in use by other processes) and each of the "
+            f"{world.size} training process(es) uses {threads} threads: threads then spin waiting for a "
+            "core, and a step can run many times slower (0.1 s -> 9 s seen on 2 cores). When sharing the "
+            "machine, set OMP_NUM_THREADS=1 (docs/benchmarks.md, 'On a shared machine')", stacklevel=4)
 
 
 def _workers(configured: int | None) -> int:
