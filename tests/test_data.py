@@ -99,3 +99,31 @@ def test_training_data_gives_the_same_batches_from_memory_and_from_an_image_fold
     stream = IndexStream(memory.labels, 4, seed=1)
     for (s1, a, la, _), (s2, b, lb, _) in zip(memory.batches(stream, 1, 3), files.batches(stream, 1, 3)):
         assert s1 == s2 and torch.equal(a, b) and torch.equal(la, lb)
+
+
+def test_prefetching_gives_the_same_batches_raises_errors_and_stops_with_its_consumer():
+    import threading
+    import time
+
+    from msf.data import prefetched
+
+    d = load_builtin()
+    s = IndexStream(d.labels, 8, seed=3)
+    plain = list(iterate_batches(d, s, 1, 6))
+    ahead = list(iterate_batches(d, s, 1, 6, prefetch=2))
+    assert [p[0] for p in ahead] == list(range(1, 7))
+    for (s1, x1, y1, b1), (s2, x2, y2, b2) in zip(plain, ahead):
+        assert s1 == s2 and torch.equal(x1, x2) and torch.equal(y1, y2) and b1 == b2
+
+    def failing():
+        yield 1
+        raise ValueError("broken.png: cannot decode image")
+
+    with pytest.raises(ValueError, match="broken.png"):
+        list(prefetched(failing(), 2))
+
+    for item in prefetched(iter(range(1000)), 2):  # the consumer stops early ...
+        if item == 3:
+            break
+    time.sleep(0.3)
+    assert not any(t.name == "msf-prefetch" for t in threading.enumerate())  # ... and so does the thread

@@ -7,6 +7,8 @@ from Noto Color Emoji at 32 x 32, labelled by their 9 Unicode groups; see
 
 from __future__ import annotations
 
+import queue
+import threading
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -272,8 +274,63 @@ class TrainingData:
 
 def iterate_batches(
     data, stream: IndexStream, start: int, end: int, *, rank: int = 0, world: int = 1,
-    num_workers: int = 0,
+    num_workers: int = 0, prefetch: int = 0, pin_memory: bool = False,
 ):
-    """:meth:`TrainingData.batches` of ``data`` (a :class:`TrainingData` or what it wraps)."""
+    """:meth:`TrainingData.batches` of ``data`` (a :class:`TrainingData` or what it wraps).
+
+    ``prefetch`` > 0 reads that many batches ahead in a background thread (the next batch is
+    gathered while the step runs: what a GPU run wants); ``pin_memory`` pins them there, so that
+    ``.to(device, non_blocking=True)`` overlaps with compute. The batches are the same either way.
+    """
     data = data if isinstance(data, TrainingData) else TrainingData(data)
-    yield from data.batches(stream, start, end, rank=rank, world=world, num_workers=num_workers)
+    batches = data.batches(stream, start, end, rank=rank, world=world, num_workers=num_workers)
+    if pin_memory:
+        batches = (_pinned(item) for item in batches)
+    yield from prefetched(batches, prefetch) if prefetch > 0 else batches
+
+
+def _pin(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.pin_memory()
+
+
+def _pinned(item):
+    step, x, y, bad = item
+    return step, tuple(_pin(v) for v in x) if isinstance(x, tuple) else _pin(x), _pin(y), bad
+
+
+def prefetched(items, depth: int):
+    """``items``, produced ``depth`` ahead by a background thread; its errors are raised here, and it
+    stops when the consumer does (an early ``break`` leaves no thread behind)."""
+    done, q = threading.Event(), queue.Queue(maxsize=depth)
+    end = object()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not done.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if done.is_set():
+                    return
+            q.put(end)
+        except BaseException as e:  # handed to the consumer, raised there
+            q.put(_Failure(e))
+
+    worker = threading.Thread(target=produce, name="msf-prefetch", daemon=True)
+    worker.start()
+    try:
+        while (item := q.get()) is not end:
+            if isinstance(item, _Failure):
+                raise item.error
+            yield item
+    finally:
+        done.set()
+        worker.join(timeout=5)
+
+
+class _Failure:
+    def __init__(self, error: BaseException):
+        self.error = error

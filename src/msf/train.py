@@ -418,8 +418,11 @@ def _run(cfg: Config, world: World, data, progress: bool, max_seconds: float | N
     started = time.perf_counter()
     state.pipe.train()
     with stop.installed():
+        # on a GPU, the next batch is gathered (and pinned) while the step runs
+        gpu = dev.type == "cuda"
         for step, x, y, bad in iterate_batches(data, stream, start_step + 1, total_steps, rank=world.rank,
-                                               world=world.size, num_workers=_workers(tc.num_workers)):
+                                               world=world.size, num_workers=_workers(tc.num_workers),
+                                               prefetch=2 if gpu else 0, pin_memory=gpu):
             if bad:
                 _report_bad_files(bad, bad_files, world)
             x = tuple(None if v is None else v.to(dev, non_blocking=True) for v in x) \
