@@ -304,20 +304,24 @@ def prefetched(items, depth: int):
     done, q = threading.Event(), queue.Queue(maxsize=depth)
     end = object()
 
+    def put(item) -> bool:
+        """Wait for room, but give up once the consumer has stopped; True if the item went in."""
+        while not done.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def produce() -> None:
         try:
             for item in items:
-                while not done.is_set():
-                    try:
-                        q.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if done.is_set():
+                if not put(item):
                     return
-            q.put(end)
+            put(end)
         except BaseException as e:  # handed to the consumer, raised there
-            q.put(_Failure(e))
+            put(_Failure(e))
 
     worker = threading.Thread(target=produce, name="msf-prefetch", daemon=True)
     worker.start()

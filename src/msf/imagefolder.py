@@ -250,6 +250,7 @@ class ImageFolder(torch.utils.data.Dataset):
                 f"{self.root}: no image files ({', '.join(self.extensions)}) in its "
                 f"{len(self.classes)} class folder(s)"
             )
+        del self._class_dirs, self._seen_files  # scan-time only: not carried into loader processes
         self._report(empty)
         self.labels: Tensor = torch.tensor([label for _, label in self.samples], dtype=torch.long)
 
@@ -278,9 +279,12 @@ class ImageFolder(torch.utils.data.Dataset):
         visited.add(real)
         return True
 
-    def _count(self, path: str, own: str) -> bool:
-        """Count file ``path`` in class folder ``own``? Once only, and in the class it really lives in."""
-        real = os.path.realpath(path)
+    def _count(self, path: str, real_dir: str, own: str) -> bool:
+        """Count file ``path`` (in the folder whose real location is ``real_dir``) in class folder ``own``?
+        Once only, and in the class it really lives in."""
+        # one realpath per folder, not per file: a plain file's real path is its folder's plus its name
+        link = os.path.islink(path)
+        real = os.path.realpath(path) if link else os.path.join(real_dir, os.path.basename(path))
         inside = [c for c in self._class_dirs if real.startswith(c + os.sep)]
         if real in self._seen_files or (inside and inside[0] != own):
             return False
@@ -298,13 +302,14 @@ class ImageFolder(torch.utils.data.Dataset):
                                 key=lambda d: (os.path.islink(os.path.join(dirpath, d)), d))
             dirnames[:] = sorted(d for d in candidates
                                  if self._follow(os.path.join(dirpath, d), own, visited))
+            real_dir = os.path.realpath(dirpath)
             for fname in filenames:
                 if fname.startswith("."):
                     continue
                 path = os.path.join(dirpath, fname)
                 if os.path.splitext(fname)[1].lower() not in self.extensions:
                     self.ignored_files.append(path)
-                elif not self._count(path, own):
+                elif not self._count(path, real_dir, own):
                     self.skipped_links.append(path)
                 else:
                     found.append((Path(os.path.relpath(path, class_dir)).as_posix(), path))

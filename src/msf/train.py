@@ -461,7 +461,8 @@ def _run(cfg: Config, world: World, data, progress: bool, max_seconds: float | N
         skipped=state.skipped, interrupted=interrupted,
     )
     # Under FSDP the main process gathers whole weights; the others return none: shards kept past
-    # the process group's end hold its threads, and the process aborted at exit (1 run in ~10).
+    # the process group's end hold its threads, and the process aborted at exit (seen in about 1
+    # full-suite run in 4).
     result.pipeline = _gathered(state.ema, cfg, world) if tc.fsdp else state.ema
     if save and world.is_main:
         result.model_dir = result.pipeline.save_pretrained(out / "model", extra={"train": to_dict(tc)})
@@ -554,7 +555,7 @@ def _nonfinite(result: StepResult, step: int, tc: TrainConfig, last_ckpt: Path |
         )
 
 
-RUN_FILES = ("checkpoints", "model", "samples", "tb", "losses.json", "config.json")
+RUN_FILES = ("checkpoints", "model", "samples", "tb", "losses.json", "config.json", "unreadable_images.txt")
 
 
 def _claim_run_directory(out: Path, world: World, overwrite: bool) -> None:
