@@ -36,15 +36,24 @@ from msf.models import DiT
 from msf.pipeline import autocast, build_scale_networks
 from msf.speed import compile_for_inference, inference_copy
 
+CPU = torch.device("cpu")
 
-def bench(fn, repeats: int) -> float:
+
+def bench(fn, repeats: int, device: torch.device = CPU) -> float:
     fn()
+    synchronize(device)
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
+        synchronize(device)
         best = min(best, time.perf_counter() - t0)
     return best
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def math_attention_scaled_scores(q, k, v):
@@ -56,7 +65,7 @@ def math_attention(q, k, v):
     return ((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)).softmax(-1) @ v
 
 
-def attention_table(repeats: int) -> None:
+def attention_table(repeats: int, device: torch.device) -> None:
     print("\n## attention: SDPA vs math (ms, best of repeats)\n")
     print("math: two batched matmuls and a softmax, the 1/sqrt(d) scale on q (msf's); "
           "'scores scaled': the scale on the N x N scores instead\n")
@@ -65,7 +74,8 @@ def attention_table(repeats: int) -> None:
     print("|---|---|---|---|---|---|---|---|")
     for shape in [(64, 4, 64, 64), (32, 16, 144, 72), (16, 16, 256, 72)]:
         for dtype in (torch.float32, torch.bfloat16):
-            q, k, v = (torch.randn(*shape, dtype=dtype, requires_grad=True) for _ in range(3))
+            q, k, v = (torch.randn(*shape, dtype=dtype, device=device, requires_grad=True)
+                       for _ in range(3))
             row = []
             for grad in (False, True):
                 for fn in (F.scaled_dot_product_attention, math_attention,
@@ -75,17 +85,17 @@ def attention_table(repeats: int) -> None:
                             out = fn(q, k, v)
                             if grad:
                                 out.sum().backward()
-                    row.append(bench(run, repeats) * 1e3)
+                    row.append(bench(run, repeats, device) * 1e3)
             dt = str(dtype).replace("torch.", "")
             print(f"| {' x '.join(map(str, shape))} | {dt} | " + " | ".join(f"{r:.1f}" for r in row) + " |")
 
 
-def gelu_table(repeats: int) -> None:
+def gelu_table(repeats: int, device: torch.device) -> None:
     print("\n## GELU on 4096 x 1024 (ms)\n")
     print("| dtype | exact fwd | tanh fwd | exact fwd+bwd | tanh fwd+bwd |")
     print("|---|---|---|---|---|")
     for dtype in (torch.bfloat16, torch.float32):
-        x = torch.randn(4096, 1024, dtype=dtype, requires_grad=True)
+        x = torch.randn(4096, 1024, dtype=dtype, device=device, requires_grad=True)
         row = []
         for grad in (False, True):
             for approx in ("none", "tanh"):
@@ -94,33 +104,33 @@ def gelu_table(repeats: int) -> None:
                         y = F.gelu(x, approximate=approx)
                         if grad:
                             y.sum().backward()
-                row.append(bench(run, repeats) * 1e3)
+                row.append(bench(run, repeats, device) * 1e3)
         print(f"| {str(dtype).replace('torch.', '')} | " + " | ".join(f"{r:.1f}" for r in row) + " |")
 
 
-def training_table(repeats: int, batch: int) -> None:
+def training_table(repeats: int, batch: int, device: torch.device) -> None:
     cfg = preset("demo").model
-    nets = build_scale_networks(cfg)
+    nets = [net.to(device) for net in build_scale_networks(cfg)]
     print(f"\n## demo scale networks, batch {batch}: images/s\n")
     print("| scale | tokens | train fp32 | train bf16 | bf16 / fp32 "
           "| sample fwd fp32 | sample fwd bf16 | bf16 / fp32 |")
     print("|---|---|---|---|---|---|---|---|")
     for k, (net, n) in enumerate(zip(nets, cfg.latent_sizes)):
         opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
-        x = torch.randn(batch, 3, n, n)
-        prior = torch.randn(batch, 3, n, n) if net.prior_channels else None
-        y, t = torch.randint(0, 9, (batch,)), torch.rand(batch)
+        x = torch.randn(batch, 3, n, n, device=device)
+        prior = torch.randn(batch, 3, n, n, device=device) if net.prior_channels else None
+        y, t = torch.randint(0, 9, (batch,), device=device), torch.rand(batch, device=device)
         rates = []
         for grad in (True, False):
             for precision in ("fp32", "bf16"):
                 def run(precision=precision, grad=grad):
-                    with torch.set_grad_enabled(grad), autocast("cpu", precision):
+                    with torch.set_grad_enabled(grad), autocast(device, precision):
                         out = net(x, t, y, prior)
                     if grad:
                         F.mse_loss(out.float(), x).backward()
                         opt.step()
                         opt.zero_grad()
-                rates.append(batch / bench(run, repeats))
+                rates.append(batch / bench(run, repeats, device))
         tokens = (n // cfg.scales[k].patch_size) ** 2
         print(f"| {k} | {tokens} | {rates[0]:.0f} | {rates[1]:.0f} | {rates[1] / rates[0]:.2f} "
               f"| {rates[2]:.0f} | {rates[3]:.0f} | {rates[3] / rates[2]:.2f} |")
@@ -133,11 +143,6 @@ def ratio(times: dict, num: str, den: str) -> str:
     """Median over repeats of the per-repeat ratio (robust to a busy machine), and its range."""
     each = [a / b for a, b in zip(times[num], times[den])]
     return f"{statistics.median(each):.2f} [{min(each):.2f}-{max(each):.2f}]"
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def block_matmuls(tokens: int, width: int, hidden: int, device: torch.device):
@@ -280,7 +285,7 @@ def main() -> None:
     ap.add_argument("--sections", default="1,2,3,4")
     ap.add_argument("--compile", action="store_true", help="section 4: add compiled forwards")
     ap.add_argument("--configs", default="small,xl", help="section 4: 'small', 'xl' or both")
-    ap.add_argument("--device", default="cpu", help="section 4's device: cpu, cuda, ...")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, ... (every section)")
     ap.add_argument("--quick", action="store_true", help="smoke run: small sizes, 2 repeats")
     args = ap.parse_args()
     if args.quick:
@@ -288,15 +293,16 @@ def main() -> None:
     sections = {int(s) for s in args.sections.split(",")}
     torch.manual_seed(0)
     print(f"# backbone benchmark: {machine()} at start, {time.strftime('%Y-%m-%d')}")
+    device = torch.device(args.device)
     if 1 in sections:
-        attention_table(args.repeats)
+        attention_table(args.repeats, device)
     if 2 in sections:
-        gelu_table(args.repeats)
+        gelu_table(args.repeats, device)
     if 3 in sections:
-        training_table(args.repeats, args.batch)
+        training_table(args.repeats, args.batch, device)
     if 4 in sections:
         diffusers_table(args.repeats, args.dit_batch, args.xl_blocks, args.quick, args.compile,
-                        args.configs, torch.device(args.device))
+                        args.configs, device)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ Sections, each reported even when an earlier one failed:
    with and without activation checkpointing;
 4. a tiny train, resume and sample on the device: resumed == uninterrupted within tolerance;
 5. determinism: the same 2 steps twice, the largest weight difference;
-6. the benchmarks on the device (``benchmarks/sampling_cost.py --quick``, ``backbone.py --quick``).
+6. the benchmarks on the device (``benchmarks/sampling_cost.py --quick``, ``backbone.py --quick``);
+7. the GPU tests (``MSF_TEST_DEVICE=cuda pytest tests/test_gpu.py``), not with ``--toy``.
 
 ``--toy`` runs every section at tiny sizes on the CPU (CI runs it that way, ``tests/test_gpu_check.py``).
 """
@@ -19,6 +20,7 @@ Sections, each reported even when an earlier one failed:
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import tempfile
@@ -175,11 +177,20 @@ def determinism(dev: torch.device) -> None:
 def benchmarks(dev: torch.device, toy: bool) -> None:
     runs = [["sampling_cost.py", "--quick", "--device", str(dev)]]
     if not toy:
-        runs.append(["backbone.py", "--quick", "--sections", "4", "--device", str(dev)])
+        runs.append(["backbone.py", "--quick", "--sections", "1,3,4", "--device", str(dev)])
     for args in runs:
         r = subprocess.run([sys.executable, *args], cwd=ROOT / "benchmarks", capture_output=True, text=True,
                            timeout=600)
         say(f"### benchmarks/{' '.join(args)}\n\n```\n{(r.stdout + r.stderr)[-3000:].strip()}\n```")
+
+
+def gpu_tests() -> None:
+    env = dict(os.environ, MSF_TEST_DEVICE="cuda")
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_gpu.py"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    say(f"```\n{(r.stdout + r.stderr)[-3000:].strip()}\n```")
+    if r.returncode:
+        raise RuntimeError(f"tests/test_gpu.py failed (exit {r.returncode})")
 
 
 def main() -> int:
@@ -199,6 +210,8 @@ def main() -> int:
     section("4. Train, resume, sample", train_resume_sample, dev)
     section("5. Determinism", determinism, dev)
     section("6. Benchmarks", benchmarks, dev, args.toy)
+    if dev.type == "cuda":
+        section("7. GPU tests", gpu_tests)
     Path(args.out).write_text("\n".join(report) + "\n")
     print(f"\nreport: {args.out}")
     return 1 if any(line.startswith("FAILED") for line in report) else 0

@@ -91,3 +91,35 @@ def test_fsdp_leaves_no_shards_behind_the_process_group(tmp_path):
               str(script), str(tmp_path / "run")])
     lines = sorted(line for line in r.stdout.splitlines() if line.startswith("shards alive"))
     assert lines == ["shards alive after train(): 0 main False", "shards alive after train(): 0 other True"]
+
+
+def test_fsdp_under_bf16_gathers_weights_in_bf16_and_reduces_gradients_in_fp32(tmp_path):
+    """Issue 16, item 7: FSDP's mixed-precision policy, in one gloo process."""
+    import torch.distributed as dist
+
+    from msf.config import preset
+    from msf.models import DiT
+    from msf.train import shard
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        m = preset("tiny").model.scales[0]
+        nets = {p: DiT(8, 3, m.width, m.depth, m.heads, 4) for p in ("fp32", "bf16")}
+        seen = {}
+        for precision, net in nets.items():
+            shard(net, precision)
+
+            def record(mod, args, p=precision):
+                seen.setdefault(p, next(mod.parameters()).dtype)
+
+            net.blocks[0].register_forward_pre_hook(record)
+            x, t, y = torch.randn(2, 3, 8, 8), torch.rand(2), torch.tensor([0, 1])
+            with torch.autocast("cpu", torch.bfloat16):
+                out = net(x, t, y)
+            out.float().square().mean().backward()
+            grads = [p.grad for p in net.parameters() if p.grad is not None]
+            assert grads and all(g.dtype == torch.float32 for g in grads)
+            assert all(p.dtype == torch.float32 for p in net.parameters())  # the sharded master weights
+        assert seen == {"fp32": torch.float32, "bf16": torch.bfloat16}
+    finally:
+        dist.destroy_process_group()

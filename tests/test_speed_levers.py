@@ -117,3 +117,19 @@ def test_cpu_autocast_normalises_in_bf16_and_keeps_an_fp32_residual_stream():
     assert norm_in == [torch.float32, torch.bfloat16]
     assert block_out == [torch.float32, torch.float32]
     assert (out.float() - ref).abs().max() / ref.abs().max() < 3e-2
+
+
+def test_tf32_is_set_for_cuda_devices_only_and_restored():
+    """Issue 16, item 7 (the flags can be set without a GPU)."""
+    from msf.speed import tf32
+
+    flags = lambda: (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)  # noqa: E731
+    before = flags()
+    with tf32(torch.device("cuda", 0), True):
+        assert flags() == (True, True)
+        with tf32(torch.device("cuda", 0), False):
+            assert flags() == (False, False)
+        assert flags() == (True, True)
+    assert flags() == before
+    with tf32(torch.device("cpu"), not before[0]):
+        assert flags() == before

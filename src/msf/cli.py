@@ -138,10 +138,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
     classes = _parse_classes(args.classes, cfg.class_names, cfg.num_classes)
     labels = [c for c in classes for _ in range(args.per_class)]
     from msf.sample_set import inference_nets
+    from msf.speed import tf32
 
     nets, autocast = inference_nets(pipe, args.precision, args.compile)
-    images = pipe.sample(torch.tensor(labels), **_sampling(args), seed=args.seed, nets=nets,
-                         precision=autocast)
+    with tf32(device, args.tf32):
+        images = pipe.sample(torch.tensor(labels), **_sampling(args), seed=args.seed, nets=nets,
+                             precision=autocast)
     path = save_sample_grid(images, labels, cfg.class_names, args.out)
     print(f"wrote {len(labels)} samples to {path}")
     return 0
@@ -158,7 +160,7 @@ def _sample_set(args: argparse.Namespace) -> int:
         out = args.npz or "samples.npz"
         res = sample_set(pipe, out, args.num_samples, batch_size=args.batch_size, **_sampling(args),
                          seed=args.seed, precision=args.precision, compile=args.compile, world=world,
-                         progress=not args.quiet, overwrite=args.overwrite,
+                         tf32=args.tf32, progress=not args.quiet, overwrite=args.overwrite,
                          meta={"model": str(Path(args.model_dir).resolve())})
     finally:
         close_world(world)
@@ -195,7 +197,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         points = sweep_points(pipe, args.scale, setting, values)
         rows = run_sweep(pipe, args.ref, points, args.out, num_samples=args.num_samples,
                          batch_size=args.batch_size, seed=args.seed, precision=args.precision,
-                         compile=args.compile,
+                         compile=args.compile, tf32=args.tf32,
                          metrics=tuple(args.metrics.split(",")), weights=args.weights,
                          cache_dir=args.cache_dir, world=world, progress=not args.quiet,
                          model=str(Path(args.model_dir).resolve()))
@@ -233,6 +235,8 @@ def _sampling_args(p: argparse.ArgumentParser, per_scale: bool = True) -> None:
                    "(faster on CPUs); fp32: for numbers to compare with papers")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the networks with weight freezing first (minutes at paper size)")
+    p.add_argument("--no-tf32", dest="tf32", action="store_false",
+                   help="on a GPU, fp32 sampling without TF32 matrix products (default: TF32, as DiT)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from msf import speed
 from msf.config import SAMPLING_PRECISIONS, SamplerSettings
 from msf.data import to_uint8
 from msf.distributed import World, barrier
@@ -169,6 +170,7 @@ def sample_set(
     meta: dict | None = None,
     labels: np.ndarray | None = None,
     overwrite: bool = False,
+    tf32: bool = True,
 ) -> SampleSetResult:
     """Draw ``num_samples`` class-balanced samples from ``pipe`` into the ADM-format ``out``.
 
@@ -180,7 +182,8 @@ def sample_set(
     ``precision`` is "fp32", "bf16" (autocast) or "bf16-weights"; ``compile`` compiles the
     networks first (:func:`inference_nets`). ``labels`` replaces the balanced labels, e.g.
     by a reference set's own labels when its classes are imbalanced. A finished set at ``out``
-    drawn with other settings is refused unless ``overwrite``.
+    drawn with other settings is refused unless ``overwrite``. ``tf32``: fp32 sampling on a GPU
+    runs its matrix products in TF32 (recorded in the settings; ``None`` where it does not apply).
     """
     world = world or World(device=pipe.device)
     out = Path(out)
@@ -195,6 +198,7 @@ def sample_set(
     settings = {
         "num_samples": num_samples, "batch_size": batch_size, "seed": seed, **sampler.to_dict(),
         "precision": precision, "compile": compile,
+        "tf32": tf32 if pipe.device.type == "cuda" and precision == "fp32" else None,
         "weights": weights_fingerprint(pipe), "image_size": cfg.image_size, "labels": label_source,
     }
     chunks = range(0, -(-num_samples // batch_size))
@@ -225,8 +229,9 @@ def sample_set(
     for c in todo:
         y = labels[c * batch_size:(c + 1) * batch_size]
         gen = torch.Generator().manual_seed(chunk_seed(seed, c))
-        images = pipe.sample(torch.from_numpy(y), settings=sampler, generator=gen, precision=autocast,
-                             nets=nets)
+        with speed.tf32(pipe.device, tf32):
+            images = pipe.sample(torch.from_numpy(y), settings=sampler, generator=gen,
+                                 precision=autocast, nets=nets)
         _save_npz(_chunk_file(parts, c), arr_0=to_uint8(images).numpy(), arr_1=y)
         generated += len(y)
         if bar is not None:

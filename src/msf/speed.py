@@ -10,7 +10,8 @@ tested in ``tests/test_speed_levers.py``):
 * ``attention``: SDPA, except bf16 training on the CPU, where two matmuls and a softmax
   have the faster backward;
 * ``inference_copy`` / ``compile_for_inference``: bf16 weight copies for sampling, compiled
-  with inductor's weight freezing.
+  with inductor's weight freezing;
+* ``tf32``: on a GPU, fp32 sampling's matrix products in TF32 (as DiT samples its FID sets).
 
 (The contiguous residual stream after the patch embedding is one ``.contiguous()`` in
 ``DiT.forward``.)
@@ -19,6 +20,8 @@ tested in ``tests/test_speed_levers.py``):
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -107,3 +110,21 @@ def compile_for_inference(model: nn.Module, dtype: torch.dtype = torch.bfloat16)
     paper sizes); the copy does not follow later changes to ``model``'s weights.
     """
     return torch.compile(inference_copy(model, dtype), options={"freezing": True})
+
+
+@contextmanager
+def tf32(device: torch.device, enabled: bool = True) -> Iterator[None]:
+    """fp32 matrix products and convolutions in TF32 on a CUDA ``device``; elsewhere nothing.
+
+    PyTorch leaves TF32 off for matrix products: an fp32 sample set then runs several
+    times slower on an A100/H100. DiT's ``sample_ddp.py`` turns it on for its FID sets.
+    """
+    if torch.device(device).type != "cuda":
+        yield
+        return
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old

@@ -58,6 +58,7 @@ def run_sweep(
     batch_size: int = 64,
     seed: int = 0,
     precision: str = "bf16",
+    tf32: bool = True,
     compile: bool = False,
     metrics: tuple[str, ...] = ("fid", "is", "pr"),
     weights: str | None = None,
@@ -77,7 +78,7 @@ def run_sweep(
         # a set finished by an earlier run with the same settings and weights is reused; one drawn
         # with other weights (the model retrained) is the sweep's own file, drawn again
         res = sample_set(pipe, path, num_samples, batch_size=batch_size, steps=p["steps"],
-                         cfg_scale=p["cfg_scale"], seed=seed, precision=precision, compile=compile,
+                         cfg_scale=p["cfg_scale"], seed=seed, precision=precision, compile=compile, tf32=tf32,
                          world=world, progress=progress, meta={"model": model}, overwrite=True)
         # wall-clock per image over all processes; unknown after a resume or reuse
         seconds = res.seconds / num_samples if res.resumed == 0 else math.nan

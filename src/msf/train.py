@@ -87,13 +87,23 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
                          [_local(p.detach()) for p in model.parameters()], 1.0 - decay)
 
 
-def shard(net: nn.Module) -> None:
-    """FSDP2: shard each transformer block, then the rest of the network."""
-    from torch.distributed.fsdp import fully_shard
+def shard(net: nn.Module, precision: str = "fp32") -> None:
+    """FSDP2: shard each transformer block, then the rest of the network.
 
+    With ``precision="bf16"`` the weights are gathered in bf16 (half the traffic; autocast
+    would round them to bf16 for its matrix products anyway) and the gradients are reduced
+    in fp32. Inputs are not cast, so the times and the residual stream stay as autocast
+    leaves them.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy()
+    if precision == "bf16":
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                                  cast_forward_inputs=False)
     for block in net.blocks:
-        fully_shard(block)
-    fully_shard(net)
+        fully_shard(block, mp_policy=mp)
+    fully_shard(net, mp_policy=mp)
 
 
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -256,8 +266,8 @@ class TrainState:
             if not world.distributed:
                 raise ConfigError("train.fsdp=true needs several processes: launch with torchrun")
             for k in scales:
-                shard(pipe.networks[k])
-                shard(ema.networks[k])
+                shard(pipe.networks[k], tc.precision)
+                shard(ema.networks[k])  # never runs forward: its weights stay fp32
         fused = world.device.type == "cuda"  # one kernel per step on the GPU; the CPU keeps foreach
         opts = {k: torch.optim.AdamW(pipe.networks[k].parameters(), lr=tc.lr, betas=tuple(tc.betas),
                                      weight_decay=tc.weight_decay, fused=fused or None)
@@ -603,7 +613,8 @@ def _wrap(net: nn.Module, tc: TrainConfig, world: World) -> nn.Module:
     """What the step calls for a scale's network: DDP across processes (FSDP shards in place), compiled."""
     if world.distributed and not tc.fsdp:
         net = nn.parallel.DistributedDataParallel(
-            net, device_ids=[world.device.index] if world.device.type == "cuda" else None)
+            net, device_ids=[world.device.index] if world.device.type == "cuda" else None,
+            gradient_as_bucket_view=True)  # the gradients live in the buckets: one copy, not two
     return torch.compile(net) if tc.compile else net
 
 
