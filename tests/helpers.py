@@ -11,7 +11,7 @@ from msf.viz import labelled_grid
 class MeanColour(FeatureExtractor):
     """A cheap stand-in network: features and logits are the mean colour; counts the images it sees."""
 
-    name = "mean colour (test)"
+    network = "mean colour (test)"
     has_logits = True
 
     def __init__(self, sha256: str = "a" * 64):

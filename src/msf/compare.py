@@ -1,0 +1,409 @@
+"""Compare presets at equal training budget, with error bars: the instrument quality claims stand on.
+
+``compare(["demo", "dit-demo"], data="emoji", budgets=[5, 15], seeds=[0, 1, 2], out=...)``:
+
+1. budget: equal training wall-clock on this machine (each preset's step rate measured in short
+   interleaved bursts, so a busy machine slows all alike; a budget of B minutes is B x 60 x rate
+   steps), or equal training FLOPs (the FLOPs the first preset spends in B minutes, for all);
+2. for every (preset, budget, seed): train, draw a sample set at the preset's default sampler
+   settings, evaluate it (FID and KID with bootstrap intervals, precision/recall, class accuracy)
+   and write ``runs/<preset>/<budget>/seed<k>/run.json``. A run with a ``run.json`` is skipped on
+   a re-run, so an interrupted comparison resumes; with a constant learning rate the budgets of
+   one (preset, seed) are one training run, resumed from budget to budget (every step depends on
+   (seed, step) only, so a run stopped at N steps is the first N steps of a longer one);
+3. ``compare.json`` (every run, and per (preset, budget) the mean over seeds with its t interval
+   and the verdict against the first preset: ahead, level or behind), ``compare.md`` (the tables)
+   and two plots: quality against training minutes, and against sampling seconds per image.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from msf.config import Config, ConfigError, SamplerSettings, apply_overrides, preset
+from msf.files import atomic_write_text
+from msf.info import model_info
+from msf.intervals import Interval, difference, seed_interval, verdict
+
+BUDGET_KINDS = ("wall", "flops")
+# metric -> (label, lower is better)
+METRICS = {"fid": ("FID", True), "kid": ("KID", True), "precision": ("precision", False),
+           "recall": ("recall", False), "cas": ("class accuracy", False)}
+
+
+@dataclass
+class CompareSettings:
+    presets: list[str]
+    data: str = "emoji"
+    budgets: list[float] = field(default_factory=lambda: [5.0])  # minutes
+    seeds: list[int] = field(default_factory=lambda: [0])
+    budget_kind: str = "wall"
+    num_samples: int = 1000
+    overrides: list[str] = field(default_factory=list)  # applied to every preset
+    preset_overrides: dict[str, list[str]] = field(default_factory=dict)
+    calib_steps: int = 30
+    calib_repeats: int = 3
+    bootstraps: int = 200
+    feature_precision: str = "bf16"
+    sample_batch: int = 128
+    metrics: list[str] = field(default_factory=lambda: ["fid", "kid", "pr", "cas"])
+
+    def check(self) -> None:
+        if len(self.presets) < 1 or len(set(self.presets)) != len(self.presets):
+            raise ConfigError(f"compare: presets must be distinct, got {self.presets}")
+        sizes = {p: preset(p).model.image_size for p in self.presets}  # an unknown name fails here
+        if len(set(sizes.values())) > 1:
+            raise ConfigError(f"compare: the presets make images of different sizes {sizes}")
+        if self.budget_kind not in BUDGET_KINDS:
+            raise ConfigError(f"compare: budget kind must be one of {BUDGET_KINDS}, got {self.budget_kind!r}")
+        if not self.budgets or min(self.budgets) <= 0:
+            raise ConfigError(f"compare: budgets are minutes > 0, got {self.budgets}")
+        if not self.seeds:
+            raise ConfigError("compare: give at least one seed")
+        if self.num_samples < 4:
+            raise ConfigError(f"compare: num_samples must be >= 4, got {self.num_samples}")
+
+
+def _config(s: CompareSettings, name: str, out: Path, steps: int, seed: int) -> Config:
+    return apply_overrides(preset(name), [
+        f"train.data={s.data}", "train.tensorboard=false", *s.overrides, *s.preset_overrides.get(name, []),
+        f"train.out_dir={out}", f"train.steps={steps}", f"train.seed={seed}",
+    ])
+
+
+def _train_flops_per_step(cfg: Config) -> float:
+    info = model_info(cfg.model)  # forward + backward = 3 forwards, every scale once per step
+    return 3.0 * sum(sc["flops_per_forward"] for sc in info["scales"]) * cfg.train.batch_size
+
+
+def step_rates(s: CompareSettings, out: Path, data, progress: bool = True) -> dict[str, float]:
+    """Training steps per second of each preset on this machine: short runs, interleaved, median."""
+    from msf.train import train
+
+    file = out / "rates.json"
+    if file.is_file():
+        saved = json.loads(file.read_text())
+        if set(saved.get("rates", {})) >= set(s.presets) and saved.get("overrides") == s.overrides:
+            return {p: saved["rates"][p] for p in s.presets}
+    rates: dict[str, list[float]] = {p: [] for p in s.presets}
+    for r in range(s.calib_repeats):
+        for p in s.presets:
+            cfg = _config(s, p, out / "calibration", s.calib_steps, 0)
+            res = train(cfg, data=data, progress=False, save=False)
+            rates[p].append(res.steps / res.seconds)
+            if progress:
+                print(f"[compare] calibration {r + 1}/{s.calib_repeats}: {p} {rates[p][-1]:.2f} steps/s",
+                      flush=True)
+    shutil.rmtree(out / "calibration", ignore_errors=True)
+    med = {p: statistics.median(v) for p, v in rates.items()}
+    atomic_write_text(file, json.dumps({"rates": med, "all": rates, "overrides": s.overrides}, indent=2))
+    return med
+
+
+def budget_steps(s: CompareSettings, rates: dict[str, float], cfgs: dict[str, Config]
+                 ) -> dict[str, dict[float, int]]:
+    """Steps of each preset at each budget: equal wall-clock, or the first preset's FLOPs in that time."""
+    steps: dict[str, dict[float, int]] = {p: {} for p in s.presets}
+    first = s.presets[0]
+    for b in s.budgets:
+        for p in s.presets:
+            if s.budget_kind == "wall":
+                steps[p][b] = max(1, round(b * 60 * rates[p]))
+            else:
+                flops = b * 60 * rates[first] * _train_flops_per_step(cfgs[first])
+                steps[p][b] = max(1, round(flops / _train_flops_per_step(cfgs[p])))
+    return steps
+
+
+def _labels(data, n: int, seed: int) -> np.ndarray:
+    """Sample labels distributed as the data's (imbalanced classes compare like with like)."""
+    labels = np.asarray(data.labels)
+    return np.random.default_rng(seed).choice(labels, size=n, replace=len(labels) < n)
+
+
+def _budget_key(b: float) -> str:
+    return f"{b:g}min"
+
+
+def run_one(s: CompareSettings, out: Path, name: str, seed: int, budget: float, steps: int, data, ref: Path,
+            progress: bool, extractor=None) -> dict:
+    """Train ``name`` with ``seed`` for ``steps`` (continuing its previous budget's run where the learning
+    rate is constant), sample, evaluate; the record, read back where already done."""
+    from msf.checkpoint import list_checkpoints
+    from msf.metrics import evaluate
+    from msf.pipeline import MSFPipeline
+    from msf.sample_set import sample_set
+    from msf.train import train
+
+    run_dir = out / "runs" / name / f"seed{seed}" / _budget_key(budget)
+    record_file = run_dir / "run.json"
+    if record_file.is_file():
+        return json.loads(record_file.read_text())
+    chain = out / "runs" / name / f"seed{seed}" / "train"
+    done = list_checkpoints(chain / "checkpoints")
+    chained = (_config(s, name, chain, 1, seed).train.lr_schedule == "constant"
+               and (not done or done[-1][0] <= steps))  # a chain already past this budget cannot serve it
+    tdir = chain if chained else run_dir / "train"
+    cfg = _config(s, name, tdir, steps, seed)
+    if progress:
+        print(f"[compare] {name} seed {seed} budget {budget:g} min: {steps} steps", flush=True)
+    resume = bool(list_checkpoints(tdir / "checkpoints"))
+    if not resume and tdir.exists():
+        shutil.rmtree(tdir)
+    res = train(cfg, data=data, progress=False, resume=resume)
+    # the run's seconds: this leg, plus the legs before it (the chain's record of its seconds)
+    legs_file = tdir / "compare_seconds.json"
+    legs = json.loads(legs_file.read_text()) if legs_file.is_file() else {}
+    legs[str(steps)] = legs.get(str(steps), 0.0) + res.seconds  # an interrupted leg adds up
+    atomic_write_text(legs_file, json.dumps(legs))
+    total = sum(v for k, v in legs.items() if int(k) <= steps)
+    model_dir = run_dir / "model"
+    if model_dir.exists():
+        shutil.rmtree(model_dir)
+    shutil.copytree(res.model_dir, model_dir)
+    pipe = MSFPipeline.from_pretrained(model_dir)
+    labels = _labels(data, s.num_samples, seed)
+    started = time.perf_counter()
+    ss = sample_set(pipe, run_dir / "samples.npz", s.num_samples, batch_size=s.sample_batch, seed=seed,
+                    labels=labels, progress=False, overwrite=True, meta={"model": str(model_dir)})
+    sample_seconds = time.perf_counter() - started
+    metrics = evaluate(str(run_dir / "samples.npz"), str(ref), metrics=tuple(s.metrics),
+                       class_data=s.data, bootstraps=s.bootstraps, feature_precision=s.feature_precision,
+                       progress=False, floor=False, extractor=extractor)
+    sampler = SamplerSettings.of(pipe.config)
+    rec = {
+        "preset": name, "seed": seed, "budget_minutes": budget, "budget_kind": s.budget_kind,
+        "steps": res.steps,
+        "train_seconds": res.seconds, "train_seconds_total": total,
+        "train_flops": _train_flops_per_step(cfg) * res.steps,
+        "sampler": sampler.to_dict(), "evaluations_per_image": sampler.evaluations,
+        "sample_flops_per_image": model_info(pipe.config)["flops_per_sample"],
+        "sample_seconds_per_image": sample_seconds / max(1, ss.generated),
+        "fid": metrics.get("fid"), "fid_ci": metrics.get("fid_ci"), "kid": metrics.get("kid"),
+        "kid_ci": metrics.get("kid_ci"), "precision": metrics.get("precision"),
+        "recall": metrics.get("recall"),
+        "cas": metrics["cas"]["accuracy"] if "cas" in metrics else None,
+        "cas_per_class": metrics["cas"]["per_class"] if "cas" in metrics else None,
+        "cas_real": metrics["cas"]["real_accuracy"] if "cas" in metrics else None,
+        "feature_network": metrics.get("feature_network"), "num_samples": s.num_samples,
+    }
+    atomic_write_text(record_file, json.dumps(rec, indent=2))
+    return rec
+
+
+def _reference(data, size: int, out: Path) -> Path:
+    """The training images at the models' size as an ADM-format .npz (its statistics are cached by path)."""
+    path = out / "reference.npz"
+    if not path.is_file():
+        from msf.files import atomic_write_numpy
+
+        if hasattr(data, "images"):
+            from msf.data import prepare_data
+
+            images = prepare_data(data, size).images.numpy()
+        else:  # an image folder, read at the model's size
+            images = np.stack([data[i][0].numpy() for i in range(len(data))])
+        atomic_write_numpy(path, np.savez, arr_0=images, arr_1=np.asarray(data.labels))
+    return path
+
+
+def summarize(s: CompareSettings, records: list[dict], floor: dict | None) -> dict:
+    """Per (budget, preset): each metric's mean over seeds with its interval; verdicts against the first."""
+    rows = []
+    first = s.presets[0]
+    for b in s.budgets:
+        by_preset = {p: [r for r in records if r["preset"] == p and r["budget_minutes"] == b]
+                     for p in s.presets}
+        for p, runs in by_preset.items():
+            if not runs:
+                continue
+            row = {"preset": p, "budget_minutes": b, "seeds": [r["seed"] for r in runs],
+                   "steps": statistics.mean(r["steps"] for r in runs),
+                   "train_minutes": statistics.mean(r["train_seconds_total"] for r in runs) / 60,
+                   "evaluations_per_image": runs[0]["evaluations_per_image"],
+                   "sample_seconds_per_image": statistics.mean(r["sample_seconds_per_image"] for r in runs)}
+            for m, (_, lower) in METRICS.items():
+                vals = [r[m] for r in runs if r.get(m) is not None]
+                if not vals:
+                    continue
+                iv = seed_interval(vals)
+                if len(vals) == 1 and runs[0].get(f"{m}_ci"):
+                    iv = Interval(vals[0], *runs[0][f"{m}_ci"])  # one seed: the bootstrap interval
+                row[m] = iv.to_dict()
+                if p != first and by_preset[first]:
+                    base = [r[m] for r in by_preset[first] if r.get(m) is not None]
+                    d = difference(base, vals)
+                    if len(base) == 1 and len(vals) == 1:
+                        d = _single_seed_difference(by_preset[first][0], runs[0], m)
+                    row[f"{m}_vs_{first}"] = {"difference": d.to_dict(), "verdict": verdict(d, lower)}
+            rows.append(row)
+    return {"settings": asdict(s), "floor": floor, "rows": rows}
+
+
+def _single_seed_difference(a: dict, b: dict, m: str) -> Interval:
+    """One seed each: first minus other, its interval from the two bootstrap intervals (independent sets,
+    normal approximation: the half-widths add in quadrature)."""
+    value = a[m] - b[m]
+    if not a.get(f"{m}_ci") or not b.get(f"{m}_ci"):
+        return Interval(value, math.nan, math.nan)
+    lo = math.hypot(a[m] - a[f"{m}_ci"][0], b[f"{m}_ci"][1] - b[m])
+    hi = math.hypot(a[f"{m}_ci"][1] - a[m], b[m] - b[f"{m}_ci"][0])
+    return Interval(value, value - lo, value + hi)
+
+
+def _cell(iv: dict | None, digits: int) -> str:
+    if not iv:
+        return "-"
+    if math.isnan(iv["low"]):
+        return f"{iv['value']:.{digits}f}"
+    return f"{iv['value']:.{digits}f} [{iv['low']:.{digits}f}, {iv['high']:.{digits}f}]"
+
+
+def markdown(summary: dict) -> str:
+    s = summary["settings"]
+    first = s["presets"][0]
+    kind = "equal training wall-clock" if s["budget_kind"] == "wall" else "equal training FLOPs"
+    lines = [f"# msf compare: {', '.join(s['presets'])} on {s['data']}", "",
+             f"Budget: {kind}; "
+             f"seeds {s['seeds']}; {s['num_samples']} samples per run at each preset's default sampler; "
+             "intervals 95%: over seeds (Student t) where there are several, else bootstrap over samples.",
+             ""]
+    if summary.get("floor"):
+        f = summary["floor"]
+        lines += [f"Real against real (the floor): FID {f['fid']:.2f}, KID {f['kid']:.4f} "
+                  f"({f['n']} real images against {f['num_ref']} others).", ""]
+    head = ["budget", "preset", "steps", "train min", "FID", "KID", "precision", "recall", "class acc.",
+            "evals/img", "sample s/img"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in summary["rows"]:
+        lines.append("| " + " | ".join([
+            f"{r['budget_minutes']:g} min", r["preset"], f"{r['steps']:.0f}", f"{r['train_minutes']:.1f}",
+            _cell(r.get("fid"), 2), _cell(r.get("kid"), 4), _cell(r.get("precision"), 3),
+            _cell(r.get("recall"), 3), _cell(r.get("cas"), 3), str(r["evaluations_per_image"]),
+            f"{r['sample_seconds_per_image']:.4f}"]) + " |")
+    verdicts = [r for r in summary["rows"] if r["preset"] != first]
+    if verdicts:
+        lines += ["", f"Against {first} (difference: other minus {first}; a verdict only where the interval "
+                  "excludes 0):", "",
+                  "| budget | preset | " + " | ".join(v[0] for v in METRICS.values()) + " |",
+                  "|---|---|" + "---|" * len(METRICS)]
+        for r in verdicts:
+            cells = []
+            for m in METRICS:
+                v = r.get(f"{m}_vs_{first}")
+                if v is None:
+                    cells.append("-")
+                    continue
+                d = v["difference"]
+                # difference() is first - other; say it from the other preset's side
+                other = {"ahead": "behind", "behind": "ahead", "level": "level"}[v["verdict"]]
+                cells.append(f"{other} ({-d['value']:+.3g})")
+            lines.append(f"| {r['budget_minutes']:g} min | {r['preset']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plots(summary: dict, out: Path, metric: str = "fid") -> list[Path]:
+    """Quality against training minutes (a band for the interval over seeds) and against sampling cost."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    label = METRICS[metric][0]
+    paths = []
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for p in summary["settings"]["presets"]:
+        rows = [r for r in summary["rows"] if r["preset"] == p and metric in r]
+        if not rows:
+            continue
+        x = [r["budget_minutes"] for r in rows]
+        v = [r[metric] for r in rows]
+        ax.plot(x, [i["value"] for i in v], "o-", label=p)
+        lo = [i["low"] if not math.isnan(i["low"]) else i["value"] for i in v]
+        hi = [i["high"] if not math.isnan(i["high"]) else i["value"] for i in v]
+        ax.fill_between(x, lo, hi, alpha=0.2)
+    if summary.get("floor") and metric in ("fid", "kid"):
+        ax.axhline(summary["floor"][metric], color="gray", ls="--", lw=1, label="real vs real")
+    wall = summary["settings"]["budget_kind"] == "wall"
+    ax.set_xlabel("training budget, minutes (equal for all presets)" if wall
+                  else "training budget: the first preset's FLOPs in this many minutes")
+    ax.set_ylabel(label)
+    ax.legend()
+    fig.tight_layout()
+    paths.append(out / f"{metric}_vs_training.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for p in summary["settings"]["presets"]:
+        rows = [r for r in summary["rows"] if r["preset"] == p and metric in r]
+        if rows:
+            ivs = [r[metric] for r in rows]
+            val = [i["value"] for i in ivs]
+            lo = [0.0 if math.isnan(i["low"]) else i["value"] - i["low"] for i in ivs]
+            hi = [0.0 if math.isnan(i["high"]) else i["high"] - i["value"] for i in ivs]
+            ax.errorbar([r["sample_seconds_per_image"] for r in rows], val, yerr=[lo, hi], fmt="o", capsize=3,
+                        label=p)
+    ax.set_xlabel("sampling seconds per image (this machine)")
+    ax.set_ylabel(label)
+    ax.legend()
+    fig.tight_layout()
+    paths.append(out / f"{metric}_vs_sampling_cost.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+    return paths
+
+
+def compare(s: CompareSettings, out: str | Path, progress: bool = True, extractor=None) -> dict:
+    """Run (or resume) the comparison; returns the summary written to ``out/compare.json``.
+
+    ``extractor``: the feature network (default: Inception at ``s.feature_precision``)."""
+    from msf.data import load_dataset
+
+    s.check()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    settings_file = out / "settings.json"
+    fixed = {k: v for k, v in asdict(s).items() if k not in ("budgets", "seeds", "presets")}
+    if settings_file.is_file():
+        old = json.loads(settings_file.read_text())
+        changed = {k: (old.get(k), v) for k, v in fixed.items() if old.get(k) != v}
+        if changed:
+            raise ConfigError(f"{out}: holds a comparison run with other settings ({changed}); "
+                              "name another output folder")
+    atomic_write_text(settings_file, json.dumps(fixed, indent=2))
+    first_cfg = _config(s, s.presets[0], out, 1, 0)
+    data = load_dataset(s.data, first_cfg.model.image_size)
+    ref = _reference(data, first_cfg.model.image_size, out)
+    rates = step_rates(s, out, data, progress)
+    cfgs = {p: _config(s, p, out, 1, 0) for p in s.presets}
+    steps = budget_steps(s, rates, cfgs)
+    records = []
+    for b in sorted(s.budgets):  # every preset and seed at one budget before the next: partial results
+        for seed in s.seeds:
+            for p in s.presets:
+                records.append(run_one(s, out, p, seed, b, steps[p][b], data, ref, progress, extractor))
+    from msf.features import load_feature_extractor
+    from msf.intervals import real_floor
+    from msf.reference import default_cache_dir, stats_for
+
+    extractor = extractor or load_feature_extractor(precision=s.feature_precision)
+    ref_stats, _ = stats_for(str(ref), extractor, default_cache_dir(), 64, False)  # cached by the runs
+    floor = real_floor(ref_stats.features, s.num_samples)
+    summary = summarize(s, records, floor)
+    summary["rates"] = rates
+    summary["runs"] = records
+    atomic_write_text(out / "compare.json", json.dumps(summary, indent=2))
+    atomic_write_text(out / "compare.md", markdown(summary))
+    for m in ("fid", "cas"):
+        if any(m in r for r in summary["rows"]):
+            plots(summary, out, m)
+    return summary

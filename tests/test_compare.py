@@ -1,0 +1,105 @@
+"""msf compare: equal budgets, one run per (preset, budget, seed), resumable, with tables and verdicts."""
+
+import json
+
+import pytest
+from helpers import MeanColour
+
+import msf.train
+from msf.compare import CompareSettings, budget_steps, compare, markdown, summarize
+from msf.config import ConfigError, preset
+
+
+def _settings(**kw):
+    base = dict(presets=["tiny", "tiny-dit"], data="emoji", budgets=[0.01, 0.02], seeds=[0, 1],
+                num_samples=12, calib_steps=2, calib_repeats=1, bootstraps=20, metrics=["fid", "kid"],
+                overrides=["train.batch_size=8", "train.log_every=1"])
+    base.update(kw)
+    return CompareSettings(**base)
+
+
+def test_compare_trains_each_run_once_resumes_and_writes_tables(tmp_path, monkeypatch):
+    calls = []
+    real_train = msf.train.train
+
+    def counting(cfg, **kw):
+        calls.append((cfg.preset, cfg.train.seed, cfg.train.steps, kw.get("resume", False),
+                      cfg.train.out_dir))
+        return real_train(cfg, **kw)
+
+    monkeypatch.setattr(msf.train, "train", counting)
+    s = _settings()
+    summary = compare(s, tmp_path, progress=False, extractor=MeanColour())
+    rates = json.loads((tmp_path / "rates.json").read_text())["rates"]
+    assert set(rates) == {"tiny", "tiny-dit"}
+    trained = [c for c in calls if "calibration" not in c[4]]
+    # constant lr: one training directory per (preset, seed), the second budget resumed from the first
+    assert len(trained) == 2 * 2 * 2
+    for p in ("tiny", "tiny-dit"):
+        for seed in (0, 1):
+            legs = [c for c in trained if c[0] == p and c[1] == seed]
+            assert [c[3] for c in legs] == [False, True] and legs[0][4] == legs[1][4]
+            assert legs[0][2] <= legs[1][2]
+    runs = summary["runs"]
+    assert len(runs) == 8 and all(r["fid_ci"][0] <= r["fid"] <= r["fid_ci"][1] for r in runs)
+    assert {r["steps"] for r in runs if r["preset"] == "tiny" and r["budget_minutes"] == 0.02} == {
+        max(1, round(0.02 * 60 * rates["tiny"]))}
+    rows = summary["rows"]
+    assert len(rows) == 4
+    other = [r for r in rows if r["preset"] == "tiny-dit"]
+    assert all(r["fid_vs_tiny"]["verdict"] in ("ahead", "level", "behind") for r in other)
+    md = (tmp_path / "compare.md").read_text()
+    assert "| 0.02 min | tiny-dit |" in md and "Real against real" in md
+    assert (tmp_path / "fid_vs_training.png").is_file() and (tmp_path / "fid_vs_sampling_cost.png").is_file()
+
+    # a re-run trains nothing; a lost run.json is redone alone
+    calls.clear()
+    again = compare(s, tmp_path, progress=False, extractor=MeanColour())
+    assert calls == [] and again["runs"] == summary["runs"]
+    (tmp_path / "runs" / "tiny-dit" / "seed1" / "0.02min" / "run.json").unlink()
+    compare(s, tmp_path, progress=False, extractor=MeanColour())
+    assert [(c[0], c[1]) for c in calls] == [("tiny-dit", 1)]
+    with pytest.raises(ConfigError, match="other settings"):
+        compare(_settings(num_samples=16), tmp_path, progress=False, extractor=MeanColour())
+
+
+def test_equal_flops_budgets_give_each_preset_the_first_ones_flops():
+    s = _settings(budget_kind="flops", budgets=[1.0])
+    cfgs = {p: preset(p) for p in s.presets}
+    steps = budget_steps(s, {"tiny": 10.0, "tiny-dit": 99.0}, cfgs)
+    from msf.compare import _train_flops_per_step
+
+    flops = {p: steps[p][1.0] * _train_flops_per_step(cfgs[p]) for p in s.presets}
+    assert steps["tiny"][1.0] == 600
+    assert flops["tiny-dit"] == pytest.approx(flops["tiny"], rel=0.01)
+
+
+def test_verdicts_in_the_summary_follow_the_intervals():
+    s = _settings(budgets=[1.0], seeds=[0, 1, 2])
+    recs = [{"preset": p, "seed": k, "budget_minutes": 1.0, "steps": 10, "train_seconds_total": 60.0,
+             "evaluations_per_image": 8, "sample_seconds_per_image": 0.01, "fid": f, "kid": 0.1}
+            for p, fids in (("tiny", [50.0, 51.0, 52.0]), ("tiny-dit", [60.0, 61.0, 62.0])) for k, f in
+            enumerate(fids)]
+    summary = summarize(s, recs, None)
+    dit = next(r for r in summary["rows"] if r["preset"] == "tiny-dit")
+    assert dit["fid_vs_tiny"]["verdict"] == "ahead"  # difference() is tiny minus tiny-dit: tiny is ahead
+    assert dit["kid_vs_tiny"]["verdict"] == "level"
+    assert "behind (+10)" in markdown(summary)  # said from tiny-dit's side
+
+
+def test_bad_settings_are_named():
+    with pytest.raises(ConfigError, match="budget kind"):
+        _settings(budget_kind="steps").check()
+    with pytest.raises(ConfigError, match="distinct"):
+        _settings(presets=["tiny", "tiny"]).check()
+    with pytest.raises(ConfigError, match="budgets"):
+        _settings(budgets=[0]).check()
+
+
+def test_the_cli_names_bad_presets_and_stray_overrides(capsys):
+    from msf.cli import main
+
+    assert main(["compare", "--presets", "tiny,nope", "--out", "unused"]) == 2
+    assert "nope" in capsys.readouterr().err
+    assert main(["compare", "--presets", "tiny,tiny-dit", "demo:train.lr=1", "--out", "unused"]) == 2
+    assert "not among --presets" in capsys.readouterr().err

@@ -1,0 +1,124 @@
+"""Error bars: the bootstrap replicates, the intervals against known cases, the verdicts, the floor."""
+
+import math
+
+import numpy as np
+import pytest
+from helpers import MeanColour
+
+import msf.intervals as intervals
+from msf.distances import frechet_distance, frechet_distance_from_features, kid
+from msf.intervals import (
+    Interval,
+    bootstrap_fid,
+    difference,
+    fid_replicates,
+    kid_replicates,
+    real_floor,
+    seed_interval,
+    verdict,
+)
+from msf.metrics import evaluate, format_results
+
+
+@pytest.fixture
+def sets():
+    rng = np.random.default_rng(0)
+    return rng.normal(size=(120, 16)), rng.normal(0.3, 1.2, size=(150, 16))
+
+
+@pytest.mark.parametrize("gram_limit", [4096, 10])  # the n x n path and the d x d path
+def test_the_replicate_of_every_sample_once_is_the_fid_itself(sets, monkeypatch, gram_limit):
+    monkeypatch.setattr(intervals, "GRAM_LIMIT", gram_limit)
+    x, r = sets
+    every = np.arange(len(x))[None]
+    by_features = fid_replicates(x, r.mean(0), ref_features=r, draws=every)[0]
+    by_sigma = fid_replicates(x, r.mean(0), ref_sigma=np.cov(r, rowvar=False), draws=every)[0]
+    assert by_features == pytest.approx(frechet_distance_from_features(x, r), rel=1e-9)
+    direct = frechet_distance(x.mean(0), np.cov(x, rowvar=False), r.mean(0), np.cov(r, rowvar=False))
+    assert by_sigma == pytest.approx(direct, rel=1e-9)
+    # a replicate that drops half the samples is the FID of that half
+    half = np.arange(0, len(x), 2)[None]
+    assert fid_replicates(x, r.mean(0), ref_features=r, draws=half)[0] == pytest.approx(
+        frechet_distance_from_features(x[::2], r), rel=1e-9)
+
+
+def test_the_kid_replicate_of_every_sample_once_is_the_unbiased_mmd(sets):
+    x, r = sets
+    r = r[:len(x)]  # equal sizes: KID's one subset is then a permutation of each whole set
+    every = np.arange(len(x))[None]
+    full = kid(x, r, subsets=1, subset_size=len(x))[0]
+    assert kid_replicates(x, r, every)[0] == pytest.approx(full, rel=1e-9)
+    # with duplicates: positions (0, 0, 1, 2, ...) written out pair by pair, p != q
+    idx = np.r_[0, np.arange(len(x) - 1)]
+    k = lambda a, b: (a @ b.T / x.shape[1] + 1) ** 3  # noqa: E731
+    p, n, m = x[idx], len(x), len(r)
+    kpp = k(p, p)
+    expected = ((kpp.sum() - np.trace(kpp)) / (n * (n - 1))
+                + (k(r, r).sum() - np.trace(k(r, r))) / (m * (m - 1)) - 2 * k(p, r).sum() / (n * m))
+    assert kid_replicates(x, r, idx[None])[0] == pytest.approx(expected, rel=1e-9)
+
+
+def test_the_fid_interval_matches_the_delta_method_on_one_gaussian_dimension():
+    """d = 1, samples N(1, 1), a large fixed N(0, 1) reference: FID ~ (mu - 0)^2 + (sigma - 1)^2, whose
+    standard error is about 2 sigma / sqrt(n) from the mean term, so the 95% half-width is ~3.92 / sqrt(n)."""
+    rng = np.random.default_rng(1)
+    n = 4000
+    x, r = rng.normal(1.0, 1.0, size=(n, 1)), rng.normal(0.0, 1.0, size=(200_000, 1))
+    sigma_r = np.atleast_2d(np.cov(r, rowvar=False))
+    value = frechet_distance(x.mean(0), np.atleast_2d(np.cov(x, rowvar=False)), r.mean(0), sigma_r)
+    iv, reps = bootstrap_fid(value, x, r.mean(0), ref_sigma=sigma_r, bootstraps=400, seed=0)
+    half = (iv.high - iv.low) / 2
+    assert half == pytest.approx(3.92 / math.sqrt(n), rel=0.15)
+    assert iv.contains(value) and iv.value == value
+    assert reps.std() == pytest.approx(2 / math.sqrt(n), rel=0.15)
+
+
+def test_seed_interval_is_students_t():
+    iv = seed_interval([1.0, 2.0, 3.0])
+    half = 4.302652729911275 / math.sqrt(3)  # t(0.975, 2 dof) x sd 1 / sqrt(3)
+    assert (iv.value, iv.low, iv.high) == pytest.approx((2.0, 2 - half, 2 + half))
+    one = seed_interval([5.0])
+    assert one.value == 5.0 and math.isnan(one.low)
+
+
+def test_differences_and_verdicts():
+    a, b = [10.0, 11.0, 12.0], [20.0, 21.0, 22.0]
+    d = difference(a, b)  # Welch: equal variances 1, n = 3 each -> se = sqrt(2/3), dof = 4
+    half = 2.7764451051977987 * math.sqrt(2 / 3)
+    assert (d.value, d.low, d.high) == pytest.approx((-10.0, -10 - half, -10 + half))
+    assert verdict(d) == "ahead"  # lower FID for the first
+    assert verdict(d, lower_is_better=False) == "behind"
+    assert verdict(difference([10.0, 14.0], [11.0, 13.0])) == "level"
+    assert verdict(Interval(1.0, math.nan, math.nan)) == "level"
+    # one seed each: from the replicates, replicate i minus replicate i
+    ra, rb = np.full(100, 5.0) + np.linspace(-1, 1, 100), np.full(100, 3.0)
+    d1 = difference([5.0], [3.0], a_replicates=ra, b_replicates=rb)
+    assert d1.value == 2.0 and d1.low > 0 and verdict(d1) == "behind"
+
+
+def test_the_floor_scores_disjoint_real_images_and_halves_a_small_reference():
+    rng = np.random.default_rng(2)
+    feats = rng.normal(size=(100, 8))
+    f = real_floor(feats, 30)
+    assert (f["n"], f["num_ref"]) == (30, 70)
+    g = real_floor(feats, 80)
+    assert (g["n"], g["num_ref"]) == (50, 50)  # cut to half the reference
+    perm = np.random.default_rng(0).permutation(100)
+    assert f["fid"] == pytest.approx(frechet_distance_from_features(feats[perm[:30]], feats[perm[30:]]))
+
+
+def test_evaluate_reports_intervals_and_the_floor(tmp_path):
+    rng = np.random.default_rng(3)
+    samples = rng.integers(0, 256, size=(40, 8, 8, 3), dtype=np.uint8)
+    ref = rng.integers(0, 200, size=(60, 8, 8, 3), dtype=np.uint8)
+    r = evaluate(samples, ref, metrics=("fid", "kid"), extractor=MeanColour(), progress=False, bootstraps=50,
+                 cache_dir=tmp_path)
+    assert r["fid_ci"][0] <= r["fid"] <= r["fid_ci"][1] and r["fid_ci"][0] < r["fid_ci"][1]
+    assert r["kid_ci"][0] <= r["kid"] <= r["kid_ci"][1]
+    assert r["floor"]["n"] == 30 and r["floor"]["fid"] < r["fid"]
+    text = format_results(r)
+    assert "bootstrap" in text and "real against real" in text
+    none = evaluate(samples, ref, metrics=("fid",), extractor=MeanColour(), progress=False, bootstraps=0,
+                    floor=False, cache_dir=tmp_path)
+    assert "fid_ci" not in none and "floor" not in none
