@@ -30,8 +30,9 @@ def test_compare_trains_each_run_once_resumes_and_writes_tables(tmp_path, monkey
     monkeypatch.setattr(msf.train, "train", counting)
     s = _settings()
     summary = compare(s, tmp_path, progress=False, extractor=MeanColour())
-    rates = json.loads((tmp_path / "rates.json").read_text())["rates"]
-    assert set(rates) == {"tiny", "tiny-dit"}
+    saved = json.loads((tmp_path / "rates.json").read_text())
+    rates = saved["train_steps_per_second"]
+    assert set(rates) == set(saved["sample_seconds_per_image"]) == {"tiny", "tiny-dit"}
     trained = [c for c in calls if "calibration" not in c[4]]
     # constant lr: one training directory per (preset, seed), the second budget resumed from the first
     assert len(trained) == 2 * 2 * 2
@@ -41,6 +42,8 @@ def test_compare_trains_each_run_once_resumes_and_writes_tables(tmp_path, monkey
             assert [c[3] for c in legs] == [False, True] and legs[0][4] == legs[1][4]
             assert legs[0][2] <= legs[1][2]
     runs = summary["runs"]
+    assert {r["sample_seconds_per_image"] for r in runs if r["preset"] == "tiny"} == {
+        saved["sample_seconds_per_image"]["tiny"]}
     assert len(runs) == 8 and all(r["fid_ci"][0] <= r["fid"] <= r["fid_ci"][1] for r in runs)
     assert {r["steps"] for r in runs if r["preset"] == "tiny" and r["budget_minutes"] == 0.02} == {
         max(1, round(0.02 * 60 * rates["tiny"]))}

@@ -4,7 +4,8 @@
 
 1. budget: equal training wall-clock on this machine (each preset's step rate measured in short
    interleaved bursts, so a busy machine slows all alike; a budget of B minutes is B x 60 x rate
-   steps), or equal training FLOPs (the FLOPs the first preset spends in B minutes, for all);
+   steps), or equal training FLOPs (the FLOPs the first preset spends in B minutes, for all); each
+   preset's sampling time per image is measured in the same interleaved bursts;
 2. for every (preset, budget, seed): train, draw a sample set at the preset's default sampler
    settings, evaluate it (FID and KID with bootstrap intervals, precision/recall, class accuracy)
    and write ``runs/<preset>/<budget>/seed<k>/run.json``. A run with a ``run.json`` is skipped on
@@ -84,27 +85,44 @@ def _train_flops_per_step(cfg: Config) -> float:
     return 3.0 * sum(sc["flops_per_forward"] for sc in info["scales"]) * cfg.train.batch_size
 
 
-def step_rates(s: CompareSettings, out: Path, data, progress: bool = True) -> dict[str, float]:
-    """Training steps per second of each preset on this machine: short runs, interleaved, median."""
+def step_rates(s: CompareSettings, out: Path, data, progress: bool = True) -> dict[str, dict[str, float]]:
+    """Each preset's training steps per second and sampling seconds per image on this machine: short
+    runs of each in turn, repeated, the median. Measured once, before any run, on a quiet machine
+    (``rates.json``): timings taken during the runs would carry whatever else the machine was doing."""
+    import torch
+
+    from msf.pipeline import MSFPipeline
     from msf.train import train
 
     file = out / "rates.json"
     if file.is_file():
         saved = json.loads(file.read_text())
-        if set(saved.get("rates", {})) >= set(s.presets) and saved.get("overrides") == s.overrides:
-            return {p: saved["rates"][p] for p in s.presets}
-    rates: dict[str, list[float]] = {p: [] for p in s.presets}
+        known = set(saved.get("train_steps_per_second", {}))
+        if known >= set(s.presets) and saved.get("overrides") == s.overrides:
+            return {k: {p: saved[k][p] for p in s.presets}
+                    for k in ("train_steps_per_second", "sample_seconds_per_image")}
+    steps: dict[str, list[float]] = {p: [] for p in s.presets}
+    sampling: dict[str, list[float]] = {p: [] for p in s.presets}
+    pipes = {p: MSFPipeline(_config(s, p, out, 1, 0).model).eval() for p in s.presets}
+    labels = torch.arange(32) % pipes[s.presets[0]].config.num_classes
+    for p in s.presets:  # warm-up
+        pipes[p].sample(labels[:4], seed=0, precision="bf16")
     for r in range(s.calib_repeats):
         for p in s.presets:
             cfg = _config(s, p, out / "calibration", s.calib_steps, 0)
             res = train(cfg, data=data, progress=False, save=False)
-            rates[p].append(res.steps / res.seconds)
+            steps[p].append(res.steps / res.seconds)
+            t0 = time.perf_counter()
+            pipes[p].sample(labels, seed=r, precision="bf16")  # the sample sets' precision
+            sampling[p].append((time.perf_counter() - t0) / len(labels))
             if progress:
-                print(f"[compare] calibration {r + 1}/{s.calib_repeats}: {p} {rates[p][-1]:.2f} steps/s",
-                      flush=True)
+                print(f"[compare] calibration {r + 1}/{s.calib_repeats}: {p} {steps[p][-1]:.2f} steps/s, "
+                      f"{sampling[p][-1]:.4f} s per sample", flush=True)
     shutil.rmtree(out / "calibration", ignore_errors=True)
-    med = {p: statistics.median(v) for p, v in rates.items()}
-    atomic_write_text(file, json.dumps({"rates": med, "all": rates, "overrides": s.overrides}, indent=2))
+    med = {"train_steps_per_second": {p: statistics.median(v) for p, v in steps.items()},
+           "sample_seconds_per_image": {p: statistics.median(v) for p, v in sampling.items()}}
+    atomic_write_text(file, json.dumps({**med, "all": {"train": steps, "sample": sampling},
+                                        "overrides": s.overrides}, indent=2))
     return med
 
 
@@ -134,7 +152,7 @@ def _budget_key(b: float) -> str:
 
 
 def run_one(s: CompareSettings, out: Path, name: str, seed: int, budget: float, steps: int, data, ref: Path,
-            progress: bool, extractor=None) -> dict:
+            progress: bool, extractor=None, sample_seconds: float = math.nan) -> dict:
     """Train ``name`` with ``seed`` for ``steps`` (continuing its previous budget's run where the learning
     rate is constant), sample, evaluate; the record, read back where already done."""
     from msf.checkpoint import list_checkpoints
@@ -171,10 +189,8 @@ def run_one(s: CompareSettings, out: Path, name: str, seed: int, budget: float, 
     shutil.copytree(res.model_dir, model_dir)
     pipe = MSFPipeline.from_pretrained(model_dir)
     labels = _labels(data, s.num_samples, seed)
-    started = time.perf_counter()
-    ss = sample_set(pipe, run_dir / "samples.npz", s.num_samples, batch_size=s.sample_batch, seed=seed,
-                    labels=labels, progress=False, overwrite=True, meta={"model": str(model_dir)})
-    sample_seconds = time.perf_counter() - started
+    sample_set(pipe, run_dir / "samples.npz", s.num_samples, batch_size=s.sample_batch, seed=seed,
+               labels=labels, progress=False, overwrite=True, meta={"model": str(model_dir)})
     metrics = evaluate(str(run_dir / "samples.npz"), str(ref), metrics=tuple(s.metrics),
                        class_data=s.data, bootstraps=s.bootstraps, feature_precision=s.feature_precision,
                        progress=False, floor=False, extractor=extractor)
@@ -186,7 +202,7 @@ def run_one(s: CompareSettings, out: Path, name: str, seed: int, budget: float, 
         "train_flops": _train_flops_per_step(cfg) * res.steps,
         "sampler": sampler.to_dict(), "evaluations_per_image": sampler.evaluations,
         "sample_flops_per_image": model_info(pipe.config)["flops_per_sample"],
-        "sample_seconds_per_image": sample_seconds / max(1, ss.generated),
+        "sample_seconds_per_image": sample_seconds,  # the preset's, measured in step_rates
         "fid": metrics.get("fid"), "fid_ci": metrics.get("fid_ci"), "kid": metrics.get("kid"),
         "kid_ci": metrics.get("kid_ci"), "precision": metrics.get("precision"),
         "recall": metrics.get("recall"),
@@ -385,12 +401,13 @@ def compare(s: CompareSettings, out: str | Path, progress: bool = True, extracto
     ref = _reference(data, first_cfg.model.image_size, out)
     rates = step_rates(s, out, data, progress)
     cfgs = {p: _config(s, p, out, 1, 0) for p in s.presets}
-    steps = budget_steps(s, rates, cfgs)
+    steps = budget_steps(s, rates["train_steps_per_second"], cfgs)
     records = []
     for b in sorted(s.budgets):  # every preset and seed at one budget before the next: partial results
         for seed in s.seeds:
             for p in s.presets:
-                records.append(run_one(s, out, p, seed, b, steps[p][b], data, ref, progress, extractor))
+                records.append(run_one(s, out, p, seed, b, steps[p][b], data, ref, progress, extractor,
+                                       rates["sample_seconds_per_image"][p]))
     from msf.features import load_feature_extractor
     from msf.intervals import real_floor
     from msf.reference import default_cache_dir, stats_for
