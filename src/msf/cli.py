@@ -345,7 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--class-data",
                     help="cas: labelled real images for its classifier (emoji, .npz, folder; default --ref)")
     ev.add_argument("--feature-precision", choices=["fp32", "bf16"], default="fp32",
-                    help="Inception in fp32 (the reference) or bf16 (faster on CPUs, FID within 0.5%%)")
+                    help="Inception in fp32 (the reference) or bf16 autocast (2.2x faster on CPUs, "
+                    "FID within 0.6%%)")
     ev.add_argument("--json", help="also write the results to this JSON file")
     ev.add_argument("--device", default="cpu")
     ev.set_defaults(func=cmd_eval)

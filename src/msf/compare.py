@@ -50,7 +50,7 @@ class CompareSettings:
     num_samples: int = 1000
     overrides: list[str] = field(default_factory=list)  # applied to every preset
     preset_overrides: dict[str, list[str]] = field(default_factory=dict)
-    calib_steps: int = 30
+    calib_steps: int = 50
     calib_repeats: int = 3
     bootstraps: int = 200
     feature_precision: str = "bf16"
@@ -109,9 +109,12 @@ def step_rates(s: CompareSettings, out: Path, data, progress: bool = True) -> di
         pipes[p].sample(labels[:4], seed=0, precision="bf16")
     for r in range(s.calib_repeats):
         for p in s.presets:
-            cfg = _config(s, p, out / "calibration", s.calib_steps, 0)
-            res = train(cfg, data=data, progress=False, save=False)
-            steps[p].append(res.steps / res.seconds)
+            # the marginal rate, from two lengths: a run's fixed start-up (data-loader workers, the
+            # first steps' allocations) would otherwise shorten the faster preset's budget more
+            seconds = [train(_config(s, p, out / "calibration", n, 0), data=data, progress=False,
+                             save=False).seconds for n in (s.calib_steps, 2 * s.calib_steps)]
+            extra = seconds[1] - seconds[0]
+            steps[p].append(s.calib_steps / extra if extra > 0 else 2 * s.calib_steps / seconds[1])
             t0 = time.perf_counter()
             pipes[p].sample(labels, seed=r, precision="bf16")  # the sample sets' precision
             sampling[p].append((time.perf_counter() - t0) / len(labels))
