@@ -50,9 +50,9 @@ def test_compare_trains_each_run_once_resumes_and_writes_tables(tmp_path, monkey
     rows = summary["rows"]
     assert len(rows) == 4
     other = [r for r in rows if r["preset"] == "tiny-dit"]
-    assert all(r["fid_vs_tiny"]["verdict"] in ("ahead", "level", "behind") for r in other)
+    assert all(r["fid_vs_first"]["verdict"] in ("ahead", "level", "behind") for r in other)
     md = (tmp_path / "compare.md").read_text()
-    assert "| 0.02 min | tiny-dit |" in md and "Real against real" in md
+    assert "| 0.02 min | defaults | tiny-dit |" in md and "Real against real" in md
     assert (tmp_path / "fid_vs_training.png").is_file() and (tmp_path / "fid_vs_sampling_cost.png").is_file()
 
     # a re-run trains nothing; a lost run.json is redone alone
@@ -62,6 +62,21 @@ def test_compare_trains_each_run_once_resumes_and_writes_tables(tmp_path, monkey
     (tmp_path / "runs" / "tiny-dit" / "seed1" / "0.02min" / "run.json").unlink()
     compare(s, tmp_path, progress=False, extractor=MeanColour())
     assert [(c[0], c[1]) for c in calls] == [("tiny-dit", 1)]
+
+    # equal sampling cost: the costlier preset (tiny: two scales) sampled again with fewer steps, no training
+    calls.clear()
+    cheap = compare(_settings(equal_cost=True), tmp_path, progress=False, extractor=MeanColour())
+    assert calls == []
+    extra = [r for r in cheap["runs"] if r.get("sampling") == "equal cost"]
+    assert len(extra) == 4 and {r["preset"] for r in extra} == {"tiny"}
+    dit_cost = next(r for r in runs if r["preset"] == "tiny-dit")["sample_flops_per_image"]
+    assert all(r["sample_flops_per_image"] <= 1.1 * dit_cost for r in extra)
+    tiny_evals = next(r for r in runs if r["preset"] == "tiny")["evaluations_per_image"]
+    assert all(r["evaluations_per_image"] < tiny_evals for r in extra)
+    assert (tmp_path / "runs" / "tiny" / "seed0" / "0.01min" / "samples_equal_cost.npz").is_file()
+    groups = {(r["sampling"], r["preset"]) for r in cheap["rows"]}
+    assert ("equal cost", "tiny") in groups and ("equal cost", "tiny-dit") in groups
+    assert "| equal cost | tiny |" in (tmp_path / "compare.md").read_text()
     with pytest.raises(ConfigError, match="other settings"):
         compare(_settings(num_samples=16), tmp_path, progress=False, extractor=MeanColour())
 
@@ -85,9 +100,10 @@ def test_verdicts_in_the_summary_follow_the_intervals():
             enumerate(fids)]
     summary = summarize(s, recs, None)
     dit = next(r for r in summary["rows"] if r["preset"] == "tiny-dit")
-    assert dit["fid_vs_tiny"]["verdict"] == "ahead"  # difference() is tiny minus tiny-dit: tiny is ahead
-    assert dit["kid_vs_tiny"]["verdict"] == "level"
-    assert "behind (+10)" in markdown(summary)  # said from tiny-dit's side
+    assert dit["fid_vs_first"]["difference"]["value"] == pytest.approx(10.0)  # tiny-dit minus tiny
+    assert dit["fid_vs_first"]["verdict"] == "behind"  # a higher FID
+    assert dit["kid_vs_first"]["verdict"] == "level"
+    assert "behind (+10)" in markdown(summary)
 
 
 def test_bad_settings_are_named():

@@ -228,7 +228,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         raise ConfigError(f"overrides for {unknown}, which are not among --presets {presets}")
     settings = CompareSettings(presets=presets, data=args.data, budgets=args.budgets, seeds=args.seeds,
                                budget_kind=args.budget_kind, num_samples=args.num_samples, overrides=common,
-                               preset_overrides=per, bootstraps=args.bootstraps,
+                               preset_overrides=per, bootstraps=args.bootstraps, equal_cost=args.equal_cost,
                                feature_precision=args.feature_precision)
     summary = compare(settings, args.out, progress=not args.quiet)
     print(markdown(summary), end="")
@@ -374,6 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="wall: equal wall-clock, rates measured side by side; flops: the first one's FLOPs")
     c.add_argument("--num-samples", type=int, default=1000, help="samples per run (default 1000)")
     c.add_argument("--bootstraps", type=int, default=200)
+    c.add_argument("--equal-cost", action="store_true",
+                   help="also sample the costlier presets with fewer steps, at the cheapest one's FLOPs")
     c.add_argument("--feature-precision", choices=["fp32", "bf16"], default="bf16")
     c.add_argument("--out", default="runs/compare", help="output folder (re-run to resume)")
     c.add_argument("--quiet", action="store_true")

@@ -29,9 +29,9 @@ from pathlib import Path
 
 import numpy as np
 
-from msf.config import Config, ConfigError, SamplerSettings, apply_overrides, preset
+from msf.config import Config, ConfigError, SamplerSettings, apply_overrides, evaluations, preset
 from msf.files import atomic_write_text
-from msf.info import model_info
+from msf.info import model_info, scale_infos
 from msf.intervals import Interval, difference, seed_interval, verdict
 
 BUDGET_KINDS = ("wall", "flops")
@@ -56,6 +56,7 @@ class CompareSettings:
     feature_precision: str = "bf16"
     sample_batch: int = 128
     metrics: list[str] = field(default_factory=lambda: ["fid", "kid", "pr", "cas"])
+    equal_cost: bool = False  # also sample the costlier presets at the cheapest one's sampling FLOPs
 
     def check(self) -> None:
         if len(self.presets) < 1 or len(set(self.presets)) != len(self.presets):
@@ -200,22 +201,70 @@ def run_one(s: CompareSettings, out: Path, name: str, seed: int, budget: float, 
     sampler = SamplerSettings.of(pipe.config)
     rec = {
         "preset": name, "seed": seed, "budget_minutes": budget, "budget_kind": s.budget_kind,
-        "steps": res.steps,
+        "sampling": "defaults", "steps": res.steps,
         "train_seconds": res.seconds, "train_seconds_total": total,
         "train_flops": _train_flops_per_step(cfg) * res.steps,
         "sampler": sampler.to_dict(), "evaluations_per_image": sampler.evaluations,
         "sample_flops_per_image": model_info(pipe.config)["flops_per_sample"],
         "sample_seconds_per_image": sample_seconds,  # the preset's, measured in step_rates
-        "fid": metrics.get("fid"), "fid_ci": metrics.get("fid_ci"), "kid": metrics.get("kid"),
-        "kid_ci": metrics.get("kid_ci"), "precision": metrics.get("precision"),
-        "recall": metrics.get("recall"),
-        "cas": metrics["cas"]["accuracy"] if "cas" in metrics else None,
-        "cas_per_class": metrics["cas"]["per_class"] if "cas" in metrics else None,
-        "cas_real": metrics["cas"]["real_accuracy"] if "cas" in metrics else None,
-        "feature_network": metrics.get("feature_network"), "num_samples": s.num_samples,
+        **_scores(metrics), "num_samples": s.num_samples,
     }
     atomic_write_text(record_file, json.dumps(rec, indent=2))
     return rec
+
+
+def _scores(metrics: dict) -> dict:
+    cas = metrics.get("cas") or {}
+    return {"fid": metrics.get("fid"), "fid_ci": metrics.get("fid_ci"), "kid": metrics.get("kid"),
+            "kid_ci": metrics.get("kid_ci"), "precision": metrics.get("precision"),
+            "recall": metrics.get("recall"), "cas": cas.get("accuracy"),
+            "cas_per_class": cas.get("per_class"), "cas_real": cas.get("real_accuracy"),
+            "feature_network": metrics.get("feature_network")}
+
+
+def equal_cost_steps(model, target_flops: float) -> list[int]:
+    """Each scale's default steps times one factor (at most 1, at least one step), so that a sample costs
+    about ``target_flops``: a costlier model sampled as cheaply as a cheaper one."""
+    infos = scale_infos(model)
+    factor = min(1.0, target_flops / sum(i.flops_per_sample for i in infos))
+    return [max(1, round(i.steps * factor)) for i in infos]
+
+
+def run_equal_cost(s: CompareSettings, out: Path, rec: dict, target_flops: float, ref: Path,
+                   extractor=None) -> dict:
+    """The run of ``rec`` sampled again with fewer steps, at about ``target_flops`` per sample."""
+    from msf.metrics import evaluate
+    from msf.pipeline import MSFPipeline
+    from msf.sample_set import sample_set
+
+    run_dir = out / "runs" / rec["preset"] / f"seed{rec['seed']}" / _budget_key(rec["budget_minutes"])
+    file = run_dir / "equal_cost.json"
+    if file.is_file():
+        return json.loads(file.read_text())
+    pipe = MSFPipeline.from_pretrained(run_dir / "model")
+    sampler = SamplerSettings.of(pipe.config, steps=equal_cost_steps(pipe.config, target_flops))
+    flops = sum(i.flops_per_forward * evaluations(n, w)
+                for i, n, w in zip(scale_infos(pipe.config), sampler.steps, sampler.cfg_scale))
+    path = run_dir / "samples_equal_cost.npz"
+    sample_set(pipe, path, s.num_samples, batch_size=s.sample_batch, seed=rec["seed"],
+               steps=list(sampler.steps), labels=_labels_of(path.with_name("samples.npz")), progress=False,
+               overwrite=True, meta={"model": str(run_dir / "model")})
+    metrics = evaluate(str(path), str(ref), metrics=tuple(s.metrics), class_data=s.data,
+                       bootstraps=s.bootstraps, feature_precision=s.feature_precision, progress=False,
+                       floor=False, extractor=extractor)
+    new = dict(rec, sampling="equal cost", sampler=sampler.to_dict(),
+               evaluations_per_image=sampler.evaluations, sample_flops_per_image=flops,
+               # the preset's measured time, scaled by FLOPs: an estimate, not a measurement
+               sample_seconds_per_image=rec["sample_seconds_per_image"] * flops
+               / rec["sample_flops_per_image"],
+               **_scores(metrics))
+    atomic_write_text(file, json.dumps(new, indent=2))
+    return new
+
+
+def _labels_of(samples: Path) -> np.ndarray:
+    with np.load(samples, allow_pickle=False) as d:
+        return d["arr_1"]
 
 
 def _reference(data, size: int, out: Path) -> Path:
@@ -234,41 +283,58 @@ def _reference(data, size: int, out: Path) -> Path:
     return path
 
 
+def _groups(records: list[dict]) -> dict[str, list[dict]]:
+    """"defaults": every preset at its default sampler; "equal cost": the costlier presets at the cheapest
+    one's sampling FLOPs, beside the presets already that cheap (their default runs)."""
+    groups = {"defaults": [r for r in records if r.get("sampling", "defaults") == "defaults"]}
+    cheap = [r for r in records if r.get("sampling") == "equal cost"]
+    if cheap:
+        key = {(r["preset"], r["budget_minutes"], r["seed"]) for r in cheap}
+        groups["equal cost"] = cheap + [r for r in groups["defaults"]
+                                        if (r["preset"], r["budget_minutes"], r["seed"]) not in key]
+    return groups
+
+
 def summarize(s: CompareSettings, records: list[dict], floor: dict | None) -> dict:
-    """Per (budget, preset): each metric's mean over seeds with its interval; verdicts against the first."""
+    """Per (sampling, budget, preset): each metric's mean over seeds with its interval, and its difference
+    from the first preset (this one minus the first) with a verdict for this one: ahead, level, behind."""
     rows = []
     first = s.presets[0]
-    for b in s.budgets:
-        by_preset = {p: [r for r in records if r["preset"] == p and r["budget_minutes"] == b]
-                     for p in s.presets}
-        for p, runs in by_preset.items():
-            if not runs:
-                continue
-            row = {"preset": p, "budget_minutes": b, "seeds": [r["seed"] for r in runs],
-                   "steps": statistics.mean(r["steps"] for r in runs),
-                   "train_minutes": statistics.mean(r["train_seconds_total"] for r in runs) / 60,
-                   "evaluations_per_image": runs[0]["evaluations_per_image"],
-                   "sample_seconds_per_image": statistics.mean(r["sample_seconds_per_image"] for r in runs)}
-            for m, (_, lower) in METRICS.items():
-                vals = [r[m] for r in runs if r.get(m) is not None]
-                if not vals:
-                    continue
-                iv = seed_interval(vals)
-                if len(vals) == 1 and runs[0].get(f"{m}_ci"):
-                    iv = Interval(vals[0], *runs[0][f"{m}_ci"])  # one seed: the bootstrap interval
-                row[m] = iv.to_dict()
-                if p != first and by_preset[first]:
-                    base = [r[m] for r in by_preset[first] if r.get(m) is not None]
-                    d = difference(base, vals)
-                    if len(base) == 1 and len(vals) == 1:
-                        d = _single_seed_difference(by_preset[first][0], runs[0], m)
-                    row[f"{m}_vs_{first}"] = {"difference": d.to_dict(), "verdict": verdict(d, lower)}
-            rows.append(row)
+    for sampling, group in _groups(records).items():
+        for b in s.budgets:
+            by_preset = {p: [r for r in group if r["preset"] == p and r["budget_minutes"] == b]
+                         for p in s.presets}
+            for p, runs in by_preset.items():
+                if runs:
+                    rows.append(_row(p, b, sampling, runs, by_preset[first] if p != first else []))
     return {"settings": asdict(s), "floor": floor, "rows": rows}
 
 
+def _row(p: str, b: float, sampling: str, runs: list[dict], base_runs: list[dict]) -> dict:
+    row = {"preset": p, "budget_minutes": b, "sampling": sampling, "seeds": [r["seed"] for r in runs],
+           "steps": statistics.mean(r["steps"] for r in runs),
+           "train_minutes": statistics.mean(r["train_seconds_total"] for r in runs) / 60,
+           "evaluations_per_image": runs[0]["evaluations_per_image"],
+           "sample_seconds_per_image": statistics.mean(r["sample_seconds_per_image"] for r in runs)}
+    for m, (_, lower) in METRICS.items():
+        vals = [r[m] for r in runs if r.get(m) is not None]
+        if not vals:
+            continue
+        iv = seed_interval(vals)
+        if len(vals) == 1 and runs[0].get(f"{m}_ci"):
+            iv = Interval(vals[0], *runs[0][f"{m}_ci"])  # one seed: the bootstrap interval
+        row[m] = iv.to_dict()
+        base = [r[m] for r in base_runs if r.get(m) is not None]
+        if base:
+            d = difference(vals, base)
+            if len(base) == 1 and len(vals) == 1:
+                d = _single_seed_difference(runs[0], base_runs[0], m)
+            row[f"{m}_vs_first"] = {"difference": d.to_dict(), "verdict": verdict(d, lower)}
+    return row
+
+
 def _single_seed_difference(a: dict, b: dict, m: str) -> Interval:
-    """One seed each: first minus other, its interval from the two bootstrap intervals (independent sets,
+    """One seed each: a minus b, its interval from the two bootstrap intervals (independent sets,
     normal approximation: the half-widths add in quadrature)."""
     value = a[m] - b[m]
     if not a.get(f"{m}_ci") or not b.get(f"{m}_ci"):
@@ -299,33 +365,28 @@ def markdown(summary: dict) -> str:
         f = summary["floor"]
         lines += [f"Real against real (the floor): FID {f['fid']:.2f}, KID {f['kid']:.4f} "
                   f"({f['n']} real images against {f['num_ref']} others).", ""]
-    head = ["budget", "preset", "steps", "train min", "FID", "KID", "precision", "recall", "class acc.",
-            "evals/img", "sample s/img"]
+    head = ["budget", "sampling", "preset", "steps", "train min", "FID", "KID", "precision", "recall",
+            "class acc.", "evals/img", "sample s/img"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in summary["rows"]:
         lines.append("| " + " | ".join([
-            f"{r['budget_minutes']:g} min", r["preset"], f"{r['steps']:.0f}", f"{r['train_minutes']:.1f}",
-            _cell(r.get("fid"), 2), _cell(r.get("kid"), 4), _cell(r.get("precision"), 3),
-            _cell(r.get("recall"), 3), _cell(r.get("cas"), 3), str(r["evaluations_per_image"]),
-            f"{r['sample_seconds_per_image']:.4f}"]) + " |")
+            f"{r['budget_minutes']:g} min", r.get("sampling", "defaults"), r["preset"], f"{r['steps']:.0f}",
+            f"{r['train_minutes']:.1f}", _cell(r.get("fid"), 2), _cell(r.get("kid"), 4),
+            _cell(r.get("precision"), 3), _cell(r.get("recall"), 3), _cell(r.get("cas"), 3),
+            str(r["evaluations_per_image"]), f"{r['sample_seconds_per_image']:.4f}"]) + " |")
     verdicts = [r for r in summary["rows"] if r["preset"] != first]
     if verdicts:
-        lines += ["", f"Against {first} (difference: other minus {first}; a verdict only where the interval "
-                  "excludes 0):", "",
-                  "| budget | preset | " + " | ".join(v[0] for v in METRICS.values()) + " |",
-                  "|---|---|" + "---|" * len(METRICS)]
+        lines += ["", f"Against {first}: this preset minus {first}, and whether it is ahead or behind (only "
+                  "where the interval of the difference excludes 0) or level:", "",
+                  "| budget | sampling | preset | " + " | ".join(v[0] for v in METRICS.values()) + " |",
+                  "|---|---|---|" + "---|" * len(METRICS)]
         for r in verdicts:
             cells = []
             for m in METRICS:
-                v = r.get(f"{m}_vs_{first}")
-                if v is None:
-                    cells.append("-")
-                    continue
-                d = v["difference"]
-                # difference() is first - other; say it from the other preset's side
-                other = {"ahead": "behind", "behind": "ahead", "level": "level"}[v["verdict"]]
-                cells.append(f"{other} ({-d['value']:+.3g})")
-            lines.append(f"| {r['budget_minutes']:g} min | {r['preset']} | " + " | ".join(cells) + " |")
+                v = r.get(f"{m}_vs_first")
+                cells.append("-" if v is None else f"{v['verdict']} ({v['difference']['value']:+.3g})")
+            lines.append(f"| {r['budget_minutes']:g} min | {r.get('sampling', 'defaults')} | {r['preset']} | "
+                         + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -340,7 +401,8 @@ def plots(summary: dict, out: Path, metric: str = "fid") -> list[Path]:
     paths = []
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     for p in summary["settings"]["presets"]:
-        rows = [r for r in summary["rows"] if r["preset"] == p and metric in r]
+        rows = [r for r in summary["rows"] if r["preset"] == p and metric in r
+                and r.get("sampling", "defaults") == "defaults"]
         if not rows:
             continue
         x = [r["budget_minutes"] for r in rows]
@@ -362,15 +424,23 @@ def plots(summary: dict, out: Path, metric: str = "fid") -> list[Path]:
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    for p in summary["settings"]["presets"]:
-        rows = [r for r in summary["rows"] if r["preset"] == p and metric in r]
-        if rows:
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, p in enumerate(summary["settings"]["presets"]):
+        for sampling, marker in (("defaults", "o"), ("equal cost", "s")):
+            rows = [r for r in summary["rows"] if r["preset"] == p and metric in r
+                    and r.get("sampling", "defaults") == sampling]
+            if sampling == "equal cost":  # a preset already at the cheapest cost repeats its defaults
+                rows = [r for r in rows if r["evaluations_per_image"] != next(
+                    (d["evaluations_per_image"] for d in summary["rows"] if d["preset"] == p), None)]
+            if not rows:
+                continue
             ivs = [r[metric] for r in rows]
-            val = [i["value"] for i in ivs]
-            lo = [0.0 if math.isnan(i["low"]) else i["value"] - i["low"] for i in ivs]
-            hi = [0.0 if math.isnan(i["high"]) else i["high"] - i["value"] for i in ivs]
-            ax.errorbar([r["sample_seconds_per_image"] for r in rows], val, yerr=[lo, hi], fmt="o", capsize=3,
-                        label=p)
+            val = [iv["value"] for iv in ivs]
+            lo = [0.0 if math.isnan(iv["low"]) else iv["value"] - iv["low"] for iv in ivs]
+            hi = [0.0 if math.isnan(iv["high"]) else iv["high"] - iv["value"] for iv in ivs]
+            ax.errorbar([r["sample_seconds_per_image"] for r in rows], val, yerr=[lo, hi], fmt=marker,
+                        capsize=3, color=colours[i % len(colours)],
+                        label=p if sampling == "defaults" else f"{p}, fewer steps (equal cost)")
     ax.set_xlabel("sampling seconds per image (this machine)")
     ax.set_ylabel(label)
     ax.legend()
@@ -391,7 +461,7 @@ def compare(s: CompareSettings, out: str | Path, progress: bool = True, extracto
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     settings_file = out / "settings.json"
-    fixed = {k: v for k, v in asdict(s).items() if k not in ("budgets", "seeds", "presets")}
+    fixed = {k: v for k, v in asdict(s).items() if k not in ("budgets", "seeds", "presets", "equal_cost")}
     if settings_file.is_file():
         old = json.loads(settings_file.read_text())
         changed = {k: (old.get(k), v) for k, v in fixed.items() if old.get(k) != v}
@@ -411,6 +481,14 @@ def compare(s: CompareSettings, out: str | Path, progress: bool = True, extracto
             for p in s.presets:
                 records.append(run_one(s, out, p, seed, b, steps[p][b], data, ref, progress, extractor,
                                        rates["sample_seconds_per_image"][p]))
+    if s.equal_cost:
+        costs = {p: model_info(cfgs[p].model)["flops_per_sample"] for p in s.presets}
+        target = min(costs.values())
+        for rec in [r for r in records if costs[r["preset"]] > 1.05 * target]:
+            if progress:
+                print(f"[compare] {rec['preset']} seed {rec['seed']} budget {rec['budget_minutes']:g} min: "
+                      "sampled at equal cost", flush=True)
+            records.append(run_equal_cost(s, out, rec, target, ref, extractor))
     from msf.features import load_feature_extractor
     from msf.intervals import real_floor
     from msf.reference import default_cache_dir, stats_for
