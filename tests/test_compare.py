@@ -55,6 +55,15 @@ def test_compare_trains_each_run_once_resumes_and_writes_tables(tmp_path, monkey
     assert "| 0.02 min | defaults | tiny-dit |" in md and "Real against real" in md
     assert (tmp_path / "fid_vs_training.png").is_file() and (tmp_path / "fid_vs_sampling_cost.png").is_file()
 
+    # a report of what is finished trains and samples nothing
+    calls.clear()
+    report = compare(_settings(seeds=[0], budgets=[0.02]), tmp_path, progress=False, extractor=MeanColour(),
+                     report_only=True)
+    assert calls == []
+    assert {(r["preset"], r["seed"], r["budget_minutes"]) for r in report["runs"]} == {
+        ("tiny", 0, 0.02), ("tiny-dit", 0, 0.02)}
+    calls.clear()
+
     # a re-run trains nothing; a lost run.json is redone alone
     calls.clear()
     again = compare(s, tmp_path, progress=False, extractor=MeanColour())

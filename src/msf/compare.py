@@ -451,10 +451,12 @@ def plots(summary: dict, out: Path, metric: str = "fid") -> list[Path]:
     return paths
 
 
-def compare(s: CompareSettings, out: str | Path, progress: bool = True, extractor=None) -> dict:
+def compare(s: CompareSettings, out: str | Path, progress: bool = True, extractor=None,
+            report_only: bool = False) -> dict:
     """Run (or resume) the comparison; returns the summary written to ``out/compare.json``.
 
-    ``extractor``: the feature network (default: Inception at ``s.feature_precision``)."""
+    ``extractor``: the feature network (default: Inception at ``s.feature_precision``). ``report_only``:
+    train and sample nothing; write the tables and plots of the runs finished so far."""
     from msf.data import load_dataset
 
     s.check()
@@ -472,23 +474,28 @@ def compare(s: CompareSettings, out: str | Path, progress: bool = True, extracto
     first_cfg = _config(s, s.presets[0], out, 1, 0)
     data = load_dataset(s.data, first_cfg.model.image_size)
     ref = _reference(data, first_cfg.model.image_size, out)
-    rates = step_rates(s, out, data, progress)
     cfgs = {p: _config(s, p, out, 1, 0) for p in s.presets}
-    steps = budget_steps(s, rates["train_steps_per_second"], cfgs)
+    costs = {p: model_info(cfgs[p].model)["flops_per_sample"] for p in s.presets}
     records = []
-    for b in sorted(s.budgets):  # every preset and seed at one budget before the next: partial results
-        for seed in s.seeds:
-            for p in s.presets:
-                records.append(run_one(s, out, p, seed, b, steps[p][b], data, ref, progress, extractor,
-                                       rates["sample_seconds_per_image"][p]))
-    if s.equal_cost:
-        costs = {p: model_info(cfgs[p].model)["flops_per_sample"] for p in s.presets}
-        target = min(costs.values())
-        for rec in [r for r in records if costs[r["preset"]] > 1.05 * target]:
+    if report_only:
+        for file in sorted((out / "runs").glob("*/seed*/*/*.json")):
+            rec = json.loads(file.read_text())
+            if (file.name in ("run.json", "equal_cost.json") and rec["preset"] in s.presets
+                    and rec["seed"] in s.seeds and rec["budget_minutes"] in s.budgets):
+                records.append(rec)
+    else:
+        rates = step_rates(s, out, data, progress)
+        steps = budget_steps(s, rates["train_steps_per_second"], cfgs)
+    for b in sorted(s.budgets) if not report_only else ():
+        # every preset and seed at one budget, and its equal-cost samples, before the next budget
+        level = [run_one(s, out, p, seed, b, steps[p][b], data, ref, progress, extractor,
+                         rates["sample_seconds_per_image"][p]) for seed in s.seeds for p in s.presets]
+        records += level
+        for rec in [r for r in level if s.equal_cost and costs[r["preset"]] > 1.05 * min(costs.values())]:
             if progress:
-                print(f"[compare] {rec['preset']} seed {rec['seed']} budget {rec['budget_minutes']:g} min: "
-                      "sampled at equal cost", flush=True)
-            records.append(run_equal_cost(s, out, rec, target, ref, extractor))
+                print(f"[compare] {rec['preset']} seed {rec['seed']} budget {b:g} min: sampled at equal cost",
+                      flush=True)
+            records.append(run_equal_cost(s, out, rec, min(costs.values()), ref, extractor))
     from msf.features import load_feature_extractor
     from msf.intervals import real_floor
     from msf.reference import default_cache_dir, stats_for
@@ -497,7 +504,7 @@ def compare(s: CompareSettings, out: str | Path, progress: bool = True, extracto
     ref_stats, _ = stats_for(str(ref), extractor, default_cache_dir(), 64, False)  # cached by the runs
     floor = real_floor(ref_stats.features, s.num_samples)
     summary = summarize(s, records, floor)
-    summary["rates"] = rates
+    summary["rates"] = None if report_only else rates
     summary["runs"] = records
     atomic_write_text(out / "compare.json", json.dumps(summary, indent=2))
     atomic_write_text(out / "compare.md", markdown(summary))
