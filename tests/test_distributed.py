@@ -69,7 +69,7 @@ def test_fsdp_two_processes_match_one_and_checkpoints_interchange(tmp_path):
 
 
 LEAK_CHECK = """
-import gc, sys
+import gc, os, sys
 from torch.distributed.tensor import DTensor
 from msf.config import apply_overrides, preset
 from msf.train import train
@@ -77,8 +77,10 @@ cfg = apply_overrides(preset("tiny"), ["train.tensorboard=false", "train.steps=2
                                        "train.fsdp=true", "train.out_dir=" + sys.argv[1]])
 result = train(cfg, progress=False, device="cpu")
 gc.collect()
-print("shards alive after train():", sum(isinstance(o, DTensor) for o in gc.get_objects()),
-      "main" if result.model_dir else "other", result.pipeline is None, flush=True)
+n = sum(isinstance(o, DTensor) for o in gc.get_objects())
+line = f"shards alive after train(): {n} {'main' if result.model_dir else 'other'} {result.pipeline is None}"
+# one file per process: two processes printing to one pipe can interleave their lines
+open(sys.argv[1] + "." + os.environ["RANK"] + ".txt", "w").write(line)
 """
 
 
@@ -87,9 +89,9 @@ def test_fsdp_leaves_no_shards_behind_the_process_group(tmp_path):
     # then aborted at exit ("terminate called without an active exception") in ~1 run in 10.
     script = tmp_path / "check.py"
     script.write_text(LEAK_CHECK)
-    r = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-              str(script), str(tmp_path / "run")])
-    lines = sorted(line for line in r.stdout.splitlines() if line.startswith("shards alive"))
+    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+          str(script), str(tmp_path / "run")])
+    lines = sorted((tmp_path / f"run.{rank}.txt").read_text().strip() for rank in (0, 1))
     assert lines == ["shards alive after train(): 0 main False", "shards alive after train(): 0 other True"]
 
 
