@@ -1,20 +1,23 @@
 """Compare presets at equal training budget, with error bars: the instrument quality claims stand on.
 
-``compare(["demo", "dit-demo"], data="emoji", budgets=[5, 15], seeds=[0, 1, 2], out=...)``:
+``compare(CompareSettings(["dit-demo", "demo"], data="emoji", budgets=[5, 15], seeds=[0, 1, 2]), out)``:
 
-1. budget: equal training wall-clock on this machine (each preset's step rate measured in short
-   interleaved bursts, so a busy machine slows all alike; a budget of B minutes is B x 60 x rate
-   steps), or equal training FLOPs (the FLOPs the first preset spends in B minutes, for all); each
-   preset's sampling time per image is measured in the same interleaved bursts;
-2. for every (preset, budget, seed): train, draw a sample set at the preset's default sampler
+1. budget: equal training wall-clock on this machine (each preset's marginal step rate measured in
+   short interleaved bursts, so a busy machine slows all alike; B minutes are B x 60 x rate steps),
+   or equal training FLOPs (the FLOPs the first preset spends in B minutes, for all); each preset's
+   sampling time per image is measured in the same bursts (:func:`step_rates`);
+2. for every budget, seed and preset: train, draw a sample set at the preset's default sampler
    settings, evaluate it (FID and KID with bootstrap intervals, precision/recall, class accuracy)
-   and write ``runs/<preset>/<budget>/seed<k>/run.json``. A run with a ``run.json`` is skipped on
-   a re-run, so an interrupted comparison resumes; with a constant learning rate the budgets of
-   one (preset, seed) are one training run, resumed from budget to budget (every step depends on
-   (seed, step) only, so a run stopped at N steps is the first N steps of a longer one);
-3. ``compare.json`` (every run, and per (preset, budget) the mean over seeds with its t interval
-   and the verdict against the first preset: ahead, level or behind), ``compare.md`` (the tables)
-   and two plots: quality against training minutes, and against sampling seconds per image.
+   and write ``runs/<preset>/seed<k>/<B>min/run.json`` (:func:`run_one`). A run with a ``run.json``
+   is skipped on a re-run, so an interrupted comparison resumes; with a constant learning rate the
+   budgets of one (preset, seed) are one training run, resumed from budget to budget (every step
+   depends on (seed, step) only, so a run stopped at N steps is the first N steps of a longer one).
+   ``equal_cost`` also samples the costlier presets with fewer steps, at the cheapest one's
+   sampling FLOPs (:func:`run_equal_cost`);
+3. ``compare.json`` (every run, and per (sampling, budget, preset) the mean over seeds with its
+   interval and the verdict against the first preset: ahead, level or behind, :func:`summarize`),
+   ``compare.md`` (:func:`markdown`) and two plots (:func:`plots`): quality against the budget, and
+   against sampling seconds per image.
 """
 
 from __future__ import annotations

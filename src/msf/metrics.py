@@ -180,7 +180,7 @@ def _cas(samples, labels: np.ndarray | None, class_data, cache: Path, progress: 
         real, real_labels, names = labelled_images(str(class_data), images.shape[1])
     except ValueError as e:
         return [{"metric": "cas", "reason": str(e)}]
-    clf = real_classifier(real, real_labels, names, cache.parent, progress=progress)
+    clf = real_classifier(real, real_labels, names, cache, progress=progress)
     acc = class_accuracy(clf, images, labels)
     results["cas"] = {**acc, "real_accuracy": clf.held_out_accuracy, "real_per_class": clf.held_out_per_class,
                       "classifier": None if clf.path is None else str(clf.path)}
