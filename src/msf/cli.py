@@ -25,6 +25,7 @@ from msf.config import (
     config_from_json,
     preset,
 )
+from msf.pretrained import model_path
 
 
 def _floats(s: str) -> list[float]:
@@ -162,7 +163,7 @@ def _sample_set(args: argparse.Namespace) -> int:
         res = sample_set(pipe, out, args.num_samples, batch_size=args.batch_size, **_sampling(args),
                          seed=args.seed, precision=args.precision, compile=args.compile, world=world,
                          tf32=args.tf32, progress=not args.quiet, overwrite=args.overwrite,
-                         meta={"model": str(Path(args.model_dir).resolve())})
+                         meta={"model": str(model_path(args.model_dir).resolve())})
     finally:
         close_world(world)
     if res.path is not None:
@@ -203,7 +204,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                          compile=args.compile, tf32=args.tf32,
                          metrics=tuple(args.metrics.split(",")), weights=args.weights,
                          cache_dir=args.cache_dir, world=world, progress=not args.quiet,
-                         model=str(Path(args.model_dir).resolve()))
+                         model=str(model_path(args.model_dir).resolve()))
     finally:
         close_world(world)
     if rows:
@@ -240,7 +241,7 @@ def cmd_info(args: argparse.Namespace) -> None:
     from msf.info import format_info, model_info
 
     target = args.target
-    if Path(target).is_dir():
+    if model_path(target).is_dir():
         from msf.pipeline import load_model_config
 
         model, name = load_model_config(target), target
@@ -319,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_extract)
 
     s = sub.add_parser("sample", help="class labels -> PNG grid, or many samples -> ADM .npz")
-    s.add_argument("model_dir")
+    s.add_argument("model_dir", help="a model directory, or the name of a model shipped with msf")
     s.add_argument("--classes", default="all", help="grid: 'all' or comma-separated indices or names")
     s.add_argument("--per-class", type=int, default=8, help="grid: samples per class")
     s.add_argument("--out", default="samples.png", help="grid: output PNG")

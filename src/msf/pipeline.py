@@ -30,6 +30,7 @@ from msf.factorize import accumulate_sample, compose, factorize, input_priors, r
 from msf.files import atomic_write, atomic_write_text
 from msf.flow import Noise, drop_labels, rectified_flow_loss, sample_time
 from msf.models import DiT
+from msf.pretrained import available, model_path
 from msf.sampler import guided_velocity, solve
 
 FORMAT = "msf-pipeline"
@@ -276,7 +277,9 @@ class MSFPipeline(nn.Module):
         autoencoder: Autoencoder | None = None,
         device: torch.device | str = "cpu",
     ) -> MSFPipeline:
-        """Load a model directory written by :meth:`save_pretrained` (never unpickles)."""
+        """Load a model directory written by :meth:`save_pretrained`, or a model shipped with msf by its
+        name (:mod:`msf.pretrained`). Never unpickles."""
+        path = model_path(path)
         config = load_model_config(path)
         pipe = cls(config, autoencoder=autoencoder)
         for k, net in enumerate(pipe.networks):
@@ -311,10 +314,12 @@ class MSFPipeline(nn.Module):
 
 
 def load_model_config(path: str | os.PathLike) -> ModelConfig:
-    """Read and validate ``config.json`` of a model directory."""
-    path = Path(path)
+    """Read and validate ``config.json`` of a model directory (or of a shipped model, by name)."""
+    path = model_path(path)
     if not path.is_dir():
-        raise ModelDirError(f"{path}: model directory does not exist")
+        shipped = available()
+        raise ModelDirError(f"{path}: model directory does not exist"
+                            + (f" (models shipped with msf: {', '.join(shipped)})" if shipped else ""))
     file = path / "config.json"
     if not file.is_file():
         raise ModelDirError(f"{file}: missing; is {path} a model directory written by msf?")
