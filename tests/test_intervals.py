@@ -90,7 +90,7 @@ def test_differences_and_verdicts():
     assert verdict(d) == "ahead"  # lower FID for the first
     assert verdict(d, lower_is_better=False) == "behind"
     assert verdict(difference([10.0, 14.0], [11.0, 13.0])) == "level"
-    assert verdict(Interval(1.0, math.nan, math.nan)) == "level"
+    assert verdict(Interval(1.0, math.nan, math.nan)) == "no interval"
     # one seed each: from the replicates, replicate i minus replicate i
     ra, rb = np.full(100, 5.0) + np.linspace(-1, 1, 100), np.full(100, 3.0)
     d1 = difference([5.0], [3.0], a_replicates=ra, b_replicates=rb)
@@ -135,3 +135,12 @@ def test_the_interval_is_recentred_on_the_estimate_where_the_bootstrap_is_biased
     assert iv.low < value < iv.high
     lo, mid, hi = np.quantile(reps, [0.025, 0.5, 0.975])
     assert (iv.low, iv.high) == pytest.approx((value + lo - mid, value + hi - mid))
+
+
+def test_wilsons_interval_for_an_accuracy():
+    from msf.intervals import proportion_interval
+
+    iv = proportion_interval(50, 100)  # 0.5 -/+ 1.96 sqrt(0.25 / 100 + ...) / (1 + 1.96^2 / 100)
+    assert (iv.low, iv.high) == pytest.approx((0.4038, 0.5962), abs=1e-4)
+    edge = proportion_interval(0, 20)  # no successes: still an interval above 0
+    assert edge.low == pytest.approx(0.0, abs=1e-12) and 0.1 < edge.high < 0.2

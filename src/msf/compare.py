@@ -220,7 +220,7 @@ def _scores(metrics: dict) -> dict:
     cas = metrics.get("cas") or {}
     return {"fid": metrics.get("fid"), "fid_ci": metrics.get("fid_ci"), "kid": metrics.get("kid"),
             "kid_ci": metrics.get("kid_ci"), "precision": metrics.get("precision"),
-            "recall": metrics.get("recall"), "cas": cas.get("accuracy"),
+            "recall": metrics.get("recall"), "cas": cas.get("accuracy"), "cas_ci": metrics.get("cas_ci"),
             "cas_per_class": cas.get("per_class"), "cas_real": cas.get("real_accuracy"),
             "feature_network": metrics.get("feature_network")}
 
@@ -380,7 +380,8 @@ def markdown(summary: dict) -> str:
     verdicts = [r for r in summary["rows"] if r["preset"] != first]
     if verdicts:
         lines += ["", f"Against {first}: this preset minus {first}, and whether it is ahead or behind (only "
-                  "where the interval of the difference excludes 0) or level:", "",
+                  "where the interval of the difference excludes 0) or level; \"no interval\": one seed of a "
+                  "metric without a bootstrap (precision, recall):", "",
                   "| budget | sampling | preset | " + " | ".join(v[0] for v in METRICS.values()) + " |",
                   "|---|---|---|" + "---|" * len(METRICS)]
         for r in verdicts:

@@ -151,6 +151,17 @@ def bootstrap_kid(value: float, features: np.ndarray, ref_features: np.ndarray, 
     return _recentred(value, reps, level), reps
 
 
+def proportion_interval(successes: int, n: int, level: float = LEVEL) -> Interval:
+    """Wilson's interval for a proportion (an accuracy over n samples)."""
+    from scipy.stats import norm
+
+    z = float(norm.ppf((1 + level) / 2))
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return Interval(p, centre - half, centre + half, level)
+
+
 def seed_interval(values: Sequence[float], level: float = LEVEL) -> Interval:
     """Student-t interval on the mean of a metric over training seeds (one seed: NaN bounds)."""
     from scipy.stats import t
@@ -187,8 +198,10 @@ def difference(a: Sequence[float], b: Sequence[float], *, a_replicates: np.ndarr
 
 def verdict(diff: Interval, lower_is_better: bool = True) -> str:
     """"ahead" / "behind" for the first model when the interval of (first - second) excludes 0, else
-    "level"."""
-    if math.isnan(diff.low) or diff.contains(0.0):
+    "level" ("no interval" where there is none)."""
+    if math.isnan(diff.low):
+        return "no interval"  # e.g. one seed of a metric without a bootstrap: nothing can be called
+    if diff.contains(0.0):
         return "level"
     better = diff.high < 0 if lower_is_better else diff.low > 0
     return "ahead" if better else "behind"

@@ -36,7 +36,7 @@ from msf.features import (  # noqa: F401 (re-exported)
     load_feature_extractor,
     load_images,
 )
-from msf.intervals import BOOTSTRAPS, bootstrap_fid, bootstrap_kid, real_floor
+from msf.intervals import BOOTSTRAPS, bootstrap_fid, bootstrap_kid, proportion_interval, real_floor
 from msf.reference import Stats, compute_reference, default_cache_dir, stats_for  # noqa: F401
 
 METRICS = ("fid", "is", "kid", "pr", "cas")
@@ -184,6 +184,8 @@ def _cas(samples, labels: np.ndarray | None, class_data, cache: Path, progress: 
     acc = class_accuracy(clf, images, labels)
     results["cas"] = {**acc, "real_accuracy": clf.held_out_accuracy, "real_per_class": clf.held_out_per_class,
                       "classifier": None if clf.path is None else str(clf.path)}
+    ci = proportion_interval(round(acc["accuracy"] * len(labels)), len(labels))
+    results["cas_ci"] = [ci.low, ci.high]
     return []
 
 
@@ -237,8 +239,8 @@ def format_results(results: dict) -> str:
                      f"({f['n']} real images against {f['num_ref']} others)")
     if "cas" in results:
         c = results["cas"]
-        lines.append(f"class accuracy {c['accuracy']:.3f} (the classifier on held-out real images: "
-                     f"{c['real_accuracy']:.3f})")
+        lines.append(f"class accuracy {c['accuracy']:.3f}{ci('cas', '.3f')} (the classifier on held-out "
+                     f"real images: {c['real_accuracy']:.3f})")
         lines.append("  per class: " + ", ".join(f"{k} {v:.2f}" for k, v in c["per_class"].items()))
     if results.get("num_ref") is not None:
         lines.append(
