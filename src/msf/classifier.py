@@ -149,12 +149,13 @@ def labelled_images(spec: str, image_size: int) -> tuple[np.ndarray, np.ndarray,
 
 
 def _resized(images: np.ndarray, size: int) -> np.ndarray:
+    """As ``msf.data.prepare_data`` resizes an in-memory set (antialiased), where the size differs."""
     if images.shape[1] == size:
         return images
-    from msf.data import ImageDataset, prepare_data
+    from msf.data import to_model_range, to_uint8
+    from msf.factorize import resize_image
 
-    data = ImageDataset(torch.from_numpy(images), torch.zeros(len(images), dtype=torch.long), ["0"])
-    return prepare_data(data, size).images.numpy()
+    return to_uint8(resize_image(to_model_range(torch.from_numpy(images)), size)).numpy()
 
 
 def _split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -270,19 +270,15 @@ def _labels_of(samples: Path) -> np.ndarray:
         return d["arr_1"]
 
 
-def _reference(data, size: int, out: Path) -> Path:
+def _reference(spec: str, size: int, out: Path) -> Path:
     """The training images at the models' size as an ADM-format .npz (its statistics are cached by path)."""
     path = out / "reference.npz"
     if not path.is_file():
+        from msf.classifier import labelled_images
         from msf.files import atomic_write_numpy
 
-        if hasattr(data, "images"):
-            from msf.data import prepare_data
-
-            images = prepare_data(data, size).images.numpy()
-        else:  # an image folder, read at the model's size
-            images = np.stack([data[i][0].numpy() for i in range(len(data))])
-        atomic_write_numpy(path, np.savez, arr_0=images, arr_1=np.asarray(data.labels))
+        images, labels, _ = labelled_images(spec, size)
+        atomic_write_numpy(path, np.savez, arr_0=images, arr_1=labels)
     return path
 
 
@@ -420,12 +416,7 @@ def plots(summary: dict, out: Path, metric: str = "fid") -> list[Path]:
     wall = summary["settings"]["budget_kind"] == "wall"
     ax.set_xlabel("training budget, minutes (equal for all presets)" if wall
                   else "training budget: the first preset's FLOPs in this many minutes")
-    ax.set_ylabel(label)
-    ax.legend()
-    fig.tight_layout()
-    paths.append(out / f"{metric}_vs_training.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    paths.append(_save(fig, ax, label, out / f"{metric}_vs_training.png"))
 
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -446,13 +437,19 @@ def plots(summary: dict, out: Path, metric: str = "fid") -> list[Path]:
                         capsize=3, color=colours[i % len(colours)],
                         label=p if sampling == "defaults" else f"{p}, fewer steps (equal cost)")
     ax.set_xlabel("sampling seconds per image (this machine)")
-    ax.set_ylabel(label)
+    paths.append(_save(fig, ax, label, out / f"{metric}_vs_sampling_cost.png"))
+    return paths
+
+
+def _save(fig, ax, ylabel: str, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    ax.set_ylabel(ylabel)
     ax.legend()
     fig.tight_layout()
-    paths.append(out / f"{metric}_vs_sampling_cost.png")
-    fig.savefig(paths[-1], dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
-    return paths
+    return path
 
 
 def compare(s: CompareSettings, out: str | Path, progress: bool = True, extractor=None,
@@ -477,7 +474,7 @@ def compare(s: CompareSettings, out: str | Path, progress: bool = True, extracto
     atomic_write_text(settings_file, json.dumps(fixed, indent=2))
     first_cfg = _config(s, s.presets[0], out, 1, 0)
     data = load_dataset(s.data, first_cfg.model.image_size)
-    ref = _reference(data, first_cfg.model.image_size, out)
+    ref = _reference(s.data, first_cfg.model.image_size, out)
     cfgs = {p: _config(s, p, out, 1, 0) for p in s.presets}
     costs = {p: model_info(cfgs[p].model)["flops_per_sample"] for p in s.presets}
     records = []
