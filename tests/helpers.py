@@ -30,8 +30,9 @@ def grid_cells(path, rows: int, cols: int, size: int, upscale: int = 2, pad: int
     img = np.asarray(Image.open(path).convert("RGB"))
     grid_w = (cols * (size + pad) + pad) * upscale
     grid_h = (rows * (size + pad) + pad) * upscale
-    assert img.shape == (grid_h, label_width + grid_w, 3), (img.shape, rows, cols, size)
-    canvas = img[:, label_width::][::upscale, ::upscale]
+    # a caption may lie under the grid (and widen the image): the cells are at the top left
+    assert img.shape[0] >= grid_h and img.shape[1] >= label_width + grid_w, (img.shape, rows, cols, size)
+    canvas = img[:grid_h, label_width:label_width + grid_w][::upscale, ::upscale]
     out = np.empty((rows, cols, size, size, 3), np.uint8)
     for r in range(rows):
         for c in range(cols):

@@ -31,3 +31,15 @@ def test_demo_writes_the_trained_models_samples(tmp_path):
         assert Image.open(paths[key]).width > 100
     losses = json.loads((paths["model"].parent / "losses.json").read_text())
     assert [s for s, _ in losses["0"]] == [1, 2, 3] and all(np.isfinite(v) for _, v in losses["1"])
+
+
+def test_demo_says_when_its_time_cap_cut_training_and_what_to_try_next(tmp_path, capsys):
+    import pytest
+
+    with pytest.warns(UserWarning, match="time cap"):
+        paths = run_demo(tmp_path / "demo", minutes=0.0, per_class=1, progress=False,
+                         overrides=["train.steps=40", *SMALL])
+    out = capsys.readouterr().out
+    assert "WARNING: the 0-minute cap stopped training at step 1 of 40" in out
+    assert f"msf sample {paths['model']} --classes" in out and "--show-scales" in out
+    assert "tensorboard --logdir" in out

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import MeanColour
+from PIL import Image
 
 import msf.metrics as metrics
 import msf.sample_set as ss
@@ -61,7 +62,18 @@ def test_cli_sweep_writes_tables_plot_and_resumes(pipe, tmp_path, monkeypatch, c
         assert r["feature_network"] == MeanColour.network
     # The two CFG scales drew different samples, so their FIDs differ.
     assert rows[0]["fid"] != rows[1]["fid"]
-    assert (out / "sweep.png").stat().st_size > 1000
+    assert (out / "sweep.png").stat().st_size > 1000 and (out / "sweep_cost.png").stat().st_size > 1000
+    # The strips: one row per class (the first sample of each), one column per value, each cell that
+    # value's sample set's image at that index: the same seed across the columns.
+    sets = [np.load(out / "samples" / f"scale0_cfg_scale_{v}.npz") for v in (1.0, 4.0)]
+    labels = sets[0]["arr_1"]
+    firsts = sorted(np.unique(labels, return_index=True)[1])
+    strips = np.asarray(Image.open(out / "sweep_strips.png").convert("RGB"))
+    up = 96 // 16
+    for row, i in enumerate(firsts):
+        for col, f in enumerate(sets):
+            y, x = 16 + 4 + row * (16 * up + 4), 90 + 4 + col * (max(16 * up, 64) + 4)
+            np.testing.assert_array_equal(strips[y:y + 16 * up:up, x:x + 16 * up:up], f["arr_0"][i])
     md = (out / "sweep.md").read_text()
     assert md.count("\n| cfg_scale |") == 2 and "8 samples each" in md
     assert "sweep.csv" in capsys.readouterr().out

@@ -139,15 +139,34 @@ def cmd_sample(args: argparse.Namespace) -> int:
     cfg = pipe.config
     classes = _parse_classes(args.classes, cfg.class_names, cfg.num_classes)
     labels = [c for c in classes for _ in range(args.per_class)]
+    from msf.config import SamplerSettings
+    from msf.pipeline import progress_bar
     from msf.sample_set import inference_nets
     from msf.speed import tf32
 
     nets, autocast = inference_nets(pipe, args.precision, args.compile)
+    settings = SamplerSettings.of(cfg, **_sampling(args))
+    caption = f"{args.model_dir}  seed {args.seed}  {settings.describe()}  {args.precision}"
+    meta = {"model": str(args.model_dir), "seed": args.seed, "precision": args.precision,
+            "labels": labels, **settings.to_dict()}
     with tf32(device, args.tf32):
-        images = pipe.sample(torch.tensor(labels), **_sampling(args), seed=args.seed, nets=nets,
-                             precision=autocast)
-    path = save_sample_grid(images, labels, cfg.class_names, args.out)
+        if args.show_scales:
+            from msf.scale_view import scales_figure, view_scales
+
+            view = view_scales(pipe, labels, settings=settings, seed=args.seed, nets=nets, precision=autocast,
+                               batch_size=args.batch_size, callback=progress_bar(not args.quiet))
+            images = view.images
+        else:
+            images = pipe.sample(torch.tensor(labels), settings=settings, seed=args.seed, nets=nets,
+                                 precision=autocast, batch_size=args.batch_size,
+                                 callback=progress_bar(not args.quiet))
+    path = save_sample_grid(images, labels, cfg.class_names, args.out, caption=caption, meta=meta)
     print(f"wrote {len(labels)} samples to {path}")
+    if args.show_scales:
+        out = Path(args.out)
+        scales = scales_figure(view, out.with_name(out.stem + "_scales.png"), cfg.class_names,
+                               caption=caption)
+        print(f"wrote what each scale generated to {scales}")
     return 0
 
 
@@ -327,7 +346,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--num-samples", type=int,
                    help="draw a class-balanced sample set of this size (use with --npz; torchrun shards it)")
     s.add_argument("--npz", help="sample set: ADM-format output .npz (re-run to resume)")
-    s.add_argument("--batch-size", type=int, default=64, help="sample set: images per chunk")
+    s.add_argument("--batch-size", type=int, default=64, help="images per network call (the samples do "
+                   "not depend on it)")
+    s.add_argument("--show-scales", action="store_true", help="grid: also write OUT_scales.png, one row per "
+                   "sample: the base, the base upsampled, what each later scale adds, the image")
     s.add_argument("--overwrite", action="store_true",
                    help="sample set: replace a finished set at --npz drawn with other settings")
     _sampling_args(s)

@@ -127,6 +127,12 @@ class SamplerSettings:
     def to_dict(self) -> dict[str, list]:
         return {"steps": list(self.steps), "cfg_scale": list(self.cfg_scale), "solver": list(self.solver)}
 
+    def describe(self) -> str:
+        """One line for captions: ``steps 100,50  cfg 1.4,1  euler  (300 evaluations/image)``."""
+        solvers = self.solver[0] if len(set(self.solver)) == 1 else ",".join(self.solver)
+        return (f"steps {','.join(map(str, self.steps))}  cfg {','.join(f'{w:g}' for w in self.cfg_scale)}  "
+                f"{solvers}  ({self.evaluations} evaluations/image)")
+
 
 @dataclass
 class ModelConfig:

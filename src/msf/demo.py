@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
-from msf.config import Config, apply_overrides, preset
+from msf.config import Config, SamplerSettings, apply_overrides, preset
 from msf.data import load_builtin, prepare_data, to_model_range
 from msf.factorize import compose
-from msf.pipeline import MSFPipeline
+from msf.pipeline import MSFPipeline, progress_bar
 from msf.train import train
 from msf.viz import factorization_figure, loss_plot, save_sample_grid
 
@@ -62,16 +62,40 @@ def run_demo(
         f"[demo] trained {result.steps} steps in {result.seconds:.0f}s "
         f"({result.images_per_second:.0f} images/s)"
     )
+    if result.time_capped:
+        print(f"[demo] WARNING: the {minutes:g}-minute cap stopped training at step {result.steps} of "
+              f"{result.total_steps}; the samples will be worse than the demo's. This machine is slower "
+              "or busier than expected: run it alone, or give it longer with `msf demo --minutes 20`.")
     pipe = result.pipeline
     names = pipe.config.class_names or []
     labels = [c for c in range(pipe.config.num_classes) for _ in range(per_class)]
     t_s = time.perf_counter()
-    images = pipe.sample(labels, seed=0, precision=cfg.train.precision)
+    images = pipe.sample(labels, seed=0, precision=cfg.train.precision, callback=progress_bar(progress))
     print(f"[demo] sampled {len(labels)} images in {time.perf_counter() - t_s:.1f}s")
-    paths["samples"] = save_sample_grid(images, labels, names, out / "samples.png")
+    settings = SamplerSettings.of(pipe.config)
+    paths["samples"] = save_sample_grid(
+        images, labels, names, out / "samples.png",
+        caption=f"msf demo: {result.steps} steps, seed 0, {settings.describe()}")
     paths["loss"] = loss_plot(result.history, out / "loss.png")
     paths["model"] = result.model_dir
     print(f"[demo] done in {time.perf_counter() - t0:.0f}s. Wrote:")
     for k, p in paths.items():
         print(f"  {k:14s} {p}")
+    print(next_steps(out, result.model_dir, names))
     return paths
+
+
+def next_steps(out: Path, model: Path, class_names: list[str]) -> str:
+    """What to try after the demo, as commands to copy."""
+    name = class_names[0] if class_names else "0"
+    return "\n".join([
+        "[demo] next:",
+        f"  look at the samples:        {out / 'samples.png'}",
+        f"  sample one class:           msf sample {model} --classes {name} --per-class 16 --out {name}.png",
+        f"  see what each scale makes:  msf sample {model} --classes {name} --per-class 4 --show-scales",
+        f"  try settings interactively: msf app {model}   (needs `pip install gradio`)",
+        f"  watch the losses:           tensorboard --logdir {out}",
+        f"  train on (resume from {out / 'checkpoints'}): msf train --config {out / 'config.json'} --resume "
+        "train.steps=3000",
+        "  compare with a single-scale DiT: msf compare --presets dit-demo,demo --budgets 5",
+    ])

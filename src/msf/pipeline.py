@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -214,6 +214,8 @@ class MSFPipeline(nn.Module):
         precision: str = "fp32",
         return_components: bool = False,
         nets: Mapping[int, nn.Module] | None = None,
+        batch_size: int | None = None,
+        callback: Callable[[int, int, int], None] | None = None,
     ) -> Tensor | tuple[Tensor, list[Tensor]]:
         """Algorithm 3: generate images in [-1, 1] for ``labels``.
 
@@ -224,6 +226,11 @@ class MSFPipeline(nn.Module):
         noise of every scale comes from ``generator`` (or a fresh one seeded ``seed``,
         on the CPU so that results do not depend on the device). ``nets`` replaces scale
         k's network, e.g. by ``msf.speed.compile_for_inference(pipe.networks[k])``.
+
+        ``batch_size`` bounds the images per network call; every scale's noise is still drawn
+        for all images at once, so the samples do not depend on it. ``callback(k, done,
+        total)`` is called after each network evaluation of scale k (``total`` counts the
+        evaluations of every batch), e.g. to drive a progress bar (:func:`progress_bar`).
         """
         device = self.device
         labels = torch.as_tensor(labels, dtype=torch.int64)
@@ -234,6 +241,10 @@ class MSFPipeline(nn.Module):
         if generator is None:
             generator = torch.Generator().manual_seed(0 if seed is None else seed)
         B, C, N = labels.shape[0], cfg.autoencoder.channels, cfg.latent_sizes[-1]
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        per_call = batch_size or max(B, 1)
+        chunks = [slice(i, i + per_call) for i in range(0, max(B, 1), per_call)]
         was_training = self.training
         self.eval()
 
@@ -241,18 +252,22 @@ class MSFPipeline(nn.Module):
             n = cfg.latent_sizes[k]
             noise = torch.randn(B, C, n, n, generator=generator).to(device)
             net = self.networks[k] if nets is None or k not in nets else nets[k]
-            velocity = guided_velocity(
-                net, labels, self._net_prior(k, prior, generator), settings.cfg_scale[k],
-                cfg.num_classes,
-            )
-            with autocast(device, precision):
-                c = solve(velocity, noise, settings.steps[k], settings.solver[k])
-            return c.float() * self._std(k)
+            net_prior = self._net_prior(k, prior, generator)
+            total, out = settings.steps[k] * len(chunks), []
+            for b in chunks:
+                velocity = guided_velocity(net, labels[b], None if net_prior is None else net_prior[b],
+                                           settings.cfg_scale[k], cfg.num_classes)
+                if callback is not None:
+                    velocity = _counted(velocity, lambda done: callback(k, done, total),
+                                        start=settings.steps[k] * len(out))
+                with autocast(device, precision):
+                    out.append(solve(velocity, noise[b], settings.steps[k], settings.solver[k]))
+            return torch.cat(out).float() * self._std(k)
 
         like = torch.zeros(B, C, N, N, device=device)
         comps = accumulate_sample(generate, cfg.latent_sizes, like)
         z = compose(comps)
-        images = self.autoencoder.decode(z)
+        images = self.autoencoder.decode(z)  # in chunks of its own (SDAutoencoder.decode_batch)
         self.train(was_training)
         return (images, comps) if return_components else images
 
@@ -311,6 +326,37 @@ class MSFPipeline(nn.Module):
                                         "damaged (or training diverged before they were saved)")
             net.load_state_dict(state)
         return pipe.to(device)
+
+
+def _counted(velocity, after: Callable[[int], None], start: int = 0):
+    """``velocity`` that calls ``after(evaluations done)`` once each evaluation is done."""
+    done = start
+
+    def counted(x: Tensor, t: float) -> Tensor:
+        nonlocal done
+        v = velocity(x, t)
+        done += 1
+        after(done)
+        return v
+
+    return counted
+
+
+def progress_bar(enabled: bool = True, desc: str = "sample") -> Callable[[int, int, int], None]:
+    """A ``callback`` for :meth:`MSFPipeline.sample`: one tqdm bar per scale, one tick per evaluation."""
+    from tqdm.auto import tqdm
+
+    bars: dict[int, tqdm] = {}
+
+    def update(k: int, done: int, total: int) -> None:
+        if k not in bars:
+            bars[k] = tqdm(total=total, desc=f"{desc} scale {k}", unit="eval", disable=not enabled,
+                           leave=False, dynamic_ncols=True)
+        bars[k].update(1)
+        if done >= total:
+            bars.pop(k).close()
+
+    return update
 
 
 def load_model_config(path: str | os.PathLike) -> ModelConfig:

@@ -100,7 +100,58 @@ def run_sweep(
         write_tables(rows, out_dir)
     if world.is_main and rows:
         sweep_plot(rows, out_dir / "sweep.png")
+        cost_plot(rows, out_dir / "sweep_cost.png")
+        sweep_strips(rows, out_dir, pipe.config.class_names)
     return rows
+
+
+def sweep_strips(rows: list[dict], out_dir: str | os.PathLike, class_names: list[str] | None = None,
+                 classes: int = 8) -> Path:
+    """``sweep_strips.png``: the same sample (same seed, same class) under every swept value, one row
+    per class (the first sample of up to ``classes`` classes), one column per value."""
+    import numpy as np
+    import torch
+
+    from msf.viz import save_png, table_figure
+
+    out_dir = Path(out_dir)
+    sets = []
+    for r in rows:
+        with np.load(out_dir / "samples" / f"scale{r['scale']}_{r['setting']}_{r['value']}.npz") as f:
+            sets.append((f["arr_0"], f["arr_1"]))
+    labels = sets[0][1]
+    _, first = np.unique(labels, return_index=True)
+    picks = sorted(first)[:classes]
+    cells = [[torch.from_numpy(images[i]) for images, _ in sets] for i in picks]
+    setting = {"cfg_scale": "cfg", "steps": "steps"}[rows[0]["setting"]]
+    titles = [f"{setting} {_fmt(r['value'])}: {r['nfe_per_image']} evals" for r in rows]
+    names = [class_names[labels[i]] if class_names else f"class {labels[i]}" for i in picks]
+    caption = f"scale {rows[0]['scale']}'s {setting} varied; each row one seed and class"
+    img = table_figure(cells, titles, names, upscale=max(1, 96 // sets[0][0].shape[1]), caption=caption)
+    return save_png(img, out_dir / "sweep_strips.png", {"rows": [
+        {k: r[k] for k in ("scale", "setting", "value", "steps", "cfg_scale")} for r in rows]})
+
+
+def cost_plot(rows: list[dict], path: str | os.PathLike) -> Path:
+    """The paper's speed/quality picture: FID against network evaluations and seconds per image."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fid = [r.get("fid") if r.get("fid") is not None else math.nan for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3.2), squeeze=False)
+    for ax, key, label in ((axes[0][0], "nfe_per_image", "network evaluations per image"),
+                           (axes[0][1], "seconds_per_image", "seconds per image (this machine)")):
+        xs = [r.get(key) if r.get(key) is not None else math.nan for r in rows]
+        ax.plot(xs, fid, "o")
+        for x, y, r in zip(xs, fid, rows):
+            ax.annotate(_fmt(r["value"]), (x, y), textcoords="offset points", xytext=(3, 3), fontsize=7)
+        ax.set_xlabel(label)
+        ax.set_ylabel("FID-" + _k(rows[0]["num_samples"]))
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"scale {rows[0]['scale']}: {rows[0]['setting']} swept (labels: its values)", fontsize=9)
+    return save_figure(fig, path)
 
 
 def _fmt(v) -> str:

@@ -73,6 +73,8 @@ class TrainResult:
     images_per_second: float = 0.0
     skipped: int = 0  # steps skipped for a non-finite loss (train.on_nonfinite=skip)
     interrupted: bool = False  # stopped by Ctrl-C / SIGTERM, after saving a checkpoint
+    time_capped: bool = False  # stopped by max_seconds before the last step
+    total_steps: int = 0  # the step the run was to reach
 
 
 def _local(p: torch.Tensor) -> torch.Tensor:
@@ -420,7 +422,7 @@ def _run(cfg: Config, world: World, data, progress: bool, max_seconds: float | N
     # -- the loop: a step, then its log, sample grid and checkpoint when due
     total_steps, start_step = max(tc.steps_for(k) for k in scales), state.step
     stream = IndexStream(data.labels, tc.batch_size, seed=tc.seed, balance_classes=tc.balance_classes)
-    stop, interrupted = StopRequest(), False
+    stop, interrupted, time_capped = StopRequest(), False, False
     if progress and world.is_main:
         print(f"[msf] training on {describe(dev)}, {world.size} process(es)", flush=True)
     bar = tqdm(total=total_steps, initial=start_step, disable=not (progress and world.is_main),
@@ -447,6 +449,9 @@ def _run(cfg: Config, world: World, data, progress: bool, max_seconds: float | N
                 if step % tc.log_every == 0 or step == total_steps:
                     rate = (step - start_step) * tc.batch_size / (time.perf_counter() - started)
                     bar.set_postfix(losses.write(step, list(result.losses), rate))
+                    if max_seconds is not None:
+                        _honour_cap(bar, step, start_step, total_steps, time.perf_counter() - started,
+                                    max_seconds)
                 if save and tc.sample_every and step % tc.sample_every == 0:
                     plain = _gathered(state.ema, cfg, world)
                     if plain is not None:
@@ -457,9 +462,14 @@ def _run(cfg: Config, world: World, data, progress: bool, max_seconds: float | N
             bar.update(1)
             if result.stop:
                 interrupted = stop.requested
+                time_capped = out_of_time and not interrupted and state.step < total_steps
                 break
     bar.close()
     seconds = time.perf_counter() - started
+    if time_capped and world.is_main:
+        warnings.warn(f"the time cap ({max_seconds / 60:g} min) stopped training at step {state.step} of "
+                      f"{total_steps}: a model trained this little samples poorly. Give it more time "
+                      "(--minutes) or fewer steps (train.steps=...)", stacklevel=3)
     losses.logger.close()
 
     # -- the end: a last checkpoint, the EMA model directory, the losses
@@ -468,7 +478,7 @@ def _run(cfg: Config, world: World, data, progress: bool, max_seconds: float | N
     result = TrainResult(
         pipeline=None, history=state.history, checkpoint=ckpts.last, seconds=seconds, steps=state.step,
         images_per_second=(state.step - start_step) * tc.batch_size / max(seconds, 1e-9),
-        skipped=state.skipped, interrupted=interrupted,
+        skipped=state.skipped, interrupted=interrupted, time_capped=time_capped, total_steps=total_steps,
     )
     # Under FSDP the main process gathers whole weights; the others return none: shards kept past
     # the process group's end hold its threads, and the process aborted at exit (seen in about 1
@@ -480,6 +490,16 @@ def _run(cfg: Config, world: World, data, progress: bool, max_seconds: float | N
     if bad_files and world.is_main:
         _write_bad_files(bad_files, out if save else None, cfg.model.image_size)
     return result
+
+
+def _honour_cap(bar, step: int, start_step: int, total_steps: int, elapsed: float,
+                max_seconds: float) -> None:
+    """Point the progress bar at the step the time cap will stop at, so its remaining time is right."""
+    reach = start_step + int((step - start_step) * max_seconds / max(elapsed, 1e-9))
+    if reach < total_steps:
+        bar.total = max(reach, step + 1)
+        bar.set_description(f"train (time cap: ~{bar.total} of {total_steps} steps)")
+        bar.refresh()
 
 
 def _write_bad_files(reads: list[str], out: Path | None, image_size: int) -> None:

@@ -43,10 +43,69 @@ def labelled_grid(
     return out
 
 
+def with_caption(img: Image.Image, caption: str | None) -> Image.Image:
+    """``img`` with lines of small text under it (the settings that made it)."""
+    if not caption:
+        return img
+    lines = caption.split("\n")
+    font = ImageFont.load_default()
+    width = max([img.width] + [int(ImageDraw.Draw(img).textlength(t, font=font)) + 8 for t in lines])
+    out = Image.new("RGB", (width, img.height + 12 * len(lines) + 6), "white")
+    out.paste(img, (0, 0))
+    draw = ImageDraw.Draw(out)
+    for i, line in enumerate(lines):
+        draw.text((4, img.height + 3 + 12 * i), line, fill=(60, 60, 60), font=ImageFont.load_default())
+    return out
+
+
+def save_png(img: Image.Image, path: str | Path, meta: dict | None = None) -> Path:
+    """Write a PNG (creating the folder), with ``meta`` as a JSON text chunk named ``msf``."""
+    import json
+
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    if meta:
+        info.add_text("msf", json.dumps(meta, default=str))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path, pnginfo=info)
+    return path
+
+
+def table_figure(
+    cells: Sequence[Sequence[Tensor]], col_titles: Sequence[str], row_titles: Sequence[str],
+    upscale: int = 3, pad: int = 4, label_width: int = 90, caption: str | None = None,
+) -> Image.Image:
+    """Rows of equally sized uint8 (H, W, 3) images, titled above each column and left of each row."""
+    import textwrap
+
+    h, w = cells[0][0].shape[:2]
+    ch, cw = h * upscale, max(w * upscale, 64)  # at least ~10 characters of title per column
+    titles = [textwrap.wrap(t, max(cw // 6, 8), break_long_words=False) for t in col_titles]
+    top = 12 * max(len(t) for t in titles) + 4
+    out = Image.new("RGB", (label_width + len(col_titles) * (cw + pad) + pad,
+                            top + len(cells) * (ch + pad) + pad), "white")
+    draw = ImageDraw.Draw(out)
+    font = ImageFont.load_default()
+    for j, lines in enumerate(titles):
+        for i, line in enumerate(lines):
+            draw.text((label_width + pad + j * (cw + pad), 2 + 12 * i), line, fill="black", font=font)
+    for i, row in enumerate(cells):
+        y = top + pad + i * (ch + pad)
+        draw.text((4, y + ch // 2 - 5), row_titles[i][:18], fill="black", font=font)
+        for j, cell in enumerate(row):
+            tile = Image.fromarray(cell.numpy()).resize((w * upscale, ch), Image.Resampling.NEAREST)
+            out.paste(tile, (label_width + pad + j * (cw + pad), y))
+    return with_caption(out, caption)
+
+
 def save_sample_grid(
-    images: Tensor, labels: Sequence[int], class_names: Sequence[str] | None, path: str | Path
+    images: Tensor, labels: Sequence[int], class_names: Sequence[str] | None, path: str | Path,
+    caption: str | None = None, meta: dict | None = None,
 ) -> Path:
-    """Save samples (float in [-1, 1]) as a grid with one labelled row per distinct class."""
+    """Save samples (float in [-1, 1]) as a grid with one labelled row per distinct class;
+    ``caption`` is written under it and ``meta`` (the settings) into the PNG."""
     labels = list(labels)
     classes = list(dict.fromkeys(labels))
     per_row = max(labels.count(c) for c in classes)
@@ -59,10 +118,7 @@ def save_sample_grid(
             row = torch.cat([row, torch.full((per_row - len(idx), *u8.shape[1:]), 255, dtype=torch.uint8)])
         rows.append(row)
     names = [class_names[c] if class_names else f"class {c}" for c in classes]
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    labelled_grid(torch.cat(rows), names).save(path)
-    return path
+    return save_png(with_caption(labelled_grid(torch.cat(rows), names), caption), path, meta)
 
 
 def _show(t: Tensor, symmetric: bool) -> np.ndarray:
@@ -121,7 +177,8 @@ def loss_plot(history: dict[int, list[tuple[int, float]]], path: str | Path) -> 
     ax.set_xlabel("step")
     ax.set_ylabel("rectified-flow loss")
     ax.set_yscale("log")
-    ax.legend()
+    if any(history.values()):
+        ax.legend()
     ax.grid(alpha=0.3)
     return save_figure(fig, path)
 
