@@ -7,6 +7,7 @@
     msf eval --samples A --ref B   FID and KID with 95% intervals, IS, precision/recall, class accuracy
     msf compare --presets A,B      train presets at equal budget over seeds, evaluate, tables and plots
     msf sweep MODEL_DIR --ref B    per-scale CFG or steps sweep -> tables and plot (paper Tables 2-5)
+    msf app MODEL_DIR              a local web page: pick class, seed, steps, guidance; see each scale
     msf info PRESET|MODEL_DIR      sizes, tokens, parameters, FLOPs per scale
 """
 
@@ -256,6 +257,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_app(args: argparse.Namespace) -> int:
+    from msf.app import serve
+
+    serve(args.model_dir, host=args.host, port=args.port, device=args.device)
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> None:
     from msf.info import format_info, model_info
 
@@ -407,6 +415,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("overrides", nargs="*",
                    help="key=value for every preset, or preset:key=value for one (dit-demo:train.lr=2e-4)")
     c.set_defaults(func=cmd_compare)
+
+    a = sub.add_parser("app", help="a local web page: sample a class, see what each scale generated")
+    a.add_argument("model_dir", help="a model directory, or the name of a model shipped with msf")
+    a.add_argument("--host", default="127.0.0.1", help="address to serve on (default: this machine only)")
+    a.add_argument("--port", type=int, default=None, help="port (default: the first free from 7860)")
+    a.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    a.set_defaults(func=cmd_app)
 
     i = sub.add_parser("info", help="sizes, tokens, parameters and FLOPs of a preset or model")
     i.add_argument("target", help=f"a preset ({', '.join(PRESETS)}) or a model directory")
