@@ -147,7 +147,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     nets, autocast = inference_nets(pipe, args.precision, args.compile)
     settings = SamplerSettings.of(cfg, **_sampling(args))
-    caption = f"{args.model_dir}  seed {args.seed}  {settings.describe()}  {args.precision}"
+    who = f"{args.model_dir}  seed {args.seed}  {args.precision}"
     meta = {"model": str(args.model_dir), "seed": args.seed, "precision": args.precision,
             "labels": labels, **settings.to_dict()}
     with tf32(device, args.tf32):
@@ -161,12 +161,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
             images = pipe.sample(torch.tensor(labels), settings=settings, seed=args.seed, nets=nets,
                                  precision=autocast, batch_size=args.batch_size,
                                  callback=progress_bar(not args.quiet))
-    path = save_sample_grid(images, labels, cfg.class_names, args.out, caption=caption, meta=meta)
+    path = save_sample_grid(images, labels, cfg.class_names, args.out, meta=meta,
+                            caption=f"{who}  {settings.describe()}")
     print(f"wrote {len(labels)} samples to {path}")
     if args.show_scales:
         out = Path(args.out)
-        scales = scales_figure(view, out.with_name(out.stem + "_scales.png"), cfg.class_names,
-                               caption=caption)
+        scales = scales_figure(view, out.with_name(out.stem + "_scales.png"), cfg.class_names, caption=who)
         print(f"wrote what each scale generated to {scales}")
     return 0
 
