@@ -5,6 +5,7 @@ import io
 import json
 import os
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -212,6 +213,55 @@ def test_load_images_errors(tmp_path, emoji):
         load_images(tmp_path / "missing.npz")
     with pytest.raises(ValueError, match="expected an ADM-format .npz"):
         load_images(__file__)
+
+
+def test_eval_reads_a_folder_as_training_does(tmp_path, emoji):
+    from msf.imagefolder import ImageFolder
+    from msf.metrics import image_size_of
+
+    folder = tmp_path / "ref" / "cls"
+    folder.mkdir(parents=True)
+    # a transparent red icon: white where transparent in training, and so in eval
+    rgba = np.dstack([emoji[3], np.where(emoji[3].mean(-1) > 128, 0, 255).astype(np.uint8)])
+    rgba[..., 0][rgba[..., 3] == 0] = 255
+    Image.fromarray(rgba, "RGBA").save(folder / "icon.png")
+    Image.fromarray(np.kron(emoji[4], np.ones((2, 2, 1), np.uint8))).save(folder / "big.webp", lossless=True)
+    Image.fromarray(emoji[5]).save(folder / "small.tif")
+    trained = ImageFolder(tmp_path / "ref", 32)
+    by_name = {Path(f).name: trained[i][0].numpy() for i, (f, _) in enumerate(trained.samples)}
+    got = load_images(tmp_path / "ref", image_size=32)  # mixed sizes: cropped and resized as in training
+    names = sorted(by_name)
+    np.testing.assert_array_equal(got, np.stack([by_name[n] for n in names]))
+    assert (got[names.index("icon.png")][rgba[..., 3] == 0] == 255).all()
+    with pytest.raises(ValueError, match="share one size"):
+        load_images(tmp_path / "ref")
+    # evaluate crops a reference folder to the samples' size, read from the .npz header
+    np.savez(tmp_path / "s.npz", arr_0=emoji[:6])
+    assert image_size_of(tmp_path / "s.npz") == 32 and image_size_of(emoji[:2, :16, :16]) == 16
+    r = evaluate(tmp_path / "s.npz", tmp_path / "ref", metrics=["fid"], extractor=MeanColour(),
+                 cache_dir=tmp_path / "cache", progress=False, bootstraps=0, floor=False)
+    assert r["num_ref"] == 3 and np.isfinite(r["fid"])
+
+
+def test_reference_from_training_data(tmp_path, emoji, capsys):
+    from msf.cli import main
+    from msf.data import load_dataset, prepare_data
+
+    assert main(["reference", "emoji", "--image-size", "16", "--num-images", "50", "--out",
+                 str(tmp_path / "ref.npz"), "--quiet"]) == 0
+    assert "ref.npz" in capsys.readouterr().out
+    with np.load(tmp_path / "ref.npz") as d:
+        images, labels, names = d["arr_0"], d["arr_1"], list(d["class_names"])
+    data = prepare_data(load_dataset("emoji"), 16)
+    # 50 distinct training images, each exactly as training sees it at 16 px, with its label
+    rows = {data.images[i].numpy().tobytes(): int(data.labels[i]) for i in range(len(data.labels))}
+    assert images.shape == (50, 16, 16, 3) and len({im.tobytes() for im in images}) == 50
+    assert all(rows[im.tobytes()] == y for im, y in zip(images, labels))
+    assert names == list(data.class_names)
+    with pytest.raises(ValueError, match="num_images must be >= 1"):
+        from msf.reference import build_reference
+
+        build_reference("emoji", tmp_path / "x.npz", 16, num_images=0)
 
 
 # ---------------------------------------------------------------------------------------------------------

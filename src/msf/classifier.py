@@ -135,7 +135,8 @@ def labelled_images(spec: str, image_size: int) -> tuple[np.ndarray, np.ndarray,
                 if "arr_1" not in d.files:
                     raise ValueError(f"{path}: no labels (arr_1) for the class-accuracy classifier")
                 images, labels = d["arr_0"], d["arr_1"].astype(np.int64)
-                names = [str(i) for i in range(int(labels.max()) + 1)]
+                names = ([str(c) for c in d["class_names"]] if "class_names" in d.files
+                         else [str(i) for i in range(int(labels.max()) + 1)])
                 return _resized(images, image_size), labels, names
     data = load_dataset(spec, image_size)
     if hasattr(data, "images"):

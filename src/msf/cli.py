@@ -5,6 +5,7 @@
     msf extract --out DIR k=v      encode the training data once into a latent cache
     msf sample MODEL_DIR ...       class labels -> PNG grid, or --num-samples N --npz -> ADM sample set
     msf eval --samples A --ref B   FID and KID with 95% intervals, IS, precision/recall, class accuracy
+    msf reference DATA --out R     training data as a reference .npz (decoded and cropped as in training)
     msf compare --presets A,B      train presets at equal budget over seeds, evaluate, tables and plots
     msf sweep MODEL_DIR --ref B    per-scale CFG or steps sweep -> tables and plot (paper Tables 2-5)
     msf app MODEL_DIR              a local web page: pick class, seed, steps, guidance; see each scale
@@ -206,6 +207,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reference(args: argparse.Namespace) -> int:
+    from msf.reference import build_reference
+
+    out = build_reference(args.data, args.out, args.image_size, num_images=args.num_images, seed=args.seed,
+                          progress=not args.quiet)
+    print(f"wrote {out} (arr_0 images, arr_1 labels, class_names); use it as --ref and --class-data")
+    if args.stats:
+        from msf.metrics import compute_reference, load_feature_extractor
+
+        extractor = load_feature_extractor(args.weights, args.device, args.feature_precision)
+        stats = compute_reference(out, extractor, args.stats, batch_size=args.feature_batch_size or 16,
+                                  progress=not args.quiet)
+        print(f"wrote {stats} (Inception statistics: {extractor.name}); use it as --ref")
+    return 0
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
     from msf.distributed import close_world, init_world
     from msf.pipeline import MSFPipeline
@@ -381,6 +398,18 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", help="also write the results to this JSON file")
     ev.add_argument("--device", default="cpu")
     ev.set_defaults(func=cmd_eval)
+
+    r = sub.add_parser("reference", help="training data -> a reference .npz (images as training reads them)")
+    r.add_argument("data", help="emoji, an .npz of images and labels, or a folder of class folders")
+    r.add_argument("--image-size", type=int, required=True, help="crop and resize to this, as training does")
+    r.add_argument("--out", required=True, help="output .npz (arr_0 images, arr_1 labels, class_names)")
+    r.add_argument("--num-images", type=int, help="draw this many at random (default: all)")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--stats", help="also write Inception statistics of the reference to this .npz")
+    r.add_argument("--feature-precision", choices=["fp32", "bf16"], default="fp32")
+    r.add_argument("--device", default=None, help="for --stats (default: cuda when available)")
+    _eval_args(r)
+    r.set_defaults(func=cmd_reference)
 
     w = sub.add_parser("sweep", help="per-scale CFG or steps sweep: sample sets, metrics, tables, plot")
     w.add_argument("model_dir")

@@ -252,12 +252,15 @@ def image_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
 
 
-def load_images(spec: str | Path, progress: bool = False) -> np.ndarray:
-    """uint8 (N, H, W, 3) images from an ADM-format ``.npz`` (``arr_0``) or a folder (recursive; png, jpg,
-    jpeg, webp, bmp; converted to RGB; all the same size)."""
+def load_images(spec: str | Path, progress: bool = False, image_size: int | None = None) -> np.ndarray:
+    """uint8 (N, H, W, 3) images from an ADM-format ``.npz`` (``arr_0``) or a folder (recursive).
+
+    A folder's files are decoded as training decodes them (:func:`msf.imagefolder.load_image`: the same
+    extensions, transparency composited on white); with ``image_size`` each is centre-cropped and resized
+    to it as in training, so a folder may mix sizes; without, its images must share one size."""
     path = Path(spec).expanduser()
     if path.is_dir():
-        return _load_folder(path, progress)
+        return _load_folder(path, progress, image_size)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or folder")
     if path.suffix != ".npz":
@@ -275,6 +278,35 @@ def load_images(spec: str | Path, progress: bool = False) -> np.ndarray:
     return images
 
 
+def image_size_of(spec: str | Path | np.ndarray) -> int | None:
+    """The height of a set of images without reading them all: an array, an ADM ``.npz`` (its header), or a
+    folder (its first image); None for anything else (a statistics file)."""
+    if isinstance(spec, np.ndarray):
+        return int(spec.shape[1]) if spec.ndim == 4 else None
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        files = image_files(path)
+        if not files:
+            return None
+        from PIL import Image
+
+        with Image.open(files[0]) as im:
+            return im.height
+    if path.suffix == ".npz" and path.is_file():
+        import zipfile
+
+        try:
+            with zipfile.ZipFile(path) as z, z.open("arr_0.npy") as f:
+                version = np.lib.format.read_magic(f)
+                read = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                    np.lib.format.read_array_header_2_0
+                shape = read(f)[0]
+        except (KeyError, OSError, ValueError, zipfile.BadZipFile):
+            return None
+        return int(shape[1]) if len(shape) == 4 else None
+    return None
+
+
 def open_npz(path: Path):
     try:
         return np.load(path, allow_pickle=False)
@@ -282,9 +314,11 @@ def open_npz(path: Path):
         raise ValueError(f"{path}: not a readable .npz file ({e})") from e
 
 
-def _load_folder(folder: Path, progress: bool) -> np.ndarray:
+def _load_folder(folder: Path, progress: bool, image_size: int | None = None) -> np.ndarray:
     from PIL import Image
     from tqdm import tqdm
+
+    from msf.imagefolder import DECODE_ERRORS, load_image, to_rgb
 
     files = image_files(folder)
     if not files:
@@ -292,9 +326,12 @@ def _load_folder(folder: Path, progress: bool) -> np.ndarray:
     out = None
     for i, f in enumerate(tqdm(files, desc="reading images", unit="img", disable=not progress)):
         try:
-            with Image.open(f) as im:
-                a = np.asarray(im.convert("RGB"))
-        except OSError as e:
+            if image_size is not None:
+                a = load_image(f, image_size)
+            else:
+                with Image.open(f) as im:
+                    a = np.asarray(to_rgb(im))
+        except DECODE_ERRORS as e:
             raise ValueError(f"{f}: cannot read image ({e})") from e
         if out is None:
             out = np.empty((len(files), *a.shape), np.uint8)

@@ -33,6 +33,7 @@ from msf.features import (  # noqa: F401 (re-exported)
     TORCH_FIDELITY_WEIGHTS,
     FeatureExtractor,
     WeightsFile,
+    image_size_of,
     load_feature_extractor,
     load_images,
 )
@@ -112,8 +113,9 @@ def evaluate(
         extractor = load_feature_extractor(weights, device, feature_precision)
     if batch_size is None:
         batch_size = 128 if extractor.device.type == "cuda" else 16
-    # The reference first: a stats file from another network fails before any sample is read.
-    ref_stats, ref_file = stats_for(ref, extractor, cache, batch_size, progress)
+    # The reference first: a stats file from another network fails before any sample is read. A reference
+    # folder is decoded, cropped and resized as training does it, to the samples' size.
+    ref_stats, ref_file = stats_for(ref, extractor, cache, batch_size, progress, image_size_of(samples))
     sample_stats, _ = stats_for(samples, extractor, None, batch_size, progress)
 
     results: dict = {

@@ -124,14 +124,17 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "msf" / "ref_stats"
 
 
-def _cache_file(path: Path, extractor: FeatureExtractor, cache_dir: Path) -> tuple[Path, str]:
+def _cache_file(path: Path, extractor: FeatureExtractor, cache_dir: Path, image_size: int | None = None
+                ) -> tuple[Path, str]:
     """Where the statistics of ``path`` live in the cache: named by the source, keyed by its files' sizes and
-    modification times and by the feature network."""
+    modification times, the size a folder's images were cropped to, and the feature network."""
     path = path.resolve()
     files = image_files(path) if path.is_dir() else [path]
     listing = [(str(f.relative_to(path)) if path.is_dir() else f.name, f.stat().st_size, f.stat().st_mtime_ns)
                for f in files]
     network = [extractor.weights.sha256] + ([extractor.precision] if extractor.precision != "fp32" else [])
+    if path.is_dir() and image_size is not None:
+        network.append(f"crop{image_size}")
     key = hashlib.sha256(json.dumps([str(path), listing, *network]).encode()).hexdigest()
     # Entries of one source and network share a prefix: a new one replaces those of older file versions.
     source_id = hashlib.sha256(json.dumps([str(path), *network]).encode()).hexdigest()[:8]
@@ -139,13 +142,14 @@ def _cache_file(path: Path, extractor: FeatureExtractor, cache_dir: Path) -> tup
 
 
 def _reference_stats(
-    spec: str | Path, extractor: FeatureExtractor, cache_dir: Path, batch_size: int, progress: bool
+    spec: str | Path, extractor: FeatureExtractor, cache_dir: Path, batch_size: int, progress: bool,
+    image_size: int | None = None,
 ) -> tuple[Stats, Path | None]:
     """Statistics of a folder or ADM ``.npz``, from the cache when fresh; returns the cache file too."""
     path = Path(spec).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or folder")
-    cached, key = _cache_file(path, extractor, cache_dir)
+    cached, key = _cache_file(path, extractor, cache_dir, image_size)
     if cached.is_file():
         try:
             stats = _load_stats(cached)
@@ -153,7 +157,7 @@ def _reference_stats(
             stats = None  # unreadable: recompute over it
         if stats is not None and stats.meta.get("cache_key") == key:
             return stats, cached
-    stats = _stats_with_moments(path, extractor, batch_size, progress)
+    stats = _stats_with_moments(path, extractor, batch_size, progress, image_size)
     stats.meta["cache_key"] = key
     _save_stats(stats, cached)
     prefix = cached.name.rsplit("-", 1)[0] + "-"
@@ -163,8 +167,10 @@ def _reference_stats(
     return stats, cached
 
 
-def _stats_with_moments(path: Path, extractor: FeatureExtractor, batch_size: int, progress: bool) -> Stats:
-    stats = _stats_of(load_images(path, progress), extractor, str(path.resolve()), batch_size, progress)
+def _stats_with_moments(path: Path, extractor: FeatureExtractor, batch_size: int, progress: bool,
+                        image_size: int | None = None) -> Stats:
+    images = load_images(path, progress, image_size if path.is_dir() else None)
+    stats = _stats_of(images, extractor, str(path.resolve()), batch_size, progress)
     adm = _adm_reference_moments(path)
     if adm is not None:
         # ADM's reference batches hold the moments of the whole training set, computed by its evaluator,
@@ -189,8 +195,10 @@ def _adm_reference_moments(path: Path) -> tuple[np.ndarray, np.ndarray] | None:
 
 def stats_for(
     spec: str | Path | np.ndarray, extractor: FeatureExtractor, cache_dir: Path | None, batch_size: int,
-    progress: bool,
+    progress: bool, image_size: int | None = None,
 ) -> tuple[Stats, Path | None]:
+    """Statistics of images, a folder, an ``.npz`` or a statistics file; a folder's images are cropped and
+    resized to ``image_size`` as in training (where given)."""
     if isinstance(spec, np.ndarray):
         return _stats_of(spec, extractor, "<array>", batch_size, progress), None
     path = Path(spec).expanduser()
@@ -199,6 +207,46 @@ def stats_for(
         _check_network(stats, extractor, path)
         return stats, path
     if cache_dir is None:
-        images = load_images(path, progress)
+        images = load_images(path, progress, image_size if path.is_dir() else None)
         return _stats_of(images, extractor, str(path.resolve()), batch_size, progress), None
-    return _reference_stats(path, extractor, cache_dir, batch_size, progress)
+    return _reference_stats(path, extractor, cache_dir, batch_size, progress, image_size)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Building a reference from training data
+
+
+def build_reference(
+    spec: str, out_path: str | Path, image_size: int, *, num_images: int | None = None, seed: int = 0,
+    progress: bool = True,
+) -> Path:
+    """Write training data as an ADM-format reference ``.npz``: ``arr_0`` (uint8 images, decoded, cropped and
+    resized exactly as training reads them), ``arr_1`` (labels, for class accuracy) and ``class_names``.
+
+    ``spec`` is what ``train.data`` takes ("emoji", an ``.npz`` of images and labels, a folder of class
+    folders); ``num_images`` draws that many at random (seeded, without replacement) instead of all.
+    """
+    from tqdm import tqdm
+
+    from msf.data import load_dataset, prepare_data
+
+    data = load_dataset(spec, image_size, strict=True)
+    if not hasattr(data, "images") and not hasattr(data, "samples"):
+        raise ValueError(f"{spec}: a latent cache holds no images; build the reference from the image data")
+    n = len(data)
+    if num_images is not None and num_images < 1:
+        raise ValueError(f"num_images must be >= 1, got {num_images}")
+    idx = np.arange(n)
+    if num_images is not None and num_images < n:
+        idx = np.sort(np.random.default_rng(seed).choice(n, num_images, replace=False))
+    if hasattr(data, "images"):
+        data = prepare_data(data, image_size)
+        images, labels = data.images.numpy()[idx], data.labels.numpy()[idx]
+    else:
+        images = np.empty((len(idx), image_size, image_size, 3), np.uint8)
+        labels = np.empty(len(idx), np.int64)
+        for j, i in enumerate(tqdm(idx, desc="reading images", unit="img", disable=not progress)):
+            x, labels[j], _ = data[int(i)]
+            images[j] = x.numpy()
+    names = np.array(list(data.class_names))
+    return atomic_write_numpy(Path(out_path), np.savez, arr_0=images, arr_1=labels, class_names=names)
