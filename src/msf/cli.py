@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -194,10 +195,12 @@ def _sample_set(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from msf.distributed import init_world
     from msf.metrics import evaluate, format_results
 
     metrics = tuple(m.strip() for m in args.metrics.split(","))
-    res = evaluate(args.samples, args.ref, metrics=metrics, weights=args.weights, device=args.device,
+    device = init_world(args.device).device  # the same rule as the other commands: CUDA when available
+    res = evaluate(args.samples, args.ref, metrics=metrics, weights=args.weights, device=device,
                    batch_size=args.feature_batch_size, cache_dir=args.cache_dir, progress=not args.quiet,
                    bootstraps=args.bootstraps, floor=args.floor, class_data=args.class_data,
                    feature_precision=args.feature_precision)
@@ -214,9 +217,11 @@ def cmd_reference(args: argparse.Namespace) -> int:
                           progress=not args.quiet)
     print(f"wrote {out} (arr_0 images, arr_1 labels, class_names); use it as --ref and --class-data")
     if args.stats:
+        from msf.distributed import init_world
         from msf.metrics import compute_reference, load_feature_extractor
 
-        extractor = load_feature_extractor(args.weights, args.device, args.feature_precision)
+        device = init_world(args.device).device
+        extractor = load_feature_extractor(args.weights, device, args.feature_precision)
         stats = compute_reference(out, extractor, args.stats, batch_size=args.feature_batch_size or 16,
                                   progress=not args.quiet)
         print(f"wrote {stats} (Inception statistics: {extractor.name}); use it as --ref")
@@ -229,7 +234,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from msf.sweep import run_sweep, sweep_points
 
     if (args.cfg_values is None) == (args.steps_values is None):
-        raise ConfigError("give exactly one of --cfg (CFG scales to try) or --steps (step counts to try)")
+        raise ConfigError("give exactly one of --cfg-values (guidance scales to try) or --steps-values "
+                          "(step counts to try)")
     world = init_world(args.device)
     try:
         pipe = MSFPipeline.from_pretrained(args.model_dir, device=world.device)
@@ -324,9 +330,19 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true")
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("msf")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="msf", description="MSF: multi-scale latent factorization "
                                 "for diffusion (Jiang et al., 2025)")
+    p.add_argument("--version", action="version", version=f"msf {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("demo", help="train a small two-scale MSF on the built-in emoji (CPU, minutes)")
@@ -396,7 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="Inception in fp32 (the reference) or bf16 autocast (2.2x faster on CPUs, "
                     "FID within 0.6%%)")
     ev.add_argument("--json", help="also write the results to this JSON file")
-    ev.add_argument("--device", default="cpu")
+    ev.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     ev.set_defaults(func=cmd_eval)
 
     r = sub.add_parser("reference", help="training data -> a reference .npz (images as training reads them)")
@@ -415,8 +431,11 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("model_dir")
     w.add_argument("--ref", required=True, help="reference: .npz, image folder or statistics file")
     w.add_argument("--scale", type=int, default=0, help="the scale whose setting varies (0 = base)")
-    w.add_argument("--cfg", dest="cfg_values", type=_floats, help="CFG scales to try: 1,1.2,1.4")
-    w.add_argument("--steps", dest="steps_values", type=_ints, help="step counts to try: 10,50,100")
+    # values to try, one run each (in `msf sample`, --cfg and --steps give one value per scale instead)
+    w.add_argument("--cfg-values", "--cfg", dest="cfg_values", type=_floats,
+                   help="guidance scales to try, one sample set each: 1,1.2,1.4 (--cfg is an old name)")
+    w.add_argument("--steps-values", "--steps", dest="steps_values", type=_ints,
+                   help="step counts to try, one sample set each: 10,50,100 (--steps is an old name)")
     w.add_argument("--num-samples", type=int, default=5000, help="samples per setting (default 5000)")
     w.add_argument("--batch-size", type=int, default=64)
     w.add_argument("--out", default="runs/sweep", help="output directory")
@@ -469,6 +488,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"msf {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # the reader went away (`msf info demo | head`): stop quietly, as cat and grep do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

@@ -27,6 +27,8 @@ TIME_SAMPLERS = ("uniform", "logit-normal")
 PRECISIONS = ("bf16", "fp32")  # training: autocast dtype of the forward pass
 # sampling adds bf16 weight copies (msf.speed.inference_copy) to the autocast choices
 SAMPLING_PRECISIONS = ("fp32", "bf16", "bf16-weights")
+TIME_CONVENTIONS = ("msf", "sit")  # how a scale's weights read time (msf.models, msf.convert)
+GELUS = ("exact", "tanh")
 
 
 class ConfigError(ValueError):
@@ -56,6 +58,10 @@ class ScaleConfig:
     steps: int = 50  # network evaluations per CFG branch
     cfg_scale: float = 1.0
     solver: str = "euler"
+    # For weights imported from SiT (msf.convert), whose time and prediction run the other way:
+    # "sit" feeds the network 1 - t and negates its output, so it still gives msf's velocity at t.
+    time_convention: str = "msf"
+    gelu: str = "exact"  # "tanh": the GELU approximation DiT and SiT were trained with
 
 
 def evaluations(steps: int, cfg_scale: float) -> int:
@@ -199,6 +205,7 @@ class TrainConfig:
     deterministic: bool = False  # deterministic kernels only (GPU: bit-exact resume, some ops slower)
     fsdp: bool = False  # shard weights, grads and optimizer state over processes (large presets)
     tensorboard: bool = True  # scalars (and sample grids) under <out_dir>/tb, if installed
+    wandb_project: str = ""  # also log to Weights & Biases under this project ("": off; pip install wandb)
     sample_every: int = 0  # steps between sample grids of the EMA model; 0: off
 
     def steps_for(self, k: int) -> int:
@@ -424,6 +431,8 @@ def validate(cfg: Config) -> Config:
         _in_range(f"{where}.mlp_ratio", s.mlp_ratio, 0.0, INF, False, integer=False)
         if s.solver not in SOLVERS:
             raise ConfigError(f"{where}.solver must be one of {SOLVERS}, got {s.solver!r}")
+        _choice(f"{where}.time_convention", s.time_convention, TIME_CONVENTIONS)
+        _choice(f"{where}.gelu", s.gelu, GELUS)
     _choice("model.base_mode", m.base_mode, BASE_MODES)
     _choice("model.prior", m.prior, PRIOR_MODES)
     _choice("model.normalize", m.normalize, NORMALIZE_MODES)

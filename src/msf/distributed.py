@@ -41,6 +41,9 @@ def init_world(device: str | None = None) -> World:
     size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device is not None and device != "cpu" and not device.startswith("cuda"):
+        raise ValueError(f"device {device!r}: msf runs on 'cpu' or 'cuda' (or 'cuda:N'); other devices "
+                         "(mps, xpu) are not supported yet")
     use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
     if use_cuda and not torch.cuda.is_available():
         raise ValueError(f"device {device!r}: CUDA is not available here (torch {torch.__version__}, "

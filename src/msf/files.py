@@ -26,6 +26,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Pa
     tmp = Path(name)
     try:
         write(tmp)
+        # mkstemp (and some writers, e.g. safetensors) make the file 0600; give it the mode a plain open()
+        # would (0666 less the umask), so that colleagues on a shared cluster can read weights and samples
+        os.chmod(tmp, 0o666 & ~_umask())
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -38,6 +41,16 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Pa
     finally:
         os.close(fd)
     return path
+
+
+def _umask() -> int:
+    try:  # Linux: read it without setting it (os.umask sets it process-wide, racing other threads)
+        with open("/proc/self/status") as f:
+            return int(next(line.split()[1] for line in f if line.startswith("Umask:")), 8)
+    except (OSError, StopIteration, ValueError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

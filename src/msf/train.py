@@ -22,12 +22,14 @@ Run directory (``train.out_dir``)::
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
 import os
 import shutil
 import signal
+import sys
 import threading
 import time
 import warnings
@@ -191,24 +193,40 @@ def _check_resume(cfg: Config, found: tuple[dict, Path]) -> None:
 
 
 class _Logger:
-    """TensorBoard scalars and images on the main process, if tensorboard is installed."""
+    """Scalars and images on the main process: TensorBoard (if installed), Weights & Biases (if
+    ``train.wandb_project`` is set) and a line per log step in ``<out_dir>/log.txt``."""
 
-    def __init__(self, out: Path, enabled: bool):
-        self.writer = None
+    def __init__(self, out: Path, cfg: Config, enabled: bool):
+        self.writer = self.wandb = self.text = None
         if not enabled:
             return
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            warnings.warn("tensorboard is not installed: no TensorBoard logs "
-                          "(pip install tensorboard, or set train.tensorboard=false)", stacklevel=3)
-            return
-        self.writer = SummaryWriter(str(out / "tb"))
+        self.text = out / "log.txt"
+        if cfg.train.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                warnings.warn("tensorboard is not installed: no TensorBoard logs "
+                              "(pip install tensorboard, or set train.tensorboard=false)", stacklevel=3)
+            else:
+                self.writer = SummaryWriter(str(out / "tb"))
+        if cfg.train.wandb_project:
+            try:
+                import wandb
+            except ImportError:
+                raise ConfigError(f"train.wandb_project={cfg.train.wandb_project!r}: Weights & Biases is not "
+                                  "installed (pip install wandb), or set train.wandb_project=''") from None
+            self.wandb = wandb.init(project=cfg.train.wandb_project, name=out.name, dir=str(out),
+                                    config=to_dict(cfg), resume="allow")
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         if self.writer:
             for k, v in values.items():
                 self.writer.add_scalar(k, v, step)
+        if self.wandb:
+            self.wandb.log(values, step=step)
+        if self.text:
+            with open(self.text, "a") as f:
+                f.write(f"step {step} " + " ".join(f"{k}={v:.6g}" for k, v in values.items()) + "\n")
 
     def image(self, step: int, tag: str, path: Path) -> None:
         if self.writer:
@@ -217,10 +235,48 @@ class _Logger:
 
             self.writer.add_image(tag, np.asarray(Image.open(path).convert("RGB")), step,
                                   dataformats="HWC")
+        if self.wandb:
+            import wandb
+
+            self.wandb.log({tag: wandb.Image(str(path))}, step=step)
 
     def close(self) -> None:
         if self.writer:
             self.writer.close()
+        if self.wandb:
+            self.wandb.finish()
+
+
+class _Tee:
+    """A stream that also appends what is written to a file; progress-bar redraws (``\\r``) stay on
+    the terminal."""
+
+    def __init__(self, stream, path: Path):
+        self.stream, self.path = stream, path
+
+    def write(self, text: str) -> int:
+        if "\r" not in text and text:
+            with open(self.path, "a") as f:
+                f.write(text)
+        return self.stream.write(text)
+
+    def __getattr__(self, name: str):
+        return getattr(self.stream, name)
+
+
+@contextlib.contextmanager
+def _printed_to(path: Path | None):
+    """While running, what is printed to stdout and stderr also goes to ``path`` (``<out_dir>/log.txt``)."""
+    if path is None:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    out, err = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = _Tee(out, path), _Tee(err, path)
+    try:
+        yield
+    finally:
+        sys.stdout, sys.stderr = out, err
 
 
 # --------------------------------------------------------------------------- the state of a run
@@ -385,7 +441,8 @@ def train(
             # cuBLAS needs a fixed workspace for deterministic products; set before its first use
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True)
-        return _run(copy.deepcopy(cfg), world, data, progress, max_seconds, save, resume)
+        with _printed_to(Path(cfg.train.out_dir) / "log.txt" if save and world.is_main else None):
+            return _run(copy.deepcopy(cfg), world, data, progress, max_seconds, save, resume)
     finally:
         torch.use_deterministic_algorithms(was_deterministic)
         close_world(world)
@@ -417,7 +474,7 @@ def _run(cfg: Config, world: World, data, progress: bool, max_seconds: float | N
     if save and world.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
-    losses = _LossLog(state, scales, tc, world, _Logger(out, tc.tensorboard and world.is_main and save))
+    losses = _LossLog(state, scales, tc, world, _Logger(out, cfg, world.is_main and save))
 
     # -- the loop: a step, then its log, sample grid and checkpoint when due
     total_steps, start_step = max(tc.steps_for(k) for k in scales), state.step

@@ -1,0 +1,73 @@
+"""Issue 19, item 7: the command line behaves the same way everywhere."""
+
+import os
+import stat
+import subprocess
+import sys
+import types
+
+import pytest
+
+from msf.cli import build_parser, main
+from msf.config import preset
+from msf.pipeline import MSFPipeline
+from msf.train import train
+
+
+def test_version_and_a_closed_pipe(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.startswith("msf 0.")
+    # `msf info paper-imagenet256 | head -1`: the reader leaves early; no BrokenPipeError traceback
+    r = subprocess.run(f"{sys.executable} -m msf info paper-imagenet256 | head -c 10", shell=True,
+                       capture_output=True, text=True, timeout=120)
+    assert len(r.stdout) == 10 and "Traceback" not in r.stderr and "BrokenPipe" not in r.stderr
+
+
+def test_unsupported_devices_are_refused_not_ignored(tmp_path, capsys):
+    model = MSFPipeline(preset("tiny").model).save_pretrained(tmp_path / "m")
+    assert main(["sample", str(model), "--num-samples", "2", "--npz", str(tmp_path / "s.npz"),
+                 "--device", "mps"]) == 2
+    assert "device 'mps': msf runs on 'cpu' or 'cuda'" in capsys.readouterr().err
+    assert not (tmp_path / "s.npz").exists()
+    # eval's device follows the same rule as the others: the best one available by default
+    assert build_parser().parse_args(["eval", "--samples", "a", "--ref", "b"]).device is None
+
+
+def test_sweep_names_say_values_to_try():
+    args = build_parser().parse_args(["sweep", "m", "--ref", "r", "--cfg-values", "1,2", "--scale", "1"])
+    assert args.cfg_values == [1.0, 2.0] and args.steps_values is None
+    old = build_parser().parse_args(["sweep", "m", "--ref", "r", "--steps", "5,10"])
+    assert old.steps_values == [5, 10]
+
+
+def test_files_get_the_usual_permissions(tmp_path):
+    old = os.umask(0o022)
+    try:
+        model = MSFPipeline(preset("tiny").model).save_pretrained(tmp_path / "m")
+    finally:
+        os.umask(old)
+    for f in ("config.json", "scale_0.safetensors"):
+        assert stat.S_IMODE((model / f).stat().st_mode) == 0o644, f
+
+
+def test_a_run_keeps_a_log_and_logs_to_wandb_when_asked(tmp_path, monkeypatch):
+    logged, inits = [], []
+    fake = types.SimpleNamespace(
+        init=lambda **k: inits.append(k) or types.SimpleNamespace(
+            log=lambda values, step: logged.append((step, values)), finish=lambda: logged.append("finish")),
+        Image=lambda path: ("image", path))
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    cfg = preset("tiny")
+    cfg.train.steps, cfg.train.log_every, cfg.train.out_dir = 4, 2, str(tmp_path / "run")
+    cfg.train.wandb_project, cfg.train.tensorboard = "msf-test", False
+    train(cfg, progress=True)
+    log = (tmp_path / "run" / "log.txt").read_text()
+    assert "[msf] training on" in log and "step 2 loss/scale0=" in log and "step 4 " in log
+    assert "\r" not in log  # progress-bar redraws stay on the terminal
+    assert inits[0]["project"] == "msf-test" and inits[0]["config"]["train"]["steps"] == 4
+    assert [s for s, _ in logged[:-1]] == [2, 4] and "loss/scale1" in logged[0][1] and logged[-1] == "finish"
+    monkeypatch.setitem(sys.modules, "wandb", None)  # not installed
+    cfg.train.out_dir = str(tmp_path / "run2")
+    with pytest.raises(Exception, match="pip install wandb"):
+        train(cfg, progress=False)
