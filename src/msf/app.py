@@ -96,12 +96,12 @@ def stage_titles(num_scales: int) -> list[str]:
 
 
 def serve(model: str | Path, host: str = "127.0.0.1", port: int | None = None, device: str | None = None,
-          block: bool = True):
-    """Load ``model`` (a model directory or a shipped model's name) and serve its page."""
+          block: bool = True, weights: str = "ema"):
+    """Load ``model`` (anything :func:`msf.load.load_pipeline` takes) and serve its page."""
     from msf.distributed import init_world
-    from msf.pipeline import MSFPipeline
+    from msf.load import load_pipeline
 
-    pipe = MSFPipeline.from_pretrained(model, device=init_world(device).device)
+    pipe = load_pipeline(model, weights, device=init_world(device).device)
     app = build_app(pipe, title=f"msf app: {model}")
     app.launch(server_name=host, server_port=port, prevent_thread_lock=not block, share=False,
                show_error=True)

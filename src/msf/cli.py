@@ -9,6 +9,8 @@
     msf compare --presets A,B      train presets at equal budget over seeds, evaluate, tables and plots
     msf sweep MODEL_DIR --ref B    per-scale CFG or steps sweep -> tables and plot (paper Tables 2-5)
     msf app MODEL_DIR              a local web page: pick class, seed, steps, guidance; see each scale
+    msf push MODEL_DIR org/name    upload to the Hugging Face Hub with a generated model card
+    msf convert SIT.pt --out DIR   a SiT-XL/2 checkpoint as an msf model directory (K = 1)
     msf info PRESET|MODEL_DIR      sizes, tokens, parameters, FLOPs per scale
 """
 
@@ -28,7 +30,8 @@ from msf.config import (
     config_from_json,
     preset,
 )
-from msf.pretrained import model_path
+
+MODEL_HELP = "a model directory, a run directory, a checkpoint (.pt), or a shipped model's name"
 
 
 def _floats(s: str) -> list[float]:
@@ -122,10 +125,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
     from msf.config import SamplerSettings
-    from msf.pipeline import MSFPipeline, load_model_config
+    from msf.load import load_config, load_pipeline
 
     # Everything the user asked for is checked before any weights are read or images drawn.
-    SamplerSettings.of(load_model_config(args.model_dir), **_sampling(args))
+    SamplerSettings.of(load_config(args.model_dir), **_sampling(args))
     if args.num_samples is not None or args.npz:
         if args.num_samples is None or args.num_samples < 1:
             raise ConfigError(f"--num-samples must be >= 1 for a sample set (--npz), got {args.num_samples}")
@@ -138,7 +141,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     device = init_world(args.device).device  # one process: checks the device, starts nothing
     if not args.quiet:
         print(f"[msf] sampling on {describe(device)}", flush=True)
-    pipe = MSFPipeline.from_pretrained(args.model_dir, device=device)
+    pipe = load_pipeline(args.model_dir, args.model_weights, device=device)
     cfg = pipe.config
     classes = _parse_classes(args.classes, cfg.class_names, cfg.num_classes)
     labels = [c for c in classes for _ in range(args.per_class)]
@@ -175,17 +178,17 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 def _sample_set(args: argparse.Namespace) -> int:
     from msf.distributed import close_world, init_world
-    from msf.pipeline import MSFPipeline
+    from msf.load import load_pipeline, source
     from msf.sample_set import sample_set
 
     world = init_world(args.device)
     try:
-        pipe = MSFPipeline.from_pretrained(args.model_dir, device=world.device)
+        pipe = load_pipeline(args.model_dir, args.model_weights, device=world.device)
         out = args.npz or "samples.npz"
         res = sample_set(pipe, out, args.num_samples, batch_size=args.batch_size, **_sampling(args),
                          seed=args.seed, precision=args.precision, compile=args.compile, world=world,
                          tf32=args.tf32, progress=not args.quiet, overwrite=args.overwrite,
-                         meta={"model": str(model_path(args.model_dir).resolve())})
+                         meta={"model": source(args.model_dir, args.model_weights)})
     finally:
         close_world(world)
     if res.path is not None:
@@ -230,7 +233,7 @@ def cmd_reference(args: argparse.Namespace) -> int:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     from msf.distributed import close_world, init_world
-    from msf.pipeline import MSFPipeline
+    from msf.load import load_pipeline, source
     from msf.sweep import run_sweep, sweep_points
 
     if (args.cfg_values is None) == (args.steps_values is None):
@@ -238,7 +241,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                           "(step counts to try)")
     world = init_world(args.device)
     try:
-        pipe = MSFPipeline.from_pretrained(args.model_dir, device=world.device)
+        pipe = load_pipeline(args.model_dir, args.model_weights, device=world.device)
         setting, values = (("cfg_scale", args.cfg_values) if args.cfg_values is not None
                            else ("steps", args.steps_values))
         points = sweep_points(pipe, args.scale, setting, values)
@@ -247,7 +250,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                          compile=args.compile, tf32=args.tf32,
                          metrics=tuple(args.metrics.split(",")), weights=args.weights,
                          cache_dir=args.cache_dir, world=world, progress=not args.quiet,
-                         model=str(model_path(args.model_dir).resolve()))
+                         model=source(args.model_dir, args.model_weights))
     finally:
         close_world(world)
     if rows:
@@ -283,22 +286,49 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_app(args: argparse.Namespace) -> int:
     from msf.app import serve
 
-    serve(args.model_dir, host=args.host, port=args.port, device=args.device)
+    serve(args.model_dir, host=args.host, port=args.port, device=args.device, weights=args.model_weights)
+    return 0
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    from msf.hub import push_to_hub
+
+    push_to_hub(args.model_dir, args.repo_id, revision=args.revision, private=args.private,
+                samples=args.samples, per_class=args.per_class, seed=args.seed, device=args.device,
+                commit_message=args.message)
+    where = f" (branch {args.revision})" if args.revision else ""
+    print(f"pushed {args.model_dir} to https://huggingface.co/{args.repo_id}{where}")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from msf.convert import convert_checkpoint
+
+    out = convert_checkpoint(args.checkpoint, args.out, kind=args.kind, image_size=args.image_size,
+                             learned_sigma=args.learned_sigma, autoencoder=args.vae, heads=args.heads,
+                             overwrite=args.overwrite)
+    print(f"wrote {out}: sample it with `msf sample {out}`, size it with `msf info {out}`")
     return 0
 
 
 def cmd_info(args: argparse.Namespace) -> None:
     from msf.info import format_info, model_info
+    from msf.load import load_config, resolve
 
     target = args.target
-    if model_path(target).is_dir():
-        from msf.pipeline import load_model_config
-
-        model, name = load_model_config(target), target
+    kind, path = resolve(target)
+    # a preset by name, unless a model of that name is here; an unknown plain name is an unknown preset
+    if kind != "model" or path.exists() or (target not in PRESETS and "/" in target):
+        model, name = load_config(target), target
     else:
         model, name = preset(target).model, target
     info = model_info(model, name)
     print(json.dumps(info, indent=2) if args.json else format_info(info))
+
+
+def _weights_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--raw-weights", dest="model_weights", action="store_const", const="raw", default="ema",
+                   help="from a checkpoint or run directory: the raw weights, not the EMA ones (default)")
 
 
 def _sampling_args(p: argparse.ArgumentParser, per_scale: bool = True) -> None:
@@ -308,6 +338,7 @@ def _sampling_args(p: argparse.ArgumentParser, per_scale: bool = True) -> None:
                        help="guidance (CFG) scale per scale: 1.5 or 1.4,1.0")
         p.add_argument("--solver", help="euler or heun, or one per scale: heun,euler")
     p.add_argument("--seed", type=int, default=0)
+    _weights_arg(p)
     p.add_argument("--precision", choices=SAMPLING_PRECISIONS, default="bf16",
                    help="bf16: autocast over fp32 weights; bf16-weights: a bf16 copy of the weights "
                    "(faster on CPUs); fp32: for numbers to compare with papers")
@@ -380,7 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_extract)
 
     s = sub.add_parser("sample", help="class labels -> PNG grid, or many samples -> ADM .npz")
-    s.add_argument("model_dir", help="a model directory, or the name of a model shipped with msf")
+    s.add_argument("model_dir", help=MODEL_HELP)
     s.add_argument("--classes", default="all", help="grid: 'all' or comma-separated indices or names")
     s.add_argument("--per-class", type=int, default=8, help="grid: samples per class")
     s.add_argument("--out", default="samples.png", help="grid: output PNG")
@@ -428,7 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=cmd_reference)
 
     w = sub.add_parser("sweep", help="per-scale CFG or steps sweep: sample sets, metrics, tables, plot")
-    w.add_argument("model_dir")
+    w.add_argument("model_dir", help=MODEL_HELP)
     w.add_argument("--ref", required=True, help="reference: .npz, image folder or statistics file")
     w.add_argument("--scale", type=int, default=0, help="the scale whose setting varies (0 = base)")
     # values to try, one run each (in `msf sample`, --cfg and --steps give one value per scale instead)
@@ -465,11 +496,41 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_compare)
 
     a = sub.add_parser("app", help="a local web page: sample a class, see what each scale generated")
-    a.add_argument("model_dir", help="a model directory, or the name of a model shipped with msf")
+    a.add_argument("model_dir", help=MODEL_HELP)
     a.add_argument("--host", default="127.0.0.1", help="address to serve on (default: this machine only)")
     a.add_argument("--port", type=int, default=None, help="port (default: the first free from 7860)")
     a.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    _weights_arg(a)
     a.set_defaults(func=cmd_app)
+
+    h = sub.add_parser("push", help="upload a model directory to the Hugging Face Hub with a model card")
+    h.add_argument("model_dir", help=MODEL_HELP)
+    h.add_argument("repo_id", help="owner/name on the Hugging Face Hub (created if need be)")
+    h.add_argument("--private", action="store_true",
+                   help="create the repo private (an existing repo keeps its visibility)")
+    h.add_argument("--revision", help="branch to push to (created if need be; default main)")
+    h.add_argument("--samples", help="an existing sample grid to upload instead of drawing one")
+    h.add_argument("--per-class", type=int, default=4, help="samples per class in the grid (default 4)")
+    h.add_argument("--seed", type=int, default=0)
+    h.add_argument("--device", default=None, help="cpu or cuda for the grid (default: cuda when available)")
+    h.add_argument("--message", default="Upload msf model", help="commit message")
+    h.set_defaults(func=cmd_push)
+
+    v = sub.add_parser("convert", help="a SiT checkpoint (willisma/SiT) -> an msf model directory (K = 1)")
+    v.add_argument("checkpoint", help="SiT-XL-2-256x256.pt, a SiT training checkpoint (its EMA weights), "
+                   "or a .safetensors state dict")
+    v.add_argument("--out", required=True, help="the model directory to write")
+    v.add_argument("--kind", choices=["auto", "sit", "dit"], default="auto",
+                   help="auto: from the checkpoint's training args, else the file name (SiT-.../DiT-...); "
+                   "DiT (a DDPM epsilon model) is refused with the reason")
+    v.add_argument("--image-size", type=int, help="checked against the size the weights imply")
+    v.add_argument("--learned-sigma", choices=["drop", "refuse"], default="drop",
+                   help="the variance channels of the output: drop them (SiT never trains them) or refuse")
+    v.add_argument("--vae", default="ema", help="the SD VAE: ema or mse (stabilityai/sd-vae-ft-*), "
+                   "or a local folder or hub id")
+    v.add_argument("--heads", type=int, help="attention heads, for a width outside DiT's/SiT's model table")
+    v.add_argument("--overwrite", action="store_true", help="replace an existing model directory at --out")
+    v.set_defaults(func=cmd_convert)
 
     i = sub.add_parser("info", help="sizes, tokens, parameters and FLOPs of a preset or model")
     i.add_argument("target", help=f"a preset ({', '.join(PRESETS)}) or a model directory")

@@ -13,6 +13,11 @@ initialisation, so parameter counts match it) with three differences:
 Time ``t`` is in [0, 1] (1 = noise); it is multiplied by 1000 before the
 sinusoidal embedding so the frequencies match DiT's.
 
+Two options serve weights imported from SiT (:mod:`msf.convert`), both off by default:
+``time_convention="sit"`` runs the network in SiT's time (``1 - t``, embedded unscaled) and
+negates its output (SiT predicts data - noise), so that the module still returns msf's
+velocity at msf's ``t``; ``gelu="tanh"`` is the GELU approximation DiT and SiT were trained with.
+
 ``Linear``, ``norm_input`` and ``attention`` come from :mod:`msf.speed`: an
 ``nn.Linear``, the identity and SDPA as far as results go (up to bf16 rounding), faster on
 the CPU.
@@ -37,9 +42,10 @@ def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
 class TimestepEmbedder(nn.Module):
     """Scalar time -> vector: sinusoidal features, then a 2-layer MLP."""
 
-    def __init__(self, width: int, freq_dim: int = 256):
+    def __init__(self, width: int, freq_dim: int = 256, scale: float = 1000.0):
         super().__init__()
         self.freq_dim = freq_dim
+        self.scale = scale  # msf's t in [0, 1] times 1000: DiT's frequencies; SiT embeds its t as is
         self.mlp = nn.Sequential(
             nn.Linear(freq_dim, width), nn.SiLU(), nn.Linear(width, width)
         )
@@ -54,7 +60,7 @@ class TimestepEmbedder(nn.Module):
         return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
     def forward(self, t: Tensor) -> Tensor:
-        freq = self.sinusoidal(t * 1000.0, self.freq_dim)
+        freq = self.sinusoidal(t * self.scale, self.freq_dim)
         return self.mlp(freq.to(self.mlp[0].weight.dtype))
 
 
@@ -85,25 +91,27 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
-    def __init__(self, width: int, hidden: int):
+    def __init__(self, width: int, hidden: int, approximate: str = "none"):
         super().__init__()
         self.fc1 = Linear(width, hidden)
         self.fc2 = Linear(hidden, width)
+        self.approximate = approximate
 
     def forward(self, x: Tensor) -> Tensor:
-        # Exact GELU, not DiT's tanh approximation: equal to ~1e-3, 5x faster on CPU.
-        return self.fc2(F.gelu(self.fc1(x)))
+        # Exact GELU by default, not DiT's tanh approximation: equal to ~1e-3, 5x faster on CPU.
+        # Imported DiT / SiT weights keep the tanh they were trained with (approximate="tanh").
+        return self.fc2(F.gelu(self.fc1(x), approximate=self.approximate))
 
 
 class DiTBlock(nn.Module):
     """Transformer block with adaLN-Zero conditioning on c = embed(t) + embed(y)."""
 
-    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0):
+    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0, approximate: str = "none"):
         super().__init__()
         self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(width, heads)
         self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
-        self.mlp = Mlp(width, int(width * mlp_ratio))
+        self.mlp = Mlp(width, int(width * mlp_ratio), approximate)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
 
     def forward(self, x: Tensor, c: Tensor) -> Tensor:
@@ -149,7 +157,8 @@ class DiT(nn.Module):
 
     ``input_size`` is the component's spatial size ``n_k``; ``channels`` its channel
     count; ``prior_channels`` the extra input channels of the prior (0 for the base
-    scale or when the prior is not used).
+    scale or when the prior is not used). ``time_convention`` and ``gelu``: see the
+    module docstring (``"msf"`` and ``"exact"`` unless the weights come from SiT).
     """
 
     def __init__(
@@ -163,10 +172,16 @@ class DiT(nn.Module):
         patch_size: int = 2,
         mlp_ratio: float = 4.0,
         prior_channels: int = 0,
+        time_convention: str = "msf",
+        gelu: str = "exact",
     ):
         super().__init__()
         if input_size % patch_size:
             raise ValueError(f"input size {input_size} is not divisible by patch {patch_size}")
+        if time_convention not in ("msf", "sit") or gelu not in ("exact", "tanh"):
+            raise ValueError(f"time_convention must be 'msf' or 'sit' and gelu 'exact' or 'tanh', "
+                             f"got {time_convention!r}, {gelu!r}")
+        self.time_convention = time_convention
         self.input_size = input_size
         self.channels = channels
         self.prior_channels = prior_channels
@@ -177,12 +192,13 @@ class DiT(nn.Module):
         self.x_embedder = nn.Conv2d(
             channels + prior_channels, width, kernel_size=patch_size, stride=patch_size
         )
-        self.t_embedder = TimestepEmbedder(width)
+        self.t_embedder = TimestepEmbedder(width, scale=1.0 if time_convention == "sit" else 1000.0)
         self.y_embedder = LabelEmbedder(num_classes, width)
         self.register_buffer(
             "pos_embed", sincos_pos_embed_2d(width, self.grid)[None], persistent=False
         )
-        self.blocks = nn.ModuleList([DiTBlock(width, heads, mlp_ratio) for _ in range(depth)])
+        approximate = "tanh" if gelu == "tanh" else "none"
+        self.blocks = nn.ModuleList([DiTBlock(width, heads, mlp_ratio, approximate) for _ in range(depth)])
         self.final_layer = FinalLayer(width, patch_size, channels)
         self.grad_checkpointing = False  # recompute each block's activations in backward
         self.initialize_weights()
@@ -221,6 +237,9 @@ class DiT(nn.Module):
             if prior is None:
                 raise ValueError("this scale's network needs its prior, got None")
             x = torch.cat([x, prior.to(x.dtype)], dim=1)
+        sit = self.time_convention == "sit"
+        if sit:  # SiT's time runs the other way: 0 is noise, 1 is data
+            t = 1 - t
         x = x.to(self.x_embedder.weight.dtype)  # the sampler's fp32 state into bf16 weights
         # contiguous: else the residual stream keeps the conv's (B, D, N) layout through
         # every block, and each LayerNorm and Linear copies it (10% of an XL forward)
@@ -231,7 +250,8 @@ class DiT(nn.Module):
                 x = torch.utils.checkpoint.checkpoint(block, x, c, use_reentrant=False)
             else:
                 x = block(x, c)
-        return self.unpatchify(self.final_layer(x, c))
+        out = self.unpatchify(self.final_layer(x, c))
+        return -out if sit else out  # SiT predicts data - noise, msf noise - data
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -63,6 +63,8 @@ def build_scale_networks(config: ModelConfig) -> nn.ModuleList:
             patch_size=s.patch_size,
             mlp_ratio=s.mlp_ratio,
             prior_channels=ch if (k > 0 and config.prior == "concat") else 0,
+            time_convention=s.time_convention,
+            gelu=s.gelu,
         )
         for k, (s, n) in enumerate(zip(config.scales, config.latent_sizes))
     )
@@ -291,10 +293,13 @@ class MSFPipeline(nn.Module):
         path: str | os.PathLike,
         autoencoder: Autoencoder | None = None,
         device: torch.device | str = "cpu",
+        *,
+        revision: str | None = None,
     ) -> MSFPipeline:
-        """Load a model directory written by :meth:`save_pretrained`, or a model shipped with msf by its
-        name (:mod:`msf.pretrained`). Never unpickles."""
-        path = model_path(path)
+        """Load a model directory written by :meth:`save_pretrained`, a model shipped with msf by its
+        name (:mod:`msf.pretrained`), or a Hugging Face Hub model, ``owner/name`` at ``revision``
+        (:mod:`msf.hub`). Never unpickles."""
+        path = model_path(path, revision)
         config = load_model_config(path)
         pipe = cls(config, autoencoder=autoencoder)
         for k, net in enumerate(pipe.networks):
@@ -326,6 +331,15 @@ class MSFPipeline(nn.Module):
                                         "damaged (or training diverged before they were saved)")
             net.load_state_dict(state)
         return pipe.to(device)
+
+    def push_to_hub(self, repo_id: str, **kwargs) -> object:
+        """Save to a temporary directory and upload it with :func:`msf.hub.push_to_hub` (same keywords)."""
+        import tempfile
+
+        from msf.hub import push_to_hub
+
+        with tempfile.TemporaryDirectory(prefix="msf-save-") as tmp:
+            return push_to_hub(self.save_pretrained(tmp), repo_id, **kwargs)
 
 
 def _counted(velocity, after: Callable[[int], None], start: int = 0):
@@ -359,9 +373,9 @@ def progress_bar(enabled: bool = True, desc: str = "sample") -> Callable[[int, i
     return update
 
 
-def load_model_config(path: str | os.PathLike) -> ModelConfig:
-    """Read and validate ``config.json`` of a model directory (or of a shipped model, by name)."""
-    path = model_path(path)
+def load_model_config(path: str | os.PathLike, revision: str | None = None) -> ModelConfig:
+    """Read and validate ``config.json`` of a model directory (or of a shipped or Hub model, by name)."""
+    path = model_path(path, revision)
     if not path.is_dir():
         shipped = available()
         raise ModelDirError(f"{path}: model directory does not exist"

@@ -1,0 +1,73 @@
+"""Issue 19, item 1: sample, sweep, app and info take a run directory, a checkpoint or a model directory."""
+
+import json
+
+import pytest
+import torch
+
+from msf.checkpoint import CheckpointError
+from msf.cli import main
+from msf.config import preset
+from msf.load import load_config, load_pipeline, resolve, source
+from msf.pipeline import ModelDirError, MSFPipeline
+from msf.sample_set import read_meta
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    from msf.train import train
+
+    out = tmp_path_factory.mktemp("load") / "run"
+    cfg = preset("tiny")
+    cfg.train.steps, cfg.train.ckpt_every, cfg.train.keep_last, cfg.train.out_dir = 4, 2, 5, str(out)
+    cfg.train.ema_decay = 0.5  # EMA and raw weights differ after a few steps
+    train(cfg, progress=False)
+    return out
+
+
+def _same(a: MSFPipeline, b: MSFPipeline) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_every_kind_of_model_loads(run):
+    model = MSFPipeline.from_pretrained(run / "model")  # the EMA weights at the end
+    last, first = run / "checkpoints" / "step_000000004.pt", run / "checkpoints" / "step_000000002.pt"
+    assert resolve(run)[0] == "run" and resolve(last)[0] == "checkpoint"
+    assert resolve(run / "model")[0] == "model"
+    assert _same(load_pipeline(run), model) and _same(load_pipeline(last), model)
+    assert _same(load_pipeline(run / "model"), model)
+    raw = load_pipeline(run, weights="raw")
+    assert not _same(raw, model)
+    state = torch.load(last, weights_only=True)
+    assert all(torch.equal(raw.networks[k].state_dict()[n], v)
+               for k in range(2) for n, v in state["models"][str(k)].items())
+    assert not _same(load_pipeline(first), model)  # an earlier checkpoint: other weights
+    assert load_config(run) == model.config and load_config(first) == model.config
+    assert source(run).endswith("step_000000004.pt") and source(last, "raw").endswith("(raw weights)")
+
+
+def test_the_errors_say_what_to_give(run, tmp_path):
+    with pytest.raises(ModelDirError, match="holds only the EMA weights"):
+        load_pipeline(run / "model", weights="raw")
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(ModelDirError, match="not a training checkpoint"):
+        load_pipeline(tmp_path / "notes.txt")
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="bad.pt: not a readable checkpoint"):
+        load_pipeline(tmp_path / "bad.pt")
+    with pytest.raises(ModelDirError, match="model directory does not exist"):
+        load_pipeline(tmp_path / "missing")
+
+
+def test_cli_sample_and_info_take_a_run_or_a_checkpoint(run, tmp_path, capsys):
+    ckpt = run / "checkpoints" / "step_000000002.pt"
+    for spec, weights in ((run, "ema"), (ckpt, "raw")):
+        npz = tmp_path / f"{weights}.npz"
+        assert main(["sample", str(spec), "--num-samples", "4", "--npz", str(npz), "--steps", "1",
+                     *(["--raw-weights"] if weights == "raw" else []), "--device", "cpu", "--quiet",
+                     "--precision", "fp32"]) == 0
+        assert read_meta(npz)["model"] == source(spec, weights)
+    capsys.readouterr()
+    assert main(["info", str(ckpt), "--json"]) == 0
+    assert [s["tokens"] for s in json.loads(capsys.readouterr().out)["scales"]] == [16, 64]
+    assert main(["info", "nonsense"]) == 2 and "unknown preset" in capsys.readouterr().err
