@@ -3,6 +3,14 @@
 The built-in set ships with the package (``msf/data/emoji32.npz``): 1,870 emoji
 from Noto Color Emoji at 32 x 32, labelled by their 9 Unicode groups; see
 ``msf/data/README.md`` for how it was made and its licences.
+
+**The dataset protocol** (what ``train(cfg, data=...)`` takes besides msf's own sets): an object
+with ``labels`` (int64 tensor, one per example, classes 0..C-1), ``class_names`` (C strings),
+``__len__``, and ``__getitem__(i) -> (image, label, bad_file)``, the image uint8 (H, W, 3) at the
+model's size and ``bad_file`` "" (or the path of a file that could not be read and was replaced).
+:class:`msf.imagefolder.ImageFolder` is one. A torchvision-style dataset, whose items are ``(image,
+label)`` with a PIL image or a float (3, H, W) tensor in [0, 1], is adapted by :class:`TorchvisionData`
+(done for you by ``train``).
 """
 
 from __future__ import annotations
@@ -203,6 +211,65 @@ def _collate(items):
     return images, labels, bad
 
 
+class TorchvisionData:
+    """A torchvision-style dataset (items ``(image, label)``) in msf's dataset protocol.
+
+    Images are converted as msf's own image folders are (:func:`msf.imagefolder.to_rgb`, ADM's centre
+    crop to ``image_size``; the files of a torchvision ``DatasetFolder`` without a transform are read by
+    msf's own loader); a float tensor image (3, H, W) in [0, 1], as ``ToTensor`` gives, is
+    taken as it is and must already have the model's size. Labels come from ``targets`` (torchvision's
+    ImageFolder, CIFAR, ...) or, failing that, from one pass over the dataset; class names from
+    ``classes``, else ``class_names``, else "0", "1", ...
+    """
+
+    def __init__(self, dataset, image_size: int, class_names: list[str] | None = None):
+        self.dataset, self.image_size = dataset, image_size
+        targets = getattr(dataset, "targets", None)
+        if targets is None:
+            targets = [int(dataset[i][1]) for i in range(len(dataset))]
+        self.labels = torch.as_tensor(list(targets), dtype=torch.int64)
+        if len(self.labels) == 0:
+            raise ValueError(f"{type(dataset).__name__}: the dataset is empty")
+        names = class_names or getattr(dataset, "classes", None) or getattr(dataset, "class_names", None)
+        self.names_given = names is not None
+        self.class_names = [str(c) for c in names] if names else [
+            str(i) for i in range(int(self.labels.max()) + 1)]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int, str]:
+        from PIL import Image
+
+        from msf.imagefolder import center_crop_arr, to_rgb
+
+        ds = self.dataset
+        files = getattr(ds, "samples", None)
+        if files is not None and getattr(ds, "transform", None) is None and hasattr(ds, "loader"):
+            # a torchvision DatasetFolder: read the file with msf's own loader (its pil_loader would drop
+            # transparency to black before we could composite it on white)
+            from msf.imagefolder import load_image
+
+            path, label = files[index][:2]
+            return torch.from_numpy(load_image(path, self.image_size)), int(label), ""
+        image, label = self.dataset[index][:2]
+        if isinstance(image, Image.Image):
+            return torch.from_numpy(center_crop_arr(to_rgb(image), self.image_size)), int(label), ""
+        x = torch.as_tensor(image)
+        if x.dim() != 3 or x.shape[0] != 3 or x.shape[1:] != (self.image_size, self.image_size):
+            raise ValueError(f"{type(self.dataset).__name__}[{index}]: an image tensor must be (3, "
+                             f"{self.image_size}, {self.image_size}), got {tuple(x.shape)}")
+        if x.is_floating_point():
+            x = (x.clamp(0, 1) * 255).round()
+        return x.to(torch.uint8).permute(1, 2, 0).contiguous(), int(label), ""
+
+
+def is_torchvision_style(source) -> bool:
+    """A map-style dataset without msf's ``labels`` and ``class_names``."""
+    return (hasattr(source, "__getitem__") and hasattr(source, "__len__")
+            and not (hasattr(source, "labels") and hasattr(source, "class_names")))
+
+
 class TrainingData:
     """The one interface the training loop (and ``msf extract``) sees, whatever holds the data.
 
@@ -222,6 +289,10 @@ class TrainingData:
             source = source.source
         if isinstance(source, ImageDataset) and image_size is not None:
             source = prepare_data(source, image_size)
+        if is_torchvision_style(source) and not isinstance(source, ImageDataset):
+            if image_size is None:
+                raise ValueError("a torchvision-style dataset needs the model's image size")
+            source = TorchvisionData(source, image_size)
         self.source = source
         self.kind = ("latents" if hasattr(source, "get") else
                      "memory" if isinstance(source, ImageDataset) else "files")

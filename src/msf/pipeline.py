@@ -71,14 +71,26 @@ def build_scale_networks(config: ModelConfig) -> nn.ModuleList:
 
 
 class MSFPipeline(nn.Module):
-    def __init__(self, config: ModelConfig, autoencoder: Autoencoder | None = None):
+    def __init__(self, config: ModelConfig, autoencoder: Autoencoder | None = None,
+                 networks: Sequence[nn.Module] | None = None):
+        """``autoencoder`` and ``networks`` replace the config's (an :class:`Autoencoder`; one module per
+        scale called as ``net(x_t, t, y, prior)``, with ``prior=None`` at scale 0, returning the
+        velocity in ``x_t``'s shape); by default they are built from ``config``."""
         super().__init__()
         validate(Config(model=config))
         self.config = config
         self.autoencoder = autoencoder if autoencoder is not None else build_autoencoder(
             config.autoencoder
         )
-        self.networks = build_scale_networks(config)  # one DiT per scale
+        have = getattr(self.autoencoder, "channels", None)
+        if have != config.autoencoder.channels:  # what every scale's network takes in
+            raise ValueError(f"autoencoder: {type(self.autoencoder).__name__} has {have} latent channels, "
+                             f"the config {config.autoencoder.channels}: set model.autoencoder.channels "
+                             "(and model.autoencoder.factor, its downsampling) to match it")
+        if networks is not None and len(networks) != config.num_scales:
+            raise ValueError(f"networks: {len(networks)} given, the config has {config.num_scales} scales")
+        # one DiT per scale, unless the caller brings its own
+        self.networks = nn.ModuleList(networks) if networks is not None else build_scale_networks(config)
 
     @property
     def device(self) -> torch.device:
@@ -295,13 +307,15 @@ class MSFPipeline(nn.Module):
         device: torch.device | str = "cpu",
         *,
         revision: str | None = None,
+        networks: Sequence[nn.Module] | None = None,
     ) -> MSFPipeline:
         """Load a model directory written by :meth:`save_pretrained`, a model shipped with msf by its
         name (:mod:`msf.pretrained`), or a Hugging Face Hub model, ``owner/name`` at ``revision``
-        (:mod:`msf.hub`). Never unpickles."""
+        (:mod:`msf.hub`). Never unpickles. A model trained with networks of your own loads into
+        ``networks`` (fresh modules of the same architecture)."""
         path = model_path(path, revision)
         config = load_model_config(path)
-        pipe = cls(config, autoencoder=autoencoder)
+        pipe = cls(config, autoencoder=autoencoder, networks=networks)
         for k, net in enumerate(pipe.networks):
             file = Path(path) / f"scale_{k}.safetensors"
             if not file.is_file():

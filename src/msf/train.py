@@ -48,7 +48,14 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from tqdm.auto import tqdm
 
-from msf.checkpoint import CheckpointError, load_latest, prune, save_checkpoint
+from msf.checkpoint import (
+    CheckpointError,
+    load_latest,
+    load_sharded_into,
+    prune,
+    save_checkpoint,
+    save_sharded_checkpoint,
+)
 from msf.config import Config, ConfigError, TrainConfig, from_dict, to_dict, validate
 from msf.data import IndexStream, TrainingData, iterate_batches, load_dataset
 from msf.distributed import World, any_rank, barrier, close_world, describe, init_world, mean_over_ranks
@@ -60,7 +67,7 @@ from msf.pipeline import MSFPipeline, autocast
 RESUMABLE_CHANGES = {
     "steps", "scale_steps", "log_every", "ckpt_every", "keep_last", "keep_every", "out_dir",
     "num_workers", "tensorboard", "sample_every", "on_nonfinite", "compile", "grad_checkpointing",
-    "data", "strict_data", "fsdp", "deterministic",
+    "data", "strict_data", "fsdp", "deterministic", "ckpt_format",
 }
 
 
@@ -300,16 +307,18 @@ class TrainState:
     skipped: int = 0  # steps skipped for a non-finite loss
 
     @classmethod
-    def create(cls, cfg: Config, world: World, data, bad_files: list[str], load_other_scales: bool = True
-               ) -> TrainState:
-        """Fresh networks (seeded), the EMA as their copy, FSDP shards, one AdamW per trained scale.
+    def create(cls, cfg: Config, world: World, data, bad_files: list[str], load_other_scales: bool = True,
+               autoencoder: nn.Module | None = None, networks: list[nn.Module] | None = None) -> TrainState:
+        """Fresh networks (seeded; or the caller's), the EMA as their copy, FSDP shards, one AdamW per
+        trained scale.
 
         With ``model.normalize=std`` and no ``model.component_std`` yet, the std is measured on
         ``data`` here and written into ``cfg`` (the run's own copy), before the EMA copies the config.
         """
         tc, scales = cfg.train, trained_scales(cfg)
         torch.manual_seed(tc.seed)  # the same initial weights on every process
-        pipe = MSFPipeline(cfg.model).to(world.device)
+        own = None if networks is None else copy.deepcopy(list(networks))
+        pipe = MSFPipeline(cfg.model, autoencoder=autoencoder, networks=own).to(world.device)
         if cfg.model.normalize == "std" and cfg.model.component_std is None:
             cfg.model.component_std = _measure_std(pipe, data, tc.seed, world.device, bad_files)
         pipe.config = cfg.model
@@ -317,7 +326,9 @@ class TrainState:
             _load_other_scales(pipe, cfg, scales, Path(tc.other_scales_from))
         for k in scales:
             pipe.networks[k].grad_checkpointing = tc.grad_checkpointing
-        ema = MSFPipeline(cfg.model, autoencoder=pipe.autoencoder).to(world.device)
+        ema = MSFPipeline(cfg.model, autoencoder=pipe.autoencoder,
+                          networks=None if networks is None else copy.deepcopy(list(pipe.networks))
+                          ).to(world.device)
         ema.networks.load_state_dict(pipe.networks.state_dict())
         ema.requires_grad_(False).eval()
         if tc.fsdp:
@@ -332,13 +343,17 @@ class TrainState:
                 for k in scales}
         return cls(step=0, pipe=pipe, ema=ema, opts=opts, history={k: [] for k in scales})
 
-    def state_dict(self) -> dict:
-        """Full (unsharded) state dicts on the CPU; collective under FSDP: every process calls it."""
-        scales = range(self.pipe.num_scales)
+    def state_dict(self, sharded: bool = False) -> dict:
+        """Full (unsharded) state dicts on the CPU; collective under FSDP: every process calls it.
+
+        ``sharded``: this process's own tensors instead, nothing gathered or copied (FSDP's DTensor
+        shards; without FSDP the weights themselves), for DCP to save or to load into in place.
+        """
+        scales, opt = range(self.pipe.num_scales), StateDictOptions() if sharded else _FULL
         return {
-            "models": {str(k): get_model_state_dict(self.pipe.networks[k], options=_FULL) for k in scales},
-            "emas": {str(k): get_model_state_dict(self.ema.networks[k], options=_FULL) for k in scales},
-            "optimizers": {str(k): get_optimizer_state_dict(self.pipe.networks[k], o, options=_FULL)
+            "models": {str(k): get_model_state_dict(self.pipe.networks[k], options=opt) for k in scales},
+            "emas": {str(k): get_model_state_dict(self.ema.networks[k], options=opt) for k in scales},
+            "optimizers": {str(k): get_optimizer_state_dict(self.pipe.networks[k], o, options=opt)
                            for k, o in self.opts.items()},
             "history": {str(k): [list(p) for p in v] for k, v in self.history.items()},
             "step": self.step,
@@ -346,7 +361,15 @@ class TrainState:
         }
 
     def load_state_dict(self, state: dict) -> None:
+        """From a checkpoint file's state, or a sharded checkpoint's ``msf.json`` (its ``"dcp"``
+        directory is read here, each process its own shards, resharded from any process count);
+        collective under FSDP or with a sharded checkpoint: every process calls it."""
         load = StateDictOptions(full_state_dict=True)
+        if "dcp" in state:
+            into = self.state_dict(sharded=True)
+            tensors = {key: into[key] for key in ("models", "emas", "optimizers")}
+            load_sharded_into(state["dcp"], tensors)
+            state, load = {**state, **tensors}, StateDictOptions()
         for k in range(self.pipe.num_scales):
             set_model_state_dict(self.pipe.networks[k], state["models"][str(k)], options=load)
             set_model_state_dict(self.ema.networks[k], state["emas"][str(k)], options=load)
@@ -420,8 +443,16 @@ def train(
     save: bool = True,
     resume: bool = False,
     overwrite: bool = False,
+    autoencoder: nn.Module | None = None,
+    networks: list[nn.Module] | None = None,
 ) -> TrainResult:
     """Train ``cfg``; checkpoints in ``<out_dir>/checkpoints``, the EMA pipeline in ``<out_dir>/model``.
+
+    Extension points: ``data`` replaces ``train.data`` (anything :class:`msf.data.TrainingData` takes: a
+    dataset following msf's protocol, or a torchvision-style one returning ``(image, label)``);
+    ``autoencoder`` replaces the config's (an :class:`msf.autoencoder.Autoencoder`: ``encode``,
+    ``decode``, ``factor``, ``channels``); ``networks`` replaces the per-scale DiTs (one module per
+    scale, ``net(x_t, t, y, prior) -> velocity``; they are copied, and trained from their weights).
 
     ``device``: "cpu", "cuda", or None for CUDA when available. ``resume`` continues
     from the newest checkpoint in the run directory (or starts fresh, saying so,
@@ -442,14 +473,16 @@ def train(
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True)
         with _printed_to(Path(cfg.train.out_dir) / "log.txt" if save and world.is_main else None):
-            return _run(copy.deepcopy(cfg), world, data, progress, max_seconds, save, resume)
+            return _run(copy.deepcopy(cfg), world, data, progress, max_seconds, save, resume,
+                        autoencoder=autoencoder, networks=networks)
     finally:
         torch.use_deterministic_algorithms(was_deterministic)
         close_world(world)
 
 
 def _run(cfg: Config, world: World, data, progress: bool, max_seconds: float | None, save: bool,
-         resume: bool) -> TrainResult:
+         resume: bool, autoencoder: nn.Module | None = None, networks: list[nn.Module] | None = None
+         ) -> TrainResult:
     tc, dev = cfg.train, world.device
     if tc.batch_size % world.size:
         raise ConfigError(f"train.batch_size={tc.batch_size} (global) is not divisible by the "
@@ -466,7 +499,8 @@ def _run(cfg: Config, world: World, data, progress: bool, max_seconds: float | N
 
     # -- networks, EMA, optimizers; then the checkpoint's state, if resuming
     bad_files: list[str] = []
-    state = TrainState.create(cfg, world, data, bad_files, load_other_scales=found is None)
+    state = TrainState.create(cfg, world, data, bad_files, load_other_scales=found is None,
+                              autoencoder=autoencoder, networks=networks)
     if found is not None:
         state.load_state_dict(found[0])
     scales = trained_scales(cfg)
@@ -591,10 +625,17 @@ class _Checkpoints:
     def save(self, state: TrainState) -> None:
         if not self.enabled:
             return
-        full = state.state_dict()  # collective under FSDP: every process takes part
+        if self.cfg.train.ckpt_format == "sharded":  # every process writes its own shards, none gathers
+            meta = state.state_dict(sharded=True)
+            tensors = {key: meta.pop(key) for key in ("models", "emas", "optimizers")}
+            self.last = save_sharded_checkpoint(self.directory, state.step, tensors, {
+                "config": to_dict(self.cfg), **meta, "world_size": self.world.size})
+        else:
+            full = state.state_dict()  # collective under FSDP: every process takes part
+            if self.world.is_main:
+                self.last = save_checkpoint(self.directory, state.step, {
+                    "config": to_dict(self.cfg), **full, "world_size": self.world.size})
         if self.world.is_main:
-            self.last = save_checkpoint(self.directory, state.step, {
-                "config": to_dict(self.cfg), **full, "world_size": self.world.size})
             prune(self.directory, self.cfg.train.keep_last, self.cfg.train.keep_every)
         self.saved_step = state.step
         barrier(self.world)
