@@ -199,6 +199,7 @@ class TrainConfig:
     ckpt_every: int = 0  # steps between checkpoints; 0: only at the end (and on Ctrl-C)
     keep_last: int = 3  # checkpoints kept, newest first ...
     keep_every: int = 0  # ... plus every M-th step's, for good (0: none)
+    ckpt_format: str = "full"  # "full": one .pt gathered to rank 0; "sharded": a DCP directory, per process
     on_nonfinite: str = "stop"  # a NaN/Inf loss: "stop" the run, or "skip" the step and count it
     grad_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
     compile: bool = False  # torch.compile each scale's network
@@ -207,6 +208,10 @@ class TrainConfig:
     tensorboard: bool = True  # scalars (and sample grids) under <out_dir>/tb, if installed
     wandb_project: str = ""  # also log to Weights & Biases under this project ("": off; pip install wandb)
     sample_every: int = 0  # steps between sample grids of the EMA model; 0: off
+    eval_every: int = 0  # steps between quality checks of the EMA model (FID, KID; msf.quality_log); 0: off
+    eval_samples: int = 500  # samples per quality check, class-balanced
+    eval_ref: str = ""  # reference for them: .npz, folder or statistics file ("": train.data, built once)
+    eval_metrics: str = "fid,kid"  # any of fid,kid,pr,cas
 
     def steps_for(self, k: int) -> int:
         return self.scale_steps[k] if self.scale_steps is not None else self.steps
@@ -463,6 +468,7 @@ def validate(cfg: Config) -> Config:
     _choice("train.time_sampler", t.time_sampler, TIME_SAMPLERS)
     _choice("train.lr_schedule", t.lr_schedule, ("constant", "cosine"))
     _choice("train.on_nonfinite", t.on_nonfinite, ("stop", "skip"))
+    _choice("train.ckpt_format", t.ckpt_format, ("full", "sharded"))
     _choice("train.precision", t.precision, PRECISIONS)
     _train_ranges(t)
     return cfg
@@ -477,7 +483,7 @@ _TRAIN_RANGES = [
     ("steps", 0, INF, True), ("batch_size", 1, INF, True), ("seed", 0, INF, True),
     ("log_every", 1, INF, True),
     ("ckpt_every", 0, INF, True), ("keep_last", 1, INF, True), ("keep_every", 0, INF, True),
-    ("sample_every", 0, INF, True),
+    ("sample_every", 0, INF, True), ("eval_every", 0, INF, True), ("eval_samples", 2, INF, True),
 ]
 
 
@@ -509,6 +515,10 @@ def _train_ranges(t: TrainConfig) -> None:
         _in_range("train.num_workers", t.num_workers, 0, INF, True, integer=True)
     if not str(t.out_dir).strip():
         raise ConfigError("train.out_dir must name a directory, got an empty string")
+    bad = [m for m in str(t.eval_metrics).split(",") if m.strip() not in ("fid", "kid", "pr", "cas")]
+    if bad or not str(t.eval_metrics).strip():
+        raise ConfigError(f"train.eval_metrics={t.eval_metrics!r}: a comma-separated list of fid, kid, pr "
+                          "and cas")
 
 
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:

@@ -62,12 +62,14 @@ from msf.distributed import World, any_rank, barrier, close_world, describe, ini
 from msf.files import atomic_write_text
 from msf.flow import StepNoise
 from msf.pipeline import MSFPipeline, autocast
+from msf.quality_log import QualityLog
 
 # Train-config fields that may change on resume without changing what the run computes.
 RESUMABLE_CHANGES = {
     "steps", "scale_steps", "log_every", "ckpt_every", "keep_last", "keep_every", "out_dir",
     "num_workers", "tensorboard", "sample_every", "on_nonfinite", "compile", "grad_checkpointing",
-    "data", "strict_data", "fsdp", "deterministic", "ckpt_format",
+    "data", "strict_data", "fsdp", "deterministic", "ckpt_format", "wandb_project", "eval_every",
+    "eval_samples", "eval_ref", "eval_metrics",
 }
 
 
@@ -514,6 +516,7 @@ def _run(cfg: Config, world: World, data, progress: bool, max_seconds: float | N
     total_steps, start_step = max(tc.steps_for(k) for k in scales), state.step
     stream = IndexStream(data.labels, tc.batch_size, seed=tc.seed, balance_classes=tc.balance_classes)
     stop, interrupted, time_capped = StopRequest(), False, False
+    quality = None  # msf.quality_log, made at the first check
     if progress and world.is_main:
         print(f"[msf] training on {describe(dev)}, {world.size} process(es)", flush=True)
     bar = tqdm(total=total_steps, initial=start_step, disable=not (progress and world.is_main),
@@ -548,6 +551,12 @@ def _run(cfg: Config, world: World, data, progress: bool, max_seconds: float | N
                     if plain is not None:
                         path = _sample_grid(plain, out / "samples" / f"step_{step:09d}.png", dev)
                         losses.logger.image(step, "samples", path)
+                if save and tc.eval_every and step % tc.eval_every == 0:
+                    plain = _gathered(state.ema, cfg, world)
+                    if plain is not None:
+                        quality = quality or QualityLog(cfg, out, dev)
+                        losses.logger.scalars(step, quality.check(plain, step))
+                    barrier(world)  # the others wait while the main process samples and scores
                 if tc.ckpt_every and step % tc.ckpt_every == 0:
                     ckpts.save(state)
             bar.update(1)
