@@ -97,3 +97,18 @@ def test_time_cap_warns_and_the_bar_counts_to_the_cap(tmp_path):
     bar = Bar()
     _honour_cap(bar, step=150, start_step=100, total_steps=1000, elapsed=1.0, max_seconds=300.0)
     assert bar.total == 1000 and bar.desc == ""  # the cap is not in reach: nothing changes
+
+
+def test_given_components_are_kept_and_the_rest_sampled_on_them():
+    pipe, labels = _pipe(), [0, 1, 2]
+    free, comps = pipe.sample(labels, seed=2, steps=2, return_components=True)
+    real = torch.rand(3, 3, 16, 16) * 2 - 1
+    base = pipe.components(real)[0]
+    images, got = pipe.sample(labels, seed=2, steps=2, return_components=True, given={0: base})
+    torch.testing.assert_close(got[0], base)
+    assert not torch.allclose(got[1], comps[1])  # the residual drawn on the real base, not the sampled one
+    # given its own sampled base, the residual is the one sampled without: the same random numbers
+    again = pipe.sample(labels, seed=2, steps=2, given={0: comps[0]})
+    torch.testing.assert_close(again, free, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match=r"given\[0\]: expected shape \(3, 3, 8, 8\)"):
+        pipe.sample(labels, given={0: base[:2]})

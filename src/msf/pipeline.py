@@ -230,6 +230,7 @@ class MSFPipeline(nn.Module):
         nets: Mapping[int, nn.Module] | None = None,
         batch_size: int | None = None,
         callback: Callable[[int, int, int], None] | None = None,
+        given: Mapping[int, Tensor] | None = None,
     ) -> Tensor | tuple[Tensor, list[Tensor]]:
         """Algorithm 3: generate images in [-1, 1] for ``labels``.
 
@@ -245,6 +246,11 @@ class MSFPipeline(nn.Module):
         for all images at once, so the samples do not depend on it. ``callback(k, done,
         total)`` is called after each network evaluation of scale k (``total`` counts the
         evaluations of every batch), e.g. to drive a progress bar (:func:`progress_bar`).
+
+        ``given`` fixes components instead of sampling them: ``{0: c_0}`` (unnormalised, as
+        :meth:`components` returns them) samples only the later scales on those bases, e.g. the bases
+        of real images (super-resolution; or the exposure gap between true and generated priors).
+        Their noise is still drawn, so the other scales see the same random numbers as without.
         """
         device = self.device
         labels = torch.as_tensor(labels, dtype=torch.int64)
@@ -262,11 +268,18 @@ class MSFPipeline(nn.Module):
         was_training = self.training
         self.eval()
 
+        for k, c in (given or {}).items():
+            n = cfg.latent_sizes[k]
+            if tuple(c.shape) != (B, C, n, n):
+                raise ValueError(f"given[{k}]: expected shape {(B, C, n, n)}, got {tuple(c.shape)}")
+
         def generate(k: int, prior: Tensor | None) -> Tensor:  # Algorithm 3, one scale
             n = cfg.latent_sizes[k]
             noise = torch.randn(B, C, n, n, generator=generator).to(device)
             net = self.networks[k] if nets is None or k not in nets else nets[k]
             net_prior = self._net_prior(k, prior, generator)
+            if given is not None and k in given:
+                return given[k].to(device).float()
             total, out = settings.steps[k] * len(chunks), []
             for b in chunks:
                 velocity = guided_velocity(net, labels[b], None if net_prior is None else net_prior[b],
