@@ -5,7 +5,7 @@ import pytest
 from helpers import grid_cells
 
 from msf.cli import main
-from msf.config import preset
+from msf.config import SamplerSettings, preset
 from msf.data import to_uint8
 from msf.pipeline import MSFPipeline
 
@@ -63,3 +63,20 @@ def test_bad_sampler_settings_fail_before_any_work(tmp_path, capsys, monkeypatch
         assert message in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists() and not (tmp_path / "s.npz").exists()
     assert not (tmp_path / "samples.png").exists()
+
+
+def test_sample_with_a_shifted_grid_and_a_guidance_interval(tmp_path):
+    from msf.sample_set import read_meta
+
+    model = MSFPipeline(preset("tiny").model).save_pretrained(tmp_path / "m")
+    npz = tmp_path / "s.npz"
+    assert main(["sample", str(model), "--num-samples", "3", "--npz", str(npz), "--steps", "4,2",
+                 "--cfg", "2,1", "--solver", "ab2,midpoint", "--shift", "3,1", "--guidance-interval", "0:0.5",
+                 "--precision", "fp32", "--device", "cpu", "--quiet"]) == 0
+    meta = read_meta(npz)
+    assert meta["solver"] == ["ab2", "midpoint"] and meta["shift"] == [3.0, 1.0]
+    assert meta["guidance_interval"] == [[0.0, 0.5], [0.0, 0.5]]
+    # a 4-step shifted grid (t = 1, .9, .75, .5) guided at t <= 0.5 once: 4 + 1 evaluations, then 2
+    settings = SamplerSettings.of(preset("tiny").model, steps=[4, 2], cfg_scale=[2.0, 1.0], solver="ab2",
+                                  shift=[3.0, 1.0], guidance_interval=(0.0, 0.5))
+    assert settings.evaluations == 4 + 1 + 2

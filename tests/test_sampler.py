@@ -26,7 +26,7 @@ def _error(solver, steps, a=1.5):
     return abs(x0.item() - math.exp(-a)), field.calls
 
 
-@pytest.mark.parametrize("solver", ["euler", "heun"])
+@pytest.mark.parametrize("solver", ["euler", "heun", "midpoint", "ab2"])
 @pytest.mark.parametrize("steps", [1, 2, 7, 10, 51])
 def test_steps_count_network_evaluations(solver, steps):
     _, calls = _error(solver, steps)
@@ -48,7 +48,7 @@ def _time_field(x, t):
     return t * x
 
 
-@pytest.mark.parametrize("solver,order", [("euler", 1), ("heun", 2)])
+@pytest.mark.parametrize("solver,order", [("euler", 1), ("heun", 2), ("midpoint", 2), ("ab2", 2)])
 def test_order_on_a_time_dependent_field(solver, order):
     # A field that depends on t tells the times apart: a Heun corrector evaluated at the
     # interval's start instead of its end is only first order here.
@@ -180,7 +180,7 @@ def test_loss_is_zero_for_the_true_velocity_and_positive_otherwise():
     ({"steps": -3}, r"steps: -3 for scale 0 must be an integer >= 1"),
     ({"steps": [4, 0]}, r"steps: 0 for scale 1"),
     ({"steps": 2.5}, r"steps: 2.5 .* integer"),
-    ({"solver": "rk4"}, r"solver: 'rk4' for scale 0 must be one of \('euler', 'heun'\)"),
+    ({"solver": "rk4"}, r"solver: 'rk4' for scale 0 must be one of \('euler', 'heun', 'midpoint', 'ab2'\)"),
     ({"steps": [1, 2, 3]}, r"steps: need one value per scale \(2\)"),
 ])
 def test_sampler_settings_are_checked_when_made(tiny_cfg, override, match):
@@ -199,3 +199,58 @@ def test_sampler_settings_defaults_overrides_and_evaluations(tiny_cfg):
     assert t.steps == (8, 4) and t.solver == ("heun", "heun") and t.evaluations == 16 + 4
     assert SamplerSettings.of(tiny_cfg.model, steps=3, base=t).to_dict() == {
         "steps": [3, 3], "cfg_scale": [2.0, 1.0], "solver": ["heun", "heun"]}
+
+
+@pytest.mark.parametrize("solver", ["euler", "heun", "midpoint", "ab2"])
+def test_shifted_grids_keep_the_order_and_spend_steps_near_the_noise(solver):
+    from msf.sampler import evaluation_times, time_grid
+
+    grid = time_grid(8, 3.0)
+    assert grid[0] == 1.0 and grid[-1] == 0.0 and all(a > b for a, b in zip(grid, grid[1:]))
+    assert grid[4] == pytest.approx(0.75)  # s t / (1 + (s - 1) t) at t = 1/2, s = 3
+    assert time_grid(8, 1.0) == torch.linspace(1.0, 0.0, 9).tolist()  # the paper's grid, exactly
+    assert sum(t > 0.5 for t in evaluation_times(8, "euler", 3.0)) == 6  # of 8: most near the noise
+    exact = math.exp(-0.5)  # the order of the solver on the shifted grid (a smooth change of variable)
+    errors = [abs(solve(_time_field, torch.ones(1, dtype=torch.float64), n, solver, 2.0).item() - exact)
+              for n in (80, 160)]  # Heun's errors partly cancel at 40 on this grid: past that, its order
+    order = 1 if solver == "euler" else 2
+    assert 2 ** order * 0.8 < errors[0] / errors[1] < 2 ** order * 1.2
+
+
+def test_ab2_and_midpoint_evaluate_at_the_right_times():
+    from msf.sampler import evaluation_times, time_grid
+
+    ts = time_grid(4)
+    assert evaluation_times(4, "ab2") == pytest.approx(ts[:-1])  # one evaluation per interval, at its start
+    mids = [u for a, b in zip(ts[::2][:-1], ts[::2][1:]) for u in (a, (a + b) / 2)]
+    assert evaluation_times(4, "midpoint") == pytest.approx(mids)
+    # dx/dt = 2t is linear in t: AB2's extrapolated line is exact after its first (Euler) interval
+    x = solve(lambda x, t: 2 * t + 0 * x, torch.zeros(1, dtype=torch.float64), 4, "ab2")
+    euler_first = 2 * 1.0 * (-0.25)
+    assert x.item() == pytest.approx(euler_first + (0.0 - 0.75 ** 2), abs=1e-12)  # then t^2 from 0.75 to 0
+
+
+def test_guidance_interval_guides_only_inside_it_and_counts_its_evaluations():
+    from msf.config import SamplerSettings, preset
+
+    calls = []
+
+    def net(x, t, y, prior):
+        calls.append((round(float(t[0]), 6), x.shape[0]))
+        return torch.ones_like(x) * (y == 0).float().view(-1, 1, 1, 1)  # conditional 0, unconditional 1
+
+    v = guided_velocity(net, torch.tensor([0, 0]), None, 3.0, 1, interval=(0.2, 0.6))
+    x = torch.zeros(2, 1, 2, 2)
+    assert torch.equal(v(x, 0.4), torch.full_like(x, 3.0))  # 1 + 3 * (0 - 1) ... uncond 0, cond 1: 3 * 1
+    assert torch.equal(v(x, 0.8), torch.ones_like(x))  # outside: the conditional alone
+    assert calls == [(0.4, 4), (0.8, 2)]
+    model = preset("tiny").model
+    full = SamplerSettings.of(model, steps=10, cfg_scale=2.0)
+    part = SamplerSettings.of(model, steps=10, cfg_scale=2.0, guidance_interval=(0.0, 0.45))
+    assert full.evaluations == 40 and part.evaluations == 2 * (10 + 4)  # t = 0.4 ... 0.1 of 1.0 ... 0.1
+    assert part.to_dict()["guidance_interval"] == [[0.0, 0.45]] * 2 and "shift" not in part.to_dict()
+    assert "guidance_interval" not in full.to_dict()  # the paper's settings record as before
+    with pytest.raises(Exception, match=r"guidance_interval: \[0.5, 0.2\] for scale 0 must satisfy"):
+        SamplerSettings.of(model, guidance_interval=(0.5, 0.2))
+    with pytest.raises(Exception, match="shift: 0 for scale 1 must be a number in"):
+        SamplerSettings.of(model, shift=[1.0, 0])

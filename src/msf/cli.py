@@ -113,11 +113,23 @@ def _parse_classes(spec: str, names: list[str] | None, num_classes: int) -> list
     return out
 
 
+def _intervals(spec: str) -> list[tuple[float, float]]:
+    """``0.1:1`` (one interval for every scale) or ``0:1,0.1:0.8`` (one per scale)."""
+    try:
+        return [tuple(float(v) for v in part.split(":", 1)) for part in spec.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{spec!r}: expected a:b, or a:b,c:d for one interval per scale"
+                                         ) from None
+
+
 def _sampling(args: argparse.Namespace) -> dict:
+    gi = args.guidance_interval
     return {
         "steps": None if args.steps is None else _one_or_list(args.steps),
         "cfg_scale": None if args.cfg_scale is None else _one_or_list(args.cfg_scale),
         "solver": None if args.solver is None else _one_or_list(args.solver.split(",")),
+        "shift": None if args.shift is None else _one_or_list(args.shift),
+        "guidance_interval": None if gi is None else (list(gi[0]) if len(gi) == 1 else gi),
     }
 
 
@@ -336,7 +348,11 @@ def _sampling_args(p: argparse.ArgumentParser, per_scale: bool = True) -> None:
         p.add_argument("--steps", type=_ints, help="network evaluations per scale: 50 or 100,20")
         p.add_argument("--cfg", "--cfg-scale", dest="cfg_scale", type=_floats,
                        help="guidance (CFG) scale per scale: 1.5 or 1.4,1.0")
-        p.add_argument("--solver", help="euler or heun, or one per scale: heun,euler")
+        p.add_argument("--solver", help="euler, heun, midpoint or ab2, or one per scale: heun,euler")
+        p.add_argument("--shift", type=_floats, help="time grid per scale: 1 uniform (the paper's), "
+                       "3 more steps near the noise (SD3's shift): 3 or 3,1")
+        p.add_argument("--guidance-interval", type=_intervals, help="guide only at times t in [a, b] "
+                       "(0 data, 1 noise): 0.1:0.9, or one per scale 0:1,0.2:1")
     p.add_argument("--seed", type=int, default=0)
     _weights_arg(p)
     p.add_argument("--precision", choices=SAMPLING_PRECISIONS, default="bf16",

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from msf.config import Config, ConfigError, SamplerSettings, apply_overrides, evaluations, preset
+from msf.config import Config, ConfigError, SamplerSettings, apply_overrides, preset
 from msf.files import atomic_write_text
 from msf.info import model_info, scale_infos
 from msf.intervals import Interval, difference, seed_interval, verdict
@@ -246,8 +246,8 @@ def run_equal_cost(s: CompareSettings, out: Path, rec: dict, target_flops: float
         return json.loads(file.read_text())
     pipe = MSFPipeline.from_pretrained(run_dir / "model")
     sampler = SamplerSettings.of(pipe.config, steps=equal_cost_steps(pipe.config, target_flops))
-    flops = sum(i.flops_per_forward * evaluations(n, w)
-                for i, n, w in zip(scale_infos(pipe.config), sampler.steps, sampler.cfg_scale))
+    flops = sum(i.flops_per_forward * sampler.scale_evaluations(k)
+                for k, i in enumerate(scale_infos(pipe.config)))
     path = run_dir / "samples_equal_cost.npz"
     sample_set(pipe, path, s.num_samples, batch_size=s.sample_batch, seed=rec["seed"],
                steps=list(sampler.steps), labels=_labels_of(path.with_name("samples.npz")), progress=False,

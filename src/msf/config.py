@@ -22,7 +22,7 @@ from typing import Any
 BASE_MODES = ("image", "latent")
 PRIOR_MODES = ("concat", "none")
 NORMALIZE_MODES = ("none", "std")
-SOLVERS = ("euler", "heun")
+SOLVERS = ("euler", "heun", "midpoint", "ab2")  # msf.sampler
 TIME_SAMPLERS = ("uniform", "logit-normal")
 PRECISIONS = ("bf16", "fp32")  # training: autocast dtype of the forward pass
 # sampling adds bf16 weight copies (msf.speed.inference_copy) to the autocast choices
@@ -58,16 +58,27 @@ class ScaleConfig:
     steps: int = 50  # network evaluations per CFG branch
     cfg_scale: float = 1.0
     solver: str = "euler"
+    shift: float = 1.0  # time grid: 1 uniform (the paper's); > 1 more steps near the noise (msf.sampler)
+    guidance_interval: list[float] = field(default_factory=lambda: [0.0, 1.0])  # guide only at t in [a, b]
     # For weights imported from SiT (msf.convert), whose time and prediction run the other way:
     # "sit" feeds the network 1 - t and negates its output, so it still gives msf's velocity at t.
     time_convention: str = "msf"
     gelu: str = "exact"  # "tanh": the GELU approximation DiT and SiT were trained with
 
 
-def evaluations(steps: int, cfg_scale: float) -> int:
+def evaluations(steps: int, cfg_scale: float, solver: str = "euler", shift: float = 1.0,
+                interval: tuple[float, float] | list[float] = (0.0, 1.0)) -> int:
     """Network evaluations per image of one scale's sampler: ``steps`` per CFG branch, and two
-    branches unless ``cfg_scale`` is 1 (the conditional pass alone)."""
-    return steps * (1 if cfg_scale == 1.0 else 2)
+    branches unless ``cfg_scale`` is 1 (the conditional pass alone), or at times outside the
+    guidance ``interval``."""
+    if cfg_scale == 1.0:
+        return steps
+    if tuple(interval) == (0.0, 1.0):
+        return 2 * steps
+    from msf.sampler import evaluation_times, guided
+
+    lo, hi = interval
+    return steps + sum(guided(t, (lo, hi)) for t in evaluation_times(steps, solver, shift))
 
 
 CFG_RANGE = (0.0, 100.0)  # guidance scales accepted (0: unconditional, 1: no guidance)
@@ -85,12 +96,30 @@ class SamplerSettings:
     steps: tuple[int, ...]
     cfg_scale: tuple[float, ...]
     solver: tuple[str, ...]
+    shift: tuple[float, ...] | None = None  # None: 1 (uniform) at every scale
+    guidance_interval: tuple[tuple[float, float], ...] | None = None  # None: (0, 1) at every scale
 
     def __post_init__(self) -> None:
         k = len(self.steps)
-        if len(self.cfg_scale) != k or len(self.solver) != k:
-            raise ConfigError(f"sampler settings: one value per scale for steps, cfg_scale and solver, "
-                              f"got {list(self.steps)}, {list(self.cfg_scale)}, {list(self.solver)}")
+        if self.shift is None:
+            object.__setattr__(self, "shift", (1.0,) * k)
+        if self.guidance_interval is None:
+            object.__setattr__(self, "guidance_interval", ((0.0, 1.0),) * k)
+        object.__setattr__(self, "guidance_interval", tuple(tuple(float(v) for v in g)
+                                                            for g in self.guidance_interval))
+        if len(self.cfg_scale) != k or len(self.solver) != k or len(self.shift) != k \
+                or len(self.guidance_interval) != k:
+            raise ConfigError(f"sampler settings: one value per scale for steps, cfg_scale, solver, shift "
+                              f"and guidance_interval, got {list(self.steps)}, {list(self.cfg_scale)}, "
+                              f"{list(self.solver)}, {list(self.shift)}, {list(self.guidance_interval)}")
+        for i in range(k):
+            shift, (lo, hi) = self.shift[i], self.guidance_interval[i]
+            if not isinstance(shift, (int, float)) or isinstance(shift, bool) or not 0 < shift <= 100:
+                raise ConfigError(f"shift: {shift!r} for scale {i} must be a number in (0, 100] "
+                                  "(1 = uniform)")
+            if not 0.0 <= lo <= hi <= 1.0:
+                raise ConfigError(f"guidance_interval: [{lo:g}, {hi:g}] for scale {i} must satisfy "
+                                  "0 <= a <= b <= 1 (times: 0 data, 1 noise)")
         for i in range(k):
             steps, w, solver = self.steps[i], self.cfg_scale[i], self.solver[i]
             if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
@@ -104,12 +133,15 @@ class SamplerSettings:
 
     @classmethod
     def of(cls, model: ModelConfig, steps=None, cfg_scale=None, solver=None,
-           base: SamplerSettings | None = None) -> SamplerSettings:
+           base: SamplerSettings | None = None, shift=None, guidance_interval=None) -> SamplerSettings:
         """``base`` (by default the model's per-scale defaults) with the given values replacing its
-        own: each one value for every scale, or a list with one per scale."""
+        own: each one value for every scale, or a list with one per scale (``guidance_interval``: one
+        ``(a, b)`` pair, or a list of pairs)."""
         base = base or cls(tuple(s.steps for s in model.scales),
                            tuple(float(s.cfg_scale) for s in model.scales),
-                           tuple(s.solver for s in model.scales))
+                           tuple(s.solver for s in model.scales),
+                           tuple(float(s.shift) for s in model.scales),
+                           tuple(tuple(s.guidance_interval) for s in model.scales))
         k = model.num_scales
 
         def per_scale(name: str, value, default: tuple) -> tuple:
@@ -121,23 +153,45 @@ class SamplerSettings:
                 return tuple(value)
             return (value,) * k
 
+        if guidance_interval is not None and len(guidance_interval) == 2 \
+                and all(isinstance(v, (int, float)) for v in guidance_interval):
+            guidance_interval = [tuple(guidance_interval)] * k  # one pair for every scale
         return cls(per_scale("steps", steps, base.steps),
                    per_scale("cfg_scale", cfg_scale, base.cfg_scale),
-                   per_scale("solver", solver, base.solver))
+                   per_scale("solver", solver, base.solver),
+                   per_scale("shift", shift, base.shift),
+                   per_scale("guidance_interval", guidance_interval, base.guidance_interval))
+
+    def scale_evaluations(self, k: int) -> int:
+        """Network evaluations per image of scale k, CFG branches counted."""
+        return evaluations(self.steps[k], self.cfg_scale[k], self.solver[k], self.shift[k],
+                           self.guidance_interval[k])
 
     @property
     def evaluations(self) -> int:
         """Network evaluations per image, every scale and CFG branch counted."""
-        return sum(evaluations(s, w) for s, w in zip(self.steps, self.cfg_scale))
+        return sum(self.scale_evaluations(k) for k in range(len(self.steps)))
 
     def to_dict(self) -> dict[str, list]:
-        return {"steps": list(self.steps), "cfg_scale": list(self.cfg_scale), "solver": list(self.solver)}
+        """The settings; the shift and the guidance interval only where one differs from the paper's
+        (uniform grid, guidance everywhere), so records of earlier sample sets still match."""
+        out = {"steps": list(self.steps), "cfg_scale": list(self.cfg_scale), "solver": list(self.solver)}
+        if any(v != 1.0 for v in self.shift):
+            out["shift"] = list(self.shift)
+        if any(g != (0.0, 1.0) for g in self.guidance_interval):
+            out["guidance_interval"] = [list(g) for g in self.guidance_interval]
+        return out
 
     def describe(self) -> str:
         """One line for captions: ``steps 100,50  cfg 1.4,1  euler  (300 evaluations/image)``."""
         solvers = self.solver[0] if len(set(self.solver)) == 1 else ",".join(self.solver)
+        extra = ""
+        if any(v != 1.0 for v in self.shift):
+            extra += f"  shift {','.join(f'{v:g}' for v in self.shift)}"
+        if any(g != (0.0, 1.0) for g in self.guidance_interval):
+            extra += "  guided t in " + ",".join(f"[{a:g},{b:g}]" for a, b in self.guidance_interval)
         return (f"steps {','.join(map(str, self.steps))}  cfg {','.join(f'{w:g}' for w in self.cfg_scale)}  "
-                f"{solvers}  ({self.evaluations} evaluations/image)")
+                f"{solvers}{extra}  ({self.evaluations} evaluations/image)")
 
 
 @dataclass
@@ -438,6 +492,11 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"{where}.solver must be one of {SOLVERS}, got {s.solver!r}")
         _choice(f"{where}.time_convention", s.time_convention, TIME_CONVENTIONS)
         _choice(f"{where}.gelu", s.gelu, GELUS)
+        _in_range(f"{where}.shift", s.shift, 0.0, 100.0, False, integer=False, hi_ok=True)
+        g = s.guidance_interval
+        if not isinstance(g, (list, tuple)) or len(g) != 2 or not 0.0 <= g[0] <= g[1] <= 1.0:
+            raise ConfigError(f"{where}.guidance_interval must be [a, b] with 0 <= a <= b <= 1 (times: "
+                              f"0 data, 1 noise), got {g!r}")
     _choice("model.base_mode", m.base_mode, BASE_MODES)
     _choice("model.prior", m.prior, PRIOR_MODES)
     _choice("model.normalize", m.normalize, NORMALIZE_MODES)

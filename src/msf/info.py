@@ -71,7 +71,7 @@ def scale_infos(model: ModelConfig) -> list[ScaleInfo]:
     for k, (s, n) in enumerate(zip(model.scales, model.latent_sizes)):
         prior_ch = ch if (k > 0 and model.prior == "concat") else 0
         macs = _dit_macs(s, n, ch, prior_ch)
-        forwards = evaluations(s.steps, s.cfg_scale)
+        forwards = evaluations(s.steps, s.cfg_scale, s.solver, s.shift, s.guidance_interval)
         out.append(
             ScaleInfo(
                 scale=k, image_size=s.image_size, latent_size=n, tokens=(n // s.patch_size) ** 2,

@@ -283,12 +283,14 @@ class MSFPipeline(nn.Module):
             total, out = settings.steps[k] * len(chunks), []
             for b in chunks:
                 velocity = guided_velocity(net, labels[b], None if net_prior is None else net_prior[b],
-                                           settings.cfg_scale[k], cfg.num_classes)
+                                           settings.cfg_scale[k], cfg.num_classes,
+                                           settings.guidance_interval[k])
                 if callback is not None:
                     velocity = _counted(velocity, lambda done: callback(k, done, total),
                                         start=settings.steps[k] * len(out))
                 with autocast(device, precision):
-                    out.append(solve(velocity, noise[b], settings.steps[k], settings.solver[k]))
+                    out.append(solve(velocity, noise[b], settings.steps[k], settings.solver[k],
+                                     settings.shift[k]))
             return torch.cat(out).float() * self._std(k)
 
         like = torch.zeros(B, C, N, N, device=device)

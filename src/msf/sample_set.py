@@ -161,6 +161,8 @@ def sample_set(
     steps=None,
     cfg_scale=None,
     solver=None,
+    shift=None,
+    guidance_interval=None,
     seed: int = 0,
     precision: str = "bf16",
     compile: bool = False,
@@ -174,10 +176,10 @@ def sample_set(
 ) -> SampleSetResult:
     """Draw ``num_samples`` class-balanced samples from ``pipe`` into the ADM-format ``out``.
 
-    ``steps``, ``cfg_scale`` and ``solver`` are as in :meth:`MSFPipeline.sample` (one
-    value or one per scale; unset: the model's defaults). Returns at once if ``out`` is
-    already a finished set with the same settings and weights, resumes finished chunks
-    of an interrupted run with the same settings, and refuses chunks from other settings.
+    ``steps``, ``cfg_scale``, ``solver``, ``shift`` and ``guidance_interval`` are as in
+    :meth:`msf.config.SamplerSettings.of` (one value or one per scale; unset: the model's defaults).
+    Returns at once if ``out`` is already a finished set with the same settings and weights, resumes
+    finished chunks of an interrupted run with the same settings, and refuses chunks from other settings.
     ``meta`` (e.g. the model directory) is stored in the file beside the settings.
     ``precision`` is "fp32", "bf16" (autocast) or "bf16-weights"; ``compile`` compiles the
     networks first (:func:`inference_nets`). ``labels`` replaces the balanced labels, e.g.
@@ -193,7 +195,8 @@ def sample_set(
     if num_samples < 1 or batch_size < 1:
         raise ValueError(f"num_samples and batch_size must be >= 1, got {num_samples} and {batch_size}")
     cfg = pipe.config
-    sampler = SamplerSettings.of(cfg, steps, cfg_scale, solver)
+    sampler = SamplerSettings.of(cfg, steps, cfg_scale, solver, shift=shift,
+                                 guidance_interval=guidance_interval)
     labels, label_source = _labels(pipe, num_samples, seed, labels)
     settings = {
         "num_samples": num_samples, "batch_size": batch_size, "seed": seed, **sampler.to_dict(),

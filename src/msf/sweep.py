@@ -92,7 +92,7 @@ def run_sweep(
         r = evaluate(str(path), ref, metrics=metrics, device=str(pipe.device), cache_dir=cache_dir,
                      progress=progress, extractor=extractor, bootstraps=0, floor=False)
         rows.append({
-            **p, "nfe_per_image": nfe_per_image(p["steps"], p["cfg_scale"]),
+            **p, "nfe_per_image": SamplerSettings.of(pipe.config, p["steps"], p["cfg_scale"]).evaluations,
             "fid": r.get("fid"), "is": r.get("is"), "precision": r.get("precision"),
             "recall": r.get("recall"), "kid": r.get("kid"), "seconds_per_image": seconds,
             "num_samples": num_samples, "feature_network": r.get("feature_network"),
