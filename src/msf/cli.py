@@ -31,7 +31,8 @@ from msf.config import (
     preset,
 )
 
-MODEL_HELP = "a model directory, a run directory, a checkpoint (.pt), or a shipped model's name"
+MODEL_HELP = ("a model directory, a run directory, a checkpoint (.pt or sharded directory), "
+              "a shipped model's name or a hub id")
 
 
 def _floats(s: str) -> list[float]:

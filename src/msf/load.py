@@ -2,7 +2,8 @@
 
 * a model directory (``config.json`` + ``scale_k.safetensors``, written at the end of training);
 * the name of a model shipped with msf, or a hub id (:mod:`msf.pretrained`);
-* a training checkpoint (``<run>/checkpoints/step_*.pt``), read with ``weights_only=True``;
+* a training checkpoint (``<run>/checkpoints/step_*.pt``), read with ``weights_only=True``, or a
+  sharded one (``train.ckpt_format=sharded``: a ``step_*/`` directory), read whole in this process;
 * a run directory (``msf train``'s ``train.out_dir``): its newest checkpoint, else its ``model/``.
 
 A model directory holds the EMA weights; a checkpoint holds both, so ``weights="raw"`` (the
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from msf.checkpoint import CheckpointError, load_checkpoint, load_latest
+from msf.checkpoint import CheckpointError, is_sharded_checkpoint, load_checkpoint, load_latest, read_sharded
 from msf.config import Config, ConfigError, ModelConfig, from_dict, validate
 from msf.pipeline import ModelDirError, MSFPipeline, load_model_config
 from msf.pretrained import model_path
@@ -25,13 +26,16 @@ WEIGHTS = ("ema", "raw")
 
 
 def resolve(spec: str | os.PathLike) -> tuple[str, Path]:
-    """What ``spec`` is: ("model", dir), ("checkpoint", file) or ("run", dir); a missing path is left to
-    :func:`msf.pipeline.load_model_config` to report (with the shipped models' names)."""
+    """What ``spec`` is: ("model", dir), ("checkpoint", file or sharded directory) or ("run", dir); a
+    missing path is left to :func:`msf.pipeline.load_model_config` to report (with the shipped models'
+    names)."""
     path = Path(spec).expanduser()
     if path.is_file():
         if path.suffix != ".pt":
             raise ModelDirError(f"{path}: a file, but not a training checkpoint (.pt); give a model "
                                 "directory, a run directory or a checkpoint")
+        return "checkpoint", path
+    if is_sharded_checkpoint(path):
         return "checkpoint", path
     if path.is_dir() and ((path / "checkpoints").is_dir() or (path / "model").is_dir()):
         return "run", path  # a model directory has neither
@@ -79,6 +83,8 @@ def _config_of(state: dict, path: Path) -> Config:
 def _pipeline_of(state: dict, path: Path, weights: str, device: torch.device | str) -> MSFPipeline:
     pipe = MSFPipeline(_config_of(state, path).model)
     key = "emas" if weights == "ema" else "models"
+    if "dcp" in state:  # sharded: read the one set of weights asked for, whole, in this process
+        state = read_sharded(state["dcp"], keys=[key])
     for k, net in enumerate(pipe.networks):
         try:
             net.load_state_dict(state[key][str(k)])
