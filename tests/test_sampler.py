@@ -228,6 +228,10 @@ def test_ab2_and_midpoint_evaluate_at_the_right_times():
     x = solve(lambda x, t: 2 * t + 0 * x, torch.zeros(1, dtype=torch.float64), 4, "ab2")
     euler_first = 2 * 1.0 * (-0.25)
     assert x.item() == pytest.approx(euler_first + (0.0 - 0.75 ** 2), abs=1e-12)  # then t^2 from 0.75 to 0
+    # ... on an uneven (shifted) grid too, which needs the step-size ratio in its coefficients
+    g = time_grid(5, 3.0)
+    x = solve(lambda x, t: 2 * t + 0 * x, torch.zeros(1, dtype=torch.float64), 5, "ab2", 3.0)
+    assert x.item() == pytest.approx(2 * g[0] * (g[1] - g[0]) + (0.0 - g[1] ** 2), abs=1e-6)
 
 
 def test_guidance_interval_guides_only_inside_it_and_counts_its_evaluations():
