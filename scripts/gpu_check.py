@@ -157,6 +157,21 @@ def train_resume_sample(dev: torch.device) -> None:
         images = resumed.pipeline.sample([0, 1, 2, 3], precision="bf16")
         say(f"- sample: {tuple(images.shape)}, finite {bool(torch.isfinite(images).all())}, "
             f"range [{images.min():.2f}, {images.max():.2f}]")
+        # sharded checkpoints (DCP) written on the GPU: resume, and read back whole by msf.load, whose
+        # unpickler admits DCP's own metadata classes only
+        from msf.load import load_pipeline
+
+        sharded = [*base, "train.ckpt_format=sharded"]
+        train(apply_overrides(preset("tiny"), [*sharded, "train.steps=3", f"train.out_dir={d}/c"]),
+              device=str(dev), progress=False)
+        again = train(apply_overrides(preset("tiny"), [*sharded, "train.steps=6", f"train.out_dir={d}/c"]),
+                      device=str(dev), progress=False, resume=True)
+        diff = max((a - b).abs().max().item() for a, b in zip(again.pipeline.parameters(),
+                                                               whole.pipeline.parameters()))
+        loaded = load_pipeline(f"{d}/c", device=dev)
+        same = all(torch.equal(a, b) for a, b in zip(loaded.parameters(), again.pipeline.parameters()))
+        say(f"- sharded checkpoint, resumed at step 3 to 6: largest EMA weight difference {diff:.2e}; "
+            f"read back whole by msf.load: {'identical' if same else 'DIFFERENT'}")
 
 
 def determinism(dev: torch.device) -> None:
