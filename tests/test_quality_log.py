@@ -45,3 +45,13 @@ def test_eval_metrics_are_checked():
     cfg.train.eval_metrics = "fid,is"
     with pytest.raises(ConfigError, match="train.eval_metrics='fid,is'"):
         validate(cfg)
+
+
+def test_quality_checks_need_a_reference_when_the_data_has_no_images_to_build_one(tmp_path):
+    from msf.data import load_builtin
+
+    cfg = apply_overrides(preset("tiny"), ["train.steps=2", "train.eval_every=1",
+                                           f"train.out_dir={tmp_path / 'run'}"])
+    with pytest.raises(ConfigError, match="a dataset object was passed.*set train.eval_ref"):
+        train(cfg, data=load_builtin(), progress=False)
+    assert not (tmp_path / "run" / "checkpoints").exists()  # refused before any step

@@ -494,7 +494,13 @@ def _run(cfg: Config, world: World, data, progress: bool, max_seconds: float | N
     _warn_if_oversubscribed(world)
 
     # -- data, and the model config it completes (class names; component std from the data or the checkpoint)
+    given = data is not None
     data = _open_data(cfg, data)
+    if tc.eval_every and not tc.eval_ref and (given or data.kind == "latents"):
+        # said now, not at the first quality check N steps into the run
+        what = "a dataset object was passed" if given else f"train.data={tc.data} is a latent cache"
+        raise ConfigError(f"train.eval_every={tc.eval_every}: {what}, not images msf can build a reference "
+                          "from; set train.eval_ref (an .npz, a folder, or msf reference --stats output)")
     found = ckpts.latest() if resume else None
     if found is not None:
         _check_resume(cfg, found)
