@@ -46,9 +46,9 @@ def test_labels_drop_to_the_null_class_at_the_configured_rate(tiny_cfg, tmp_path
         seen.append(("batch", labels.clone()))
         return real_losses(self, images, labels, *a, **kw)
 
-    def flow(net, c, y, t, prior=None, noise=None):
+    def flow(net, c, y, t, prior=None, noise=None, **kw):
         seen.append(("net", y.clone()))
-        return real_flow(net, c, y, t, prior, noise)
+        return real_flow(net, c, y, t, prior, noise, **kw)
 
     monkeypatch.setattr(MSFPipeline, "training_losses", losses)
     monkeypatch.setattr(msf.pipeline, "rectified_flow_loss", flow)
@@ -96,9 +96,9 @@ def test_training_times_follow_the_configured_sampler(tiny_cfg, tmp_path, monkey
     times = {0: [], 1: []}
     real_flow = msf.pipeline.rectified_flow_loss
 
-    def flow(net, c, y, t, prior=None, noise=None):
+    def flow(net, c, y, t, prior=None, noise=None, **kw):
         times[0 if prior is None else 1].append(t.clone())
-        return real_flow(net, c, y, t, prior, noise)
+        return real_flow(net, c, y, t, prior, noise, **kw)
 
     monkeypatch.setattr(msf.pipeline, "rectified_flow_loss", flow)
     cfg = _cfg(tiny_cfg, tmp_path, "train.steps=8", "train.batch_size=64", "train.time_sampler=logit-normal",
@@ -212,3 +212,61 @@ def test_deterministic_mode_trains_the_same_and_is_switched_back_off(tiny_cfg, t
     assert not torch.are_deterministic_algorithms_enabled()  # the process's setting is restored
     for a, b in zip(plain.pipeline.parameters(), det.pipeline.parameters()):
         assert torch.equal(a, b)  # on the CPU the kernels were deterministic already
+
+
+def test_time_shift_and_cosine_loss_are_off_by_default_and_do_what_they_say():
+    import torch
+
+    from msf.config import ConfigError, preset, validate
+    from msf.flow import rectified_flow_loss, shift_time
+
+    t = torch.tensor([0.0, 0.25, 0.5, 1.0])
+    assert torch.equal(shift_time(t, 1.0), t)
+    torch.testing.assert_close(shift_time(t, 3.0), torch.tensor([0.0, 0.5, 0.75, 1.0]))
+
+    class Fixed(torch.nn.Module):  # predicts v = 2 (e - c): right direction, twice the length
+        def forward(self, x, t, y, prior=None):
+            return self.target * 2
+
+    c, e = torch.randn(3, 2, 4, 4), torch.randn(3, 2, 4, 4)
+    net = Fixed()
+    net.target = e - c
+    mse = ((e - c) ** 2).mean()
+    plain = rectified_flow_loss(net, c, None, torch.rand(3), noise=e)
+    torch.testing.assert_close(plain, mse)
+    same_way = rectified_flow_loss(net, c, None, torch.rand(3), noise=e, cosine_weight=0.5)
+    torch.testing.assert_close(same_way, mse)
+    net.target = -(e - c)  # the opposite direction: 1 - cos = 2 per sample
+    opposite = rectified_flow_loss(net, c, None, torch.rand(3), noise=e, cosine_weight=0.5)
+    torch.testing.assert_close(opposite, (((e - c) * 3) ** 2).mean() + 0.5 * 2)
+    cfg = preset("tiny")
+    cfg.train.time_shift = [1.0]
+    with pytest.raises(ConfigError, match="train.time_shift needs 2 values"):
+        validate(cfg)
+
+
+def test_each_scale_trains_at_its_shifted_times(tiny_cfg, monkeypatch):
+    import torch
+
+    import msf.pipeline
+    from msf.flow import Noise
+    from msf.pipeline import MSFPipeline
+
+    class Half(Noise):
+        def uniform(self, key, n, device="cpu"):
+            return torch.full((n,), 0.5, device=device)
+
+    seen = {}
+    real = msf.pipeline.rectified_flow_loss
+
+    def flow(net, c, y, t, prior=None, noise=None, **kw):
+        seen[0 if prior is None else 1] = (t.clone(), kw)
+        return real(net, c, y, t, prior, noise, **kw)
+
+    monkeypatch.setattr(msf.pipeline, "rectified_flow_loss", flow)
+    pipe = MSFPipeline(tiny_cfg.model)
+    images, labels = torch.rand(4, 3, 16, 16) * 2 - 1, torch.tensor([0, 1, 2, 3])
+    pipe.training_losses(images, labels, noise=Half(), time_shift=[3.0, 1.0], cosine_weight=0.25)
+    torch.testing.assert_close(seen[0][0], torch.full((4,), 0.75))  # 3 * 0.5 / (1 + 2 * 0.5)
+    torch.testing.assert_close(seen[1][0], torch.full((4,), 0.5))
+    assert seen[0][1] == seen[1][1] == {"cosine_weight": 0.25}

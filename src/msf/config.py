@@ -262,6 +262,9 @@ class TrainConfig:
     tensorboard: bool = True  # scalars (and sample grids) under <out_dir>/tb, if installed
     wandb_project: str = ""  # also log to Weights & Biases under this project ("": off; pip install wandb)
     sample_every: int = 0  # steps between sample grids of the EMA model; 0: off
+    # Levers beyond the paper (issue 18), off by default: the paper's recipe trains as before.
+    time_shift: list[float] | None = None  # per scale: training times moved towards the noise (SD3's shift)
+    cosine_loss_weight: float = 0.0  # weight of a velocity-direction term, mean(1 - cos(v, e - c)), in eq. 5
     eval_every: int = 0  # steps between quality checks of the EMA model (FID, KID; msf.quality_log); 0: off
     eval_samples: int = 500  # samples per quality check, class-balanced
     eval_ref: str = ""  # reference for them: .npz, folder or statistics file ("": train.data, built once)
@@ -524,6 +527,12 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(
             f"train.scale_steps needs {m.num_scales} values (one per scale), got {t.scale_steps}"
         )
+    if t.time_shift is not None:
+        if not isinstance(t.time_shift, (list, tuple)) or len(t.time_shift) != m.num_scales:
+            raise ConfigError(f"train.time_shift needs {m.num_scales} values (one per scale), got "
+                              f"{t.time_shift}")
+        for i, v in enumerate(t.time_shift):
+            _in_range(f"train.time_shift[{i}]", v, 0.0, 100.0, False, integer=False, hi_ok=True)
     _choice("train.time_sampler", t.time_sampler, TIME_SAMPLERS)
     _choice("train.lr_schedule", t.lr_schedule, ("constant", "cosine"))
     _choice("train.on_nonfinite", t.on_nonfinite, ("stop", "skip"))
@@ -543,6 +552,7 @@ _TRAIN_RANGES = [
     ("log_every", 1, INF, True),
     ("ckpt_every", 0, INF, True), ("keep_last", 1, INF, True), ("keep_every", 0, INF, True),
     ("sample_every", 0, INF, True), ("eval_every", 0, INF, True), ("eval_samples", 2, INF, True),
+    ("cosine_loss_weight", 0.0, INF, True),
 ]
 
 

@@ -76,6 +76,11 @@ def sample_time(
     raise ValueError(f"time sampler must be 'uniform' or 'logit-normal', got {kind!r}")
 
 
+def shift_time(t: Tensor, shift: float) -> Tensor:
+    """``s t / (1 + (s - 1) t)``: times moved towards the noise (s > 1; SD3's shift), 1 = unchanged."""
+    return t if shift == 1.0 else shift * t / (1 + (shift - 1) * t)
+
+
 def drop_labels(y: Tensor, p: float, null_class: int, noise: Noise | None = None) -> Tensor:
     """Replace each label by the null class with probability ``p`` (trains the CFG branch)."""
     if p <= 0:
@@ -96,8 +101,15 @@ def rectified_flow_loss(
     t: Tensor,
     prior: Tensor | None = None,
     noise: Tensor | None = None,
+    cosine_weight: float = 0.0,
 ) -> Tensor:
-    """Eq. 5: ``|| v(x_t, t, y, prior) - (e - c) ||^2``, averaged over batch and elements."""
+    """Eq. 5: ``|| v(x_t, t, y, prior) - (e - c) ||^2``, averaged over batch and elements; plus
+    ``cosine_weight`` times the mean of ``1 - cos(v, e - c)`` per sample (a velocity-direction term)."""
     e = torch.randn_like(c) if noise is None else noise
     v = net(interpolate(c, e, t), t, y, prior)
-    return F.mse_loss(v.float(), (e - c).float())
+    target = (e - c).float()
+    loss = F.mse_loss(v.float(), target)
+    if cosine_weight:
+        cos = F.cosine_similarity(v.float().flatten(1), target.flatten(1), dim=1)
+        loss = loss + cosine_weight * (1 - cos).mean()
+    return loss

@@ -28,7 +28,7 @@ from msf.autoencoder import Autoencoder, build_autoencoder
 from msf.config import Config, ConfigError, ModelConfig, SamplerSettings, from_dict, to_dict, validate
 from msf.factorize import accumulate_sample, compose, factorize, input_priors, resize_image
 from msf.files import atomic_write, atomic_write_text
-from msf.flow import Noise, drop_labels, rectified_flow_loss, sample_time
+from msf.flow import Noise, drop_labels, rectified_flow_loss, sample_time, shift_time
 from msf.models import DiT
 from msf.pretrained import available, model_path
 from msf.sampler import guided_velocity, solve
@@ -180,12 +180,16 @@ class MSFPipeline(nn.Module):
         noise: Noise | None = None,
         nets: Mapping[int, nn.Module] | None = None,
         latents: tuple[Tensor, Tensor | None] | None = None,
+        time_shift: Sequence[float] | None = None,
+        cosine_weight: float = 0.0,
     ) -> dict[int, Tensor]:
         """Eq. 5 for each scale in ``scales``, under teacher forcing (Algorithm 2 priors).
 
         ``noise`` is the source of times, noise and label dropout (the global RNG by
         default); ``nets`` replaces scale k's network by a wrapper (DDP, compiled);
         ``latents = (z, base)`` replaces ``images`` when they come from the latent cache.
+        ``time_shift`` (one per scale) moves each scale's training times towards the noise
+        (:func:`msf.flow.shift_time`); ``cosine_weight`` adds a velocity-direction term to eq. 5.
         """
         self.check_labels(labels)
         scales = range(self.num_scales) if scales is None else scales
@@ -198,10 +202,11 @@ class MSFPipeline(nn.Module):
             c = comps[k] / self._std(k)
             t = sample_time(c.shape[0], time_sampler, mean=logit_mean, std=logit_std,
                             device=c.device, noise=noise, key=f"t{k}")
+            t = shift_time(t, 1.0 if time_shift is None else time_shift[k])
             e = noise.normal(f"e{k}", tuple(c.shape), c.device)
             prior = self._net_prior(k, priors[k], noise=noise)
             net = self.networks[k] if nets is None or k not in nets else nets[k]
-            losses[k] = rectified_flow_loss(net, c, y, t, prior, noise=e)
+            losses[k] = rectified_flow_loss(net, c, y, t, prior, noise=e, cosine_weight=cosine_weight)
         return losses
 
     # ----------------------------------------------------------------- sampling

@@ -411,6 +411,7 @@ def train_step(state: TrainState, batch, tc: TrainConfig, nets: dict[int, nn.Mod
             images, labels, active, latents=latents, class_dropout=tc.class_dropout,
             time_sampler=tc.time_sampler, logit_mean=tc.logit_mean, logit_std=tc.logit_std,
             noise=StepNoise(tc.seed, step, world.rank, world.size), nets=nets,
+            time_shift=tc.time_shift, cosine_weight=tc.cosine_loss_weight,
         )
     total = sum(losses.values())
     nonfinite, stop = any_rank([~torch.isfinite(total.detach()), stop_requested], world)
