@@ -44,3 +44,16 @@ def test_a_local_directory_wins_over_a_shipped_name_and_unknown_names_list_the_s
     assert MSFPipeline.from_pretrained("emoji-test").num_scales == 1
     with pytest.raises(ModelDirError, match="models shipped with msf: emoji-test"):
         MSFPipeline.from_pretrained("no-such-model")
+
+
+def test_every_model_shipped_in_the_package_loads_and_samples():
+    # the real package directory, not a stand-in: what `pip install msf` puts on a user's machine
+    names = msf.pretrained.available()
+    assert names, "msf ships at least one model (src/msf/pretrained/<name>/)"
+    for name in names:
+        folder = msf.pretrained.pretrained_dir() / name
+        assert sum(f.stat().st_size for f in folder.iterdir()) < 20e6, f"{name}: over 20 MB"
+        assert "FID" in (folder / "README.md").read_text(), f"{name}: README.md gives no scores"
+        pipe = MSFPipeline.from_pretrained(name)
+        images = pipe.sample(list(range(pipe.config.num_classes)), steps=2, seed=0)
+        assert torch.isfinite(images).all() and images.std() > 0.05
