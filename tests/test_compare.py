@@ -131,3 +131,17 @@ def test_the_cli_names_bad_presets_and_stray_overrides(capsys):
     assert "nope" in capsys.readouterr().err
     assert main(["compare", "--presets", "tiny,tiny-dit", "demo:train.lr=1", "--out", "unused"]) == 2
     assert "not among --presets" in capsys.readouterr().err
+
+
+def test_equal_cost_rows_never_stand_in_a_costlier_presets_default_run():
+    from msf.compare import _groups
+
+    def rec(preset, seed, flops, sampling="defaults"):
+        return {"preset": preset, "seed": seed, "budget_minutes": 5.0, "sample_flops_per_image": flops,
+                "sampling": sampling}
+
+    records = [rec("cheap", 0, 10.0), rec("dear", 0, 40.0), rec("dear", 0, 10.0, "equal cost"),
+               rec("cheap", 1, 10.0), rec("dear", 1, 40.0)]  # dear seed 1: not yet drawn at equal cost
+    group = _groups(records)["equal cost"]
+    assert sorted((r["preset"], r["seed"], r["sample_flops_per_image"]) for r in group) == [
+        ("cheap", 0, 10.0), ("cheap", 1, 10.0), ("dear", 0, 10.0)]

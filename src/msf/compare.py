@@ -289,8 +289,12 @@ def _groups(records: list[dict]) -> dict[str, list[dict]]:
     cheap = [r for r in records if r.get("sampling") == "equal cost"]
     if cheap:
         key = {(r["preset"], r["budget_minutes"], r["seed"]) for r in cheap}
+        target = min(r["sample_flops_per_image"] for r in groups["defaults"])
+        # only the cheapest presets' own runs: a costlier one's default run is not its equal-cost run
+        # (which a comparison still under way may not have drawn yet)
         groups["equal cost"] = cheap + [r for r in groups["defaults"]
-                                        if (r["preset"], r["budget_minutes"], r["seed"]) not in key]
+                                        if (r["preset"], r["budget_minutes"], r["seed"]) not in key
+                                        and r["sample_flops_per_image"] <= target * (1 + 1e-6)]
     return groups
 
 
