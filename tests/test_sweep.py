@@ -42,8 +42,8 @@ def test_points_vary_one_setting_of_one_scale(pipe):
 
 def test_cli_sweep_writes_tables_plot_and_resumes(pipe, tmp_path, monkeypatch, capsys):
     # The feature network is not the point here (the real one is tested in test_metrics.py): a stand-in.
-    standin = MeanColour()
-    monkeypatch.setattr(metrics, "load_feature_extractor", lambda *a, **k: standin)
+    standin, asked = MeanColour(), []
+    monkeypatch.setattr(metrics, "load_feature_extractor", lambda *a, **k: asked.append(k) or standin)
     model = pipe.save_pretrained(tmp_path / "model")
     data = prepare_data(load_builtin(), 16)
     ref = tmp_path / "ref.npz"
@@ -51,8 +51,9 @@ def test_cli_sweep_writes_tables_plot_and_resumes(pipe, tmp_path, monkeypatch, c
     out = tmp_path / "sweep"
     cmd = ["sweep", str(model), "--ref", str(ref), "--scale", "0", "--cfg", "1,4", "--num-samples", "8",
            "--batch-size", "4", "--out", str(out), "--precision", "fp32", "--device", "cpu", "--quiet",
-           "--metrics", "fid,pr", "--cache-dir", str(tmp_path / "cache")]
+           "--metrics", "fid,pr", "--cache-dir", str(tmp_path / "cache"), "--feature-precision", "bf16"]
     assert main(cmd) == 0
+    assert asked and asked[0]["precision"] == "bf16"
     with open(out / "sweep.csv") as f:
         rows = list(csv.DictReader(f))
     assert [float(r["value"]) for r in rows] == [1.0, 4.0]

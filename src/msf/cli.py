@@ -262,6 +262,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                          batch_size=args.batch_size, seed=args.seed, precision=args.precision,
                          compile=args.compile, tf32=args.tf32,
                          metrics=tuple(args.metrics.split(",")), weights=args.weights,
+                         feature_precision=args.feature_precision,
                          cache_dir=args.cache_dir, world=world, progress=not args.quiet,
                          model=source(args.model_dir, args.model_weights))
     finally:
@@ -487,6 +488,8 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--num-samples", type=int, default=5000, help="samples per setting (default 5000)")
     w.add_argument("--batch-size", type=int, default=64)
     w.add_argument("--out", default="runs/sweep", help="output directory")
+    w.add_argument("--feature-precision", choices=["fp32", "bf16"], default="fp32",
+                   help="Inception in fp32 (the reference) or bf16 autocast (2.2x faster on CPUs)")
     _sampling_args(w, per_scale=False)
     _eval_args(w)
     w.set_defaults(func=cmd_sweep)

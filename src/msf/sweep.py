@@ -63,6 +63,7 @@ def run_sweep(
     metrics: tuple[str, ...] = ("fid", "is", "pr"),
     weights: str | None = None,
     cache_dir: str | None = None,
+    feature_precision: str = "fp32",
     world: World | None = None,
     progress: bool = True,
     model: str | None = None,
@@ -88,7 +89,7 @@ def run_sweep(
         from msf.metrics import evaluate, load_feature_extractor
 
         if extractor is None:
-            extractor = load_feature_extractor(weights, device=pipe.device)
+            extractor = load_feature_extractor(weights, device=pipe.device, precision=feature_precision)
         r = evaluate(str(path), ref, metrics=metrics, device=str(pipe.device), cache_dir=cache_dir,
                      progress=progress, extractor=extractor, bootstraps=0, floor=False)
         rows.append({
