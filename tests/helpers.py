@@ -42,3 +42,24 @@ def grid_cells(path, rows: int, cols: int, size: int, upscale: int = 2, pad: int
 
 
 assert labelled_grid.__defaults__ == (2, 150), "grid_cells assumes labelled_grid's layout"
+
+
+def kill_after_checkpoint(cmd: list[str], checkpoints, step: int, timeout: float = 120.0) -> None:
+    """Start ``cmd``, SIGKILL it once ``checkpoints`` holds one of step ``step`` or later, and check that
+    it was killed rather than finished."""
+    import signal
+    import subprocess
+    import time
+
+    from msf.checkpoint import list_checkpoints
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        done = list_checkpoints(checkpoints)
+        if done and done[-1][0] >= step:
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"

@@ -10,7 +10,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from helpers import grid_cells
+from helpers import grid_cells, kill_after_checkpoint
 from safetensors.torch import load_file
 
 from msf.checkpoint import CheckpointError, list_checkpoints, load_latest, prune, save_checkpoint
@@ -46,17 +46,8 @@ def _assert_same(a, b):
 
 def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path):
     steps, out = 60, tmp_path / "killed"
-    proc = subprocess.Popen(_cli(out, steps, ["train.ckpt_every=5", "train.keep_last=2"]),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        done = list_checkpoints(out / "checkpoints")
-        if done and done[-1][0] >= 20:
-            break
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    kill_after_checkpoint(_cli(out, steps, ["train.ckpt_every=5", "train.keep_last=2"]), out / "checkpoints",
+                          20)
     last = list_checkpoints(out / "checkpoints")[-1][0]
     assert 20 <= last < steps
     # keep_last=2, plus possibly one more when the kill fell between a save and its pruning.

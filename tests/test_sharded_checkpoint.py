@@ -14,14 +14,13 @@ What is bit for bit and what is not:
 import os
 import pickle
 import shutil
-import signal
 import subprocess
 import sys
-import time
 import warnings
 
 import pytest
 import torch
+from helpers import kill_after_checkpoint
 
 import msf.checkpoint
 from msf.checkpoint import CheckpointError, list_checkpoints, load_latest, prune, read_sharded
@@ -163,16 +162,7 @@ def test_sigkill_during_sharded_saves_then_resume_equals_uninterrupted(tmp_path)
     steps, out = 40, tmp_path / "killed"
     cli = [sys.executable, "-m", "msf", "train", "--preset", "tiny", "--quiet", *OVERRIDES, SHARDED,
            f"train.steps={steps}", f"train.out_dir={out}", "train.ckpt_every=1", "train.keep_last=2"]
-    proc = subprocess.Popen(cli, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        done = list_checkpoints(out / "checkpoints")
-        if done and done[-1][0] >= 10:
-            break
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    kill_after_checkpoint(cli, out / "checkpoints", 10)
     assert 10 <= list_checkpoints(out / "checkpoints")[-1][0] < steps
     resumed = subprocess.run(cli + ["--resume"], capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]

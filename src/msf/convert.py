@@ -56,6 +56,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from msf.autoencoder import IdentityAutoencoder
+from msf.checkpoint import CheckpointError  # noqa: F401 (raised here, re-exported)
 from msf.config import SD_VAE, ModelConfig, ScaleConfig, preset
 from msf.models import sincos_pos_embed_2d
 from msf.pipeline import MSFPipeline
@@ -64,10 +65,6 @@ KINDS = ("auto", "dit", "sit")
 LEARNED_SIGMA = ("drop", "refuse")
 HEADS_BY_WIDTH = {384: 6, 768: 12, 1024: 16, 1152: 16}  # DiT / SiT S, B, L, XL (models.py)
 VAES = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
-
-
-class CheckpointError(ValueError):
-    """A checkpoint cannot be converted; the message names the file and, where one is at fault, the key."""
 
 
 def convert_checkpoint(
