@@ -25,6 +25,7 @@ from pathlib import Path
 from msf.config import (
     PRESETS,
     SAMPLING_PRECISIONS,
+    Config,
     ConfigError,
     apply_overrides,
     config_from_json,
@@ -336,6 +337,10 @@ def cmd_info(args: argparse.Namespace) -> None:
         model, name = load_config(target), target
     else:
         model, name = preset(target).model, target
+    if args.overrides:  # model.* keys: size a variant before training it
+        cfg = Config(model=model)
+        model = apply_overrides(cfg, args.overrides).model
+        name += " " + " ".join(args.overrides)
     info = model_info(model, name)
     print(json.dumps(info, indent=2) if args.json else format_info(info))
 
@@ -554,6 +559,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("info", help="sizes, tokens, parameters and FLOPs of a preset or model")
     i.add_argument("target", help=f"a preset ({', '.join(PRESETS)}) or a model directory")
+    i.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="model overrides, e.g. model.scales.*.mlp=swiglu model.scales.0.depth=12")
     i.add_argument("--json", action="store_true")
     i.set_defaults(func=cmd_info)
     return p

@@ -10,6 +10,7 @@ Time convention (one, everywhere): ``t = 0`` is data, ``t = 1`` is noise,
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import json
@@ -29,6 +30,9 @@ PRECISIONS = ("bf16", "fp32")  # training: autocast dtype of the forward pass
 SAMPLING_PRECISIONS = ("fp32", "bf16", "bf16-weights")
 TIME_CONVENTIONS = ("msf", "sit")  # how a scale's weights read time (msf.models, msf.convert)
 GELUS = ("exact", "tanh")
+NORMS = ("layernorm", "rmsnorm")
+MLPS = ("gelu", "swiglu")
+POS_EMBEDS = ("sincos", "rope", "sincos+rope")
 
 
 class ConfigError(ValueError):
@@ -64,6 +68,11 @@ class ScaleConfig:
     # "sit" feeds the network 1 - t and negates its output, so it still gives msf's velocity at t.
     time_convention: str = "msf"
     gelu: str = "exact"  # "tanh": the GELU approximation DiT and SiT were trained with
+    # Later DiT-family network options (issue 18, msf.models); the defaults are the paper's DiT.
+    qk_norm: bool = False  # RMSNorm on each head's queries and keys
+    norm: str = "layernorm"  # or "rmsnorm"
+    mlp: str = "gelu"  # or "swiglu" (hidden width 2/3 of mlp_ratio x width)
+    pos_embed: str = "sincos"  # or "rope" (2-D rotary) or "sincos+rope"
 
 
 def evaluations(steps: int, cfg_scale: float, solver: str = "euler", shift: float = 1.0,
@@ -495,6 +504,14 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"{where}.solver must be one of {SOLVERS}, got {s.solver!r}")
         _choice(f"{where}.time_convention", s.time_convention, TIME_CONVENTIONS)
         _choice(f"{where}.gelu", s.gelu, GELUS)
+        _choice(f"{where}.norm", s.norm, NORMS)
+        _choice(f"{where}.mlp", s.mlp, MLPS)
+        _choice(f"{where}.pos_embed", s.pos_embed, POS_EMBEDS)
+        if not isinstance(s.qk_norm, bool):
+            raise ConfigError(f"{where}.qk_norm must be true or false, got {s.qk_norm!r}")
+        if "rope" in s.pos_embed and (s.width // s.heads) % 4:
+            raise ConfigError(f"{where}.pos_embed={s.pos_embed!r}: 2-D RoPE needs a head dim (width/heads) "
+                              f"divisible by 4, got {s.width}/{s.heads} = {s.width // s.heads}")
         _in_range(f"{where}.shift", s.shift, 0.0, 100.0, False, integer=False, hi_ok=True)
         g = s.guidance_interval
         if not isinstance(g, (list, tuple)) or len(g) != 2 or not 0.0 <= g[0] <= g[1] <= 1.0:
@@ -692,7 +709,8 @@ def config_from_json(text: str, source: str = "config") -> Config:
 
 
 def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
-    """Apply ``key=value`` overrides (dotted paths, list indices: ``model.scales.0.depth=4``).
+    """Apply ``key=value`` overrides (dotted paths, list indices: ``model.scales.0.depth=4``;
+    ``*`` for every element: ``model.scales.*.qk_norm=true``).
 
     Values are parsed as JSON where possible (numbers, lists, true/false/null),
     else taken as strings. The result is validated.
@@ -706,25 +724,27 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
             value = json.loads(raw)
         except json.JSONDecodeError:
             value = raw
-        parts = key.strip().split(".")
-        node: Any = data
-        for i, p in enumerate(parts):
-            last = i == len(parts) - 1
-            path = ".".join(parts[: i + 1])
-            if isinstance(node, list):
-                if not p.isdigit() or int(p) >= len(node):
-                    raise ConfigError(f"{path}: index must be 0..{len(node) - 1}")
-                if last:
-                    node[int(p)] = value
-                else:
-                    node = node[int(p)]
-            elif isinstance(node, dict):
-                if p not in node:
-                    raise ConfigError(_unknown_key(path, p, list(node)))
-                if last:
-                    node[p] = value
-                else:
-                    node = node[p]
-            else:
-                raise ConfigError(f"{path}: {'.'.join(parts[:i])} has no sub-keys")
+        _set(data, key.strip().split("."), 0, value)
     return validate(from_dict(Config, data, "config"))
+
+
+def _set(node: Any, parts: list[str], i: int, value: Any) -> None:
+    p, last, path = parts[i], i == len(parts) - 1, ".".join(parts[: i + 1])
+    if isinstance(node, list):
+        if p == "*":
+            keys: list = list(range(len(node)))
+        elif p.isdigit() and int(p) < len(node):
+            keys = [int(p)]
+        else:
+            raise ConfigError(f"{path}: index must be 0..{len(node) - 1} or *")
+    elif isinstance(node, dict):
+        if p not in node:
+            raise ConfigError(_unknown_key(path, p, list(node)))
+        keys = [p]
+    else:
+        raise ConfigError(f"{path}: {'.'.join(parts[:i])} has no sub-keys")
+    for key in keys:
+        if last:
+            node[key] = copy.deepcopy(value)
+        else:
+            _set(node[key], parts, i + 1, value)

@@ -33,36 +33,53 @@ class ScaleInfo:
     solver: str
     forwards_per_sample: int  # network evaluations per image, CFG branches counted
     flops_per_sample: int
+    options: list[str]  # the later DiT-family options turned on (msf.models), [] for the paper's DiT
+
+
+def _mlp_hidden(s: ScaleConfig) -> tuple[int, int]:
+    """(hidden width, its number of input products): GELU's fc1 is one, SwiGLU's w12 two."""
+    hidden = int(s.width * s.mlp_ratio)
+    return (int(2 / 3 * hidden), 2) if s.mlp == "swiglu" else (hidden, 1)
 
 
 def _dit_parameters(s: ScaleConfig, n: int, channels: int, prior_channels: int, classes: int) -> int:
     D, p = s.width, s.patch_size
-    hidden = int(D * s.mlp_ratio)
+    hidden, gates = _mlp_hidden(s)
     tokens = (n // p) ** 2
-    block = (D * 3 * D + 3 * D) + (D * D + D) + (D * hidden + hidden) + (hidden * D + D)
+    block = (D * 3 * D + 3 * D) + (D * D + D) + gates * (D * hidden + hidden) + (hidden * D + D)
     block += D * 6 * D + 6 * D
+    block += 2 * (D // s.heads) if s.qk_norm else 0  # the query and key norms' scales
     embed = (channels + prior_channels) * p * p * D + D
     t_embed = 256 * D + D + D * D + D
     y_embed = (classes + 1) * D
     final = D * 2 * D + 2 * D + D * p * p * channels + p * p * channels
-    return s.depth * block + embed + t_embed + y_embed + final + tokens * D
+    pos = tokens * D if "sincos" in s.pos_embed else 0  # counted as DiT counts it; RoPE has none
+    return s.depth * block + embed + t_embed + y_embed + final + pos
 
 
 def _dit_macs(s: ScaleConfig, n: int, channels: int, prior_channels: int) -> int:
     D, p = s.width, s.patch_size
-    hidden = int(D * s.mlp_ratio)
+    hidden, gates = _mlp_hidden(s)
     N = (n // p) ** 2
     per_block = (
         D * 6 * D  # adaLN modulation (once per image)
         + N * D * 3 * D  # qkv
         + 2 * N * N * D  # q k^T and attn @ v
         + N * D * D  # output projection
-        + 2 * N * D * hidden  # MLP
+        + (gates + 1) * N * D * hidden  # MLP
     )
     embed = N * (channels + prior_channels) * p * p * D
     t_embed = 256 * D + D * D
     final = D * 2 * D + N * D * p * p * channels
     return s.depth * per_block + embed + t_embed + final
+
+
+def network_options(s: ScaleConfig) -> list[str]:
+    """The scale's non-default network options, e.g. ``["qk_norm", "swiglu", "pos_embed=rope"]``."""
+    out = ["qk_norm"] if s.qk_norm else []
+    out += [s.norm] if s.norm != "layernorm" else []
+    out += [s.mlp] if s.mlp != "gelu" else []
+    return out + ([f"pos_embed={s.pos_embed}"] if s.pos_embed != "sincos" else [])
 
 
 def scale_infos(model: ModelConfig) -> list[ScaleInfo]:
@@ -80,7 +97,7 @@ def scale_infos(model: ModelConfig) -> list[ScaleInfo]:
                 parameters=_dit_parameters(s, n, ch, prior_ch, model.num_classes),
                 macs_per_forward=macs, flops_per_forward=2 * macs, steps=s.steps,
                 cfg_scale=s.cfg_scale, solver=s.solver, forwards_per_sample=forwards,
-                flops_per_sample=2 * macs * forwards,
+                flops_per_sample=2 * macs * forwards, options=network_options(s),
             )
         )
     return out
@@ -129,6 +146,9 @@ def format_info(info: dict) -> str:
             f"| {s['cfg_scale']} | {s['solver']} | {s['forwards_per_sample']} "
             f"| {_g(s['flops_per_sample'])} |"
         )
+    for s in info["scales"]:
+        if s["options"]:
+            lines.append(f"scale {s['scale']} network options: {', '.join(s['options'])}")
     lines += [
         "",
         f"total parameters: {info['parameters'] / 1e6:,.1f}M ({info['parameters']:,}); "

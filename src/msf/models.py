@@ -18,6 +18,13 @@ Two options serve weights imported from SiT (:mod:`msf.convert`), both off by de
 negates its output (SiT predicts data - noise), so that the module still returns msf's
 velocity at msf's ``t``; ``gelu="tanh"`` is the GELU approximation DiT and SiT were trained with.
 
+Four later DiT-family options (LightningDiT's set; issue 18), each off by default, so that the
+paper's presets build the network above, bit for bit: ``qk_norm`` (RMSNorm on each head's queries
+and keys, learned scale), ``norm="rmsnorm"`` (the blocks' parameter-free norms), ``mlp="swiglu"``
+(a gated feed-forward with 2/3 of the hidden width, so about the same parameters) and
+``pos_embed="rope"`` (2-D rotary embedding of queries and keys instead of the added sin-cos
+table; ``"sincos+rope"`` keeps both).
+
 ``Linear``, ``norm_input`` and ``attention`` come from :mod:`msf.speed`: an
 ``nn.Linear``, the identity and SDPA as far as results go (up to bf16 rounding), faster on
 the CPU.
@@ -76,18 +83,69 @@ class LabelEmbedder(nn.Module):
         return self.embedding_table(y)
 
 
+def rope_2d(head_dim: int, grid: int, theta: float = 10000.0) -> Tensor:
+    """Angles of a 2-D rotary position embedding for a ``grid x grid`` token grid, (2, N, head_dim):
+    cos and sin. The first half of each head rotates by the row, the second by the column, each
+    half in ``head_dim / 4`` frequency pairs (the axial RoPE of EVA-02 and LightningDiT)."""
+    quarter = head_dim // 4
+    freqs = theta ** (-torch.arange(quarter, dtype=torch.float64) / quarter)
+    coords = torch.arange(grid, dtype=torch.float64)
+    gy, gx = torch.meshgrid(coords, coords, indexing="ij")
+    ay, ax = gy.reshape(-1, 1) * freqs, gx.reshape(-1, 1) * freqs
+    angles = torch.cat([ay, ay, ax, ax], dim=1)
+    return torch.stack([angles.cos(), angles.sin()]).float()
+
+
+def apply_rope(x: Tensor, rope: Tensor) -> Tensor:
+    """Rotate (B, heads, N, head_dim) queries or keys: in each half, channel i pairs with i + d/4."""
+    q = x.shape[-1] // 4
+    x1, x2, x3, x4 = x.split(q, dim=-1)
+    rotated = torch.cat([-x2, x1, -x4, x3], dim=-1)
+    cos, sin = rope.to(x.dtype)
+    return x * cos + rotated * sin
+
+
 class Attention(nn.Module):
-    def __init__(self, width: int, heads: int):
+    def __init__(self, width: int, heads: int, qk_norm: bool = False):
         super().__init__()
         self.heads = heads
         self.qkv = Linear(width, 3 * width)
         self.proj = Linear(width, width)
+        if qk_norm:
+            self.q_norm = nn.RMSNorm(width // heads, eps=1e-6)
+            self.k_norm = nn.RMSNorm(width // heads, eps=1e-6)
+        self.qk_norm = qk_norm
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, rope: Tensor | None = None) -> Tensor:
         B, N, D = x.shape
         q, k, v = self.qkv(x).view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        if self.qk_norm:  # scales cast to q's dtype: an fp32 scale takes bf16 q off the fused kernel
+            q = F.rms_norm(q, q.shape[-1:], self.q_norm.weight.to(q.dtype), self.q_norm.eps)
+            k = F.rms_norm(k, k.shape[-1:], self.k_norm.weight.to(k.dtype), self.k_norm.eps)
+        if rope is not None:
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
         x = attention(q, k, v)
         return self.proj(x.transpose(1, 2).reshape(B, N, D))
+
+
+class SwiGLU(nn.Module):
+    """Gated feed-forward: ``w3(silu(x W1) * x W2)``, W1 and W2 in one product (as LightningDiT)."""
+
+    def __init__(self, width: int, hidden: int):
+        super().__init__()
+        self.w12 = Linear(width, 2 * hidden)
+        self.w3 = Linear(hidden, width)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, value = self.w12(x).chunk(2, dim=-1)
+        return self.w3(F.silu(gate) * value)
+
+
+def block_norm(kind: str, width: int) -> nn.Module:
+    """The parameter-free norm before attention, feed-forward and output (adaLN scales it)."""
+    if kind == "rmsnorm":
+        return nn.RMSNorm(width, eps=1e-6, elementwise_affine=False)
+    return nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
 
 
 class Mlp(nn.Module):
@@ -106,29 +164,31 @@ class Mlp(nn.Module):
 class DiTBlock(nn.Module):
     """Transformer block with adaLN-Zero conditioning on c = embed(t) + embed(y)."""
 
-    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0, approximate: str = "none"):
+    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0, approximate: str = "none",
+                 qk_norm: bool = False, norm: str = "layernorm", mlp: str = "gelu"):
         super().__init__()
-        self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(width, heads)
-        self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
-        self.mlp = Mlp(width, int(width * mlp_ratio), approximate)
+        self.norm1 = block_norm(norm, width)
+        self.attn = Attention(width, heads, qk_norm)
+        self.norm2 = block_norm(norm, width)
+        hidden = int(width * mlp_ratio)
+        self.mlp = SwiGLU(width, int(2 / 3 * hidden)) if mlp == "swiglu" else Mlp(width, hidden, approximate)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
 
-    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+    def forward(self, x: Tensor, c: Tensor, rope: Tensor | None = None) -> Tensor:
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
             self.adaLN_modulation(c).chunk(6, dim=1)
         )
         h = modulate(self.norm1(norm_input(x)), shift_msa, scale_msa)
-        x = x + gate_msa.unsqueeze(1) * self.attn(h)
+        x = x + gate_msa.unsqueeze(1) * self.attn(h, rope)
         h = modulate(self.norm2(norm_input(x)), shift_mlp, scale_mlp)
         x = x + gate_mlp.unsqueeze(1) * self.mlp(h)
         return x
 
 
 class FinalLayer(nn.Module):
-    def __init__(self, width: int, patch_size: int, out_channels: int):
+    def __init__(self, width: int, patch_size: int, out_channels: int, norm: str = "layernorm"):
         super().__init__()
-        self.norm_final = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.norm_final = block_norm(norm, width)
         self.linear = Linear(width, patch_size * patch_size * out_channels)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
 
@@ -158,7 +218,8 @@ class DiT(nn.Module):
     ``input_size`` is the component's spatial size ``n_k``; ``channels`` its channel
     count; ``prior_channels`` the extra input channels of the prior (0 for the base
     scale or when the prior is not used). ``time_convention`` and ``gelu``: see the
-    module docstring (``"msf"`` and ``"exact"`` unless the weights come from SiT).
+    module docstring (``"msf"`` and ``"exact"`` unless the weights come from SiT), as for
+    ``qk_norm``, ``norm``, ``mlp`` and ``pos_embed`` (the later DiT-family options).
     """
 
     def __init__(
@@ -174,6 +235,10 @@ class DiT(nn.Module):
         prior_channels: int = 0,
         time_convention: str = "msf",
         gelu: str = "exact",
+        qk_norm: bool = False,
+        norm: str = "layernorm",
+        mlp: str = "gelu",
+        pos_embed: str = "sincos",
     ):
         super().__init__()
         if input_size % patch_size:
@@ -181,6 +246,12 @@ class DiT(nn.Module):
         if time_convention not in ("msf", "sit") or gelu not in ("exact", "tanh"):
             raise ValueError(f"time_convention must be 'msf' or 'sit' and gelu 'exact' or 'tanh', "
                              f"got {time_convention!r}, {gelu!r}")
+        if norm not in ("layernorm", "rmsnorm") or mlp not in ("gelu", "swiglu") \
+                or pos_embed not in ("sincos", "rope", "sincos+rope"):
+            raise ValueError(f"norm must be 'layernorm' or 'rmsnorm', mlp 'gelu' or 'swiglu', pos_embed "
+                             f"'sincos', 'rope' or 'sincos+rope'; got {norm!r}, {mlp!r}, {pos_embed!r}")
+        if "rope" in pos_embed and (width // heads) % 4:
+            raise ValueError(f"2-D RoPE needs a head dim divisible by 4, got {width // heads}")
         self.time_convention = time_convention
         self.input_size = input_size
         self.channels = channels
@@ -195,11 +266,15 @@ class DiT(nn.Module):
         self.t_embedder = TimestepEmbedder(width, scale=1.0 if time_convention == "sit" else 1000.0)
         self.y_embedder = LabelEmbedder(num_classes, width)
         self.register_buffer(
-            "pos_embed", sincos_pos_embed_2d(width, self.grid)[None], persistent=False
+            "pos_embed", sincos_pos_embed_2d(width, self.grid)[None] if "sincos" in pos_embed else None,
+            persistent=False,
         )
+        self.register_buffer("rope", rope_2d(width // heads, self.grid) if "rope" in pos_embed else None,
+                             persistent=False)
         approximate = "tanh" if gelu == "tanh" else "none"
-        self.blocks = nn.ModuleList([DiTBlock(width, heads, mlp_ratio, approximate) for _ in range(depth)])
-        self.final_layer = FinalLayer(width, patch_size, channels)
+        self.blocks = nn.ModuleList([DiTBlock(width, heads, mlp_ratio, approximate, qk_norm, norm, mlp)
+                                     for _ in range(depth)])
+        self.final_layer = FinalLayer(width, patch_size, channels, norm)
         self.grad_checkpointing = False  # recompute each block's activations in backward
         self.initialize_weights()
 
@@ -243,13 +318,15 @@ class DiT(nn.Module):
         x = x.to(self.x_embedder.weight.dtype)  # the sampler's fp32 state into bf16 weights
         # contiguous: else the residual stream keeps the conv's (B, D, N) layout through
         # every block, and each LayerNorm and Linear copies it (10% of an XL forward)
-        x = self.x_embedder(x).flatten(2).transpose(1, 2).contiguous() + self.pos_embed
+        x = self.x_embedder(x).flatten(2).transpose(1, 2).contiguous()
+        if self.pos_embed is not None:
+            x = x + self.pos_embed
         c = self.t_embedder(t) + self.y_embedder(y)
         for block in self.blocks:
             if self.grad_checkpointing and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(block, x, c, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, c, self.rope, use_reentrant=False)
             else:
-                x = block(x, c)
+                x = block(x, c, self.rope)
         out = self.unpatchify(self.final_layer(x, c))
         return -out if sit else out  # SiT predicts data - noise, msf noise - data
 

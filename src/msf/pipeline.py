@@ -65,6 +65,10 @@ def build_scale_networks(config: ModelConfig) -> nn.ModuleList:
             prior_channels=ch if (k > 0 and config.prior == "concat") else 0,
             time_convention=s.time_convention,
             gelu=s.gelu,
+            qk_norm=s.qk_norm,
+            norm=s.norm,
+            mlp=s.mlp,
+            pos_embed=s.pos_embed,
         )
         for k, (s, n) in enumerate(zip(config.scales, config.latent_sizes))
     )
