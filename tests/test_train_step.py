@@ -269,4 +269,4 @@ def test_each_scale_trains_at_its_shifted_times(tiny_cfg, monkeypatch):
     pipe.training_losses(images, labels, noise=Half(), time_shift=[3.0, 1.0], cosine_weight=0.25)
     torch.testing.assert_close(seen[0][0], torch.full((4,), 0.75))  # 3 * 0.5 / (1 + 2 * 0.5)
     torch.testing.assert_close(seen[1][0], torch.full((4,), 0.5))
-    assert seen[0][1] == seen[1][1] == {"cosine_weight": 0.25}
+    assert seen[0][1] == seen[1][1] == {"cosine_weight": 0.25, "align": None}

@@ -274,6 +274,11 @@ class TrainConfig:
     # Levers beyond the paper (issue 18), off by default: the paper's recipe trains as before.
     time_shift: list[float] | None = None  # per scale: training times moved towards the noise (SD3's shift)
     cosine_loss_weight: float = 0.0  # weight of a velocity-direction term, mean(1 - cos(v, e - c)), in eq. 5
+    # REPA (msf.repa): align early tokens with a frozen timm encoder's patch features ("": off)
+    repa_encoder: str = ""  # a local folder (timm's save_for_hf layout) or a hub id
+    repa_weight: float = 0.5
+    repa_depth: list[int] | None = None  # per scale: the block aligned (1-based; 0: none); None: a third
+    repa_projector: int = 2048  # hidden width of the projection MLP
     eval_every: int = 0  # steps between quality checks of the EMA model (FID, KID; msf.quality_log); 0: off
     eval_samples: int = 500  # samples per quality check, class-balanced
     eval_ref: str = ""  # reference for them: .npz, folder or statistics file ("": train.data, built once)
@@ -550,6 +555,18 @@ def validate(cfg: Config) -> Config:
                               f"{t.time_shift}")
         for i, v in enumerate(t.time_shift):
             _in_range(f"train.time_shift[{i}]", v, 0.0, 100.0, False, integer=False, hi_ok=True)
+    if t.repa_depth is not None:
+        if len(t.repa_depth) != m.num_scales:
+            raise ConfigError(f"train.repa_depth needs {m.num_scales} values (one per scale), "
+                              f"got {t.repa_depth}")
+        for i, (d, s) in enumerate(zip(t.repa_depth, m.scales)):
+            _in_range(f"train.repa_depth[{i}]", d, 0, s.depth, True, integer=True, hi_ok=True)
+    if t.repa_encoder and t.fsdp:
+        raise ConfigError("train.repa_encoder: REPA does not run under train.fsdp yet (its projectors are "
+                          "not sharded); use DDP (train.fsdp=false)")
+    if t.repa_encoder and t.ckpt_format == "sharded":
+        raise ConfigError("train.repa_encoder: REPA's projectors are saved in full checkpoints only; "
+                          "set train.ckpt_format=full")
     _choice("train.time_sampler", t.time_sampler, TIME_SAMPLERS)
     _choice("train.lr_schedule", t.lr_schedule, ("constant", "cosine"))
     _choice("train.on_nonfinite", t.on_nonfinite, ("stop", "skip"))
@@ -569,7 +586,7 @@ _TRAIN_RANGES = [
     ("log_every", 1, INF, True),
     ("ckpt_every", 0, INF, True), ("keep_last", 1, INF, True), ("keep_every", 0, INF, True),
     ("sample_every", 0, INF, True), ("eval_every", 0, INF, True), ("eval_samples", 2, INF, True),
-    ("cosine_loss_weight", 0.0, INF, True),
+    ("cosine_loss_weight", 0.0, INF, True), ("repa_weight", 0.0, INF, True), ("repa_projector", 1, INF, True),
 ]
 
 

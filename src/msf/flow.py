@@ -7,6 +7,7 @@ velocity ``dx_t/dt = e - c``. ``t = 0`` is data, ``t = 1`` is noise.
 from __future__ import annotations
 
 import zlib
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -102,14 +103,21 @@ def rectified_flow_loss(
     prior: Tensor | None = None,
     noise: Tensor | None = None,
     cosine_weight: float = 0.0,
+    align: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
     """Eq. 5: ``|| v(x_t, t, y, prior) - (e - c) ||^2``, averaged over batch and elements; plus
-    ``cosine_weight`` times the mean of ``1 - cos(v, e - c)`` per sample (a velocity-direction term)."""
+    ``cosine_weight`` times the mean of ``1 - cos(v, e - c)`` per sample (a velocity-direction term).
+
+    ``align``: ``net`` returns ``(v, z)`` and ``align(z)`` is added (REPA's term, :mod:`msf.repa`)."""
     e = torch.randn_like(c) if noise is None else noise
     v = net(interpolate(c, e, t), t, y, prior)
+    if align is not None:
+        v, z = v
     target = (e - c).float()
     loss = F.mse_loss(v.float(), target)
     if cosine_weight:
         cos = F.cosine_similarity(v.float().flatten(1), target.flatten(1), dim=1)
         loss = loss + cosine_weight * (1 - cos).mean()
+    if align is not None:
+        loss = loss + align(z)
     return loss

@@ -307,7 +307,9 @@ class DiT(nn.Module):
         x = x.view(B, g, g, p, p, c).permute(0, 5, 1, 3, 2, 4)
         return x.reshape(B, c, g * p, g * p)
 
-    def forward(self, x: Tensor, t: Tensor, y: Tensor, prior: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, y: Tensor, prior: Tensor | None = None,
+                tokens_at: int | None = None) -> Tensor | tuple[Tensor, Tensor]:
+        """The velocity; with ``tokens_at=d``, also the tokens after block d (1-based), for REPA."""
         if self.prior_channels:
             if prior is None:
                 raise ValueError("this scale's network needs its prior, got None")
@@ -322,13 +324,17 @@ class DiT(nn.Module):
         if self.pos_embed is not None:
             x = x + self.pos_embed
         c = self.t_embedder(t) + self.y_embedder(y)
-        for block in self.blocks:
+        tokens = None
+        for i, block in enumerate(self.blocks, 1):
             if self.grad_checkpointing and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(block, x, c, self.rope, use_reentrant=False)
             else:
                 x = block(x, c, self.rope)
+            if i == tokens_at:
+                tokens = x
         out = self.unpatchify(self.final_layer(x, c))
-        return -out if sit else out  # SiT predicts data - noise, msf noise - data
+        out = -out if sit else out  # SiT predicts data - noise, msf noise - data
+        return out if tokens_at is None else (out, tokens)
 
 
 def count_parameters(model: nn.Module) -> int:

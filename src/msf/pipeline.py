@@ -186,6 +186,7 @@ class MSFPipeline(nn.Module):
         latents: tuple[Tensor, Tensor | None] | None = None,
         time_shift: Sequence[float] | None = None,
         cosine_weight: float = 0.0,
+        align: Mapping[int, Callable[[Tensor], Tensor]] | None = None,
     ) -> dict[int, Tensor]:
         """Eq. 5 for each scale in ``scales``, under teacher forcing (Algorithm 2 priors).
 
@@ -194,6 +195,8 @@ class MSFPipeline(nn.Module):
         ``latents = (z, base)`` replaces ``images`` when they come from the latent cache.
         ``time_shift`` (one per scale) moves each scale's training times towards the noise
         (:func:`msf.flow.shift_time`); ``cosine_weight`` adds a velocity-direction term to eq. 5.
+        ``align[k]`` adds REPA's term to scale k's loss (:mod:`msf.repa`; ``nets[k]`` is then the
+        network with its projector).
         """
         self.check_labels(labels)
         scales = range(self.num_scales) if scales is None else scales
@@ -210,7 +213,8 @@ class MSFPipeline(nn.Module):
             e = noise.normal(f"e{k}", tuple(c.shape), c.device)
             prior = self._net_prior(k, priors[k], noise=noise)
             net = self.networks[k] if nets is None or k not in nets else nets[k]
-            losses[k] = rectified_flow_loss(net, c, y, t, prior, noise=e, cosine_weight=cosine_weight)
+            losses[k] = rectified_flow_loss(net, c, y, t, prior, noise=e, cosine_weight=cosine_weight,
+                                            align=None if align is None else align.get(k))
         return losses
 
     # ----------------------------------------------------------------- sampling

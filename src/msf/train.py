@@ -33,6 +33,7 @@ import sys
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,8 +62,10 @@ from msf.data import IndexStream, TrainingData, iterate_batches, load_dataset
 from msf.distributed import World, any_rank, barrier, close_world, describe, init_world, mean_over_ranks
 from msf.files import atomic_write_text
 from msf.flow import StepNoise
+from msf.models import DiT
 from msf.pipeline import MSFPipeline, autocast
 from msf.quality_log import QualityLog
+from msf.repa import AlignedNet, Projector, alignment_loss, default_depth, load_encoder, pooled
 
 # Train-config fields that may change on resume without changing what the run computes.
 RESUMABLE_CHANGES = {
@@ -307,6 +310,10 @@ class TrainState:
     opts: dict[int, torch.optim.Optimizer]
     history: dict[int, list[tuple[int, float]]]
     skipped: int = 0  # steps skipped for a non-finite loss
+    # REPA (train.repa_encoder): the frozen encoder, and per aligned scale its projector and optimizer
+    encoder: nn.Module | None = None
+    projectors: dict[int, nn.Module] = field(default_factory=dict)
+    projector_opts: dict[int, torch.optim.Optimizer] = field(default_factory=dict)
 
     @classmethod
     def create(cls, cfg: Config, world: World, data, bad_files: list[str], load_other_scales: bool = True,
@@ -340,10 +347,16 @@ class TrainState:
                 shard(pipe.networks[k], tc.precision)
                 shard(ema.networks[k])  # never runs forward: its weights stay fp32
         fused = world.device.type == "cuda"  # one kernel per step on the GPU; the CPU keeps foreach
-        opts = {k: torch.optim.AdamW(pipe.networks[k].parameters(), lr=tc.lr, betas=tuple(tc.betas),
-                                     weight_decay=tc.weight_decay, fused=fused or None)
-                for k in scales}
-        return cls(step=0, pipe=pipe, ema=ema, opts=opts, history={k: [] for k in scales})
+        def adamw(params):
+            return torch.optim.AdamW(params, lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay,
+                                     fused=fused or None)
+
+        opts = {k: adamw(pipe.networks[k].parameters()) for k in scales}
+        state = cls(step=0, pipe=pipe, ema=ema, opts=opts, history={k: [] for k in scales})
+        if tc.repa_encoder:  # after the networks, so that their initial weights do not change
+            state.encoder, state.projectors = _repa_parts(cfg, pipe, scales, world.device)
+            state.projector_opts = {k: adamw(p.parameters()) for k, p in state.projectors.items()}
+        return state
 
     def state_dict(self, sharded: bool = False) -> dict:
         """Full (unsharded) state dicts on the CPU; collective under FSDP: every process calls it.
@@ -360,7 +373,10 @@ class TrainState:
             "history": {str(k): [list(p) for p in v] for k, v in self.history.items()},
             "step": self.step,
             "skipped": self.skipped,
-        }
+        } | ({  # REPA's projectors: training state, not part of the model
+            "projectors": {str(k): p.state_dict() for k, p in self.projectors.items()},
+            "projector_optimizers": {str(k): o.state_dict() for k, o in self.projector_opts.items()},
+        } if self.projectors else {})
 
     def load_state_dict(self, state: dict) -> None:
         """From a checkpoint file's state, or a sharded checkpoint's ``msf.json`` (its ``"dcp"``
@@ -377,6 +393,11 @@ class TrainState:
             set_model_state_dict(self.ema.networks[k], state["emas"][str(k)], options=load)
         for k, opt in self.opts.items():
             set_optimizer_state_dict(self.pipe.networks[k], opt, state["optimizers"][str(k)], options=load)
+        saved = state.get("projectors", {})
+        for k, proj in self.projectors.items():  # a checkpoint from before REPA was on: fresh projectors
+            if str(k) in saved:
+                proj.load_state_dict(saved[str(k)])
+                self.projector_opts[k].load_state_dict(state["projector_optimizers"][str(k)])
         self.history = {int(k): [tuple(p) for p in v] for k, v in state["history"].items()}
         self.step, self.skipped = int(state["step"]), int(state.get("skipped", 0))
 
@@ -407,11 +428,12 @@ def train_step(state: TrainState, batch, tc: TrainConfig, nets: dict[int, nn.Mod
     inputs, labels = batch
     images, latents = (None, inputs) if isinstance(inputs, tuple) else (inputs, None)
     with autocast(world.device, tc.precision):
+        align = _repa_terms(state, images, active, tc)
         losses = state.pipe.training_losses(
             images, labels, active, latents=latents, class_dropout=tc.class_dropout,
             time_sampler=tc.time_sampler, logit_mean=tc.logit_mean, logit_std=tc.logit_std,
             noise=StepNoise(tc.seed, step, world.rank, world.size), nets=nets,
-            time_shift=tc.time_shift, cosine_weight=tc.cosine_loss_weight,
+            time_shift=tc.time_shift, cosine_weight=tc.cosine_loss_weight, align=align,
         )
     total = sum(losses.values())
     nonfinite, stop = any_rank([~torch.isfinite(total.detach()), stop_requested], world)
@@ -422,12 +444,15 @@ def train_step(state: TrainState, batch, tc: TrainConfig, nets: dict[int, nn.Mod
     grad_norms = {}
     for k in active:
         net, opt = state.pipe.networks[k], state.opts[k]
-        if tc.grad_clip > 0:
-            grad_norms[k] = torch.nn.utils.clip_grad_norm_(net.parameters(), tc.grad_clip)
-        for g in opt.param_groups:
-            g["lr"] = learning_rate(tc, step, tc.steps_for(k))
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        proj, proj_opt = state.projectors.get(k), state.projector_opts.get(k)
+        if tc.grad_clip > 0:  # over the network and its projector together, as REPA clips
+            params = net.parameters() if proj is None else [*net.parameters(), *proj.parameters()]
+            grad_norms[k] = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
+        for o in (opt, proj_opt) if proj_opt is not None else (opt,):
+            for g in o.param_groups:
+                g["lr"] = learning_rate(tc, step, tc.steps_for(k))
+            o.step()
+            o.zero_grad(set_to_none=True)
         ema_update(state.ema.networks[k], net, tc.ema_decay)
     state.step = step
     return StepResult({k: v.detach() for k, v in losses.items()}, grad_norms, True, stop)
@@ -502,6 +527,9 @@ def _run(cfg: Config, world: World, data, progress: bool, max_seconds: float | N
         what = "a dataset object was passed" if given else f"train.data={tc.data} is a latent cache"
         raise ConfigError(f"train.eval_every={tc.eval_every}: {what}, not images msf can build a reference "
                           "from; set train.eval_ref (an .npz, a folder, or msf reference --stats output)")
+    if tc.repa_encoder and data.kind == "latents":
+        raise ConfigError(f"train.repa_encoder: train.data={tc.data} is a latent cache; REPA's encoder needs "
+                          "the images (train on the image data, or turn REPA off)")
     found = ckpts.latest() if resume else None
     if found is not None:
         _check_resume(cfg, found)
@@ -513,7 +541,8 @@ def _run(cfg: Config, world: World, data, progress: bool, max_seconds: float | N
     if found is not None:
         state.load_state_dict(found[0])
     scales = trained_scales(cfg)
-    nets = {k: _wrap(state.pipe.networks[k], tc, world) for k in scales}
+    nets = {k: _wrap(AlignedNet(state.pipe.networks[k], state.projectors[k], _repa_depth(cfg, k))
+                     if k in state.projectors else state.pipe.networks[k], tc, world) for k in scales}
     if save and world.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
@@ -741,6 +770,40 @@ def _open_data(cfg: Config, data) -> TrainingData:
     if data.kind == "latents":
         data.source.check_model(cfg)
     return data
+
+
+def _repa_depth(cfg: Config, k: int) -> int:
+    d = cfg.train.repa_depth
+    return default_depth(cfg.model.scales[k].depth) if d is None else d[k]
+
+
+def _repa_parts(cfg: Config, pipe: MSFPipeline, scales: list[int], dev: torch.device
+                ) -> tuple[nn.Module, dict[int, nn.Module]]:
+    """REPA's frozen encoder, and a projector for each trained scale with a block to align."""
+    encoder = load_encoder(cfg.train.repa_encoder).to(dev)
+    projectors = {}
+    for k in scales:
+        if not _repa_depth(cfg, k):
+            continue
+        if not isinstance(pipe.networks[k], DiT):
+            raise ConfigError(f"train.repa_encoder: scale {k}'s network is not msf's DiT, which REPA reads "
+                              "its tokens from; set train.repa_depth to 0 for that scale")
+        projectors[k] = Projector(cfg.model.scales[k].width, cfg.train.repa_projector, encoder.dim).to(dev)
+    return encoder, projectors
+
+
+def _repa_terms(state: TrainState, images: torch.Tensor | None, active: list[int], tc: TrainConfig
+                ) -> dict[int, Callable[[torch.Tensor], torch.Tensor]] | None:
+    """Per aligned scale, REPA's term as a function of its projected tokens (None without REPA)."""
+    if state.encoder is None:
+        return None
+    feats = state.encoder(images)
+
+    def term(grid: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        target = pooled(feats, grid)
+        return lambda z: tc.repa_weight * alignment_loss(z, target)
+
+    return {k: term(state.pipe.networks[k].grid) for k in active if k in state.projectors}
 
 
 def _wrap(net: nn.Module, tc: TrainConfig, world: World) -> nn.Module:
