@@ -270,3 +270,30 @@ def test_each_scale_trains_at_its_shifted_times(tiny_cfg, monkeypatch):
     torch.testing.assert_close(seen[0][0], torch.full((4,), 0.75))  # 3 * 0.5 / (1 + 2 * 0.5)
     torch.testing.assert_close(seen[1][0], torch.full((4,), 0.5))
     assert seen[0][1] == seen[1][1] == {"cosine_weight": 0.25, "align": None}
+
+
+def test_sd3_rule_derives_each_scales_shift_from_its_size_and_training_uses_it(tmp_path, monkeypatch):
+    import math
+
+    from msf.config import ConfigError, apply_overrides, preset, time_shifts
+    from msf.pipeline import MSFPipeline
+    from msf.train import train
+
+    paper = apply_overrides(preset("paper-imagenet256"), ["train.time_shift_rule=sd3"])
+    assert time_shifts(paper.train, paper.model) == [0.75, 1.0]  # 24x24x4 and 32x32x4 latents, ref 32x32x4
+    tiny = apply_overrides(preset("tiny"), ["train.time_shift_rule=sd3", "train.time_shift_ref=48"])
+    assert time_shifts(tiny.train, tiny.model) == [math.sqrt(8 * 8 * 3 / 48), math.sqrt(16 * 16 * 3 / 48)]
+    assert time_shifts(preset("tiny").train, preset("tiny").model) is None  # off by default
+    with pytest.raises(ConfigError, match="set one of them"):
+        apply_overrides(tiny, ["train.time_shift=[2,1]"])
+    seen = []
+    real = MSFPipeline.training_losses
+
+    def spy(self, *args, **kw):
+        seen.append(kw["time_shift"])
+        return real(self, *args, **kw)
+
+    monkeypatch.setattr(MSFPipeline, "training_losses", spy)
+    train(apply_overrides(tiny, ["train.steps=2", "train.batch_size=4", "train.tensorboard=false",
+                                 f"train.out_dir={tmp_path}"]), progress=False)
+    assert seen == [[2.0, 4.0]] * 2

@@ -273,6 +273,9 @@ class TrainConfig:
     sample_every: int = 0  # steps between sample grids of the EMA model; 0: off
     # Levers beyond the paper (issue 18), off by default: the paper's recipe trains as before.
     time_shift: list[float] | None = None  # per scale: training times moved towards the noise (SD3's shift)
+    # or derived from each scale's size: "sd3" = sqrt(latent elements / time_shift_ref) (SD3's rule)
+    time_shift_rule: str = "none"
+    time_shift_ref: int = 4096  # elements where the rule gives 1: a 256-px SD-VAE latent, 32 x 32 x 4
     cosine_loss_weight: float = 0.0  # weight of a velocity-direction term, mean(1 - cos(v, e - c)), in eq. 5
     # REPA (msf.repa): align early tokens with a frozen timm encoder's patch features ("": off)
     repa_encoder: str = ""  # a local folder (timm's save_for_hf layout) or a hub id
@@ -470,6 +473,16 @@ def preset(name: str) -> Config:
 # --------------------------------------------------------------------------- validation
 
 
+def time_shifts(train: TrainConfig, model: ModelConfig) -> list[float] | None:
+    """Each scale's training time shift: ``train.time_shift``, or SD3's rule, ``sqrt(d_k / d_ref)``
+    for a scale of ``d_k`` latent elements (a larger signal keeps more of itself at a given noise
+    level, so it needs its times moved towards the noise); None: no shift."""
+    if train.time_shift_rule == "sd3":
+        ch = model.autoencoder.channels
+        return [math.sqrt(n * n * ch / train.time_shift_ref) for n in model.latent_sizes]
+    return train.time_shift
+
+
 def validate(cfg: Config) -> Config:
     """Check a config for consistency; raise :class:`ConfigError` naming the field."""
     m, t = cfg.model, cfg.train
@@ -567,6 +580,10 @@ def validate(cfg: Config) -> Config:
     if t.repa_encoder and t.ckpt_format == "sharded":
         raise ConfigError("train.repa_encoder: REPA's projectors are saved in full checkpoints only; "
                           "set train.ckpt_format=full")
+    _choice("train.time_shift_rule", t.time_shift_rule, ("none", "sd3"))
+    if t.time_shift_rule != "none" and t.time_shift is not None:
+        raise ConfigError(f"train.time_shift={t.time_shift} and train.time_shift_rule={t.time_shift_rule!r}: "
+                          "set one of them")
     _choice("train.time_sampler", t.time_sampler, TIME_SAMPLERS)
     _choice("train.lr_schedule", t.lr_schedule, ("constant", "cosine"))
     _choice("train.on_nonfinite", t.on_nonfinite, ("stop", "skip"))
@@ -586,7 +603,8 @@ _TRAIN_RANGES = [
     ("log_every", 1, INF, True),
     ("ckpt_every", 0, INF, True), ("keep_last", 1, INF, True), ("keep_every", 0, INF, True),
     ("sample_every", 0, INF, True), ("eval_every", 0, INF, True), ("eval_samples", 2, INF, True),
-    ("cosine_loss_weight", 0.0, INF, True), ("repa_weight", 0.0, INF, True), ("repa_projector", 1, INF, True),
+    ("cosine_loss_weight", 0.0, INF, True), ("time_shift_ref", 1, INF, True), ("repa_weight", 0.0, INF, True),
+    ("repa_projector", 1, INF, True),
 ]
 
 

@@ -57,7 +57,7 @@ from msf.checkpoint import (
     save_checkpoint,
     save_sharded_checkpoint,
 )
-from msf.config import Config, ConfigError, TrainConfig, from_dict, to_dict, validate
+from msf.config import Config, ConfigError, TrainConfig, from_dict, time_shifts, to_dict, validate
 from msf.data import IndexStream, TrainingData, iterate_batches, load_dataset
 from msf.distributed import World, any_rank, barrier, close_world, describe, init_world, mean_over_ranks
 from msf.files import atomic_write_text
@@ -433,7 +433,7 @@ def train_step(state: TrainState, batch, tc: TrainConfig, nets: dict[int, nn.Mod
             images, labels, active, latents=latents, class_dropout=tc.class_dropout,
             time_sampler=tc.time_sampler, logit_mean=tc.logit_mean, logit_std=tc.logit_std,
             noise=StepNoise(tc.seed, step, world.rank, world.size), nets=nets,
-            time_shift=tc.time_shift, cosine_weight=tc.cosine_loss_weight, align=align,
+            time_shift=time_shifts(tc, state.pipe.config), cosine_weight=tc.cosine_loss_weight, align=align,
         )
     total = sum(losses.values())
     nonfinite, stop = any_rank([~torch.isfinite(total.detach()), stop_requested], world)
