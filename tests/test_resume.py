@@ -135,10 +135,14 @@ def test_checkpoint_retention_and_damaged_files(tmp_path):
     assert any("step 11" in str(x.message) for x in w)
 
 
-def test_resume_refuses_a_different_model(tmp_path):
+def test_resume_refuses_a_different_model_but_not_other_sampler_defaults(tmp_path):
     train(_cfg(tmp_path / "a", 3), progress=False)
     with pytest.raises(CheckpointError, match=r"differs from this run's in \['scales'\]"):
         train(_cfg(tmp_path / "a", 6, ["model.scales.0.depth=3"]), progress=False, resume=True)
+    # how the model samples is not what it trains: new sampler defaults resume (a preset's may move)
+    sampling = ["model.scales.*.steps=3", "model.scales.0.solver=ab2", "model.samplers={}"]
+    resumed = train(_cfg(tmp_path / "a", 5, sampling), progress=False, resume=True)
+    assert resumed.steps == 5 and resumed.pipeline.config.scales[0].solver == "ab2"
 
 
 def test_learning_rate_schedule():

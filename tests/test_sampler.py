@@ -258,3 +258,46 @@ def test_guidance_interval_guides_only_inside_it_and_counts_its_evaluations():
         SamplerSettings.of(model, guidance_interval=(0.5, 0.2))
     with pytest.raises(Exception, match="shift: 0 for scale 1 must be a number in"):
         SamplerSettings.of(model, shift=[1.0, 0])
+
+
+def test_named_samplers_paper_reproduces_todays_samples_and_survives_new_defaults(tmp_path):
+    import json
+
+    import torch
+
+    from msf.cli import main
+    from msf.config import ConfigError, SamplerSettings, apply_overrides, config_from_json, preset, to_dict
+    from msf.pipeline import MSFPipeline
+
+    cfg = preset("tiny")
+    assert SamplerSettings.named(cfg.model, "paper") == SamplerSettings.named(cfg.model)
+    torch.manual_seed(0)
+    pipe = MSFPipeline(cfg.model)
+    with torch.no_grad():  # adaLN-Zero: an untrained network predicts 0 whatever the sampler
+        for p in pipe.networks.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    today = pipe.sample([0, 5], seed=4)
+    # the defaults move to a cheaper sampler and "paper" pins the old steps (as issue 17 will do for a
+    # preset): it still draws today's images, bit for bit
+    moved = apply_overrides(cfg, ["model.scales.*.steps=2", "model.scales.0.solver=ab2",
+                                  "model.scales.*.shift=3", 'model.samplers={"paper": {"solver": "euler", '
+                                  '"shift": 1, "guidance_interval": [0, 1], "steps": [8, 4]}}'])
+    pipe.config = moved.model
+    assert not torch.equal(pipe.sample([0, 5], seed=4), today)
+    paper = SamplerSettings.named(moved.model, "paper")
+    assert torch.equal(pipe.sample([0, 5], settings=paper, seed=4), today)
+    assert SamplerSettings.of(moved.model, name="paper", steps=3).steps == (3, 3)  # flags refine it
+    # the names travel with the model; a name it lacks is refused with the names it has
+    model_dir = pipe.save_pretrained(tmp_path / "m")
+    assert main(["sample", str(model_dir), "--sampler", "paper", "--classes", "0,5", "--per-class", "1",
+                 "--seed", "4", "--precision", "fp32", "--out", str(tmp_path / "g.png"), "--quiet"]) == 0
+    with pytest.raises(ConfigError, match=r"sampler 'fast': this model names \['default', 'paper'\]"):
+        SamplerSettings.named(moved.model, "fast")
+    # a model saved before named settings existed: "paper" is its plain Euler default
+    old = to_dict(cfg)
+    del old["model"]["samplers"]
+    assert SamplerSettings.named(config_from_json(json.dumps(old)).model, "paper").steps == (8, 4)
+    with pytest.raises(ConfigError, match=r"model.samplers.x: steps: need one value per scale"):
+        apply_overrides(cfg, ['model.samplers={"x": {"steps": [1, 2, 3]}}'])
+    with pytest.raises(ConfigError, match=r"model.samplers.x.step"):
+        apply_overrides(cfg, ['model.samplers={"x": {"step": [1, 2]}}'])

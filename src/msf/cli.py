@@ -132,6 +132,7 @@ def _sampling(args: argparse.Namespace) -> dict:
         "solver": None if args.solver is None else _one_or_list(args.solver.split(",")),
         "shift": None if args.shift is None else _one_or_list(args.shift),
         "guidance_interval": None if gi is None else (list(gi[0]) if len(gi) == 1 else gi),
+        "name": args.sampler,
     }
 
 
@@ -199,7 +200,9 @@ def _sample_set(args: argparse.Namespace) -> int:
     try:
         pipe = load_pipeline(args.model_dir, args.model_weights, device=world.device)
         out = args.npz or "samples.npz"
-        res = sample_set(pipe, out, args.num_samples, batch_size=args.batch_size, **_sampling(args),
+        sampling = _sampling(args)
+        sampling["sampler_name"] = sampling.pop("name")
+        res = sample_set(pipe, out, args.num_samples, batch_size=args.batch_size, **sampling,
                          seed=args.seed, precision=args.precision, compile=args.compile, world=world,
                          tf32=args.tf32, progress=not args.quiet, overwrite=args.overwrite,
                          meta={"model": source(args.model_dir, args.model_weights)})
@@ -360,6 +363,9 @@ def _sampling_args(p: argparse.ArgumentParser, per_scale: bool = True) -> None:
                        "3 more steps near the noise (SD3's shift): 3 or 3,1")
         p.add_argument("--guidance-interval", type=_intervals, help="guide only at times t in [a, b] "
                        "(0 data, 1 noise): 0.1:0.9, or one per scale 0:1,0.2:1")
+        p.add_argument("--sampler", default=None, metavar="NAME",
+                       help="named settings the flags above refine: default (the model's), or one the "
+                       "model's config names, e.g. paper (Euler, uniform grid, guidance throughout)")
     p.add_argument("--seed", type=int, default=0)
     _weights_arg(p)
     p.add_argument("--precision", choices=SAMPLING_PRECISIONS, default="bf16",

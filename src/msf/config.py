@@ -31,6 +31,8 @@ SAMPLING_PRECISIONS = ("fp32", "bf16", "bf16-weights")
 TIME_CONVENTIONS = ("msf", "sit")  # how a scale's weights read time (msf.models, msf.convert)
 GELUS = ("exact", "tanh")
 NORMS = ("layernorm", "rmsnorm")
+# A scale's sampler defaults: they change how a model samples, not how it trains
+SAMPLING_FIELDS = ("steps", "cfg_scale", "solver", "shift", "guidance_interval")
 MLPS = ("gelu", "swiglu")
 POS_EMBEDS = ("sincos", "rope", "sincos+rope")
 
@@ -141,16 +143,31 @@ class SamplerSettings:
                 raise ConfigError(f"solver: {solver!r} for scale {i} must be one of {SOLVERS}")
 
     @classmethod
+    def named(cls, model: ModelConfig, name: str = "default") -> SamplerSettings:
+        """The model's per-scale defaults (``"default"``), or one of its named settings
+        (``model.samplers``; ``"paper"``: the paper's sampler, Euler on a uniform grid with guidance
+        throughout, which every model saved before named settings existed samples with by default)."""
+        defaults = cls(tuple(s.steps for s in model.scales), tuple(float(s.cfg_scale) for s in model.scales),
+                       tuple(s.solver for s in model.scales), tuple(float(s.shift) for s in model.scales),
+                       tuple(tuple(s.guidance_interval) for s in model.scales))
+        if name == "default":
+            return defaults
+        if name in model.samplers:
+            return cls.of(model, base=defaults, **model.samplers[name])
+        plain = all(s == "euler" for s in defaults.solver) and all(v == 1.0 for v in defaults.shift) \
+            and all(g == (0.0, 1.0) for g in defaults.guidance_interval)
+        if name == "paper" and not model.samplers and plain:
+            return defaults
+        raise ConfigError(f"sampler {name!r}: this model names {['default', *model.samplers]}")
+
+    @classmethod
     def of(cls, model: ModelConfig, steps=None, cfg_scale=None, solver=None,
-           base: SamplerSettings | None = None, shift=None, guidance_interval=None) -> SamplerSettings:
-        """``base`` (by default the model's per-scale defaults) with the given values replacing its
-        own: each one value for every scale, or a list with one per scale (``guidance_interval``: one
-        ``(a, b)`` pair, or a list of pairs)."""
-        base = base or cls(tuple(s.steps for s in model.scales),
-                           tuple(float(s.cfg_scale) for s in model.scales),
-                           tuple(s.solver for s in model.scales),
-                           tuple(float(s.shift) for s in model.scales),
-                           tuple(tuple(s.guidance_interval) for s in model.scales))
+           base: SamplerSettings | None = None, shift=None, guidance_interval=None,
+           name: str | None = None) -> SamplerSettings:
+        """``base`` (by default the model's named settings ``name``, else its per-scale defaults) with
+        the given values replacing its own: each one value for every scale, or a list with one per scale
+        (``guidance_interval``: one ``(a, b)`` pair, or a list of pairs)."""
+        base = base or cls.named(model, name or "default")
         k = model.num_scales
 
         def per_scale(name: str, value, default: tuple) -> tuple:
@@ -214,6 +231,9 @@ class ModelConfig:
     normalize: str = "none"  # "std": train each component at unit variance
     component_std: list[float] | None = None  # per-scale std, measured on data ("std")
     class_names: list[str] | None = None
+    # Named sampler settings besides the scales' defaults, e.g. {"paper": {"steps": [100, 50],
+    # "cfg_scale": [1.4, 1.0], "solver": ["euler", "euler"]}}: `msf sample --sampler paper`.
+    samplers: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def num_scales(self) -> int:
@@ -317,6 +337,14 @@ SD_VAE = AutoencoderConfig(
 )
 
 
+def _paper_sampler() -> dict[str, dict[str, Any]]:
+    """``model.samplers`` naming the paper's sampler: Euler on a uniform grid, guidance at every step,
+    at the preset's step counts and guidance (one value for every scale, so a preset with other scales
+    keeps it). A preset whose defaults move to a cheaper sampler (issue 17) adds its old steps and
+    guidance here, so that ``--sampler paper`` still draws today's images."""
+    return {"paper": {"solver": "euler", "shift": 1.0, "guidance_interval": [0.0, 1.0]}}
+
+
 def _tiny() -> Config:
     """A few-thousand-parameter two-scale model on 16 x 16 images, for tests."""
     model = ModelConfig(
@@ -326,6 +354,7 @@ def _tiny() -> Config:
             ScaleConfig(image_size=16, depth=2, width=32, heads=2, steps=4),
         ],
         class_names=list(EMOJI_CLASSES),
+        samplers=_paper_sampler(),
     )
     train = TrainConfig(steps=50, batch_size=16, lr=1e-3, ema_decay=0.9, precision="fp32")
     return Config(model=model, train=train, preset="tiny")
@@ -355,6 +384,7 @@ def _demo() -> Config:
         ],
         normalize="std",
         class_names=list(EMOJI_CLASSES),
+        samplers=_paper_sampler(),
     )
     train = TrainConfig(
         steps=1500, batch_size=32, lr=2e-3, warmup_steps=100, ema_decay=0.995,
@@ -379,6 +409,7 @@ def _paper_imagenet256() -> Config:
             ScaleConfig(image_size=192, depth=18, width=1152, heads=16, steps=100, cfg_scale=1.4),
             ScaleConfig(image_size=256, depth=10, width=1280, heads=16, steps=50, cfg_scale=1.0),
         ],
+        samplers=_paper_sampler(),
     )
     train = TrainConfig(
         steps=400_000, scale_steps=[400_000, 250_000], batch_size=2560, lr=1e-3,
@@ -395,6 +426,7 @@ def _dit_xl2() -> Config:
         scales=[
             ScaleConfig(image_size=256, depth=28, width=1152, heads=16, steps=100, cfg_scale=1.5)
         ],
+        samplers=_paper_sampler(),
     )
     train = TrainConfig(
         steps=400_000, batch_size=256, lr=1e-4, ema_decay=0.9999, data="",
@@ -535,6 +567,17 @@ def validate(cfg: Config) -> Config:
         if not isinstance(g, (list, tuple)) or len(g) != 2 or not 0.0 <= g[0] <= g[1] <= 1.0:
             raise ConfigError(f"{where}.guidance_interval must be [a, b] with 0 <= a <= b <= 1 (times: "
                               f"0 data, 1 noise), got {g!r}")
+    for name, given in m.samplers.items():
+        if name == "default":
+            raise ConfigError("model.samplers.default: 'default' names the scales' own settings; pick "
+                              "another name")
+        bad = [key for key in given if key not in SAMPLING_FIELDS]
+        if bad:
+            raise ConfigError(_unknown_key(f"model.samplers.{name}.{bad[0]}", bad[0], list(SAMPLING_FIELDS)))
+        try:
+            SamplerSettings.named(m, name)
+        except ConfigError as e:
+            raise ConfigError(f"model.samplers.{name}: {e}") from None
     _choice("model.base_mode", m.base_mode, BASE_MODES)
     _choice("model.prior", m.prior, PRIOR_MODES)
     _choice("model.normalize", m.normalize, NORMALIZE_MODES)
@@ -691,6 +734,13 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(errors[0])
+    if tp is Any:
+        return value
+    if origin is dict:
+        _, item = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected an object, got {value!r}")
+        return {str(k): _coerce(item, v, f"{where}.{k}") for k, v in value.items()}
     if origin is list:
         (item,) = typing.get_args(tp)
         if not isinstance(value, (list, tuple)):

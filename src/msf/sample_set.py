@@ -163,6 +163,7 @@ def sample_set(
     solver=None,
     shift=None,
     guidance_interval=None,
+    sampler_name: str | None = None,
     seed: int = 0,
     precision: str = "bf16",
     compile: bool = False,
@@ -177,7 +178,8 @@ def sample_set(
     """Draw ``num_samples`` class-balanced samples from ``pipe`` into the ADM-format ``out``.
 
     ``steps``, ``cfg_scale``, ``solver``, ``shift`` and ``guidance_interval`` are as in
-    :meth:`msf.config.SamplerSettings.of` (one value or one per scale; unset: the model's defaults).
+    :meth:`msf.config.SamplerSettings.of` (one value or one per scale; unset: the model's defaults,
+    or its named settings ``sampler_name``, e.g. "paper").
     Returns at once if ``out`` is already a finished set with the same settings and weights, resumes
     finished chunks of an interrupted run with the same settings, and refuses chunks from other settings.
     ``meta`` (e.g. the model directory) is stored in the file beside the settings.
@@ -196,7 +198,7 @@ def sample_set(
         raise ValueError(f"num_samples and batch_size must be >= 1, got {num_samples} and {batch_size}")
     cfg = pipe.config
     sampler = SamplerSettings.of(cfg, steps, cfg_scale, solver, shift=shift,
-                                 guidance_interval=guidance_interval)
+                                 guidance_interval=guidance_interval, name=sampler_name)
     labels, label_source = _labels(pipe, num_samples, seed, labels)
     settings = {
         "num_samples": num_samples, "batch_size": batch_size, "seed": seed, **sampler.to_dict(),

@@ -57,7 +57,16 @@ from msf.checkpoint import (
     save_checkpoint,
     save_sharded_checkpoint,
 )
-from msf.config import Config, ConfigError, TrainConfig, from_dict, time_shifts, to_dict, validate
+from msf.config import (
+    SAMPLING_FIELDS,
+    Config,
+    ConfigError,
+    TrainConfig,
+    from_dict,
+    time_shifts,
+    to_dict,
+    validate,
+)
 from msf.data import IndexStream, TrainingData, iterate_batches, load_dataset
 from msf.distributed import World, any_rank, barrier, close_world, describe, init_world, mean_over_ranks
 from msf.files import atomic_write_text
@@ -181,7 +190,11 @@ def _check_resume(cfg: Config, found: tuple[dict, Path]) -> None:
     """
     saved, path = from_dict(Config, found[0]["config"], "checkpoint config"), found[1]
     a, b = to_dict(cfg.model), to_dict(saved.model)
-    a["component_std"] = b["component_std"] = None
+    for d in (a, b):  # the measured std, and how the model samples: neither changes what training computes
+        d["component_std"], d["samplers"] = None, {}
+        for s in d["scales"]:
+            for key in SAMPLING_FIELDS:
+                s.pop(key)
     if a != b:
         diff = [k for k in a if a[k] != b[k]]
         raise CheckpointError(
