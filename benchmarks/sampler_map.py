@@ -1,0 +1,235 @@
+"""Issue 17, item 2: quality against sampling cost, per sampler, for MSF (`demo`) and its K = 1 DiT
+(`dit-demo`), both trained 15 minutes on the built-in emoji (seed 0 of benchmarks/compare_emoji.sh).
+
+Every setting draws the same 1,000 class-balanced samples (same labels, same initial noise: seed 0)
+and is scored against the emoji reference with FID, KID (bootstrap intervals) and class accuracy.
+Cost per image: network evaluations, FLOPs (msf info's count) and seconds measured here, one setting
+at a time on an otherwise idle machine. Resumable: a finished setting is read back.
+
+    .venv/bin/python benchmarks/sampler_map.py            # runs/sampler_map/, then docs/sampler_map/
+    .venv/bin/python benchmarks/sampler_map.py --report   # tables and plots from the finished settings
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = {  # name: (model directory, the paper's sampler at this preset: the default)
+    "demo": ROOT / "runs/compare_emoji/runs/demo/seed0/15min/model",
+    "dit-demo": ROOT / "runs/compare_emoji/runs/dit-demo/seed0/15min/model",
+}
+REF = ROOT / "runs/compare_emoji/reference.npz"
+
+# name -> per-scale settings (lists, one value per scale); unset fields: the model's defaults
+MSF = {
+    "paper": {},
+    "res5": {"steps": [50, 5]},
+    "euler25": {"steps": [25, 5]},
+    "ab2-25": {"steps": [25, 5], "solver": ["ab2", "euler"]},
+    "ab2-15": {"steps": [15, 5], "solver": ["ab2", "euler"]},
+    "ab2-10": {"steps": [10, 5], "solver": ["ab2", "euler"]},
+    "ab2-15-shift2": {"steps": [15, 5], "solver": ["ab2", "euler"], "shift": [2.0, 1.0]},
+    "ab2-15-shift0.5": {"steps": [15, 5], "solver": ["ab2", "euler"], "shift": [0.5, 1.0]},
+    "ab2-25-gi0.7": {"steps": [25, 5], "solver": ["ab2", "euler"], "guidance_interval": [[0.0, 0.7], [0, 1]]},
+    "ab2-15-res3": {"steps": [15, 3], "solver": ["ab2", "euler"]},
+    "heun-16": {"steps": [16, 5], "solver": ["heun", "euler"]},
+}
+DIT = {
+    "paper": {},
+    "euler25": {"steps": [25]},
+    "ab2-25": {"steps": [25], "solver": ["ab2"]},
+    "ab2-15": {"steps": [15], "solver": ["ab2"]},
+    "ab2-10": {"steps": [10], "solver": ["ab2"]},
+    "ab2-15-shift2": {"steps": [15], "solver": ["ab2"], "shift": [2.0]},
+    "ab2-15-shift0.5": {"steps": [15], "solver": ["ab2"], "shift": [0.5]},
+    "ab2-25-gi0.7": {"steps": [25], "solver": ["ab2"], "guidance_interval": [[0.0, 0.7]]},
+    "heun-16": {"steps": [16], "solver": ["heun"]},
+}
+SETTINGS = {"demo": MSF, "dit-demo": DIT}
+NUM, SEED, BATCH = 1000, 0, 128
+
+
+def machine() -> str:
+    try:
+        cpu = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
+    except (OSError, StopIteration):
+        cpu = platform.processor()
+    import torch
+
+    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def run(out: Path, extractor) -> None:
+    from msf.config import SamplerSettings
+    from msf.info import scale_infos
+    from msf.metrics import evaluate
+    from msf.pipeline import MSFPipeline
+    from msf.sample_set import sample_set
+
+    for model, settings in SETTINGS.items():
+        pipe = MSFPipeline.from_pretrained(MODELS[model])
+        infos = scale_infos(pipe.config)
+        for name, kw in settings.items():
+            record = out / model / f"{name}.json"
+            if record.is_file():
+                continue
+            sampler = SamplerSettings.of(pipe.config, **kw)
+            path = out / model / f"{name}.npz"
+            t0 = time.perf_counter()
+            sample_set(
+                pipe,
+                path,
+                NUM,
+                batch_size=BATCH,
+                seed=SEED,
+                progress=False,
+                overwrite=True,
+                meta={"model": str(MODELS[model])},
+                **kw,
+            )
+            seconds = (time.perf_counter() - t0) / NUM
+            m = evaluate(
+                str(path),
+                str(REF),
+                metrics=("fid", "kid", "cas"),
+                class_data="emoji",
+                bootstraps=200,
+                feature_precision="bf16",
+                progress=False,
+                floor=False,
+                extractor=extractor,
+            )
+            rec = {
+                "model": model,
+                "setting": name,
+                "sampler": sampler.to_dict(),
+                "describe": sampler.describe(),
+                "evaluations": sampler.evaluations,
+                "flops": sum(i.flops_per_forward * sampler.scale_evaluations(k) for k, i in enumerate(infos)),
+                "seconds_per_image": seconds,
+                "fid": m["fid"],
+                "fid_ci": m.get("fid_ci"),
+                "kid": m["kid"],
+                "kid_ci": m.get("kid_ci"),
+                "cas": m["cas"]["accuracy"],
+                "cas_ci": m.get("cas_ci"),
+                "num_samples": NUM,
+            }
+            record.parent.mkdir(parents=True, exist_ok=True)
+            record.write_text(json.dumps(rec, indent=2))
+            path.unlink()  # 3 MB each; the record keeps what the map needs
+            print(
+                f"{model:9s} {name:16s} {rec['evaluations']:4d} evals  {seconds:.3f} s/img  "
+                f"FID {rec['fid']:.1f}  CAS {rec['cas']:.3f}",
+                flush=True,
+            )
+
+
+def _ci(r: dict, key: str, digits: int) -> str:
+    ci = r.get(f"{key}_ci")
+    v = r[key]
+    return f"{v:.{digits}f} [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]" if ci else f"{v:.{digits}f}"
+
+
+def report(out: Path, docs: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(f.read_text()) for f in sorted(out.glob("*/*.json"))]
+    if not rows:
+        raise SystemExit(f"{out}: no finished settings yet")
+    docs.mkdir(parents=True, exist_ok=True)
+    (docs / "map.json").write_text(json.dumps({"machine": machine(), "rows": rows}, indent=2))
+    paper = {r["model"]: r for r in rows if r["setting"] == "paper"}
+    dit_paper_flops = paper["dit-demo"]["flops"] if "dit-demo" in paper else math.nan
+    lines = [
+        f"Machine: {machine()}. {NUM} samples per setting, seed {SEED} (same labels and noise in every "
+        "setting), against the emoji reference; FID and KID with 95% bootstrap intervals, class accuracy "
+        "(CAS) with its interval. Cost relative to the DiT at the paper's sampler (FLOPs).",
+        "",
+        "| model | setting | sampler | evaluations | GFLOPs | x DiT paper | s/image | FID | KID x1000 | CAS "
+        "| vs paper |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(rows, key=lambda r: (r["model"], -r["flops"])):
+        ref = paper.get(r["model"])
+        verdict = "-"
+        if ref and r is not ref and r.get("fid_ci") and ref.get("fid_ci"):
+            lo, hi = r["fid_ci"]
+            rlo, rhi = ref["fid_ci"]
+            verdict = "better" if hi < rlo else "worse" if lo > rhi else "level"
+        kid = dict(
+            r, kid=r["kid"] * 1000, kid_ci=[v * 1000 for v in r["kid_ci"]] if r.get("kid_ci") else None
+        )
+        lines.append(
+            f"| {r['model']} | {r['setting']} | {r['describe']} | {r['evaluations']} "
+            f"| {r['flops'] / 1e9:.1f} | {r['flops'] / dit_paper_flops:.2f} | {r['seconds_per_image']:.3f} "
+            f"| {_ci(r, 'fid', 1)} | {_ci(kid, 'kid', 1)} | {_ci(r, 'cas', 3)} | {verdict} |"
+        )
+    (docs / "map.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key, label in (
+        (axes[0], "flops", "GFLOPs per image"),
+        (axes[1], "seconds_per_image", "seconds per image (this CPU)"),
+    ):
+        for model, color in (("demo", "tab:blue"), ("dit-demo", "tab:orange")):
+            rs = [r for r in rows if r["model"] == model]
+            xs = [r[key] / (1e9 if key == "flops" else 1) for r in rs]
+            ys = [r["fid"] for r in rs]
+            err = [[r["fid"] - r["fid_ci"][0] for r in rs], [r["fid_ci"][1] - r["fid"] for r in rs]]
+            ax.errorbar(
+                xs,
+                ys,
+                yerr=err,
+                fmt="o",
+                color=color,
+                label=f"{model} (MSF)" if model == "demo" else f"{model} (K = 1 DiT)",
+                capsize=2,
+                ms=4,
+            )
+            for x, y, r in zip(xs, ys, rs):
+                if r["setting"] == "paper":
+                    ax.plot([x], [y], marker="*", ms=14, color=color, mec="k")
+                ax.annotate(r["setting"], (x, y), textcoords="offset points", xytext=(4, 3), fontsize=6)
+        ax.set_xscale("log")
+        ax.set_xlabel(label)
+        ax.set_ylabel(f"FID-{NUM // 1000}K (95% interval)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(
+        "Quality against sampling cost, 15-minute models on emoji (star: the paper's sampler)", fontsize=10
+    )
+    fig.tight_layout()
+    fig.savefig(docs / "map.png", dpi=130)
+    print(f"wrote {docs / 'map.md'}, {docs / 'map.png'}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=str(ROOT / "runs/sampler_map"))
+    ap.add_argument("--docs", default=str(ROOT / "docs/sampler_map"))
+    ap.add_argument("--report", action="store_true")
+    args = ap.parse_args()
+    if not args.report:
+        from msf.features import load_feature_extractor
+
+        run(Path(args.out), load_feature_extractor(precision="bf16"))
+    report(Path(args.out), Path(args.docs))
+
+
+if __name__ == "__main__":
+    main()
