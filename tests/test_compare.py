@@ -1,6 +1,7 @@
 """msf compare: equal budgets, one run per (preset, budget, seed), resumable, with tables and verdicts."""
 
 import json
+from pathlib import Path
 
 import pytest
 from helpers import MeanColour
@@ -145,3 +146,17 @@ def test_equal_cost_rows_never_stand_in_a_costlier_presets_default_run():
     group = _groups(records)["equal cost"]
     assert sorted((r["preset"], r["seed"], r["sample_flops_per_image"]) for r in group) == [
         ("cheap", 0, 10.0), ("cheap", 1, 10.0), ("dear", 0, 10.0)]
+
+
+def test_a_variant_is_its_preset_with_its_own_overrides():
+    from msf.compare import _config, base_preset
+
+    s = _settings(presets=["tiny", "tiny+qk"], preset_overrides={"tiny+qk": ["model.scales.*.qk_norm=true"]})
+    s.check()
+    assert base_preset("tiny+qk") == "tiny" and base_preset("dit-demo") == "dit-demo"
+    plain, variant = (_config(s, p, Path("o"), 5, 0) for p in s.presets)
+    assert [x.qk_norm for x in plain.model.scales] == [False, False]
+    assert [x.qk_norm for x in variant.model.scales] == [True, True]
+    assert variant.train.steps == 5 and variant.model.scales[0].depth == plain.model.scales[0].depth
+    with pytest.raises(ConfigError, match="unknown preset 'nope'"):
+        _settings(presets=["tiny", "nope+x"]).check()

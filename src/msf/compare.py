@@ -64,7 +64,7 @@ class CompareSettings:
     def check(self) -> None:
         if len(self.presets) < 1 or len(set(self.presets)) != len(self.presets):
             raise ConfigError(f"compare: presets must be distinct, got {self.presets}")
-        sizes = {p: preset(p).model.image_size for p in self.presets}  # an unknown name fails here
+        sizes = {p: preset(base_preset(p)).model.image_size for p in self.presets}  # unknown names fail here
         if len(set(sizes.values())) > 1:
             raise ConfigError(f"compare: the presets make images of different sizes {sizes}")
         if self.budget_kind not in BUDGET_KINDS:
@@ -77,8 +77,14 @@ class CompareSettings:
             raise ConfigError(f"compare: num_samples must be >= 4, got {self.num_samples}")
 
 
+def base_preset(name: str) -> str:
+    """A compared model's preset: ``demo`` for ``demo`` and for a variant such as ``demo+qknorm``, whose
+    own overrides are ``preset_overrides["demo+qknorm"]`` (``demo+qknorm:model.scales.*.qk_norm=true``)."""
+    return name.split("+", 1)[0]
+
+
 def _config(s: CompareSettings, name: str, out: Path, steps: int, seed: int) -> Config:
-    return apply_overrides(preset(name), [
+    return apply_overrides(preset(base_preset(name)), [
         f"train.data={s.data}", "train.tensorboard=false", *s.overrides, *s.preset_overrides.get(name, []),
         f"train.out_dir={out}", f"train.steps={steps}", f"train.seed={seed}",
     ])
