@@ -160,3 +160,23 @@ def test_a_variant_is_its_preset_with_its_own_overrides():
     assert variant.train.steps == 5 and variant.model.scales[0].depth == plain.model.scales[0].depth
     with pytest.raises(ConfigError, match="unknown preset 'nope'"):
         _settings(presets=["tiny", "nope+x"]).check()
+
+
+def test_an_interrupted_run_is_not_recorded_and_resumes(tmp_path, monkeypatch):
+    real_train = msf.train.train
+    stop = {"now": True}
+
+    def interrupted_once(cfg, **kw):
+        res = real_train(cfg, **kw)
+        if "calibration" not in cfg.train.out_dir and stop["now"]:
+            stop["now"] = False
+            res.interrupted = True  # as after Ctrl-C: the loop saved a checkpoint and returned
+        return res
+
+    monkeypatch.setattr(msf.train, "train", interrupted_once)
+    s = _settings(seeds=[0], budgets=[0.01])
+    with pytest.raises(KeyboardInterrupt, match="tiny seed 0 stopped at step"):
+        compare(s, tmp_path, progress=False, extractor=MeanColour())
+    assert not list(tmp_path.glob("runs/*/seed0/*/run.json"))
+    summary = compare(s, tmp_path, progress=False, extractor=MeanColour())
+    assert len(summary["runs"]) == 2

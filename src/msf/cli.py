@@ -580,8 +580,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError, FileNotFoundError, FloatingPointError) as e:
         print(f"msf {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"msf {args.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(f"msf {args.command}: interrupted" + (f": {e}" if str(e) else ""), file=sys.stderr)
         return 130
     except BrokenPipeError:
         # the reader went away (`msf info demo | head`): stop quietly, as cat and grep do

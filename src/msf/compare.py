@@ -196,6 +196,9 @@ def run_one(s: CompareSettings, out: Path, name: str, seed: int, budget: float, 
     legs[str(steps)] = legs.get(str(steps), 0.0) + res.seconds  # an interrupted leg adds up
     atomic_write_text(legs_file, json.dumps(legs))
     total = sum(v for k, v in legs.items() if int(k) <= steps)
+    if res.interrupted:  # Ctrl-C or SIGTERM: the checkpoint is saved; a half-trained run is no record
+        raise KeyboardInterrupt(f"{name} seed {seed} stopped at step {res.steps} of {steps}; run the same "
+                                "command again to resume")
     model_dir = run_dir / "model"
     if model_dir.exists():
         shutil.rmtree(model_dir)
