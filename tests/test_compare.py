@@ -180,3 +180,24 @@ def test_an_interrupted_run_is_not_recorded_and_resumes(tmp_path, monkeypatch):
     assert not list(tmp_path.glob("runs/*/seed0/*/run.json"))
     summary = compare(s, tmp_path, progress=False, extractor=MeanColour())
     assert len(summary["runs"]) == 2
+
+
+def test_a_named_sampler_becomes_every_runs_default_and_old_settings_files_still_match(tmp_path):
+    from msf.compare import _config
+    from msf.config import SamplerSettings
+
+    s = _settings(sampler="paper", overrides=["model.scales.*.steps=2", "model.scales.0.solver=ab2"])
+    cfg = _config(s, "tiny", tmp_path, 5, 0)
+    # the override moved the defaults; the comparison samples with the paper's sampler at those steps
+    assert SamplerSettings.named(cfg.model) == SamplerSettings.named(cfg.model, "paper")
+    assert [sc.solver for sc in cfg.model.scales] == ["euler", "euler"]
+    # a settings file written before the field existed matches the field's default
+    s = _settings(seeds=[0], budgets=[0.01])
+    compare(s, tmp_path, progress=False, extractor=MeanColour())
+    saved = json.loads((tmp_path / "settings.json").read_text())
+    del saved["sampler"]
+    (tmp_path / "settings.json").write_text(json.dumps(saved))
+    compare(s, tmp_path, progress=False, extractor=MeanColour())
+    with pytest.raises(ConfigError, match="other settings.*sampler"):
+        compare(_settings(seeds=[0], budgets=[0.01], sampler="paper"), tmp_path, progress=False,
+                extractor=MeanColour())

@@ -294,7 +294,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     settings = CompareSettings(presets=presets, data=args.data, budgets=args.budgets, seeds=args.seeds,
                                budget_kind=args.budget_kind, num_samples=args.num_samples, overrides=common,
                                preset_overrides=per, bootstraps=args.bootstraps, equal_cost=args.equal_cost,
-                               feature_precision=args.feature_precision)
+                               feature_precision=args.feature_precision, sampler=args.sampler)
     summary = compare(settings, args.out, progress=not args.quiet, report_only=args.report)
     print(markdown(summary), end="")
     print(f"written: {args.out}/compare.json, compare.md, fid_vs_training.png, fid_vs_sampling_cost.png")
@@ -519,6 +519,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--equal-cost", action="store_true",
                    help="also sample the costlier presets with fewer steps, at the cheapest one's FLOPs")
     c.add_argument("--feature-precision", choices=["fp32", "bf16"], default="bf16")
+    c.add_argument("--sampler", default="default", metavar="NAME",
+                   help="sample every preset with its defaults, or with named settings (paper)")
     c.add_argument("--out", default="runs/compare", help="output folder (re-run to resume)")
     c.add_argument("--report", action="store_true",
                    help="train and sample nothing: tables and plots of the runs finished so far")

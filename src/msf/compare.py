@@ -60,6 +60,7 @@ class CompareSettings:
     sample_batch: int = 128
     metrics: list[str] = field(default_factory=lambda: ["fid", "kid", "pr", "cas"])
     equal_cost: bool = False  # also sample the costlier presets at the cheapest one's sampling FLOPs
+    sampler: str = "default"  # the presets' sampler: their defaults, or named settings ("paper")
 
     def check(self) -> None:
         if len(self.presets) < 1 or len(set(self.presets)) != len(self.presets):
@@ -84,10 +85,18 @@ def base_preset(name: str) -> str:
 
 
 def _config(s: CompareSettings, name: str, out: Path, steps: int, seed: int) -> Config:
-    return apply_overrides(preset(base_preset(name)), [
+    """The run's config; with a named ``s.sampler``, its settings become the model's defaults, so that
+    every sample set, rate and equal-cost cut of the comparison uses them."""
+    cfg = apply_overrides(preset(base_preset(name)), [
         f"train.data={s.data}", "train.tensorboard=false", *s.overrides, *s.preset_overrides.get(name, []),
         f"train.out_dir={out}", f"train.steps={steps}", f"train.seed={seed}",
     ])
+    if s.sampler != "default":
+        named = SamplerSettings.named(cfg.model, s.sampler)
+        for k, sc in enumerate(cfg.model.scales):
+            sc.steps, sc.cfg_scale, sc.solver = named.steps[k], named.cfg_scale[k], named.solver[k]
+            sc.shift, sc.guidance_interval = named.shift[k], list(named.guidance_interval[k])
+    return cfg
 
 
 def _train_flops_per_step(cfg: Config) -> float:
@@ -480,7 +489,8 @@ def compare(s: CompareSettings, out: str | Path, progress: bool = True, extracto
     fixed = {k: v for k, v in asdict(s).items() if k not in ("budgets", "seeds", "presets", "equal_cost")}
     if settings_file.is_file():
         old = json.loads(settings_file.read_text())
-        changed = {k: (old.get(k), v) for k, v in fixed.items() if old.get(k) != v}
+        defaults = asdict(CompareSettings(presets=s.presets))  # a field newer than the file: its default
+        changed = {k: (old.get(k, defaults[k]), v) for k, v in fixed.items() if old.get(k, defaults[k]) != v}
         if changed:
             raise ConfigError(f"{out}: holds a comparison run with other settings ({changed}); "
                               "name another output folder")
