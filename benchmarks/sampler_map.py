@@ -39,6 +39,15 @@ MSF = {
     "ab2-25-gi0.7": {"steps": [25, 5], "solver": ["ab2", "euler"], "guidance_interval": [[0.0, 0.7], [0, 1]]},
     "ab2-15-res3": {"steps": [15, 3], "solver": ["ab2", "euler"]},
     "heun-16": {"steps": [16, 5], "solver": ["heun", "euler"]},
+    # where the curve bends
+    "ab2-6": {"steps": [6, 3], "solver": ["ab2", "euler"]},
+    "ab2-4": {"steps": [4, 2], "solver": ["ab2", "euler"]},
+    "ab2-10-res2": {"steps": [10, 2], "solver": ["ab2", "euler"]},
+    "ab2-10-res1": {"steps": [10, 1], "solver": ["ab2", "euler"]},
+    # the shift that helped at 15 steps, at fewer
+    "ab2-15-shift3": {"steps": [15, 5], "solver": ["ab2", "euler"], "shift": [3.0, 1.0]},
+    "ab2-10-shift2-res3": {"steps": [10, 3], "solver": ["ab2", "euler"], "shift": [2.0, 1.0]},
+    "ab2-6-shift2-res3": {"steps": [6, 3], "solver": ["ab2", "euler"], "shift": [2.0, 1.0]},
 }
 DIT = {
     "paper": {},
@@ -50,8 +59,14 @@ DIT = {
     "ab2-15-shift0.5": {"steps": [15], "solver": ["ab2"], "shift": [0.5]},
     "ab2-25-gi0.7": {"steps": [25], "solver": ["ab2"], "guidance_interval": [[0.0, 0.7]]},
     "heun-16": {"steps": [16], "solver": ["heun"]},
+    "ab2-6": {"steps": [6], "solver": ["ab2"]},
+    "ab2-4": {"steps": [4], "solver": ["ab2"]},
+    "ab2-15-shift3": {"steps": [15], "solver": ["ab2"], "shift": [3.0]},
+    "ab2-10-shift2": {"steps": [10], "solver": ["ab2"], "shift": [2.0]},
+    "ab2-6-shift2": {"steps": [6], "solver": ["ab2"], "shift": [2.0]},
 }
 SETTINGS = {"demo": MSF, "dit-demo": DIT}
+DEFAULTS = {"demo": "ab2-10-shift2-res3", "dit-demo": "ab2-10-shift2"}  # the presets' defaults since issue 17
 NUM, SEED, BATCH = 1000, 0, 128
 
 
@@ -181,37 +196,44 @@ def report(out: Path, docs: Path) -> None:
     (docs / "map.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, key, label in (
         (axes[0], "flops", "GFLOPs per image"),
         (axes[1], "seconds_per_image", "seconds per image (this CPU)"),
     ):
         for model, color in (("demo", "tab:blue"), ("dit-demo", "tab:orange")):
-            rs = [r for r in rows if r["model"] == model]
+            rs = sorted((r for r in rows if r["model"] == model), key=lambda r: r[key])
             xs = [r[key] / (1e9 if key == "flops" else 1) for r in rs]
             ys = [r["fid"] for r in rs]
             err = [[r["fid"] - r["fid_ci"][0] for r in rs], [r["fid_ci"][1] - r["fid"] for r in rs]]
-            ax.errorbar(
-                xs,
-                ys,
-                yerr=err,
-                fmt="o",
-                color=color,
-                label=f"{model} (MSF)" if model == "demo" else f"{model} (K = 1 DiT)",
-                capsize=2,
-                ms=4,
-            )
+            name = f"{model} (MSF)" if model == "demo" else f"{model} (K = 1 DiT)"
+            ax.errorbar(xs, ys, yerr=err, fmt="o", color=color, label=name, capsize=2, ms=4, alpha=0.8)
+            front, best = [], math.inf  # the Pareto front: no cheaper setting has a lower FID
+            for x, y, r in zip(xs, ys, rs):
+                if y < best:
+                    front.append((x, y, r))
+                    best = y
+            ax.plot([f[0] for f in front], [f[1] for f in front], "-", color=color, lw=1, alpha=0.6)
             for x, y, r in zip(xs, ys, rs):
                 if r["setting"] == "paper":
-                    ax.plot([x], [y], marker="*", ms=14, color=color, mec="k")
-                ax.annotate(r["setting"], (x, y), textcoords="offset points", xytext=(4, 3), fontsize=6)
+                    ax.plot([x], [y], marker="*", ms=15, color=color, mec="k", zorder=5)
+                if r["setting"] == DEFAULTS[model]:
+                    ax.plot([x], [y], marker="D", ms=8, color=color, mec="k", zorder=5)
+                if r["setting"] in ("paper", DEFAULTS[model]) or any(r is f[2] for f in front):
+                    ax.annotate(r["setting"], (x, y), textcoords="offset points", xytext=(4, -9), fontsize=6)
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel(label)
         ax.set_ylabel(f"FID-{NUM // 1000}K (95% interval)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(
-        "Quality against sampling cost, 15-minute models on emoji (star: the paper's sampler)", fontsize=10
+        "Quality against sampling cost, 15-minute models on emoji (star: the paper's sampler; diamond: msf's "
+        "default; line: the Pareto front)",
+        fontsize=10,
     )
     fig.tight_layout()
     fig.savefig(docs / "map.png", dpi=130)

@@ -54,9 +54,13 @@ from msf.speed import compile_for_inference, inference_copy
 
 # (label, sampler settings) for each setting compared: the pipeline's own SamplerSettings.
 MSF_SETTINGS = [("paper: 100 CFG 1.4 + 50", SamplerSettings((100, 50), (1.4, 1.0), ("euler", "euler"))),
-                ("scale 2 at 10 steps", SamplerSettings((100, 10), (1.4, 1.0), ("euler", "euler")))]
+                ("scale 2 at 10 steps", SamplerSettings((100, 10), (1.4, 1.0), ("euler", "euler"))),
+                # msf's default since issue 17: 2nd-order Adams-Bashforth on a shifted grid
+                ("msf default: 25 ab2 shift 2 CFG 1.4 + 10",
+                 SamplerSettings((25, 10), (1.4, 1.0), ("ab2", "euler"), (2.0, 1.0)))]
 DIT_SETTINGS = [("100 steps CFG 1.5", SamplerSettings((100,), (1.5,), ("euler",))),
-                ("250 steps CFG 1.5", SamplerSettings((250,), (1.5,), ("euler",)))]
+                ("250 steps CFG 1.5", SamplerSettings((250,), (1.5,), ("euler",))),
+                ("msf default: 25 ab2 shift 2 CFG 1.5", SamplerSettings((25,), (1.5,), ("ab2",), (2.0,)))]
 
 
 def shrink(cfg: ModelConfig) -> ModelConfig:

@@ -34,6 +34,13 @@ def main() -> None:
         shutil.rmtree(out)
     out.mkdir(parents=True)
     meta = json.loads((run / "model" / "config.json").read_text())
+    # sampled with its preset's current defaults (issue 17's cheaper sampler), the paper's one flag away
+    from msf.config import SAMPLING_FIELDS, preset, to_dict
+
+    now = to_dict(preset(rec["preset"]).model)
+    for scale, current in zip(meta["model"]["scales"], now["scales"]):
+        scale.update({k: current[k] for k in SAMPLING_FIELDS})
+    meta["model"]["samplers"] = now["samplers"]
     meta["shipped"] = {"from": str(run), "weights_dtype": "bf16", "compare_record": rec}
     (out / "config.json").write_text(json.dumps(meta, indent=2))
     for f in sorted((run / "model").glob("scale_*.safetensors")):
@@ -44,6 +51,12 @@ def main() -> None:
     print(f"wrote {out} ({size:.1f} MB)")
 
 
+def describe(model: dict, name: str = "default") -> str:
+    from msf.config import ModelConfig, SamplerSettings, from_dict
+
+    return SamplerSettings.named(from_dict(ModelConfig, model), name).describe()
+
+
 def _ci(rec: dict, key: str, fmt: str) -> str:
     ci = rec.get(f"{key}_ci")
     return f"{rec[key]:{fmt}}" + (f" [{ci[0]:{fmt}}, {ci[1]:{fmt}}]" if ci else "")
@@ -52,8 +65,7 @@ def _ci(rec: dict, key: str, fmt: str) -> str:
 def readme(name: str, rec: dict, meta: dict) -> str:
     model, train = meta["model"], meta.get("train", {})
     scales = "; ".join(f"scale {k}: {s['image_size']} px, depth {s['depth']} x width {s['width']}, patch "
-                       f"{s['patch_size']}, {s['steps']} steps, CFG {s['cfg_scale']:g}"
-                       for k, s in enumerate(model["scales"]))
+                       f"{s['patch_size']}" for k, s in enumerate(model["scales"]))
     per_class = "\n".join(f"| {c} | {a:.2f} |" for c, a in (rec.get("cas_per_class") or {}).items())
     return f"""# {name}
 
@@ -64,7 +76,10 @@ msf so that `msf sample {name} --classes all --per-class 8` shows samples second
   EMA {train.get('ema_decay')}, {train.get('lr_schedule')} learning rate, seed {rec['seed']}.
 - Training: {rec['steps']} steps, {rec['budget_minutes']:g} minutes of `msf compare`'s equal wall-clock budget
   on a 2-core AMD Zen 4 CPU ({rec['train_seconds_total'] / 60:.0f} minutes as run, on a shared machine).
-- Scores ({rec['num_samples']} samples at the default sampler, against the 1,870 training images; 95%
+- Sampling: by default {describe(model)}; `--sampler paper` for the paper's sampler
+  ({describe(model, "paper")}), which the scores below were measured with. The two are level on this
+  model (docs/sampler_map.md in the msf repository).
+- Scores ({rec['num_samples']} samples at the paper's sampler, against the 1,870 training images; 95%
   bootstrap intervals): FID {_ci(rec, 'fid', '.1f')}, KID {_ci(rec, 'kid', '.4f')}, class accuracy
   {_ci(rec, 'cas', '.3f')} (its classifier's own held-out accuracy on real images:
   {rec.get('cas_real', 0):.3f}).

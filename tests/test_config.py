@@ -6,6 +6,7 @@ from msf.config import (
     PRESETS,
     Config,
     ConfigError,
+    SamplerSettings,
     apply_overrides,
     config_from_json,
     config_to_json,
@@ -74,7 +75,9 @@ def test_paper_preset_matches_the_paper():
     m = preset("paper-imagenet256").model
     assert m.image_sizes == [192, 256] and m.latent_sizes == [24, 32]
     assert [(s.depth, s.width) for s in m.scales] == [(18, 1152), (10, 1280)]
-    assert [(s.steps, s.cfg_scale) for s in m.scales] == [(100, 1.4), (50, 1.0)]
+    paper = SamplerSettings.named(m, "paper")  # the defaults are msf's cheaper sampler (issue 17)
+    assert (paper.steps, paper.cfg_scale, paper.solver) == ((100, 50), (1.4, 1.0), ("euler", "euler"))
+    assert paper.shift == (1.0, 1.0) and paper.guidance_interval == ((0.0, 1.0), (0.0, 1.0))
     assert m.autoencoder.scaling_factor == 0.18215 and m.autoencoder.factor == 8
     t = preset("paper-imagenet256").train
     assert t.batch_size == 2560 and t.scale_steps == [400_000, 250_000]

@@ -337,12 +337,13 @@ SD_VAE = AutoencoderConfig(
 )
 
 
-def _paper_sampler() -> dict[str, dict[str, Any]]:
+def _paper_sampler(steps: list[int] | None = None) -> dict[str, dict[str, Any]]:
     """``model.samplers`` naming the paper's sampler: Euler on a uniform grid, guidance at every step,
     at the preset's step counts and guidance (one value for every scale, so a preset with other scales
     keeps it). A preset whose defaults move to a cheaper sampler (issue 17) adds its old steps and
     guidance here, so that ``--sampler paper`` still draws today's images."""
-    return {"paper": {"solver": "euler", "shift": 1.0, "guidance_interval": [0.0, 1.0]}}
+    paper = {"solver": "euler", "shift": 1.0, "guidance_interval": [0.0, 1.0]}
+    return {"paper": paper if steps is None else {**paper, "steps": steps}}
 
 
 def _tiny() -> Config:
@@ -378,13 +379,15 @@ def _demo() -> Config:
     model = ModelConfig(
         num_classes=len(EMOJI_CLASSES),
         scales=[
-            ScaleConfig(image_size=16, depth=6, width=256, heads=4, patch_size=4, steps=50,
-                        cfg_scale=3.0),
-            ScaleConfig(image_size=32, depth=4, width=128, heads=2, patch_size=4, steps=20),
+            # sampled with 2nd-order Adams-Bashforth on a shifted grid: level with the paper's 50 + 20
+            # Euler steps at 1/5 of the evaluations (docs/sampler_map.md); --sampler paper for those
+            ScaleConfig(image_size=16, depth=6, width=256, heads=4, patch_size=4, steps=10,
+                        cfg_scale=3.0, solver="ab2", shift=2.0),
+            ScaleConfig(image_size=32, depth=4, width=128, heads=2, patch_size=4, steps=3),
         ],
         normalize="std",
         class_names=list(EMOJI_CLASSES),
-        samplers=_paper_sampler(),
+        samplers=_paper_sampler([50, 20]),
     )
     train = TrainConfig(
         steps=1500, batch_size=32, lr=2e-3, warmup_steps=100, ema_decay=0.995,
@@ -406,10 +409,12 @@ def _paper_imagenet256() -> Config:
         num_classes=1000,
         autoencoder=dataclasses.replace(SD_VAE),
         scales=[
-            ScaleConfig(image_size=192, depth=18, width=1152, heads=16, steps=100, cfg_scale=1.4),
-            ScaleConfig(image_size=256, depth=10, width=1280, heads=16, steps=50, cfg_scale=1.0),
+            # msf's sampler (issue 17): the paper's 100 + 50 Euler steps are `--sampler paper`
+            ScaleConfig(image_size=192, depth=18, width=1152, heads=16, steps=25, cfg_scale=1.4, solver="ab2",
+                        shift=2.0),
+            ScaleConfig(image_size=256, depth=10, width=1280, heads=16, steps=10, cfg_scale=1.0),
         ],
-        samplers=_paper_sampler(),
+        samplers=_paper_sampler([100, 50]),
     )
     train = TrainConfig(
         steps=400_000, scale_steps=[400_000, 250_000], batch_size=2560, lr=1e-3,
@@ -424,9 +429,10 @@ def _dit_xl2() -> Config:
         num_classes=1000,
         autoencoder=dataclasses.replace(SD_VAE),
         scales=[
-            ScaleConfig(image_size=256, depth=28, width=1152, heads=16, steps=100, cfg_scale=1.5)
+            ScaleConfig(image_size=256, depth=28, width=1152, heads=16, steps=25, cfg_scale=1.5, solver="ab2",
+                        shift=2.0)
         ],
-        samplers=_paper_sampler(),
+        samplers=_paper_sampler([100]),
     )
     train = TrainConfig(
         steps=400_000, batch_size=256, lr=1e-4, ema_decay=0.9999, data="",
@@ -460,9 +466,10 @@ def _dit_demo() -> Config:
     """The K = 1 baseline at the demo's size: one DiT on the full 32 x 32 image."""
     cfg = _demo()
     cfg.model.scales = [
-        ScaleConfig(image_size=32, depth=6, width=256, heads=4, patch_size=4, steps=50,
-                    cfg_scale=3.0)
+        ScaleConfig(image_size=32, depth=6, width=256, heads=4, patch_size=4, steps=10,
+                    cfg_scale=3.0, solver="ab2", shift=2.0)
     ]
+    cfg.model.samplers = _paper_sampler([50])
     cfg.preset = "dit-demo"
     cfg.train.out_dir = "runs/dit-demo"
     return cfg
