@@ -15,9 +15,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import time
 from pathlib import Path
+
+from timing import machine  # benchmarks/timing.py, beside this script
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = {  # name: (model directory, the paper's sampler at this preset: the default)
@@ -68,20 +69,6 @@ DIT = {
 SETTINGS = {"demo": MSF, "dit-demo": DIT}
 DEFAULTS = {"demo": "ab2-10-shift2-res3", "dit-demo": "ab2-10-shift2"}  # the presets' defaults since issue 17
 NUM, SEED, BATCH = 1000, 0, 128
-
-
-def machine() -> str:
-    try:
-        cpu = next(
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        )
-    except (OSError, StopIteration):
-        cpu = platform.processor()
-    import torch
-
-    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
 def run(out: Path, extractor) -> None:

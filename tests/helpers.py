@@ -63,3 +63,17 @@ def kill_after_checkpoint(cmd: list[str], checkpoints, step: int, timeout: float
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+
+
+def measured_flops(net, n: int, channels: int = 3) -> int:
+    """FLOPs of one forward of a scale's network on an ``n`` x ``n`` input, as torch's flop counter sees
+    them (the math attention backend decomposes attention into matmuls it counts)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.randn(1, channels, n, n)
+    prior = torch.randn(1, channels, n, n) if net.prior_channels else None
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        net(x, torch.rand(1), torch.tensor([0]), prior)
+    return counter.get_total_flops()

@@ -1,7 +1,5 @@
 import pytest
-import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.flop_counter import FlopCounterMode
+from helpers import measured_flops
 
 from msf.config import SamplerSettings, apply_overrides, preset
 from msf.info import model_info, scale_infos
@@ -14,13 +12,7 @@ def test_analytic_flops_match_torch_flop_counter(overrides):
     pipe = MSFPipeline(cfg.model)
     infos = scale_infos(cfg.model)
     for k, (net, n) in enumerate(zip(pipe.networks, cfg.model.latent_sizes)):
-        x = torch.randn(1, 3, n, n)
-        prior = torch.randn(1, 3, n, n) if net.prior_channels else None
-        counter = FlopCounterMode(display=False)
-        # The math backend decomposes attention into matmuls the counter sees.
-        with counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
-            net(x, torch.rand(1), torch.tensor([0]), prior)
-        measured = counter.get_total_flops()
+        measured = measured_flops(net, n)
         assert abs(infos[k].flops_per_forward - measured) / measured < 0.01, (k, measured)
 
 
@@ -34,10 +26,7 @@ def test_dit_xl2_macs_are_dits_118_6_gflops():
 def _paper_sampler(name):
     """The preset with the paper's sampler as its defaults (100 + 50 Euler steps for MSF)."""
     m = preset(name).model
-    named = SamplerSettings.named(m, "paper")
-    for k, s in enumerate(m.scales):
-        s.steps, s.cfg_scale, s.solver = named.steps[k], named.cfg_scale[k], named.solver[k]
-        s.shift, s.guidance_interval = named.shift[k], list(named.guidance_interval[k])
+    SamplerSettings.named(m, "paper").make_defaults(m)
     return m
 
 

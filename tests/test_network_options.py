@@ -9,8 +9,7 @@ import json
 
 import pytest
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.flop_counter import FlopCounterMode
+from helpers import measured_flops
 
 from msf.config import ConfigError, apply_overrides, preset
 from msf.info import scale_infos
@@ -56,12 +55,7 @@ def test_info_counts_each_option_exactly(option):
     pipe = MSFPipeline(cfg.model)
     for k, (info, net, n) in enumerate(zip(scale_infos(cfg.model), pipe.networks, cfg.model.latent_sizes)):
         assert info.parameters == count_parameters(net), (option, k)
-        x = torch.randn(1, 3, n, n)
-        prior = torch.randn(1, 3, n, n) if net.prior_channels else None
-        counter = FlopCounterMode(display=False)
-        with counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
-            net(x, torch.rand(1), torch.tensor([0]), prior)
-        measured = counter.get_total_flops()
+        measured = measured_flops(net, n)
         assert abs(info.flops_per_forward - measured) / measured < 0.01, (option, k, measured)
 
 

@@ -92,10 +92,7 @@ def _config(s: CompareSettings, name: str, out: Path, steps: int, seed: int) -> 
         f"train.out_dir={out}", f"train.steps={steps}", f"train.seed={seed}",
     ])
     if s.sampler != "default":
-        named = SamplerSettings.named(cfg.model, s.sampler)
-        for k, sc in enumerate(cfg.model.scales):
-            sc.steps, sc.cfg_scale, sc.solver = named.steps[k], named.cfg_scale[k], named.solver[k]
-            sc.shift, sc.guidance_interval = named.shift[k], list(named.guidance_interval[k])
+        SamplerSettings.named(cfg.model, s.sampler).make_defaults(cfg.model)
     return cfg
 
 

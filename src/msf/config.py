@@ -188,6 +188,12 @@ class SamplerSettings:
                    per_scale("shift", shift, base.shift),
                    per_scale("guidance_interval", guidance_interval, base.guidance_interval))
 
+    def make_defaults(self, model: ModelConfig) -> None:
+        """Write these settings into ``model``'s scales as their defaults."""
+        for k, s in enumerate(model.scales):
+            s.steps, s.cfg_scale, s.solver = self.steps[k], self.cfg_scale[k], self.solver[k]
+            s.shift, s.guidance_interval = self.shift[k], list(self.guidance_interval[k])
+
     def scale_evaluations(self, k: int) -> int:
         """Network evaluations per image of scale k, CFG branches counted."""
         return evaluations(self.steps[k], self.cfg_scale[k], self.solver[k], self.shift[k],
