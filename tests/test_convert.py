@@ -1,9 +1,11 @@
-"""msf.convert: SiT checkpoints become msf model directories that compute SiT's network, in msf's time.
+"""msf.convert: DiT and SiT checkpoints become msf model directories computing their network in msf's time.
 
 The reference is a small SiT written out here after willisma/SiT's ``models.py`` (the same module
 names, so its ``state_dict`` is the released checkpoints' layout; tanh GELU; t embedded as is;
 learned-sigma channels dropped by its forward) and SiT's Euler ODE from ``transport`` (noise at
-s = 0, data at s = 1).
+s = 0, data at s = 1). facebookresearch/DiT's network is the same module fed an integer DDPM
+timestep; its DDIM sampler is written out from ``diffusion/gaussian_diffusion.py`` (linear betas,
+``_predict_xstart_from_eps``, ``ddim_sample`` with eta = 0).
 """
 
 import argparse
@@ -18,7 +20,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from msf.autoencoder import IdentityAutoencoder
-from msf.config import ModelConfig, from_dict
+from msf.config import ModelConfig, SamplerSettings, from_dict
 from msf.convert import CheckpointError, convert_checkpoint
 from msf.pipeline import MSFPipeline
 
@@ -147,7 +149,8 @@ def test_sampling_equals_sits_euler_ode_with_guidance(tmp_path, ref):
     torch.save(ref.state_dict(), tmp_path / "SiT-S-2-64x64.pt")
     pipe = _load(convert_checkpoint(tmp_path / "SiT-S-2-64x64.pt", tmp_path / "model"))
     labels, steps, w = torch.tensor([1, 7]), 4, 1.5
-    _, (z,) = pipe.sample(labels, steps=steps, cfg_scale=w, solver="euler", seed=3, precision="fp32",
+    paper = SamplerSettings.named(pipe.config, "paper")  # Euler, uniform grid
+    _, (z,) = pipe.sample(labels, settings=paper, steps=steps, cfg_scale=w, seed=3, precision="fp32",
                           return_components=True)
     x = torch.randn(2, C, 8, 8, generator=torch.Generator().manual_seed(3))  # msf's noise at t = 1
     ts = torch.linspace(0, 1, steps + 1)  # SiT: noise at s = 0 -> data at s = 1, guidance on all channels
@@ -196,8 +199,8 @@ def test_safetensors_without_sigma_channels(tmp_path):
 def test_refusals_say_why_and_what_works(tmp_path, ref):
     dit = tmp_path / "DiT-XL-2-256x256.pt"
     torch.save(ref.state_dict(), dit)
-    with pytest.raises(CheckpointError, match=r"DDPM.*epsilon.*not the velocity of a flow.*SiT-XL/2"):
-        convert_checkpoint(dit, tmp_path / "a")
+    with pytest.raises(CheckpointError, match=r"learned-sigma.*DDPM sampler.*need none.*noise prediction"):
+        convert_checkpoint(dit, tmp_path / "a", learned_sigma="refuse")
     sit = tmp_path / "SiT-S-2.pt"
     torch.save(ref.state_dict(), sit)
     with pytest.raises(CheckpointError, match="learned-sigma channels.*learned_sigma='drop'"):
@@ -259,6 +262,94 @@ def test_cli_convert(tmp_path, ref, capsys):
     assert main(["convert", str(sit), "--out", str(tmp_path / "m")]) == 0
     assert f"wrote {tmp_path / 'm'}" in capsys.readouterr().out
     assert _load(tmp_path / "m").config.scales[0].time_convention == "sit"
+    assert main(["convert", str(dit), "--out", str(tmp_path / "n")]) == 0
+    assert _load(tmp_path / "n").config.scales[0].time_convention == "ddpm"
     assert main(["convert", str(dit), "--out", str(tmp_path / "n")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("msf convert: error:") and "DDPM" in err and "Traceback" not in err
+    assert err.startswith("msf convert: error:") and "already a model directory" in err
+    assert "Traceback" not in err
+
+
+# DiT's DDPM (diffusion/gaussian_diffusion.py): linear betas, 1000 steps, written out here in numpy
+ALPHA_BAR = np.cumprod(1 - np.linspace(1e-4, 0.02, 1000, dtype=np.float64))
+LOG_SNR = np.log(ALPHA_BAR / (1 - ALPHA_BAR))
+
+
+def _ddpm_point(t):
+    """msf time t (float64 array) -> (DDPM timestep, alpha_bar): the timestep of equal SNR, at most 999."""
+    t = np.minimum(t, 1 / (1 + np.sqrt(ALPHA_BAR[-1] / (1 - ALPHA_BAR[-1]))))
+    snr = np.log((1 - t) ** 2 / np.maximum(t, 1e-12) ** 2)
+    tau = np.interp(-snr, -LOG_SNR, np.arange(1000.0))  # np.interp wants a rising table
+    return tau, (1 - t) ** 2 / ((1 - t) ** 2 + t ** 2)
+
+
+def _ddim_eps_and_x0(ref, x_vp, tau, y, a, w=1.0, null=10):
+    """DiT's noise prediction (guided as ``forward_with_cfg``, on every channel) and
+    ``_predict_xstart_from_eps``."""
+    tau = torch.as_tensor(tau, dtype=torch.float32).expand(x_vp.shape[0])
+    eps = ref(x_vp, tau, y)
+    if w != 1.0:
+        u = ref(x_vp, tau, torch.full_like(y, null))
+        eps = u + w * (eps - u)
+    x0 = (x_vp - math.sqrt(1 - a) * eps) / math.sqrt(a)
+    return eps, x0
+
+
+def test_dit_checkpoint_converts_to_its_noise_prediction_as_msfs_velocity(tmp_path, ref):
+    ckpt = tmp_path / "DiT-S-2-64x64.pt"
+    torch.save(ref.state_dict(), ckpt)
+    out = convert_checkpoint(ckpt, tmp_path / "model")
+    meta = json.loads((out / "config.json").read_text())
+    assert meta["converted_from"]["kind"] == "dit"
+    pipe = _load(out)
+    (s,) = pipe.config.scales
+    assert (s.time_convention, s.gelu, s.depth, s.width) == ("ddpm", "tanh", 1, 384)
+    assert "paper" in pipe.config.samplers
+
+    # msf times of DiT's integer timesteps 0, 1, 37, 500, 998 (rounded to float32), two between,
+    # and t = 1, beyond timestep 999
+    taus = np.array([0, 1, 37, 500, 998])
+    a = ALPHA_BAR[taus]
+    t = torch.tensor(np.concatenate([np.sqrt(1 - a) / (np.sqrt(a) + np.sqrt(1 - a)), [0.3, 0.75, 1.0]]),
+                     dtype=torch.float32)
+    tau, a = _ddpm_point(t.double().numpy())
+    np.testing.assert_allclose(tau[:5], taus, atol=2e-3)  # msf's grid times land on DiT's timesteps
+    assert tau[-1] == 999
+    x, y = torch.randn(8, C, 8, 8), torch.tensor([0, 3, 9, 10, 2, 4, 6, 8])
+    with torch.no_grad():
+        ours = pipe.networks[0](x, t, y)
+        want = []
+        for i in range(8):
+            x_vp = x[i:i + 1] * (math.sqrt(a[i]) + math.sqrt(1 - a[i]))  # DiT's state of the same point
+            eps, x0 = _ddim_eps_and_x0(ref, x_vp, tau[i], y[i:i + 1], a[i])
+            want.append(eps - x0)  # msf's velocity: noise - data
+        want = torch.cat(want)
+    assert want.abs().mean() > 0.1
+    torch.testing.assert_close(ours, want, atol=2e-3, rtol=1e-3)
+
+
+def test_euler_sampling_of_a_converted_dit_takes_ddim_steps(tmp_path, ref):
+    torch.save(ref.state_dict(), tmp_path / "DiT-S-2-64x64.pt")
+    pipe = _load(convert_checkpoint(tmp_path / "DiT-S-2-64x64.pt", tmp_path / "model"))
+    labels, steps, w = torch.tensor([1, 7]), 4, 1.5
+    paper = SamplerSettings.named(pipe.config, "paper")  # Euler, uniform grid
+    _, (z,) = pipe.sample(labels, settings=paper, steps=steps, cfg_scale=w, seed=3, precision="fp32",
+                          return_components=True)
+    x = torch.randn(2, C, 8, 8, generator=torch.Generator().manual_seed(3)).double()  # noise at t = 1
+    ts = np.linspace(1, 0, steps + 1)
+    with torch.no_grad():
+        # t = 1 is beyond DiT's last timestep: the network runs at 999, and msf carries its velocity
+        # over [t(999), 1] (DiT's own chains start there from pure noise)
+        tau, a = _ddpm_point(ts[:1])
+        eps, x0 = _ddim_eps_and_x0(ref, (x * (math.sqrt(a[0]) + math.sqrt(1 - a[0]))).float(), tau[0],
+                                   labels, a[0], w)
+        x = x + (ts[1] - ts[0]) * (eps - x0).double()
+        for t, t_next in zip(ts[1:-1], ts[2:]):  # then DDIM, eta = 0, in DiT's own variables
+            (tau,), (a,) = _ddpm_point(np.array([t]))
+            a_next = (1 - t_next) ** 2 / ((1 - t_next) ** 2 + t_next ** 2)
+            x_vp = x * (math.sqrt(a) + math.sqrt(1 - a))
+            eps, x0 = _ddim_eps_and_x0(ref, x_vp.float(), tau, labels, a, w)
+            x_vp = math.sqrt(a_next) * x0.double() + math.sqrt(1 - a_next) * eps.double()
+            x = x_vp / (math.sqrt(a_next) + math.sqrt(1 - a_next))  # back to msf's state
+    assert z.abs().mean() > 0.1
+    torch.testing.assert_close(z, x.float(), atol=2e-3, rtol=2e-3)

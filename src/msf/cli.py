@@ -550,16 +550,18 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--message", default="Upload msf model", help="commit message")
     h.set_defaults(func=cmd_push)
 
-    v = sub.add_parser("convert", help="a SiT checkpoint (willisma/SiT) -> an msf model directory (K = 1)")
-    v.add_argument("checkpoint", help="SiT-XL-2-256x256.pt, a SiT training checkpoint (its EMA weights), "
-                   "or a .safetensors state dict")
+    v = sub.add_parser("convert", help="a DiT or SiT checkpoint (facebookresearch/DiT, willisma/SiT) -> an "
+                       "msf model directory (K = 1)")
+    v.add_argument("checkpoint", help="DiT-XL-2-256x256.pt, SiT-XL-2-256x256.pt, a training checkpoint of "
+                   "either (its EMA weights), or a .safetensors state dict")
     v.add_argument("--out", required=True, help="the model directory to write")
     v.add_argument("--kind", choices=["auto", "sit", "dit"], default="auto",
-                   help="auto: from the checkpoint's training args, else the file name (SiT-.../DiT-...); "
-                   "DiT (a DDPM epsilon model) is refused with the reason")
+                   help="auto: from the checkpoint's training args, else the file name (SiT-.../DiT-...). "
+                   "SiT converts exactly; DiT's DDPM noise prediction is sampled as DDIM (msf.convert)")
     v.add_argument("--image-size", type=int, help="checked against the size the weights imply")
     v.add_argument("--learned-sigma", choices=["drop", "refuse"], default="drop",
-                   help="the variance channels of the output: drop them (SiT never trains them) or refuse")
+                   help="the variance channels of the output: drop them (msf's ODE samplers need none) "
+                   "or refuse")
     v.add_argument("--vae", default="ema", help="the SD VAE: ema or mse (stabilityai/sd-vae-ft-*), "
                    "or a local folder or hub id")
     v.add_argument("--heads", type=int, help="attention heads, for a width outside DiT's/SiT's model table")

@@ -28,7 +28,7 @@ TIME_SAMPLERS = ("uniform", "logit-normal")
 PRECISIONS = ("bf16", "fp32")  # training: autocast dtype of the forward pass
 # sampling adds bf16 weight copies (msf.speed.inference_copy) to the autocast choices
 SAMPLING_PRECISIONS = ("fp32", "bf16", "bf16-weights")
-TIME_CONVENTIONS = ("msf", "sit")  # how a scale's weights read time (msf.models, msf.convert)
+TIME_CONVENTIONS = ("msf", "sit", "ddpm")  # how a scale's weights read time (msf.models, msf.convert)
 GELUS = ("exact", "tanh")
 NORMS = ("layernorm", "rmsnorm")
 # A scale's sampler defaults: they change how a model samples, not how it trains
@@ -66,8 +66,9 @@ class ScaleConfig:
     solver: str = "euler"
     shift: float = 1.0  # time grid: 1 uniform (the paper's); > 1 more steps near the noise (msf.sampler)
     guidance_interval: list[float] = field(default_factory=lambda: [0.0, 1.0])  # guide only at t in [a, b]
-    # For weights imported from SiT (msf.convert), whose time and prediction run the other way:
-    # "sit" feeds the network 1 - t and negates its output, so it still gives msf's velocity at t.
+    # For weights imported from SiT or DiT (msf.convert): "sit" feeds the network 1 - t and negates
+    # its output; "ddpm" runs DiT's noise prediction at DDPM timesteps (msf.models.ddpm_inputs).
+    # Either way the network still gives msf's velocity at t.
     time_convention: str = "msf"
     gelu: str = "exact"  # "tanh": the GELU approximation DiT and SiT were trained with
     # Later DiT-family network options (issue 18, msf.models); the defaults are the paper's DiT.
@@ -566,6 +567,9 @@ def validate(cfg: Config) -> Config:
         if s.solver not in SOLVERS:
             raise ConfigError(f"{where}.solver must be one of {SOLVERS}, got {s.solver!r}")
         _choice(f"{where}.time_convention", s.time_convention, TIME_CONVENTIONS)
+        if s.time_convention == "ddpm" and k > 0 and m.prior == "concat":
+            raise ConfigError(f"{where}.time_convention='ddpm' (a converted DiT) is for a scale without a "
+                              "prior: the base scale, or model.prior='none'")
         _choice(f"{where}.gelu", s.gelu, GELUS)
         _choice(f"{where}.norm", s.norm, NORMS)
         _choice(f"{where}.mlp", s.mlp, MLPS)

@@ -1,4 +1,4 @@
-"""Import SiT checkpoints (and recognise DiT's) as msf K = 1 model directories.
+"""Import DiT and SiT checkpoints as msf K = 1 model directories.
 
 facebookresearch/DiT and willisma/SiT train one and the same network, the DiT msf's
 :mod:`msf.models` rebuilds; a checkpoint of either is a state dict in the reference layout.
@@ -15,7 +15,8 @@ The keys, reference -> msf:
   ``blocks.N.attn.{qkv,proj}.*``, ``blocks.N.mlp.{fc1,fc2}.*``, ``blocks.N.adaLN_modulation.1.*``,
   ``final_layer.linear.*``, ``final_layer.adaLN_modulation.1.*`` -> the same names;
 * with learned sigma, ``final_layer.linear`` has 2C output channels per patch pixel: the rows of
-  the last C (the variance) are dropped (``learned_sigma="drop"``) or the file refused (``"refuse"``).
+  the last C (the variance) are dropped (``learned_sigma="drop"``) or the file refused (``"refuse"``):
+  msf's samplers integrate an ODE, which needs no variance.
 
 Depth, width, patch, MLP ratio, classes and input size come from the shapes (input size from
 ``pos_embed``'s token count); heads, which no shape shows, from DiT's and SiT's model table by
@@ -32,10 +33,17 @@ What the outputs mean:
   ``gelu="tanh"``, the GELU approximation it was trained with, the network is SiT's to float
   rounding. SiT never trains its learned-sigma channels (its forward drops them), so dropping
   them changes nothing.
-* **DiT** is a 1000-step DDPM that predicts the noise epsilon (and a variance) at integer
-  timesteps: no flow velocity. Evaluated on msf's t in [0, 1] it would run at timesteps it never
-  saw, and its schedule stops short of pure noise (t = 1), so any conversion is an approximation.
-  It is refused with that reason; SiT-XL/2, the same network trained as a flow, converts exactly.
+* **DiT** is a 1000-step DDPM (linear betas) that predicts the noise epsilon (and a variance) at
+  integer timesteps, its time embedding fed the timestep as is. Its path is msf's rescaled: at msf's
+  ``t`` the DDPM state is msf's ``x`` divided by ``sqrt((1 - t)^2 + t^2)``, at the timestep of the
+  same signal-to-noise ratio, and its noise prediction gives msf's velocity ``e - x0``
+  (``time_convention="ddpm"``, :func:`msf.models.ddpm_inputs`). msf's Euler sampler then takes
+  DDIM's (eta = 0) steps, exactly where the grid's times fall on DiT's integer timesteps, with the
+  timestep interpolated in log-SNR between them elsewhere. Two approximations remain, both at the
+  ends: the last timestep (999) is not pure noise, so at ``t = 1`` the network runs at timestep 999
+  (as DiT's own samplers start there from pure noise); and DiT's published FIDs come from its
+  250-step ancestral DDPM sampler with the learned variances, which msf does not have (it samples
+  the same model's probability-flow ODE, as DiT's DDIM does).
 
 Only tensors are read: ``torch.load(weights_only=True)`` (``argparse.Namespace`` allowed, for the
 ``args`` that DiT's and SiT's training checkpoints hold) or safetensors.
@@ -44,6 +52,7 @@ Only tensors are read: ``torch.load(weights_only=True)`` (``argparse.Namespace``
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import os
 import pickle
@@ -57,7 +66,7 @@ from torch import Tensor
 
 from msf.autoencoder import IdentityAutoencoder
 from msf.checkpoint import CheckpointError  # noqa: F401 (raised here, re-exported)
-from msf.config import SD_VAE, ModelConfig, ScaleConfig, preset
+from msf.config import SAMPLING_FIELDS, SD_VAE, ModelConfig, ScaleConfig, preset
 from msf.models import sincos_pos_embed_2d
 from msf.pipeline import MSFPipeline
 
@@ -77,9 +86,9 @@ def convert_checkpoint(
     heads: int | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """Convert a SiT checkpoint at ``path`` into the msf model directory ``out_dir``; return it.
+    """Convert a DiT or SiT checkpoint at ``path`` into the msf model directory ``out_dir``; return it.
 
-    ``kind``: ``"sit"``, ``"dit"`` (refused: see the module docstring) or ``"auto"`` (from the
+    ``kind``: ``"sit"``, ``"dit"`` or ``"auto"`` (from the
     training ``args`` a checkpoint holds, else the file name: ``SiT-...`` or ``DiT-...``).
     ``image_size`` is checked against the one the weights imply (needed only without ``pos_embed``).
     ``autoencoder``: ``"ema"`` or ``"mse"`` (``stabilityai/sd-vae-ft-*``) or a VAE folder or hub id.
@@ -91,26 +100,28 @@ def convert_checkpoint(
     if (out_dir / "config.json").exists() and not overwrite:
         raise CheckpointError(f"{out_dir}: already a model directory; pass overwrite=True (--overwrite) "
                               "to replace it")
-    if kind == "dit":  # before reading gigabytes
-        raise CheckpointError(_DIT_REFUSAL.format(path=path))
     state, args, source = load_checkpoint(path)
     kind = detect_kind(path, args) if kind == "auto" else kind
-    if kind == "dit":
-        raise CheckpointError(_DIT_REFUSAL.format(path=path))
-    _check_sit_args(path, args)
+    if kind == "sit":
+        _check_sit_args(path, args)
 
-    scale, sigma = infer_scale(path, state, image_size, heads)
+    scale, sigma = infer_scale(path, state, image_size, heads, "sit" if kind == "sit" else "ddpm")
     if sigma and learned_sigma == "refuse":
+        why = ("SiT never trains them (its forward drops them)" if kind == "sit" else
+               "DiT's DDPM sampler uses them for its step variances; msf's ODE samplers (DDIM's, for DiT) "
+               "need none")
         raise CheckpointError(
             f"{path}: final_layer.linear has 2 x {scale.patch_size}^2 x 4 outputs: learned-sigma channels, "
-            "which learned_sigma='refuse' asked to refuse. SiT never trains them (its forward drops them); "
-            "learned_sigma='drop' keeps the first 4 channels, the velocity"
+            f"which learned_sigma='refuse' asked to refuse. {why}; learned_sigma='drop' keeps the first 4 "
+            f"channels, the {'velocity' if kind == 'sit' else 'noise prediction'}"
         )
-    base = preset("dit-xl2").model.scales[0]  # sampler defaults of msf's DiT-XL/2 baseline
-    scale = dataclasses.replace(scale, steps=base.steps, cfg_scale=base.cfg_scale, solver=base.solver)
+    # the sampler settings of msf's DiT-XL/2 baseline: its default and its named ones (paper)
+    baseline = preset("dit-xl2").model
+    scale = dataclasses.replace(scale, **{f: getattr(baseline.scales[0], f) for f in SAMPLING_FIELDS})
     vae = dataclasses.replace(SD_VAE, path=VAES.get(autoencoder, autoencoder))
     classes = _key(path, state, "y_embedder.embedding_table.weight", 2).shape[0] - 1  # + the null class
-    config = ModelConfig(num_classes=classes, scales=[scale], autoencoder=vae)
+    config = ModelConfig(num_classes=classes, scales=[scale], autoencoder=vae,
+                         samplers=copy.deepcopy(baseline.samplers))
     if args and "num_classes" in args and args["num_classes"] != config.num_classes:
         raise CheckpointError(f"{path}: args.num_classes={args['num_classes']}, but y_embedder."
                               f"embedding_table holds {config.num_classes} classes + the null class")
@@ -126,17 +137,6 @@ def convert_checkpoint(
     extra = {"converted_from": {"file": path.name, "kind": kind, "weights": source,
                                 "learned_sigma": "dropped" if sigma else "none"}}
     return pipe.save_pretrained(out_dir, extra=extra)
-
-
-_DIT_REFUSAL = (
-    "{path}: a facebookresearch/DiT checkpoint is a DDPM model: it predicts the noise epsilon (and a "
-    "variance) at 1000 discrete timesteps of a linear-beta schedule, not the velocity of a flow. msf's "
-    "samplers integrate a flow ODE over t in [0, 1]; on that grid DiT would run at timesteps it never saw, "
-    "and its schedule stops short of pure noise, so there is no exact conversion and msf makes none. "
-    "SiT-XL/2 (github.com/willisma/SiT, the same network trained as a linear flow predicting velocity) "
-    "converts exactly: `msf convert SiT-XL-2-256x256.pt --out DIR`. If this file is a SiT checkpoint, "
-    "pass kind='sit' (--kind sit)."
-)
 
 
 def load_checkpoint(path: Path) -> tuple[dict[str, Tensor], dict, str]:
@@ -209,9 +209,9 @@ def _key(path: Path, state: dict[str, Tensor], key: str, dims: int) -> Tensor:
 
 
 def infer_scale(path: Path, state: dict[str, Tensor], image_size: int | None = None,
-                heads: int | None = None) -> tuple[ScaleConfig, bool]:
-    """The msf scale whose network the reference-layout ``state`` describes, and whether its
-    output has learned-sigma channels."""
+                heads: int | None = None, time_convention: str = "sit") -> tuple[ScaleConfig, bool]:
+    """The msf scale whose network the reference-layout ``state`` describes (``time_convention``:
+    ``"sit"`` or ``"ddpm"``, for DiT), and whether its output has learned-sigma channels."""
     width, channels, p, q = _key(path, state, "x_embedder.proj.weight", 4).shape
     if p != q:
         raise CheckpointError(f"{path}: x_embedder.proj.weight has non-square patches {p} x {q}")
@@ -240,7 +240,7 @@ def infer_scale(path: Path, state: dict[str, Tensor], image_size: int | None = N
         raise CheckpointError(f"{path}: pos_embed is a {latent // p} x {latent // p} token grid, a "
                               f"{latent * factor} px model; image_size={image_size} was asked for")
     scale = ScaleConfig(image_size=image_size or latent * factor, depth=depth, width=width, heads=heads,
-                        patch_size=p, mlp_ratio=hidden / width, time_convention="sit", gelu="tanh")
+                        patch_size=p, mlp_ratio=hidden / width, time_convention=time_convention, gelu="tanh")
     return scale, out == 2 * p * p * channels
 
 
