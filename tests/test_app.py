@@ -7,7 +7,7 @@ from gradio_client import Client
 from PIL import Image
 
 from msf.app import build_app, stage_titles
-from msf.config import preset
+from msf.config import SamplerSettings, preset
 from msf.data import to_uint8
 from msf.pipeline import MSFPipeline
 from msf.scale_view import view_scales
@@ -22,13 +22,20 @@ def test_app_serves_each_scale_of_the_libraries_samples(tmp_path):
     app.launch(server_name="127.0.0.1", prevent_thread_lock=True)
     try:
         client = Client(app.local_url, verbose=False)
-        # class, seed, samples, steps per scale, guidance per scale, solver per scale
-        *files, timing = client.predict(names[2], 7, 3, 2, 3, 2.0, 1.0, "heun", "euler", api_name="/generate")
+        # class, seed, samples; per scale: steps, guidance, solver, shift, guided from t, to t
+        *files, timing = client.predict(names[2], 7, 3, 2, 3, 2.0, 1.0, "heun", "euler", 2.0, 1.0,
+                                        0.0, 0.0, 0.6, 1.0, api_name="/generate")
+        paper = SamplerSettings.named(pipe.config, "paper")
+        filled = client.predict("paper", api_name="/fill")
     finally:
         app.close()
     assert len(files) == len(stage_titles(2)) == 4
-    assert "scale 0:" in timing and "scale 1:" in timing and "2 steps, cfg 2" in timing
-    view = view_scales(pipe, [2, 2, 2], seed=7, steps=[2, 3], cfg_scale=[2.0, 1.0], solver=["heun", "euler"])
+    assert "scale 0:" in timing and "scale 1:" in timing
+    assert "2 steps heun, cfg 2, shift 2, guided at t in [0, 0.6]" in timing
+    assert list(filled) == [*paper.steps, *paper.cfg_scale, *paper.solver, *paper.shift, 0, 0, 1, 1]
+    settings = SamplerSettings.of(pipe.config, [2, 3], [2.0, 1.0], ["heun", "euler"], shift=[2.0, 1.0],
+                                  guidance_interval=[(0.0, 0.6), (0.0, 1.0)])
+    view = view_scales(pipe, [2, 2, 2], seed=7, settings=settings)
     expected = to_uint8(view.images).numpy()
     final = np.asarray(Image.open(files[-1]).convert("RGB"))
     assert final.shape == (4 * (3 * 18 - 2), 4 * 16, 3)  # three 16 px samples, 2 px gaps, 4x upscaled
