@@ -71,3 +71,25 @@ def test_cli_sample_and_info_take_a_run_or_a_checkpoint(run, tmp_path, capsys):
     assert main(["info", str(ckpt), "--json"]) == 0
     assert [s["tokens"] for s in json.loads(capsys.readouterr().out)["scales"]] == [16, 64]
     assert main(["info", "nonsense"]) == 2 and "unknown preset" in capsys.readouterr().err
+
+
+def test_eval_takes_a_model_and_scores_what_sample_then_eval_score(run, tmp_path, capsys):
+    ref = tmp_path / "ref.npz"
+    assert main(["reference", "emoji", "--image-size", "16", "--num-images", "40", "--out", str(ref)]) == 0
+    common = ["--ref", str(ref), "--metrics", "kid", "--bootstraps", "0", "--no-floor", "--quiet",
+              "--feature-precision", "bf16"]
+    assert main(["sample", str(run), "--num-samples", "12", "--npz", str(tmp_path / "s.npz"), "--seed", "3",
+                 "--quiet"]) == 0
+    assert main(["eval", "--samples", str(tmp_path / "s.npz"), *common,
+                 "--json", str(tmp_path / "a.json")]) == 0
+    assert main(["eval", "--model", str(run), "--num-samples", "12", "--seed", "3", *common,
+                 "--json", str(tmp_path / "b.json")]) == 0
+    a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in "ab")
+    assert a["kid"] == b["kid"] and a["num_samples"] == b["num_samples"] == 12
+    kept = tmp_path / "kept.npz"
+    assert main(["eval", "--model", str(run), "--num-samples", "12", "--raw-weights", "--npz", str(kept),
+                 *common]) == 0
+    assert read_meta(kept)["model"].endswith("(raw weights)")
+    capsys.readouterr()
+    assert main(["eval", "--ref", str(ref)]) == 2
+    assert "exactly one of --samples" in capsys.readouterr().err

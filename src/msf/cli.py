@@ -215,15 +215,29 @@ def _sample_set(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    import tempfile
+
     from msf.distributed import init_world
     from msf.metrics import evaluate, format_results
 
+    if (args.samples is None) == (args.model is None):
+        raise ConfigError("give exactly one of --samples (a sample set or image folder) or --model (any "
+                          "model, checkpoint or run directory, sampled here first)")
     metrics = tuple(m.strip() for m in args.metrics.split(","))
     device = init_world(args.device).device  # the same rule as the other commands: CUDA when available
-    res = evaluate(args.samples, args.ref, metrics=metrics, weights=args.weights, device=device,
-                   batch_size=args.feature_batch_size, cache_dir=args.cache_dir, progress=not args.quiet,
-                   bootstraps=args.bootstraps, floor=args.floor, class_data=args.class_data,
-                   feature_precision=args.feature_precision)
+    with tempfile.TemporaryDirectory(prefix="msf-eval-") as tmp:
+        samples = args.samples
+        if args.model is not None:  # draw the sample set first: kept at --npz, else thrown away after
+            if args.num_samples < 1:
+                raise ConfigError(f"--num-samples must be >= 1, got {args.num_samples}")
+            args.model_dir, args.overwrite = args.model, False
+            args.npz = args.npz or str(Path(tmp) / "samples.npz")
+            _sample_set(args)
+            samples = args.npz
+        res = evaluate(samples, args.ref, metrics=metrics, weights=args.weights, device=device,
+                       batch_size=args.feature_batch_size, cache_dir=args.cache_dir, progress=not args.quiet,
+                       bootstraps=args.bootstraps, floor=args.floor, class_data=args.class_data,
+                       feature_precision=args.feature_precision)
     print(format_results(res))
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2, default=str))
@@ -457,8 +471,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_sample)
 
-    ev = sub.add_parser("eval", help="FID, IS, precision/recall and KID of a sample set against a reference")
-    ev.add_argument("--samples", required=True, help="an ADM .npz (arr_0) or an image folder")
+    ev = sub.add_parser("eval", help="FID, IS, precision/recall and KID of a sample set (or of a model, "
+                        "sampled first) against a reference")
+    ev.add_argument("--samples", help="an ADM .npz (arr_0) or an image folder")
+    ev.add_argument("--model", help="instead of --samples: " + MODEL_HELP + "; draws --num-samples "
+                    "class-balanced samples with the sampler flags below, then evaluates them")
+    ev.add_argument("--num-samples", type=int, default=5000, help="with --model (default 5000)")
+    ev.add_argument("--npz", help="with --model: keep the sample set here (resumable); default: a temporary "
+                    "file, deleted after")
+    ev.add_argument("--batch-size", type=int, default=64, help="with --model: images per sampling batch")
+    _sampling_args(ev)
     ev.add_argument("--ref", required=True,
                     help="an ADM .npz, an image folder, or reference statistics from msf eval (.npz)")
     _eval_args(ev)
@@ -472,7 +494,6 @@ def build_parser() -> argparse.ArgumentParser:
                     help="Inception in fp32 (the reference) or bf16 autocast (2.2x faster on CPUs, "
                     "FID within 0.6%%)")
     ev.add_argument("--json", help="also write the results to this JSON file")
-    ev.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     ev.set_defaults(func=cmd_eval)
 
     r = sub.add_parser("reference", help="training data -> a reference .npz (images as training reads them)")
