@@ -1,0 +1,19 @@
+#!/bin/sh
+# Issue 18, item 1: MSF's own knobs at equal training wall-clock on the built-in emoji (rates measured
+# side by side), against its K = 1 DiT (dit-demo, the first preset, the baseline of every verdict):
+#   base size      demo (16 of 32 px), demo+base20 (five eighths), demo-paper-ratio (24: three quarters);
+#   compute split  demo+deepbase (base 8 blocks, not 6), demo+lightres (residual 2 blocks, not 4);
+#   prior noise    demo-paper-ratio+priornoise (conditioning noise 0.2 on the prior: the exposure gap
+#                  docs/compare_emoji.md found for the 24 px base).
+# Every run samples at its preset's defaults. Resumable: run it again to continue, or with more seeds.
+# BUDGETS and SEEDS (default 5 and 0) choose the budgets in minutes and the training seeds.
+# Results: runs/knobs_emoji/compare.{md,json}, plots.
+set -e
+cd "$(dirname "$0")/.."
+exec .venv/bin/msf compare --data emoji --budgets "${BUDGETS:-5}" --seeds "${SEEDS:-0}" --num-samples 1000 \
+    --out runs/knobs_emoji \
+    --presets dit-demo,demo,demo+base20,demo-paper-ratio,demo-paper-ratio+priornoise,demo+deepbase,demo+lightres \
+    "demo+base20:model.scales.0.image_size=20" \
+    "demo-paper-ratio+priornoise:model.prior_noise=0.2" \
+    "demo+deepbase:model.scales.0.depth=8" \
+    "demo+lightres:model.scales.1.depth=2" "$@"
