@@ -4,7 +4,8 @@
 # emoji, at equal training wall-clock on this machine, three budgets, three seeds each.
 # Each run is also sampled at equal cost (dit-demo and demo-paper-ratio with fewer steps, down to
 # demo's sampling FLOPs). Every run samples with the paper's sampler (Euler, uniform grid; the presets'
-# defaults when the study began, before issue 17 made them cheaper). Resumable: run it again to continue. Results: runs/compare_emoji/compare.{md,json}, plots.
+# defaults when the study began, before issue 17 made them cheaper). Resumable: run it again to continue.
+# Results: runs/compare_emoji/compare.{md,json}, plots.
 set -e
 cd "$(dirname "$0")/.."
 exec .venv/bin/msf compare --presets dit-demo,demo,demo-paper-ratio --data emoji \

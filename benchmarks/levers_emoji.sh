@@ -1,6 +1,7 @@
 #!/bin/sh
-# Issue 18, item 3: each training lever alone (AdamW's beta2 0.95 and weight decay 0.01 among them), for MSF (demo) and its K = 1 DiT (dit-demo) alike, at
-# equal training wall-clock on the built-in emoji (rates measured side by side), three seeds.
+# Issue 18, item 3: each training lever alone (AdamW's beta2 0.95 and weight decay 0.01 among them), for
+# MSF (demo) and its K = 1 DiT (dit-demo) alike, at equal training wall-clock on the built-in emoji (rates
+# measured side by side), three seeds.
 # The paper's recipe is each family's first run; a variant PRESET+LABEL is the preset with its overrides.
 # Resumable: run it again to continue. Results: runs/levers_emoji/compare.{md,json}, plots.
 set -e

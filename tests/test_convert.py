@@ -115,6 +115,18 @@ def _load(model_dir):
     return MSFPipeline.from_pretrained(model_dir, autoencoder=IdentityAutoencoder(channels=C))
 
 
+def _converted_euler_sample(tmp_path, ref, name, labels, steps, w):
+    """Convert ``ref`` saved as ``name``, sample it with msf's Euler on a uniform grid (the named
+    ``paper`` settings) at ``steps`` and guidance ``w``; return the latent and msf's noise at t = 1."""
+    torch.save(ref.state_dict(), tmp_path / name)
+    pipe = _load(convert_checkpoint(tmp_path / name, tmp_path / "model"))
+    paper = SamplerSettings.named(pipe.config, "paper")
+    _, (z,) = pipe.sample(labels, settings=paper, steps=steps, cfg_scale=w, seed=3, precision="fp32",
+                          return_components=True)
+    noise = torch.randn(len(labels), C, 8, 8, generator=torch.Generator().manual_seed(3))
+    return z, noise
+
+
 @pytest.fixture
 def ref():
     torch.manual_seed(1)
@@ -146,13 +158,8 @@ def test_sit_checkpoint_converts_to_sits_network_in_msfs_time(tmp_path, ref):
 
 
 def test_sampling_equals_sits_euler_ode_with_guidance(tmp_path, ref):
-    torch.save(ref.state_dict(), tmp_path / "SiT-S-2-64x64.pt")
-    pipe = _load(convert_checkpoint(tmp_path / "SiT-S-2-64x64.pt", tmp_path / "model"))
     labels, steps, w = torch.tensor([1, 7]), 4, 1.5
-    paper = SamplerSettings.named(pipe.config, "paper")  # Euler, uniform grid
-    _, (z,) = pipe.sample(labels, settings=paper, steps=steps, cfg_scale=w, seed=3, precision="fp32",
-                          return_components=True)
-    x = torch.randn(2, C, 8, 8, generator=torch.Generator().manual_seed(3))  # msf's noise at t = 1
+    z, x = _converted_euler_sample(tmp_path, ref, "SiT-S-2-64x64.pt", labels, steps, w)
     ts = torch.linspace(0, 1, steps + 1)  # SiT: noise at s = 0 -> data at s = 1, guidance on all channels
     with torch.no_grad():
         for s, s_next in zip(ts[:-1], ts[1:]):
@@ -329,13 +336,9 @@ def test_dit_checkpoint_converts_to_its_noise_prediction_as_msfs_velocity(tmp_pa
 
 
 def test_euler_sampling_of_a_converted_dit_takes_ddim_steps(tmp_path, ref):
-    torch.save(ref.state_dict(), tmp_path / "DiT-S-2-64x64.pt")
-    pipe = _load(convert_checkpoint(tmp_path / "DiT-S-2-64x64.pt", tmp_path / "model"))
     labels, steps, w = torch.tensor([1, 7]), 4, 1.5
-    paper = SamplerSettings.named(pipe.config, "paper")  # Euler, uniform grid
-    _, (z,) = pipe.sample(labels, settings=paper, steps=steps, cfg_scale=w, seed=3, precision="fp32",
-                          return_components=True)
-    x = torch.randn(2, C, 8, 8, generator=torch.Generator().manual_seed(3)).double()  # noise at t = 1
+    z, x = _converted_euler_sample(tmp_path, ref, "DiT-S-2-64x64.pt", labels, steps, w)
+    x = x.double()
     ts = np.linspace(1, 0, steps + 1)
     with torch.no_grad():
         # t = 1 is beyond DiT's last timestep: the network runs at 999, and msf carries its velocity
