@@ -201,6 +201,8 @@ MUTATIONS = [
     ("compare redoes finished runs", "compare.py",
      "    if record_file.is_file():\n        return json.loads(record_file.read_text())",
      "    if False:\n        return json.loads(record_file.read_text())", "tests/test_compare.py"),
+    ("compare calls any learning-rate change a different step", "compare.py",
+     '_FREE_TRAIN = ("lr", ', '_FREE_TRAIN = (', "tests/test_compare.py"),
 ]
 
 

@@ -123,6 +123,8 @@ def test_bad_settings_are_named():
         _settings(presets=["tiny", "tiny"]).check()
     with pytest.raises(ConfigError, match="budgets"):
         _settings(budgets=[0]).check()
+    with pytest.raises(ConfigError, match="calib_repeats"):
+        _settings(calib_repeats=0).check()
 
 
 def test_the_cli_names_bad_presets_and_stray_overrides(capsys):
@@ -132,6 +134,8 @@ def test_the_cli_names_bad_presets_and_stray_overrides(capsys):
     assert "nope" in capsys.readouterr().err
     assert main(["compare", "--presets", "tiny,tiny-dit", "demo:train.lr=1", "--out", "unused"]) == 2
     assert "not among --presets" in capsys.readouterr().err
+    assert main(["compare", "--presets", "tiny,tiny-dit", "--calib-repeats", "0", "--out", "unused"]) == 2
+    assert "calib_repeats and calib_steps must be >= 1, got 0" in capsys.readouterr().err
 
 
 def test_equal_cost_rows_never_stand_in_a_costlier_presets_default_run():
@@ -201,3 +205,65 @@ def test_a_named_sampler_becomes_every_runs_default_and_old_settings_files_still
     with pytest.raises(ConfigError, match="other settings.*sampler"):
         compare(_settings(seeds=[0], budgets=[0.01], sampler="paper"), tmp_path, progress=False,
                 extractor=MeanColour())
+
+
+def test_presets_of_the_same_work_share_one_rate_and_old_rate_files_are_pooled(tmp_path):
+    from msf.compare import _config, step_rates, work_keys
+    from msf.data import load_dataset
+
+    variants = {"tiny+lr": ["train.lr=3e-3", "train.ema_decay=0.9", "model.prior_noise=0.2"],
+                "tiny+guided": ["model.scales.0.cfg_scale=4"],
+                "tiny+deep": ["model.scales.0.depth=3"]}
+    s = _settings(presets=["tiny", *variants], preset_overrides=variants, calib_repeats=2)
+    keys = {p: work_keys(_config(s, p, tmp_path, 1, 0)) for p in s.presets}
+    assert keys["tiny"] == keys["tiny+lr"]  # optimizer constants and prior noise: the same computation
+    assert keys["tiny+guided"][0] == keys["tiny"][0] != keys["tiny+guided"][1] != keys["tiny"][1]
+    assert keys["tiny+deep"][0] != keys["tiny"][0] and keys["tiny+deep"][1] != keys["tiny"][1]
+
+    data = load_dataset("emoji", _config(s, "tiny", tmp_path, 1, 0).model.image_size)
+    rates = step_rates(s, tmp_path, data, progress=False)
+    saved = json.loads((tmp_path / "rates.json").read_text())
+    measured = saved["all"]["train"]
+    same = sorted(measured["tiny"] + measured["tiny+lr"] + measured["tiny+guided"])
+    train = rates["train_steps_per_second"]
+    assert train["tiny"] == train["tiny+lr"] == train["tiny+guided"] == pytest.approx(np_median(same))
+    assert train["tiny+deep"] == pytest.approx(np_median(measured["tiny+deep"]))
+    sample = rates["sample_seconds_per_image"]
+    assert sample["tiny"] == sample["tiny+lr"] != sample["tiny+guided"]
+    assert saved["groups"]["train"] == [["tiny", "tiny+lr", "tiny+guided"]]
+
+    # a file measured before rates were pooled: each its own median, pooled when read
+    own = {p: float(np_median(v)) for p, v in measured.items()}
+    old = {k: v for k, v in saved.items() if k != "groups"} | {"train_steps_per_second": own}
+    (tmp_path / "rates.json").write_text(json.dumps(old))
+    assert step_rates(s, tmp_path, data, progress=False)["train_steps_per_second"] == train
+    assert "groups" in json.loads((tmp_path / "rates.json").read_text())
+
+
+def np_median(v):
+    import numpy as np
+
+    return float(np.median(v))
+
+
+def test_some_presets_of_a_folder_can_run_alone_but_never_with_changed_overrides(tmp_path):
+    from msf.compare import _record_settings
+
+    variants = {"tiny+a": ["train.lr=3e-3"], "tiny+b": ["model.prior_noise=0.2"]}
+    _record_settings(_settings(presets=["tiny", "tiny+a", "tiny+b"], preset_overrides=variants), tmp_path)
+    (tmp_path / "runs" / "tiny").mkdir(parents=True)
+    # more seeds for two of the three: allowed, and the third's overrides stay on record
+    _record_settings(_settings(presets=["tiny", "tiny+a"], preset_overrides={"tiny+a": ["train.lr=3e-3"]}),
+                     tmp_path)
+    saved = json.loads((tmp_path / "settings.json").read_text())
+    assert saved["preset_overrides"] == variants
+    # a new variant joins
+    _record_settings(_settings(presets=["tiny", "tiny+c"], preset_overrides={"tiny+c": ["train.lr=1e-3"]}),
+                     tmp_path)
+    assert set(json.loads((tmp_path / "settings.json").read_text())["preset_overrides"]) == {
+        "tiny+a", "tiny+b", "tiny+c"}
+    with pytest.raises(ConfigError, match=r"other settings.*overrides of tiny\+a"):
+        changed = {"tiny+a": ["train.lr=1e-3"]}
+        _record_settings(_settings(presets=["tiny", "tiny+a"], preset_overrides=changed), tmp_path)
+    with pytest.raises(ConfigError, match="other settings.*overrides of tiny'"):  # it ran without any
+        _record_settings(_settings(presets=["tiny"], preset_overrides={"tiny": ["train.lr=1e-3"]}), tmp_path)

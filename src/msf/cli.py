@@ -308,7 +308,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     settings = CompareSettings(presets=presets, data=args.data, budgets=args.budgets, seeds=args.seeds,
                                budget_kind=args.budget_kind, num_samples=args.num_samples, overrides=common,
                                preset_overrides=per, bootstraps=args.bootstraps, equal_cost=args.equal_cost,
-                               feature_precision=args.feature_precision, sampler=args.sampler)
+                               feature_precision=args.feature_precision, sampler=args.sampler,
+                               calib_repeats=args.calib_repeats)
     summary = compare(settings, args.out, progress=not args.quiet, report_only=args.report)
     print(markdown(summary), end="")
     print(f"written: {args.out}/compare.json, compare.md, fid_vs_training.png, fid_vs_sampling_cost.png")
@@ -536,6 +537,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--budget-kind", choices=["wall", "flops"], default="wall",
                    help="wall: equal wall-clock, rates measured side by side; flops: the first one's FLOPs")
     c.add_argument("--num-samples", type=int, default=1000, help="samples per run (default 1000)")
+    c.add_argument("--calib-repeats", type=int, default=3,
+                   help="rounds of the side-by-side rate measurement, the median taken (default 3)")
     c.add_argument("--bootstraps", type=int, default=200)
     c.add_argument("--equal-cost", action="store_true",
                    help="also sample the costlier presets with fewer steps, at the cheapest one's FLOPs")

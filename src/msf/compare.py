@@ -5,7 +5,8 @@
 1. budget: equal training wall-clock on this machine (each preset's marginal step rate measured in
    short interleaved bursts, so a busy machine slows all alike; B minutes are B x 60 x rate steps),
    or equal training FLOPs (the FLOPs the first preset spends in B minutes, for all); each preset's
-   sampling time per image is measured in the same bursts (:func:`step_rates`);
+   sampling time per image is measured in the same bursts (:func:`step_rates`); presets whose steps
+   do the same computation (a learning rate, an EMA, prior noise apart) share one pooled rate;
 2. for every budget, seed and preset: train, draw a sample set at the preset's default sampler
    settings, evaluate it (FID and KID with bootstrap intervals, precision/recall, class accuracy)
    and write ``runs/<preset>/seed<k>/<B>min/run.json`` (:func:`run_one`). A run with a ``run.json``
@@ -74,6 +75,9 @@ class CompareSettings:
             raise ConfigError(f"compare: budgets are minutes > 0, got {self.budgets}")
         if not self.seeds:
             raise ConfigError("compare: give at least one seed")
+        if self.calib_repeats < 1 or self.calib_steps < 1:
+            raise ConfigError("compare: calib_repeats and calib_steps must be >= 1, got "
+                              f"{self.calib_repeats} and {self.calib_steps}")
         if self.num_samples < 4:
             raise ConfigError(f"compare: num_samples must be >= 4, got {self.num_samples}")
 
@@ -101,20 +105,63 @@ def _train_flops_per_step(cfg: Config) -> float:
     return 3.0 * sum(sc["flops_per_forward"] for sc in info["scales"]) * cfg.train.batch_size
 
 
+# What does not change the work of a training step (optimizer constants and schedules, the laws of the
+# times, labels and prior noise) or of sampling (training fields). Presets that differ only in these
+# share one rate: the median of all their measurements, not each its own median, whose scatter on a
+# busy machine (about 10% between rounds) would hand one of two identical steps more training.
+_FREE_TRAIN = ("lr", "weight_decay", "betas", "warmup_steps", "lr_schedule", "min_lr_ratio", "ema_decay",
+               "class_dropout", "time_sampler", "logit_mean", "logit_std", "time_shift", "time_shift_rule",
+               "time_shift_ref", "seed", "steps", "out_dir", "log_every")
+_FREE_MODEL = ("prior_noise", "class_names", "samplers")
+_SAMPLER_FIELDS = ("steps", "cfg_scale", "solver", "shift", "guidance_interval")
+
+
+def work_keys(cfg: Config) -> tuple[str, str]:
+    """Two strings, equal for two configs whose training steps (first) or sampling runs (second) do the
+    same computation."""
+    model = asdict(cfg.model)
+    for k in _FREE_MODEL:
+        model.pop(k)
+    sample_key = json.dumps(model, sort_keys=True)
+    for sc in model["scales"]:
+        for k in _SAMPLER_FIELDS:
+            sc.pop(k)
+    train = {k: v for k, v in asdict(cfg.train).items() if k not in _FREE_TRAIN}
+    return json.dumps({"model": model, "train": train}, sort_keys=True), sample_key
+
+
+def _pooled(values: dict[str, list[float]], keys: dict[str, str]) -> dict[str, float]:
+    return {p: statistics.median([v for q in values if keys[q] == keys[p] for v in values[q]])
+            for p in values}
+
+
+def _same_work(keys: dict[str, str]) -> list[list[str]]:
+    groups = ([q for q in keys if keys[q] == k] for k in dict.fromkeys(keys.values()))
+    return [g for g in groups if len(g) > 1]
+
+
 def step_rates(s: CompareSettings, out: Path, data, progress: bool = True) -> dict[str, dict[str, float]]:
     """Each preset's training steps per second and sampling seconds per image on this machine: short
-    runs of each in turn, repeated, the median. Measured once, before any run, on a quiet machine
-    (``rates.json``): timings taken during the runs would carry whatever else the machine was doing."""
+    runs of each in turn, repeated, the median (pooled over presets of the same work, :func:`work_keys`).
+    Measured once, before any run, on a quiet machine (``rates.json``): timings taken during the runs
+    would carry whatever else the machine was doing."""
     import torch
 
     from msf.pipeline import MSFPipeline
     from msf.train import train
 
     file = out / "rates.json"
+    keys = {p: work_keys(_config(s, p, out, 1, 0)) for p in s.presets}
+    train_keys, sample_keys = ({p: k[i] for p, k in keys.items()} for i in (0, 1))
     if file.is_file():
         saved = json.loads(file.read_text())
         known = set(saved.get("train_steps_per_second", {}))
         if known >= set(s.presets) and saved.get("overrides") == s.overrides:
+            if "groups" not in saved and known == set(s.presets):  # measured before pooling: pool now
+                saved["train_steps_per_second"] = _pooled(saved["all"]["train"], train_keys)
+                saved["sample_seconds_per_image"] = _pooled(saved["all"]["sample"], sample_keys)
+                saved["groups"] = {"train": _same_work(train_keys), "sample": _same_work(sample_keys)}
+                atomic_write_text(file, json.dumps(saved, indent=2))
             return {k: {p: saved[k][p] for p in s.presets}
                     for k in ("train_steps_per_second", "sample_seconds_per_image")}
     steps: dict[str, list[float]] = {p: [] for p in s.presets}
@@ -138,9 +185,10 @@ def step_rates(s: CompareSettings, out: Path, data, progress: bool = True) -> di
                 print(f"[compare] calibration {r + 1}/{s.calib_repeats}: {p} {steps[p][-1]:.2f} steps/s, "
                       f"{sampling[p][-1]:.4f} s per sample", flush=True)
     shutil.rmtree(out / "calibration", ignore_errors=True)
-    med = {"train_steps_per_second": {p: statistics.median(v) for p, v in steps.items()},
-           "sample_seconds_per_image": {p: statistics.median(v) for p, v in sampling.items()}}
-    atomic_write_text(file, json.dumps({**med, "all": {"train": steps, "sample": sampling},
+    med = {"train_steps_per_second": _pooled(steps, train_keys),
+           "sample_seconds_per_image": _pooled(sampling, sample_keys)}
+    groups = {"train": _same_work(train_keys), "sample": _same_work(sample_keys)}
+    atomic_write_text(file, json.dumps({**med, "all": {"train": steps, "sample": sampling}, "groups": groups,
                                         "overrides": s.overrides}, indent=2))
     return med
 
@@ -471,6 +519,29 @@ def _save(fig, ax, ylabel: str, path: Path) -> Path:
     return path
 
 
+def _record_settings(s: CompareSettings, out: Path) -> None:
+    """Write ``settings.json``, or refuse a folder whose finished runs were made with other settings.
+    Budgets, seeds and presets may be added, and some of the presets run alone (more seeds for a
+    few); what a finished run's result depends on must not change."""
+    settings_file = out / "settings.json"
+    fixed = {k: v for k, v in asdict(s).items()
+             if k not in ("budgets", "seeds", "presets", "equal_cost", "preset_overrides")}
+    variants = {p: v for p, v in s.preset_overrides.items() if v}
+    if settings_file.is_file():
+        old = json.loads(settings_file.read_text())
+        defaults = asdict(CompareSettings(presets=s.presets))  # a field newer than the file: its default
+        changed = {k: (old.get(k, defaults[k]), v) for k, v in fixed.items() if old.get(k, defaults[k]) != v}
+        old_variants = old.get("preset_overrides", {})
+        changed |= {f"overrides of {p}": (old_variants.get(p, []), s.preset_overrides.get(p, []))
+                    for p in s.presets if old_variants.get(p, []) != s.preset_overrides.get(p, [])
+                    and (p in old_variants or (out / "runs" / p).is_dir())}
+        if changed:
+            raise ConfigError(f"{out}: holds a comparison run with other settings ({changed}); "
+                              "name another output folder")
+        variants = old_variants | variants
+    atomic_write_text(settings_file, json.dumps({**fixed, "preset_overrides": variants}, indent=2))
+
+
 def compare(s: CompareSettings, out: str | Path, progress: bool = True, extractor=None,
             report_only: bool = False) -> dict:
     """Run (or resume) the comparison; returns the summary written to ``out/compare.json``.
@@ -482,16 +553,7 @@ def compare(s: CompareSettings, out: str | Path, progress: bool = True, extracto
     s.check()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    settings_file = out / "settings.json"
-    fixed = {k: v for k, v in asdict(s).items() if k not in ("budgets", "seeds", "presets", "equal_cost")}
-    if settings_file.is_file():
-        old = json.loads(settings_file.read_text())
-        defaults = asdict(CompareSettings(presets=s.presets))  # a field newer than the file: its default
-        changed = {k: (old.get(k, defaults[k]), v) for k, v in fixed.items() if old.get(k, defaults[k]) != v}
-        if changed:
-            raise ConfigError(f"{out}: holds a comparison run with other settings ({changed}); "
-                              "name another output folder")
-    atomic_write_text(settings_file, json.dumps(fixed, indent=2))
+    _record_settings(s, out)
     first_cfg = _config(s, s.presets[0], out, 1, 0)
     data = load_dataset(s.data, first_cfg.model.image_size)
     ref = _reference(s.data, first_cfg.model.image_size, out)
