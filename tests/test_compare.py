@@ -230,14 +230,45 @@ def test_presets_of_the_same_work_share_one_rate_and_old_rate_files_are_pooled(t
     assert train["tiny+deep"] == pytest.approx(np_median(measured["tiny+deep"]))
     sample = rates["sample_seconds_per_image"]
     assert sample["tiny"] == sample["tiny+lr"] != sample["tiny+guided"]
-    assert saved["groups"]["train"] == [["tiny", "tiny+lr", "tiny+guided"]]
+    assert saved["work"]["tiny"][0] == saved["work"]["tiny+lr"][0] == saved["work"]["tiny+guided"][0]
 
     # a file measured before rates were pooled: each its own median, pooled when read
     own = {p: float(np_median(v)) for p, v in measured.items()}
-    old = {k: v for k, v in saved.items() if k != "groups"} | {"train_steps_per_second": own}
+    old = {k: v for k, v in saved.items() if k != "work"} | {"train_steps_per_second": own}
     (tmp_path / "rates.json").write_text(json.dumps(old))
     assert step_rates(s, tmp_path, data, progress=False)["train_steps_per_second"] == train
-    assert "groups" in json.loads((tmp_path / "rates.json").read_text())
+    assert json.loads((tmp_path / "rates.json").read_text())["work"] == saved["work"]
+
+
+def test_a_preset_added_later_takes_its_works_rate_or_is_measured_beside_a_kept_one(tmp_path, monkeypatch):
+    from msf.compare import _config, step_rates
+    from msf.data import load_dataset
+
+    s = _settings(presets=["tiny", "tiny+deep"], preset_overrides={"tiny+deep": ["model.scales.0.depth=3"]})
+    data = load_dataset("emoji", _config(s, "tiny", tmp_path, 1, 0).model.image_size)
+    first = step_rates(s, tmp_path, data, progress=False)
+
+    measured = []
+    real_train = msf.train.train
+
+    def counting(cfg, **kw):
+        measured.append(cfg.model.scales[0].depth)
+        return real_train(cfg, **kw)
+
+    monkeypatch.setattr(msf.train, "train", counting)
+    more = {"tiny+deep": ["model.scales.0.depth=3"], "tiny+lr": ["train.lr=3e-3"],
+            "tiny+deeper": ["model.scales.0.depth=4"]}
+    later = step_rates(_settings(presets=["tiny", "tiny+lr", "tiny+deeper"], preset_overrides=more), tmp_path,
+                       data, progress=False)
+    # tiny+lr does tiny's work: nothing measured for it; tiny+deeper beside tiny (two lengths each)
+    assert sorted(measured) == [2, 2, 4, 4]
+    assert later["train_steps_per_second"]["tiny+lr"] == first["train_steps_per_second"]["tiny"]
+    saved = json.loads((tmp_path / "rates.json").read_text())
+    for kind in ("train_steps_per_second", "sample_seconds_per_image"):
+        assert {p: saved[kind][p] for p in first[kind]} == first[kind]  # kept rates do not move
+    assert saved["later"]["tiny+deeper"]["anchor"] == "tiny" and "tiny+lr" not in saved["all"]["train"]
+    drift = saved["later"]["tiny+deeper"]["drift"][0]
+    assert later["train_steps_per_second"]["tiny+deeper"] > 0 and drift > 0
 
 
 def np_median(v):

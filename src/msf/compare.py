@@ -23,6 +23,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import shutil
@@ -130,48 +131,23 @@ def work_keys(cfg: Config) -> tuple[str, str]:
     return json.dumps({"model": model, "train": train}, sort_keys=True), sample_key
 
 
-def _pooled(values: dict[str, list[float]], keys: dict[str, str]) -> dict[str, float]:
-    return {p: statistics.median([v for q in values if keys[q] == keys[p] for v in values[q]])
-            for p in values}
-
-
-def _same_work(keys: dict[str, str]) -> list[list[str]]:
-    groups = ([q for q in keys if keys[q] == k] for k in dict.fromkeys(keys.values()))
-    return [g for g in groups if len(g) > 1]
-
-
-def step_rates(s: CompareSettings, out: Path, data, progress: bool = True) -> dict[str, dict[str, float]]:
-    """Each preset's training steps per second and sampling seconds per image on this machine: short
-    runs of each in turn, repeated, the median (pooled over presets of the same work, :func:`work_keys`).
-    Measured once, before any run, on a quiet machine (``rates.json``): timings taken during the runs
-    would carry whatever else the machine was doing."""
+def _measure(s: CompareSettings, out: Path, data, presets: list[str], progress: bool
+             ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Training steps per second and sampling seconds per image of ``presets``: short runs of each in
+    turn, ``s.calib_repeats`` rounds."""
     import torch
 
     from msf.pipeline import MSFPipeline
     from msf.train import train
 
-    file = out / "rates.json"
-    keys = {p: work_keys(_config(s, p, out, 1, 0)) for p in s.presets}
-    train_keys, sample_keys = ({p: k[i] for p, k in keys.items()} for i in (0, 1))
-    if file.is_file():
-        saved = json.loads(file.read_text())
-        known = set(saved.get("train_steps_per_second", {}))
-        if known >= set(s.presets) and saved.get("overrides") == s.overrides:
-            if "groups" not in saved and known == set(s.presets):  # measured before pooling: pool now
-                saved["train_steps_per_second"] = _pooled(saved["all"]["train"], train_keys)
-                saved["sample_seconds_per_image"] = _pooled(saved["all"]["sample"], sample_keys)
-                saved["groups"] = {"train": _same_work(train_keys), "sample": _same_work(sample_keys)}
-                atomic_write_text(file, json.dumps(saved, indent=2))
-            return {k: {p: saved[k][p] for p in s.presets}
-                    for k in ("train_steps_per_second", "sample_seconds_per_image")}
-    steps: dict[str, list[float]] = {p: [] for p in s.presets}
-    sampling: dict[str, list[float]] = {p: [] for p in s.presets}
-    pipes = {p: MSFPipeline(_config(s, p, out, 1, 0).model).eval() for p in s.presets}
-    labels = torch.arange(32) % pipes[s.presets[0]].config.num_classes
-    for p in s.presets:  # warm-up
+    steps: dict[str, list[float]] = {p: [] for p in presets}
+    sampling: dict[str, list[float]] = {p: [] for p in presets}
+    pipes = {p: MSFPipeline(_config(s, p, out, 1, 0).model).eval() for p in presets}
+    labels = torch.arange(32) % pipes[presets[0]].config.num_classes
+    for p in presets:  # warm-up
         pipes[p].sample(labels[:4], seed=0, precision="bf16")
     for r in range(s.calib_repeats):
-        for p in s.presets:
+        for p in presets:
             # the marginal rate, from two lengths: a run's fixed start-up (data-loader workers, the
             # first steps' allocations) would otherwise shorten the faster preset's budget more
             seconds = [train(_config(s, p, out / "calibration", n, 0), data=data, progress=False,
@@ -185,12 +161,56 @@ def step_rates(s: CompareSettings, out: Path, data, progress: bool = True) -> di
                 print(f"[compare] calibration {r + 1}/{s.calib_repeats}: {p} {steps[p][-1]:.2f} steps/s, "
                       f"{sampling[p][-1]:.4f} s per sample", flush=True)
     shutil.rmtree(out / "calibration", ignore_errors=True)
-    med = {"train_steps_per_second": _pooled(steps, train_keys),
-           "sample_seconds_per_image": _pooled(sampling, sample_keys)}
-    groups = {"train": _same_work(train_keys), "sample": _same_work(sample_keys)}
-    atomic_write_text(file, json.dumps({**med, "all": {"train": steps, "sample": sampling}, "groups": groups,
-                                        "overrides": s.overrides}, indent=2))
-    return med
+    return steps, sampling
+
+
+def step_rates(s: CompareSettings, out: Path, data, progress: bool = True) -> dict[str, dict[str, float]]:
+    """Each preset's training steps per second and sampling seconds per image on this machine, the
+    median of :func:`_measure`'s rounds, pooled over presets of the same work (:func:`work_keys`).
+
+    Measured once, before any run, on a quiet machine, and kept (``rates.json``): timings taken
+    during the runs would carry whatever else the machine was doing. A preset added to the folder
+    later takes the rate of a measured preset of the same work, or is measured then beside the
+    folder's first measured preset, its rates scaled by how much that one's moved since."""
+    file = out / "rates.json"
+    saved = json.loads(file.read_text()) if file.is_file() else {}
+    if saved.get("overrides", s.overrides) != s.overrides:
+        saved = {}
+    measured: dict[str, dict[str, list[float]]] = saved.get("all", {"train": {}, "sample": {}})
+    work = saved.get("work", {})  # preset -> [training key, sampling key], digests of work_keys
+    work |= {p: [hashlib.sha1(k.encode()).hexdigest()[:16] for k in work_keys(_config(s, p, out, 1, 0))]
+             for p in s.presets}
+    for p in measured["train"]:
+        work.setdefault(p, [p, p])  # measured before keys were kept, and not in this run: its own work
+
+    def matched(p: str, i: int, kind: str) -> bool:  # some measured preset does p's work
+        return any(work[q][i] == work[p][i] for q in measured[kind])
+
+    def medians(presets) -> dict[str, dict[str, float]]:  # pooled over the presets of the same work
+        return {name: {p: statistics.median([v for q, vs in measured[kind].items() if work[q][i] == work[p][i]
+                                             for v in vs]) for p in presets if matched(p, i, kind)}
+                for name, kind, i in (("train_steps_per_second", "train", 0),
+                                      ("sample_seconds_per_image", "sample", 1))}
+
+    todo = [p for p in s.presets if not (matched(p, 0, "train") and matched(p, 1, "sample"))]
+    if todo:
+        anchor = next((p for p in s.presets if p in measured["train"]), None)
+        steps, sampling = _measure(s, out, data, [anchor, *todo] if anchor else todo, progress)
+        drift = [1.0, 1.0]
+        if anchor:  # the machine's speed then against now, from the same preset measured again
+            drift = [statistics.median(measured["train"][anchor]) / statistics.median(steps.pop(anchor)),
+                     statistics.median(measured["sample"][anchor]) / statistics.median(sampling.pop(anchor))]
+        if measured["train"]:
+            saved.setdefault("later", {}).update({p: {"anchor": anchor, "drift": drift} for p in todo})
+        # only what no measured preset's work covers, so that no kept rate moves
+        new_train, new_sample = ([p for p in todo if not matched(p, i, kind)]
+                                 for i, kind in enumerate(("train", "sample")))
+        measured["train"] |= {p: [v * drift[0] for v in steps[p]] for p in new_train}
+        measured["sample"] |= {p: [v * drift[1] for v in sampling[p]] for p in new_sample}
+    if todo or saved.get("work") != work:
+        atomic_write_text(file, json.dumps({**saved, **medians(work), "all": measured, "work": work,
+                                            "overrides": s.overrides}, indent=2))
+    return medians(s.presets)
 
 
 def budget_steps(s: CompareSettings, rates: dict[str, float], cfgs: dict[str, Config]
