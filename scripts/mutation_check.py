@@ -203,6 +203,12 @@ MUTATIONS = [
      "    if False:\n        return json.loads(record_file.read_text())", "tests/test_compare.py"),
     ("compare calls any learning-rate change a different step", "compare.py",
      '_FREE_TRAIN = ("lr", ', '_FREE_TRAIN = (', "tests/test_compare.py"),
+    ("compare chains budgets of per-scale step counts", "compare.py",
+     "               and _config(s, name, chain, 1, seed).train.scale_steps is None\n", "",
+     "tests/test_compare.py"),
+    ("compare takes per-scale step counts as absolute", "compare.py",
+     "    if cfg.train.scale_steps is not None:  # proportions", "    if False:  # proportions",
+     "tests/test_compare.py"),
 ]
 
 

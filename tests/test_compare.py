@@ -298,3 +298,37 @@ def test_some_presets_of_a_folder_can_run_alone_but_never_with_changed_overrides
         _record_settings(_settings(presets=["tiny", "tiny+a"], preset_overrides=changed), tmp_path)
     with pytest.raises(ConfigError, match="other settings.*overrides of tiny'"):  # it ran without any
         _record_settings(_settings(presets=["tiny"], preset_overrides={"tiny": ["train.lr=1e-3"]}), tmp_path)
+
+
+def test_per_scale_step_counts_are_proportions_under_a_budget(tmp_path, monkeypatch):
+    from msf.compare import _config, _train_flops_per_step, work_keys
+    from msf.info import model_info
+
+    split = {"tiny+split": ["train.scale_steps=[400, 250]"], "tiny+split2": ["train.scale_steps=[8, 5]"],
+             "tiny+even": ["train.scale_steps=[3, 3]"]}
+    s = _settings(presets=["tiny", *split], preset_overrides=split, seeds=[0], budgets=[0.01, 0.02])
+    cfg = _config(s, "tiny+split", tmp_path, 1000, 0)
+    assert cfg.train.scale_steps == [1000, 625]  # the budget's steps go to the longest-trained scale
+    flops = [sc["flops_per_forward"] for sc in model_info(cfg.model)["scales"]]
+    per_step = 3 * cfg.train.batch_size * (flops[0] + 0.625 * flops[1])
+    assert _train_flops_per_step(cfg) == pytest.approx(per_step)
+    keys = {p: work_keys(_config(s, p, tmp_path, 10**4, 0))[0] for p in s.presets}
+    assert keys["tiny+split"] == keys["tiny+split2"] != keys["tiny"] == keys["tiny+even"]
+
+    trained = []
+    real_train = msf.train.train
+
+    def recording(cfg, **kw):
+        if "calibration" not in cfg.train.out_dir:
+            trained.append((cfg.preset, cfg.train.scale_steps, kw.get("resume", False)))
+        return real_train(cfg, **kw)
+
+    monkeypatch.setattr(msf.train, "train", recording)
+    s = _settings(presets=["tiny", "tiny+split"], preset_overrides={"tiny+split": split["tiny+split"]},
+                  seeds=[0], budgets=[0.01, 0.02])
+    summary = compare(s, tmp_path, progress=False, extractor=MeanColour())
+    runs = [r for r in summary["runs"] if r["preset"] == "tiny+split"]
+    for r in runs:
+        assert r["scale_steps"] == [r["steps"], max(1, round(r["steps"] * 0.625))]
+    # each budget trained from the start: resuming the shorter scale later would not be its longer run
+    assert [resume for _, steps, resume in trained if steps is not None] == [False, False]

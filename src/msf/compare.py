@@ -96,24 +96,32 @@ def _config(s: CompareSettings, name: str, out: Path, steps: int, seed: int) -> 
         f"train.data={s.data}", "train.tensorboard=false", *s.overrides, *s.preset_overrides.get(name, []),
         f"train.out_dir={out}", f"train.steps={steps}", f"train.seed={seed}",
     ])
+    if cfg.train.scale_steps is not None:  # proportions: the budget sets the longest-trained scale's steps
+        most = max(cfg.train.scale_steps)
+        cfg.train.scale_steps = [max(1, round(steps * n / most)) if n else 0 for n in cfg.train.scale_steps]
     if s.sampler != "default":
         SamplerSettings.named(cfg.model, s.sampler).make_defaults(cfg.model)
     return cfg
 
 
 def _train_flops_per_step(cfg: Config) -> float:
-    info = model_info(cfg.model)  # forward + backward = 3 forwards, every scale once per step
-    return 3.0 * sum(sc["flops_per_forward"] for sc in info["scales"]) * cfg.train.batch_size
+    """Per step of the longest-trained scale: forward + backward = 3 forwards, each scale in proportion
+    to its steps (``train.scale_steps``)."""
+    info, tc = model_info(cfg.model), cfg.train
+    most = max(tc.steps_for(k) for k in range(len(info["scales"])))
+    return 3.0 * tc.batch_size * sum(sc["flops_per_forward"] * tc.steps_for(k) / most
+                                     for k, sc in enumerate(info["scales"]))
 
 
-# What does not change the work of a training step (optimizer constants and schedules, the laws of the
-# times, labels and prior noise) or of sampling (training fields). Presets that differ only in these
-# share one rate: the median of all their measurements, not each its own median, whose scatter on a
-# busy machine (about 10% between rounds) would hand one of two identical steps more training.
+# What does not change the work of a training step (optimizer constants and schedules, the laws of
+# the times, labels and prior noise, a per-scale scaling) or of sampling (training fields). Presets
+# that differ only in these share one rate: the median of all their measurements, not each its own
+# median, whose scatter on a busy machine (about 10% between rounds) would hand one of two identical
+# steps more training.
 _FREE_TRAIN = ("lr", "weight_decay", "betas", "warmup_steps", "lr_schedule", "min_lr_ratio", "ema_decay",
                "class_dropout", "time_sampler", "logit_mean", "logit_std", "time_shift", "time_shift_rule",
                "time_shift_ref", "seed", "steps", "out_dir", "log_every")
-_FREE_MODEL = ("prior_noise", "class_names", "samplers")
+_FREE_MODEL = ("prior_noise", "normalize", "component_std", "class_names", "samplers")
 _SAMPLER_FIELDS = ("steps", "cfg_scale", "solver", "shift", "guidance_interval")
 
 
@@ -128,6 +136,10 @@ def work_keys(cfg: Config) -> tuple[str, str]:
         for k in _SAMPLER_FIELDS:
             sc.pop(k)
     train = {k: v for k, v in asdict(cfg.train).items() if k not in _FREE_TRAIN}
+    if train["scale_steps"] is not None:  # the same proportions are the same work
+        most = max(train["scale_steps"])
+        train["scale_steps"] = [round(n / most, 3) for n in train["scale_steps"]]
+        train["scale_steps"] = None if min(train["scale_steps"]) == 1 else train["scale_steps"]
     return json.dumps({"model": model, "train": train}, sort_keys=True), sample_key
 
 
@@ -178,7 +190,7 @@ def step_rates(s: CompareSettings, out: Path, data, progress: bool = True) -> di
         saved = {}
     measured: dict[str, dict[str, list[float]]] = saved.get("all", {"train": {}, "sample": {}})
     work = saved.get("work", {})  # preset -> [training key, sampling key], digests of work_keys
-    work |= {p: [hashlib.sha1(k.encode()).hexdigest()[:16] for k in work_keys(_config(s, p, out, 1, 0))]
+    work |= {p: [hashlib.sha1(k.encode()).hexdigest()[:16] for k in work_keys(_config(s, p, out, 10**4, 0))]
              for p in s.presets}
     for p in measured["train"]:
         work.setdefault(p, [p, p])  # measured before keys were kept, and not in this run: its own work
@@ -254,7 +266,9 @@ def run_one(s: CompareSettings, out: Path, name: str, seed: int, budget: float, 
         return json.loads(record_file.read_text())
     chain = out / "runs" / name / f"seed{seed}" / "train"
     done = list_checkpoints(chain / "checkpoints")
+    # not with per-scale step counts: a shorter scale resumed later than its longer run would train it
     chained = (_config(s, name, chain, 1, seed).train.lr_schedule == "constant"
+               and _config(s, name, chain, 1, seed).train.scale_steps is None
                and (not done or done[-1][0] <= steps))  # a chain already past this budget cannot serve it
     tdir = chain if chained else run_dir / "train"
     cfg = _config(s, name, tdir, steps, seed)
@@ -287,7 +301,7 @@ def run_one(s: CompareSettings, out: Path, name: str, seed: int, budget: float, 
     sampler = SamplerSettings.of(pipe.config)
     rec = {
         "preset": name, "seed": seed, "budget_minutes": budget, "budget_kind": s.budget_kind,
-        "sampling": "defaults", "steps": res.steps,
+        "sampling": "defaults", "steps": res.steps, "scale_steps": cfg.train.scale_steps,
         "train_seconds": res.seconds, "train_seconds_total": total,
         "train_flops": _train_flops_per_step(cfg) * res.steps,
         "sampler": sampler.to_dict(), "evaluations_per_image": sampler.evaluations,
