@@ -312,7 +312,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
                                calib_repeats=args.calib_repeats)
     summary = compare(settings, args.out, progress=not args.quiet, report_only=args.report)
     print(markdown(summary), end="")
-    print(f"written: {args.out}/compare.json, compare.md, fid_vs_training.png, fid_vs_sampling_cost.png")
+    plotted = sorted(Path(args.out).glob("*_vs_*.png")) if summary["runs"] else []
+    if not summary["runs"]:
+        print(f"no finished runs in {args.out} yet: the table is empty and no plot was drawn")
+    written = ["compare.json", "compare.md"] + [f.name for f in plotted]
+    print(f"written: {args.out}/: {', '.join(written)}")
     return 0
 
 
