@@ -114,6 +114,20 @@ def test_verdicts_in_the_summary_follow_the_intervals():
     assert dit["fid_vs_first"]["verdict"] == "behind"  # a higher FID
     assert dit["kid_vs_first"]["verdict"] == "level"
     assert "behind (+10)" in markdown(summary)
+    assert "per class" not in markdown(summary)  # no class accuracy measured
+
+
+def test_the_table_gives_each_classs_accuracy_averaged_over_seeds():
+    s = _settings(budgets=[1.0], seeds=[0, 1])
+    per_class = {("tiny", 0): {"Flags": 1.0, "Objects": 0.2}, ("tiny", 1): {"Flags": 0.8, "Objects": 0.4},
+                 ("tiny-dit", 0): {"Flags": 0.5}, ("tiny-dit", 1): {"Flags": 0.7, "Objects": 0.1}}
+    recs = [{"preset": p, "seed": k, "budget_minutes": 1.0, "steps": 10, "train_seconds_total": 60.0,
+             "evaluations_per_image": 8, "sample_seconds_per_image": 0.01, "fid": 50.0 + k, "cas": 0.5,
+             "cas_per_class": pc} for (p, k), pc in per_class.items()]
+    md = markdown(summarize(s, recs, None))
+    assert "| budget | preset | Flags | Objects |" in md
+    assert "| 1 min | tiny | 0.90 | 0.30 |" in md
+    assert "| 1 min | tiny-dit | 0.60 | 0.10 |" in md  # a seed without that class is left out
 
 
 def test_bad_settings_are_named():

@@ -416,6 +416,10 @@ def _row(p: str, b: float, sampling: str, runs: list[dict], base_runs: list[dict
            "train_minutes": statistics.mean(r["train_seconds_total"] for r in runs) / 60,
            "evaluations_per_image": runs[0]["evaluations_per_image"],
            "sample_seconds_per_image": statistics.mean(r["sample_seconds_per_image"] for r in runs)}
+    per_class = [r["cas_per_class"] for r in runs if r.get("cas_per_class")]
+    if per_class:  # the mean over seeds; a class a seed's sample set lacks is left out of its mean
+        row["cas_per_class"] = {c: statistics.mean(pc[c] for pc in per_class if c in pc)
+                                for c in dict.fromkeys(c for pc in per_class for c in pc)}
     for m, (_, lower) in METRICS.items():
         vals = [r[m] for r in runs if r.get(m) is not None]
         if not vals:
@@ -488,7 +492,22 @@ def markdown(summary: dict) -> str:
                 cells.append("-" if v is None else f"{v['verdict']} ({v['difference']['value']:+.3g})")
             lines.append(f"| {r['budget_minutes']:g} min | {r.get('sampling', 'defaults')} | {r['preset']} | "
                          + " | ".join(cells) + " |")
+    lines += _per_class_table(summary["rows"])
     return "\n".join(lines) + "\n"
+
+
+def _per_class_table(rows: list[dict]) -> list[str]:
+    """Each class's accuracy at each budget, at the presets' defaults: which classes a recipe fixes."""
+    rows = [r for r in rows if r.get("cas_per_class") and r.get("sampling", "defaults") == "defaults"]
+    if not rows:
+        return []
+    classes = list(dict.fromkeys(c for r in rows for c in r["cas_per_class"]))
+    lines = ["", "Class accuracy per class at the defaults (the mean over seeds):", "",
+             "| budget | preset | " + " | ".join(classes) + " |", "|---|---|" + "---|" * len(classes)]
+    for r in rows:
+        cells = [f"{r['cas_per_class'][c]:.2f}" if c in r["cas_per_class"] else "-" for c in classes]
+        lines.append(f"| {r['budget_minutes']:g} min | {r['preset']} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def plots(summary: dict, out: Path, metric: str = "fid") -> list[Path]:
