@@ -51,7 +51,7 @@ def test_compare_trains_each_run_once_resumes_and_writes_tables(tmp_path, monkey
     rows = summary["rows"]
     assert len(rows) == 4
     other = [r for r in rows if r["preset"] == "tiny-dit"]
-    assert all(r["fid_vs_first"]["verdict"] in ("ahead", "level", "behind") for r in other)
+    assert all(r["fid_vs_baseline"]["verdict"] in ("ahead", "level", "behind") for r in other)
     md = (tmp_path / "compare.md").read_text()
     assert "| 0.02 min | defaults | tiny-dit |" in md and "Real against real" in md
     assert (tmp_path / "fid_vs_training.png").is_file() and (tmp_path / "fid_vs_sampling_cost.png").is_file()
@@ -110,11 +110,32 @@ def test_verdicts_in_the_summary_follow_the_intervals():
             enumerate(fids)]
     summary = summarize(s, recs, None)
     dit = next(r for r in summary["rows"] if r["preset"] == "tiny-dit")
-    assert dit["fid_vs_first"]["difference"]["value"] == pytest.approx(10.0)  # tiny-dit minus tiny
-    assert dit["fid_vs_first"]["verdict"] == "behind"  # a higher FID
-    assert dit["kid_vs_first"]["verdict"] == "level"
+    assert dit["fid_vs_baseline"]["difference"]["value"] == pytest.approx(10.0)  # tiny-dit minus tiny
+    assert dit["fid_vs_baseline"]["verdict"] == "behind"  # a higher FID
+    assert dit["kid_vs_baseline"]["verdict"] == "level"
     assert "behind (+10)" in markdown(summary)
     assert "per class" not in markdown(summary)  # no class accuracy measured
+
+
+def test_a_variant_is_judged_against_its_own_preset_and_others_against_the_first():
+    from msf.compare import baseline
+
+    presets = ["tiny", "tiny+qk", "tiny-dit", "tiny-dit+qk", "tiny-dit-x+qk"]
+    assert [baseline(p, presets) for p in presets] == ["tiny", "tiny", "tiny", "tiny-dit", "tiny"]
+    s = _settings(presets=presets[:4], budgets=[1.0], seeds=[0, 1, 2])
+    fids = {"tiny": 50.0, "tiny+qk": 50.5, "tiny-dit": 60.0, "tiny-dit+qk": 55.0}
+    recs = [{"preset": p, "seed": k, "budget_minutes": 1.0, "steps": 10, "train_seconds_total": 60.0,
+             "evaluations_per_image": 8, "sample_seconds_per_image": 0.01, "fid": f + k}
+            for p, f in fids.items() for k in range(3)]
+    summary = summarize(s, recs, None)
+    rows = {r["preset"]: r for r in summary["rows"]}
+    assert rows["tiny"]["baseline"] is None and "fid_vs_baseline" not in rows["tiny"]
+    assert rows["tiny-dit+qk"]["baseline"] == "tiny-dit"  # the lever's effect on its own family
+    assert rows["tiny-dit+qk"]["fid_vs_baseline"]["difference"]["value"] == pytest.approx(-5.0)
+    assert rows["tiny-dit+qk"]["fid_vs_baseline"]["verdict"] == "ahead"
+    assert rows["tiny-dit"]["fid_vs_baseline"]["verdict"] == "behind"
+    assert rows["tiny+qk"]["fid_vs_baseline"]["verdict"] == "level"
+    assert "| 1 min | defaults | tiny-dit+qk | tiny-dit | ahead (-5) |" in markdown(summary)
 
 
 def test_the_table_gives_each_classs_accuracy_averaged_over_seeds():

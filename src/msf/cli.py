@@ -534,7 +534,8 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compare", help="train presets at equal budget over seeds; evaluate; tables, plots")
     c.add_argument("--presets", required=True,
                    help="comma-separated, e.g. demo,dit-demo (the first is the baseline); a variant "
-                   "PRESET+LABEL takes its own overrides: demo,demo+qk demo+qk:model.scales.*.qk_norm=true")
+                   "PRESET+LABEL takes its own overrides, demo,demo+qk demo+qk:model.scales.*.qk_norm=true, "
+                   "and is judged against PRESET where that is listed too")
     c.add_argument("--data", default="emoji", help="training data: emoji, an .npz (images, labels), a folder")
     c.add_argument("--budgets", type=_floats, default=[5.0], help="training minutes, e.g. 5,15,45")
     c.add_argument("--seeds", type=_ints, default=[0], help="training seeds, e.g. 0,1,2")

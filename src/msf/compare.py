@@ -16,7 +16,8 @@
    ``equal_cost`` also samples the costlier presets with fewer steps, at the cheapest one's
    sampling FLOPs (:func:`run_equal_cost`);
 3. ``compare.json`` (every run, and per (sampling, budget, preset) the mean over seeds with its
-   interval and the verdict against the first preset: ahead, level or behind, :func:`summarize`),
+   interval and the verdict against its baseline, the first preset or, for a variant, its own
+   preset: ahead, level or behind, :func:`summarize`),
    ``compare.md`` (:func:`markdown`) and two plots (:func:`plots`): quality against the budget, and
    against sampling seconds per image.
 """
@@ -395,18 +396,27 @@ def _groups(records: list[dict]) -> dict[str, list[dict]]:
     return groups
 
 
+def baseline(name: str, presets: list[str]) -> str:
+    """What ``name`` is judged against: a variant PRESET+LABEL against PRESET where that is compared too
+    (an ablation: ``dit-demo+qknorm`` against ``dit-demo``), any other preset against the first."""
+    own = base_preset(name)
+    return own if own != name and own in presets else presets[0]
+
+
 def summarize(s: CompareSettings, records: list[dict], floor: dict | None) -> dict:
     """Per (sampling, budget, preset): each metric's mean over seeds with its interval, and its difference
-    from the first preset (this one minus the first) with a verdict for this one: ahead, level, behind."""
+    from its :func:`baseline` (this one minus the baseline) with a verdict for this one: ahead, level,
+    behind."""
     rows = []
-    first = s.presets[0]
     for sampling, group in _groups(records).items():
         for b in s.budgets:
             by_preset = {p: [r for r in group if r["preset"] == p and r["budget_minutes"] == b]
                          for p in s.presets}
             for p, runs in by_preset.items():
+                base = baseline(p, s.presets)
                 if runs:
-                    rows.append(_row(p, b, sampling, runs, by_preset[first] if p != first else []))
+                    rows.append(_row(p, b, sampling, runs, by_preset[base] if p != base else []))
+                    rows[-1]["baseline"] = base if p != base else None
     return {"settings": asdict(s), "floor": floor, "rows": rows}
 
 
@@ -433,7 +443,7 @@ def _row(p: str, b: float, sampling: str, runs: list[dict], base_runs: list[dict
             d = difference(vals, base)
             if len(base) == 1 and len(vals) == 1:
                 d = _single_seed_difference(runs[0], base_runs[0], m)
-            row[f"{m}_vs_first"] = {"difference": d.to_dict(), "verdict": verdict(d, lower)}
+            row[f"{m}_vs_baseline"] = {"difference": d.to_dict(), "verdict": verdict(d, lower)}
     return row
 
 
@@ -478,20 +488,21 @@ def markdown(summary: dict) -> str:
             f"{r['train_minutes']:.1f}", _cell(r.get("fid"), 2), _cell(r.get("kid"), 4),
             _cell(r.get("precision"), 3), _cell(r.get("recall"), 3), _cell(r.get("cas"), 3),
             str(r["evaluations_per_image"]), f"{r['sample_seconds_per_image']:.4f}"]) + " |")
-    verdicts = [r for r in summary["rows"] if r["preset"] != first]
+    verdicts = [r for r in summary["rows"] if any(f"{m}_vs_baseline" in r for m in METRICS)]
     if verdicts:
-        lines += ["", f"Against {first}: this preset minus {first}, and whether it is ahead or behind (only "
-                  "where the interval of the difference excludes 0) or level; \"no interval\": one seed of a "
-                  "metric without a bootstrap (precision, recall):", "",
-                  "| budget | sampling | preset | " + " | ".join(v[0] for v in METRICS.values()) + " |",
-                  "|---|---|---|" + "---|" * len(METRICS)]
+        lines += ["", "Each preset against its baseline (a variant PRESET+LABEL against PRESET where that is "
+                  f"compared too, any other against {first}): this one minus the baseline, and whether it "
+                  "is ahead or behind (only where the interval of the difference excludes 0) or level; "
+                  "\"no interval\": one seed of a metric without a bootstrap (precision, recall):", "",
+                  "| budget | sampling | preset | against | " + " | ".join(v[0] for v in METRICS.values())
+                  + " |", "|---|---|---|---|" + "---|" * len(METRICS)]
         for r in verdicts:
             cells = []
             for m in METRICS:
-                v = r.get(f"{m}_vs_first")
+                v = r.get(f"{m}_vs_baseline")
                 cells.append("-" if v is None else f"{v['verdict']} ({v['difference']['value']:+.3g})")
             lines.append(f"| {r['budget_minutes']:g} min | {r.get('sampling', 'defaults')} | {r['preset']} | "
-                         + " | ".join(cells) + " |")
+                         f"{r.get('baseline') or first} | " + " | ".join(cells) + " |")
     lines += _per_class_table(summary["rows"])
     return "\n".join(lines) + "\n"
 
