@@ -46,6 +46,7 @@ def test_compare_trains_each_run_once_resumes_and_writes_tables(tmp_path, monkey
     assert {r["sample_seconds_per_image"] for r in runs if r["preset"] == "tiny"} == {
         saved["sample_seconds_per_image"]["tiny"]}
     assert len(runs) == 8 and all(r["fid_ci"][0] <= r["fid"] <= r["fid_ci"][1] for r in runs)
+    assert all(r["sample_set_seconds"] > 0 and r["eval_seconds"] > 0 for r in runs)
     assert {r["steps"] for r in runs if r["preset"] == "tiny" and r["budget_minutes"] == 0.02} == {
         max(1, round(0.02 * 60 * rates["tiny"]))}
     rows = summary["rows"]

@@ -294,11 +294,15 @@ def run_one(s: CompareSettings, out: Path, name: str, seed: int, budget: float, 
     shutil.copytree(res.model_dir, model_dir)
     pipe = MSFPipeline.from_pretrained(model_dir)
     labels = _labels(data, s.num_samples, seed)
+    started = time.perf_counter()
     sample_set(pipe, run_dir / "samples.npz", s.num_samples, batch_size=s.sample_batch, seed=seed,
                labels=labels, progress=False, overwrite=True, meta={"model": str(model_dir)})
+    sampled = time.perf_counter()
     metrics = evaluate(str(run_dir / "samples.npz"), str(ref), metrics=tuple(s.metrics),
                        class_data=s.data, bootstraps=s.bootstraps, feature_precision=s.feature_precision,
                        progress=False, floor=False, extractor=extractor)
+    # where a study's hours go (these carry whatever else the machine did; the rates do not)
+    seconds = {"sample_set_seconds": sampled - started, "eval_seconds": time.perf_counter() - sampled}
     sampler = SamplerSettings.of(pipe.config)
     rec = {
         "preset": name, "seed": seed, "budget_minutes": budget, "budget_kind": s.budget_kind,
@@ -308,7 +312,7 @@ def run_one(s: CompareSettings, out: Path, name: str, seed: int, budget: float, 
         "sampler": sampler.to_dict(), "evaluations_per_image": sampler.evaluations,
         "sample_flops_per_image": model_info(pipe.config)["flops_per_sample"],
         "sample_seconds_per_image": sample_seconds,  # the preset's, measured in step_rates
-        **_scores(metrics), "num_samples": s.num_samples,
+        **_scores(metrics), "num_samples": s.num_samples, **seconds,
     }
     atomic_write_text(record_file, json.dumps(rec, indent=2))
     return rec
