@@ -25,7 +25,7 @@ def test_compare_trains_each_run_once_resumes_and_writes_tables(tmp_path, monkey
 
     def counting(cfg, **kw):
         calls.append((cfg.preset, cfg.train.seed, cfg.train.steps, kw.get("resume", False),
-                      cfg.train.out_dir))
+                      cfg.train.out_dir, cfg.train.ckpt_every))
         return real_train(cfg, **kw)
 
     monkeypatch.setattr(msf.train, "train", counting)
@@ -49,6 +49,8 @@ def test_compare_trains_each_run_once_resumes_and_writes_tables(tmp_path, monkey
     assert all(r["sample_set_seconds"] > 0 and r["eval_seconds"] > 0 for r in runs)
     assert {r["steps"] for r in runs if r["preset"] == "tiny" and r["budget_minutes"] == 0.02} == {
         max(1, round(0.02 * 60 * rates["tiny"]))}
+    # a checkpoint about every 5 minutes of the budget: here, at most one at the end of each leg
+    assert all(c[5] >= c[2] for c in trained)
     rows = summary["rows"]
     assert len(rows) == 4
     other = [r for r in rows if r["preset"] == "tiny-dit"]

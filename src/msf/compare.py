@@ -273,6 +273,8 @@ def run_one(s: CompareSettings, out: Path, name: str, seed: int, budget: float, 
                and (not done or done[-1][0] <= steps))  # a chain already past this budget cannot serve it
     tdir = chain if chained else run_dir / "train"
     cfg = _config(s, name, tdir, steps, seed)
+    if not cfg.train.ckpt_every:  # about every 5 minutes: a long leg cut short loses little (resume is exact)
+        cfg.train.ckpt_every = max(1, round(steps * 5 / budget))
     if progress:
         print(f"[compare] {name} seed {seed} budget {budget:g} min: {steps} steps", flush=True)
     resume = bool(list_checkpoints(tdir / "checkpoints"))
