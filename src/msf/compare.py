@@ -267,9 +267,9 @@ def run_one(s: CompareSettings, out: Path, name: str, seed: int, budget: float, 
         return json.loads(record_file.read_text())
     chain = out / "runs" / name / f"seed{seed}" / "train"
     done = list_checkpoints(chain / "checkpoints")
+    tc = _config(s, name, chain, 1, seed).train
     # not with per-scale step counts: a shorter scale resumed later than its longer run would train it
-    chained = (_config(s, name, chain, 1, seed).train.lr_schedule == "constant"
-               and _config(s, name, chain, 1, seed).train.scale_steps is None
+    chained = (tc.lr_schedule == "constant" and tc.scale_steps is None
                and (not done or done[-1][0] <= steps))  # a chain already past this budget cannot serve it
     tdir = chain if chained else run_dir / "train"
     cfg = _config(s, name, tdir, steps, seed)
