@@ -1,0 +1,18 @@
+#!/bin/sh
+# Every quality study of docs/, in the order we want their answers, one at a time (they time training
+# on this machine: two at once would each run many times slower). Each study resumes where it stopped,
+# so this script can be started again in every session until it ends; finished runs are skipped.
+#   1. knobs_emoji.sh    MSF's own knobs, 10 variants x 3 seeds x 5 min   (issue 18, item 1)  ~3.5 h
+#   2. recipe_emoji.sh   the demo's recipe, 8 variants x 3 seeds x 5 min  (issue 21, item 6)  ~3 h
+#   3. compare_emoji.sh  MSF against its DiT at 5, 15 and 45 minutes      (issue 21, item 5)  ~5 h left
+#   4. levers_emoji.sh   the training levers, 18 variants x 3 seeds       (issue 18, item 3)  ~6.5 h
+# The hours are for a 2-core CPU (about 7 minutes a run: 5 of training, 2 to sample and score).
+# Stop it with Ctrl-C or `kill -TERM` (a training leg saves its checkpoint); `kill -9` loses at most
+# the last 5 minutes of a leg. After a study advances, `sh benchmarks/<study>.sh --report` (with the
+# same SEEDS) writes its tables and plots from the finished runs, for docs/.
+set -e
+cd "$(dirname "$0")/.."
+SEEDS=0,1,2 sh benchmarks/knobs_emoji.sh
+SEEDS=0,1,2 sh benchmarks/recipe_emoji.sh
+sh benchmarks/compare_emoji.sh
+SEEDS=0,1,2 sh benchmarks/levers_emoji.sh
