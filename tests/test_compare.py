@@ -125,7 +125,9 @@ def test_a_variant_is_judged_against_its_own_preset_and_others_against_the_first
 
     presets = ["tiny", "tiny+qk", "tiny-dit", "tiny-dit+qk", "tiny-dit-x+qk"]
     assert [baseline(p, presets) for p in presets] == ["tiny", "tiny", "tiny", "tiny-dit", "tiny"]
-    s = _settings(presets=presets[:4], budgets=[1.0], seeds=[0, 1, 2])
+    qk = ["model.scales.*.qk_norm=true"]  # other work than their presets': compared by Welch's t
+    s = _settings(presets=presets[:4], budgets=[1.0], seeds=[0, 1, 2],
+                  preset_overrides={"tiny+qk": qk, "tiny-dit+qk": qk})
     fids = {"tiny": 50.0, "tiny+qk": 50.5, "tiny-dit": 60.0, "tiny-dit+qk": 55.0}
     recs = [{"preset": p, "seed": k, "budget_minutes": 1.0, "steps": 10, "train_seconds_total": 60.0,
              "evaluations_per_image": 8, "sample_seconds_per_image": 0.01, "fid": f + k}
@@ -139,6 +141,24 @@ def test_a_variant_is_judged_against_its_own_preset_and_others_against_the_first
     assert rows["tiny-dit"]["fid_vs_baseline"]["verdict"] == "behind"
     assert rows["tiny+qk"]["fid_vs_baseline"]["verdict"] == "level"
     assert "| 1 min | defaults | tiny-dit+qk | tiny-dit | ahead (-5) |" in markdown(summary)
+
+
+def test_a_variant_of_its_baselines_work_is_compared_seed_by_seed():
+    variants = {"tiny+lr": ["train.lr=3e-3"], "tiny+deep": ["model.scales.0.depth=3"]}
+    s = _settings(presets=["tiny", *variants], preset_overrides=variants, budgets=[1.0], seeds=[0, 1, 2])
+    luck = [50.0, 60.0, 70.0]  # each seed's luck, shared by every preset at that seed
+    fids = {"tiny": luck, "tiny+lr": [f - 2 + 0.5 * k for k, f in enumerate(luck)],
+            "tiny+deep": [f - 2 + 0.5 * k for k, f in enumerate(luck)]}
+    recs = [{"preset": p, "seed": k, "budget_minutes": 1.0, "steps": 10, "train_seconds_total": 60.0,
+             "evaluations_per_image": 8, "sample_seconds_per_image": 0.01, "fid": v}
+            for p, vs in fids.items() for k, v in enumerate(vs)]
+    summary = summarize(s, list(reversed(recs)), None)  # paired by seed, not by order
+    rows = {r["preset"]: r["fid_vs_baseline"] for r in summary["rows"] if r["preset"] != "tiny"}
+    assert rows["tiny+lr"]["paired"] and rows["tiny+lr"]["verdict"] == "ahead"
+    assert rows["tiny+lr"]["difference"]["value"] == pytest.approx(-1.5)
+    # another architecture: other initial weights, so Welch over seeds, and the luck hides the gain
+    assert not rows["tiny+deep"]["paired"] and rows["tiny+deep"]["verdict"] == "level"
+    assert "| tiny+lr | tiny (paired) | ahead" in markdown(summary)
 
 
 def test_the_table_gives_each_classs_accuracy_averaged_over_seeds():

@@ -97,6 +97,19 @@ def test_differences_and_verdicts():
     assert d1.value == 2.0 and d1.low > 0 and verdict(d1) == "behind"
 
 
+def test_a_paired_difference_is_students_t_on_the_differences():
+    from msf.intervals import paired_difference
+
+    # seeds move both runs alike (50, 60, 70): paired, the differences -1.5, -2, -2.5 give mean -2, sd 0.5
+    d = paired_difference([48.5, 58.0, 67.5], [50.0, 60.0, 70.0])
+    half = 4.302652729911275 * 0.5 / math.sqrt(3)  # t(0.975, 2) x sd / sqrt(3)
+    assert (d.value, d.low, d.high) == pytest.approx((-2.0, -2 - half, -2 + half))
+    assert verdict(d) == "ahead"
+    unpaired = difference([48.5, 58.0, 67.5], [50.0, 60.0, 70.0])
+    assert verdict(unpaired) == "level"  # the seeds' spread hides it
+    assert math.isnan(paired_difference([1.0], [2.0]).low)
+
+
 def test_the_floor_scores_disjoint_real_images_and_halves_a_small_reference():
     rng = np.random.default_rng(2)
     feats = rng.normal(size=(100, 8))

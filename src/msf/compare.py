@@ -38,7 +38,7 @@ import numpy as np
 from msf.config import Config, ConfigError, SamplerSettings, apply_overrides, preset
 from msf.files import atomic_write_text
 from msf.info import model_info, scale_infos
-from msf.intervals import Interval, difference, seed_interval, verdict
+from msf.intervals import Interval, difference, paired_difference, seed_interval, verdict
 
 BUDGET_KINDS = ("wall", "flops")
 # metric -> (label, lower is better)
@@ -414,6 +414,9 @@ def summarize(s: CompareSettings, records: list[dict], floor: dict | None) -> di
     from its :func:`baseline` (this one minus the baseline) with a verdict for this one: ahead, level,
     behind."""
     rows = []
+    # a variant of its baseline's work (the same initial weights and data order at each seed) is
+    # compared seed by seed, so that the seed's luck, shared by the pair, cancels
+    same_work = {p: work_keys(_config(s, p, Path("."), 10**4, 0))[0] for p in s.presets}
     for sampling, group in _groups(records).items():
         for b in s.budgets:
             by_preset = {p: [r for r in group if r["preset"] == p and r["budget_minutes"] == b]
@@ -421,12 +424,14 @@ def summarize(s: CompareSettings, records: list[dict], floor: dict | None) -> di
             for p, runs in by_preset.items():
                 base = baseline(p, s.presets)
                 if runs:
-                    rows.append(_row(p, b, sampling, runs, by_preset[base] if p != base else []))
+                    rows.append(_row(p, b, sampling, runs, by_preset[base] if p != base else [],
+                                     paired=p != base and same_work[p] == same_work[base]))
                     rows[-1]["baseline"] = base if p != base else None
     return {"settings": asdict(s), "floor": floor, "rows": rows}
 
 
-def _row(p: str, b: float, sampling: str, runs: list[dict], base_runs: list[dict]) -> dict:
+def _row(p: str, b: float, sampling: str, runs: list[dict], base_runs: list[dict], paired: bool = False
+         ) -> dict:
     row = {"preset": p, "budget_minutes": b, "sampling": sampling, "seeds": [r["seed"] for r in runs],
            "steps": statistics.mean(r["steps"] for r in runs),
            "train_minutes": statistics.mean(r["train_seconds_total"] for r in runs) / 60,
@@ -446,10 +451,16 @@ def _row(p: str, b: float, sampling: str, runs: list[dict], base_runs: list[dict
         row[m] = iv.to_dict()
         base = [r[m] for r in base_runs if r.get(m) is not None]
         if base:
-            d = difference(vals, base)
-            if len(base) == 1 and len(vals) == 1:
+            mine, theirs = ({r["seed"]: r[m] for r in rs if r.get(m) is not None} for rs in (runs, base_runs))
+            both = sorted(set(mine) & set(theirs))
+            if paired and len(both) >= 2:
+                d = paired_difference([mine[k] for k in both], [theirs[k] for k in both])
+            elif len(base) == 1 and len(vals) == 1:
                 d = _single_seed_difference(runs[0], base_runs[0], m)
-            row[f"{m}_vs_baseline"] = {"difference": d.to_dict(), "verdict": verdict(d, lower)}
+            else:
+                d = difference(vals, base)
+            row[f"{m}_vs_baseline"] = {"difference": d.to_dict(), "verdict": verdict(d, lower),
+                                       "paired": paired and len(both) >= 2}
     return row
 
 
@@ -499,7 +510,10 @@ def markdown(summary: dict) -> str:
         lines += ["", "Each preset against its baseline (a variant PRESET+LABEL against PRESET where that is "
                   f"compared too, any other against {first}): this one minus the baseline, and whether it "
                   "is ahead or behind (only where the interval of the difference excludes 0) or level; "
-                  "\"no interval\": one seed of a metric without a bootstrap (precision, recall):", "",
+                  "\"no interval\": one seed of a metric without a bootstrap (precision, recall). "
+                  "\"(paired)\": a variant of its baseline's work (the same initial weights and data order "
+                  "at each seed), so the difference is taken seed by seed (Student's t on the differences), "
+                  "else Welch's t over seeds:", "",
                   "| budget | sampling | preset | against | " + " | ".join(v[0] for v in METRICS.values())
                   + " |", "|---|---|---|---|" + "---|" * len(METRICS)]
         for r in verdicts:
@@ -507,8 +521,10 @@ def markdown(summary: dict) -> str:
             for m in METRICS:
                 v = r.get(f"{m}_vs_baseline")
                 cells.append("-" if v is None else f"{v['verdict']} ({v['difference']['value']:+.3g})")
+            paired = any((r.get(f"{m}_vs_baseline") or {}).get("paired") for m in METRICS)
+            against = (r.get("baseline") or first) + (" (paired)" if paired else "")
             lines.append(f"| {r['budget_minutes']:g} min | {r.get('sampling', 'defaults')} | {r['preset']} | "
-                         f"{r.get('baseline') or first} | " + " | ".join(cells) + " |")
+                         f"{against} | " + " | ".join(cells) + " |")
     lines += _per_class_table(summary["rows"])
     return "\n".join(lines) + "\n"
 
