@@ -41,5 +41,20 @@ def test_demo_says_when_its_time_cap_cut_training_and_what_to_try_next(tmp_path,
                          overrides=["train.steps=40", *SMALL])
     out = capsys.readouterr().out
     assert "WARNING: the 0-minute cap stopped training at step 1 of 40" in out
-    assert f"msf sample {paths['model']} --classes" in out and "--show-scales" in out
+    assert "msf sample" in out and str(paths["model"]) in out and "--show-scales" in out
     assert "tensorboard --logdir" in out
+
+
+def test_the_next_commands_survive_a_shell_whatever_the_class_and_folder_names(tmp_path):
+    import shlex
+
+    from msf.demo import next_steps
+
+    out = tmp_path / "my runs" / "demo"
+    text = next_steps(out, out / "model", ["Smileys & Emotion", "Flags"])
+    sample = next(line for line in text.splitlines() if "--per-class 16" in line)
+    argv = shlex.split(sample.split(":", 1)[1])  # as a POSIX shell would split the pasted command
+    assert argv[:2] == ["msf", "sample"] and argv[2] == str(out / "model")
+    assert argv[argv.index("--classes") + 1] == "Smileys & Emotion"
+    assert argv[argv.index("--out") + 1] == "smileys-emotion.png"
+    assert "&" not in argv and ";" not in sample.replace("'Smileys & Emotion'", "")

@@ -10,6 +10,8 @@ Writes into the output directory:
 
 from __future__ import annotations
 
+import re
+import shlex
 import time
 from pathlib import Path
 
@@ -86,16 +88,21 @@ def run_demo(
 
 
 def next_steps(out: Path, model: Path, class_names: list[str]) -> str:
-    """What to try after the demo, as commands to copy."""
+    """What to try after the demo, as commands to copy (quoted for a POSIX shell: class names such as
+    "Smileys & Emotion" hold spaces and ampersands)."""
     name = class_names[0] if class_names else "0"
+    q = shlex.quote
+    png = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "class"
     return "\n".join([
         "[demo] next:",
         f"  look at the samples:        {out / 'samples.png'}",
-        f"  sample one class:           msf sample {model} --classes {name} --per-class 16 --out {name}.png",
-        f"  see what each scale makes:  msf sample {model} --classes {name} --per-class 4 --show-scales",
-        f"  try settings interactively: msf app {model}   (needs `pip install gradio`)",
-        f"  watch the losses:           tensorboard --logdir {out}",
-        f"  train on (resume from {out / 'checkpoints'}): msf train --config {out / 'config.json'} --resume "
-        "train.steps=3000",
+        f"  sample one class:           msf sample {q(str(model))} --classes {q(name)} --per-class 16 "
+        f"--out {png}.png",
+        f"  see what each scale makes:  msf sample {q(str(model))} --classes {q(name)} --per-class 4 "
+        "--show-scales",
+        f"  try settings interactively: msf app {q(str(model))}   (needs `pip install gradio`)",
+        f"  watch the losses:           tensorboard --logdir {q(str(out))}",
+        f"  train on (resume from {out / 'checkpoints'}): msf train --config {q(str(out / 'config.json'))} "
+        "--resume train.steps=3000",
         "  compare with a single-scale DiT: msf compare --presets dit-demo,demo --budgets 5",
     ])
