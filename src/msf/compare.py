@@ -144,6 +144,11 @@ def work_keys(cfg: Config) -> tuple[str, str]:
     return json.dumps({"model": model, "train": train}, sort_keys=True), sample_key
 
 
+def _work_keys_of(s: CompareSettings, name: str) -> tuple[str, str]:
+    # at many steps, so that train.scale_steps' proportions survive their rounding to whole steps
+    return work_keys(_config(s, name, Path("."), 10**4, 0))
+
+
 def _measure(s: CompareSettings, out: Path, data, presets: list[str], progress: bool
              ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     """Training steps per second and sampling seconds per image of ``presets``: short runs of each in
@@ -191,8 +196,7 @@ def step_rates(s: CompareSettings, out: Path, data, progress: bool = True) -> di
         saved = {}
     measured: dict[str, dict[str, list[float]]] = saved.get("all", {"train": {}, "sample": {}})
     work = saved.get("work", {})  # preset -> [training key, sampling key], digests of work_keys
-    work |= {p: [hashlib.sha1(k.encode()).hexdigest()[:16] for k in work_keys(_config(s, p, out, 10**4, 0))]
-             for p in s.presets}
+    work |= {p: [hashlib.sha1(k.encode()).hexdigest()[:16] for k in _work_keys_of(s, p)] for p in s.presets}
     for p in measured["train"]:
         work.setdefault(p, [p, p])  # measured before keys were kept, and not in this run: its own work
 
@@ -416,7 +420,7 @@ def summarize(s: CompareSettings, records: list[dict], floor: dict | None) -> di
     rows = []
     # a variant of its baseline's work (the same initial weights and data order at each seed) is
     # compared seed by seed, so that the seed's luck, shared by the pair, cancels
-    same_work = {p: work_keys(_config(s, p, Path("."), 10**4, 0))[0] for p in s.presets}
+    same_work = {p: _work_keys_of(s, p)[0] for p in s.presets}
     for sampling, group in _groups(records).items():
         for b in s.budgets:
             by_preset = {p: [r for r in group if r["preset"] == p and r["budget_minutes"] == b]

@@ -200,14 +200,7 @@ def paired_difference(a: Sequence[float], b: Sequence[float], level: float = LEV
     """An interval for mean(a - b) over pairs (a[i], b[i]) that share a training seed: Student's t on the
     differences. For two runs of the same work (the same initial weights and data order), the seed's
     luck cancels in each pair."""
-    from scipy.stats import t
-
-    d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
-    value = float(d.mean())
-    if len(d) < 2:
-        return Interval(value, math.nan, math.nan, level)
-    half = float(t.ppf((1 + level) / 2, len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d)))
-    return Interval(value, value - half, value + half, level)
+    return seed_interval(np.asarray(a, np.float64) - np.asarray(b, np.float64), level)
 
 
 def verdict(diff: Interval, lower_is_better: bool = True) -> str:
