@@ -3,9 +3,10 @@
 # on this machine: two at once would each run many times slower). Each study resumes where it stopped,
 # so this script can be started again in every session until it ends; finished runs are skipped.
 #   1. knobs_emoji.sh    MSF's own knobs, 10 variants x 3 seeds x 5 min   (issue 18, item 1)  ~3.5 h
-#   2. recipe_emoji.sh   the demo's recipe, 8 variants x 3 seeds x 5 min  (issue 21, item 6)  ~3 h
+#   2. recipe_emoji.sh   the demo's recipe, 8 variants x 3 seeds x 5 min  (issue 21, item 6)  ~2.8 h
 #   3. compare_emoji.sh  MSF against its DiT at 5, 15 and 45 minutes      (issue 21, item 5)  ~5 h left
-#   4. levers_emoji.sh   the training levers, 18 variants x 3 seeds       (issue 18, item 3)  ~6.5 h
+#   4. levers_emoji.sh   the training levers, 16 variants x 3 seeds       (issue 18, item 3)  ~5.6 h
+# 1, 2 and 4 share runs/emoji_5min: their demo and dit-demo runs are made once, by the first.
 # The hours are for a 2-core CPU (about 7 minutes a run: 5 of training, 2 to sample and score).
 # Stop it with Ctrl-C or `kill -TERM` (a training leg saves its checkpoint); `kill -9` loses at most
 # the last 5 minutes of a leg. After a study advances, `sh benchmarks/<study>.sh --report` (with the
