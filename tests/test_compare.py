@@ -158,7 +158,12 @@ def test_a_variant_of_its_baselines_work_is_compared_seed_by_seed():
     assert rows["tiny+lr"]["difference"]["value"] == pytest.approx(-1.5)
     # another architecture: other initial weights, so Welch over seeds, and the luck hides the gain
     assert not rows["tiny+deep"]["paired"] and rows["tiny+deep"]["verdict"] == "level"
-    assert "| tiny+lr | tiny (paired) | ahead" in markdown(summary)
+    md = markdown(summary)
+    assert "| tiny+lr | tiny (paired) | ahead" in md
+    # the runs behind the means, and the paired differences seed by seed
+    assert "| 1 min | tiny | 50.0 | 60.0 | 70.0 |  |" in md
+    assert "| 1 min | tiny+lr | 48.0 | 58.5 | 69.0 | -2.0, -1.5, -1.0 |" in md
+    assert "| 1 min | tiny+deep | 48.0 | 58.5 | 69.0 |  |" in md  # not paired: no differences
 
 
 def test_the_table_gives_each_classs_accuracy_averaged_over_seeds():

@@ -441,6 +441,8 @@ def _row(p: str, b: float, sampling: str, runs: list[dict], base_runs: list[dict
            "train_minutes": statistics.mean(r["train_seconds_total"] for r in runs) / 60,
            "evaluations_per_image": runs[0]["evaluations_per_image"],
            "sample_seconds_per_image": statistics.mean(r["sample_seconds_per_image"] for r in runs)}
+    # the runs behind each mean: a paired verdict is taken on the differences of these
+    row["fid_by_seed"] = {str(r["seed"]): r["fid"] for r in runs if r.get("fid") is not None}
     per_class = [r["cas_per_class"] for r in runs if r.get("cas_per_class")]
     if per_class:  # the mean over seeds; a class a seed's sample set lacks is left out of its mean
         row["cas_per_class"] = {c: statistics.mean(pc[c] for pc in per_class if c in pc)
@@ -529,8 +531,32 @@ def markdown(summary: dict) -> str:
             against = (r.get("baseline") or first) + (" (paired)" if paired else "")
             lines.append(f"| {r['budget_minutes']:g} min | {r.get('sampling', 'defaults')} | {r['preset']} | "
                          f"{against} | " + " | ".join(cells) + " |")
+    lines += _per_seed_table(summary["rows"])
     lines += _per_class_table(summary["rows"])
     return "\n".join(lines) + "\n"
+
+
+def _per_seed_table(rows: list[dict]) -> list[str]:
+    """FID of each run at the defaults, and for a paired variant its difference from its baseline seed by
+    seed: how much of a mean is one seed, and whether a paired gain holds on every seed."""
+    rows = [r for r in rows if r.get("fid_by_seed") and r.get("sampling", "defaults") == "defaults"]
+    seeds = sorted({int(k) for r in rows for k in r["fid_by_seed"]})
+    if len(seeds) < 2:
+        return []
+    lines = ["", "FID per training seed at the defaults (paired variants: this one minus its baseline, "
+             "seed by seed):", "", "| budget | preset | " + " | ".join(f"seed {k}" for k in seeds)
+             + " | paired differences |", "|---|---|" + "---|" * (len(seeds) + 1)]
+    for r in rows:
+        base = next((b for b in rows if b["preset"] == r.get("baseline")
+                     and b["budget_minutes"] == r["budget_minutes"]), None)
+        mine = r["fid_by_seed"]
+        diffs = ""
+        if base and (r.get("fid_vs_baseline") or {}).get("paired"):
+            diffs = ", ".join(f"{mine[k] - base['fid_by_seed'][k]:+.1f}" for k in map(str, seeds)
+                              if k in mine and k in base["fid_by_seed"])
+        cells = [f"{mine[str(k)]:.1f}" if str(k) in mine else "-" for k in seeds]
+        lines.append(f"| {r['budget_minutes']:g} min | {r['preset']} | " + " | ".join([*cells, diffs]) + " |")
+    return lines
 
 
 def _per_class_table(rows: list[dict]) -> list[str]:
