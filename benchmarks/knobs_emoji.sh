@@ -13,13 +13,13 @@
 # BUDGETS and SEEDS (default 5 and 0) choose the budgets in minutes and the training seeds.
 # Results: $OUT/compare.{md,json} and plots of this study's presets
 # (also with --report).
-# All three 5-minute studies (knobs_emoji.sh, recipe_emoji.sh, levers_emoji.sh) share runs/emoji_5min:
+# All three studies (knobs_emoji.sh, recipe_emoji.sh, levers_emoji.sh) share runs/emoji_studies:
 # one set of rates, so one step count per preset, and one set of demo and dit-demo runs that every
 # variant is judged against (run once, not once a study). OUT names another folder.
 set -e
 cd "$(dirname "$0")/.."
 exec .venv/bin/msf compare --data emoji --budgets "${BUDGETS:-5}" --seeds "${SEEDS:-0}" --num-samples 1000 \
-    --out "${OUT:-runs/emoji_5min}" \
+    --out "${OUT:-runs/emoji_studies}" \
     --presets dit-demo,demo,demo+base20,demo-paper-ratio,demo-paper-ratio+priornoise,demo+deepbase,demo+lightres,\
 demo+nonorm,demo+priornoise,demo+papersplit \
     "demo+base20:model.scales.0.image_size=20" \

@@ -5,14 +5,14 @@
 # The paper's recipe is each family's first run; a variant PRESET+LABEL is the preset with its overrides.
 # Resumable: run it again to continue. Results: $OUT/compare.{md,json} and plots of this study's presets
 # (also with --report).
-# All three 5-minute studies (knobs_emoji.sh, recipe_emoji.sh, levers_emoji.sh) share runs/emoji_5min:
+# All three studies (knobs_emoji.sh, recipe_emoji.sh, levers_emoji.sh) share runs/emoji_studies:
 # one set of rates, so one step count per preset, and one set of demo and dit-demo runs that every
 # variant is judged against (run once, not once a study). OUT names another folder.
 set -e
 cd "$(dirname "$0")/.."
 L='model.scales.*'
 exec .venv/bin/msf compare --data emoji --budgets "${BUDGETS:-5}" --seeds "${SEEDS:-0,1,2}" --num-samples 1000 \
-    --out "${OUT:-runs/emoji_5min}" \
+    --out "${OUT:-runs/emoji_studies}" \
     --presets demo,demo+qknorm,demo+rmsnorm,demo+swiglu,demo+rope,demo+sd3shift,demo+cosine,demo+beta95,demo+wd,dit-demo,dit-demo+qknorm,dit-demo+rmsnorm,dit-demo+swiglu,dit-demo+rope,dit-demo+sd3shift,dit-demo+cosine,dit-demo+beta95,dit-demo+wd \
     "demo+qknorm:$L.qk_norm=true" "dit-demo+qknorm:$L.qk_norm=true" \
     "demo+rmsnorm:$L.norm=rmsnorm" "dit-demo+rmsnorm:$L.norm=rmsnorm" \
