@@ -9,17 +9,17 @@
 #   step split     demo+papersplit (the residual trains 5 steps for every 8 of the base: the paper's
 #                  400K and 250K; msf compare reads train.scale_steps as proportions).
 # Presets added later share the kept rates of presets of the same work, or are measured beside one.
-# Every run samples at its preset's defaults. Resumable: run it again to continue, or with more seeds.
-# BUDGETS and SEEDS (default 5 and 0) choose the budgets in minutes and the training seeds.
-# Results: $OUT/compare.{md,json} and plots of this study's presets
-# (also with --report).
-# All three studies (knobs_emoji.sh, recipe_emoji.sh, levers_emoji.sh) share runs/emoji_studies:
-# one set of rates, so one step count per preset, and one set of demo and dit-demo runs that every
-# variant is judged against (run once, not once a study). OUT names another folder.
+# Every run samples at its preset's defaults. Resumable: run it again to continue, or with more seeds;
+# with --report, tables only. BUDGETS and SEEDS (default 5 and 0) choose the budgets in minutes and the
+# training seeds. Results: $OUT/knobs/compare.{md,json} and plots, for this study's presets.
+# The emoji studies (knobs_emoji.sh, recipe_emoji.sh, levers_emoji.sh, studies.sh) share one folder of
+# runs, OUT (default runs/emoji_studies): one set of rates, so one step count per preset, and one set of
+# demo and dit-demo runs that every variant is judged against (made once, not once a study).
 set -e
 cd "$(dirname "$0")/.."
+OUT="${OUT:-runs/emoji_studies}"
 exec .venv/bin/msf compare --data emoji --budgets "${BUDGETS:-5}" --seeds "${SEEDS:-0}" --num-samples 1000 \
-    --out "${OUT:-runs/emoji_studies}" \
+    --out "$OUT" --report-to "$OUT/knobs" \
     --presets dit-demo,demo,demo+base20,demo-paper-ratio,demo-paper-ratio+priornoise,demo+deepbase,demo+lightres,\
 demo+nonorm,demo+priornoise,demo+papersplit \
     "demo+base20:model.scales.0.image_size=20" \

@@ -3,16 +3,17 @@
 # MSF (demo) and its K = 1 DiT (dit-demo) alike, at equal training wall-clock on the built-in emoji (rates
 # measured side by side), three seeds.
 # The paper's recipe is each family's first run; a variant PRESET+LABEL is the preset with its overrides.
-# Resumable: run it again to continue. Results: $OUT/compare.{md,json} and plots of this study's presets
-# (also with --report).
-# All three studies (knobs_emoji.sh, recipe_emoji.sh, levers_emoji.sh) share runs/emoji_studies:
-# one set of rates, so one step count per preset, and one set of demo and dit-demo runs that every
-# variant is judged against (run once, not once a study). OUT names another folder.
+# Resumable: run it again to continue; with --report, tables only. Results: $OUT/levers/compare.{md,json}
+# and plots, for this study's presets.
+# The emoji studies (knobs_emoji.sh, recipe_emoji.sh, levers_emoji.sh, studies.sh) share one folder of
+# runs, OUT (default runs/emoji_studies): one set of rates, so one step count per preset, and one set of
+# demo and dit-demo runs that every variant is judged against (made once, not once a study).
 set -e
 cd "$(dirname "$0")/.."
+OUT="${OUT:-runs/emoji_studies}"
 L='model.scales.*'
 exec .venv/bin/msf compare --data emoji --budgets "${BUDGETS:-5}" --seeds "${SEEDS:-0,1,2}" --num-samples 1000 \
-    --out "${OUT:-runs/emoji_studies}" \
+    --out "$OUT" --report-to "$OUT/levers" \
     --presets demo,demo+qknorm,demo+rmsnorm,demo+swiglu,demo+rope,demo+sd3shift,demo+cosine,demo+beta95,demo+wd,dit-demo,dit-demo+qknorm,dit-demo+rmsnorm,dit-demo+swiglu,dit-demo+rope,dit-demo+sd3shift,dit-demo+cosine,dit-demo+beta95,dit-demo+wd \
     "demo+qknorm:$L.qk_norm=true" "dit-demo+qknorm:$L.qk_norm=true" \
     "demo+rmsnorm:$L.norm=rmsnorm" "dit-demo+rmsnorm:$L.norm=rmsnorm" \

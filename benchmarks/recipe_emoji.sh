@@ -4,15 +4,17 @@
 # every run sampled at the preset's defaults and scored by FID, KID and class accuracy (per class).
 # demo: batch 32, lr 2e-3 (warm-up 100), EMA 0.995, logit-normal times, label dropout 0.1.
 # BUDGETS and SEEDS (default 5 and 0,1,2) choose the budgets in minutes and the training seeds; the
-# demo trains about 5 minutes on 2 cores. Resumable. Results: $OUT/compare.{md,json} and plots of this
-# study's presets (also with --report). demo+lightres (the residual at half depth) comes from knobs_emoji.sh.
-# All three studies (knobs_emoji.sh, recipe_emoji.sh, levers_emoji.sh) share runs/emoji_studies:
-# one set of rates, so one step count per preset, and one set of demo and dit-demo runs that every
-# variant is judged against (run once, not once a study). OUT names another folder.
+# demo trains about 5 minutes on 2 cores. Resumable; with --report, tables only. Results:
+# $OUT/recipe/compare.{md,json} and plots, for this study's presets. demo+lightres (the residual at half
+# depth) is trained by knobs_emoji.sh: listed here, it costs nothing.
+# The emoji studies (knobs_emoji.sh, recipe_emoji.sh, levers_emoji.sh, studies.sh) share one folder of
+# runs, OUT (default runs/emoji_studies): one set of rates, so one step count per preset, and one set of
+# demo and dit-demo runs that every variant is judged against (made once, not once a study).
 set -e
 cd "$(dirname "$0")/.."
+OUT="${OUT:-runs/emoji_studies}"
 exec .venv/bin/msf compare --data emoji --budgets "${BUDGETS:-5}" --seeds "${SEEDS:-0,1,2}" --num-samples 1000 \
-    --out "${OUT:-runs/emoji_studies}" \
+    --out "$OUT" --report-to "$OUT/recipe" \
     --presets demo,demo+lightres,demo+lr1e-3,demo+lr4e-3,demo+batch64,demo+ema999,demo+uniform,demo+drop20,demo+wide \
     "demo+lightres:model.scales.1.depth=2" "demo+lr1e-3:train.lr=1e-3" \
     "demo+lr4e-3:train.lr=4e-3" \

@@ -12,12 +12,12 @@
 # The hours are for a 2-core CPU (about 7 minutes a run: 5 of training, 2 to sample and score).
 # Stop it with Ctrl-C or `kill -TERM` (a training leg saves its checkpoint); `kill -9` loses at most
 # the last 5 minutes of a leg. After a study advances, `sh benchmarks/<study>.sh --report` (with the
-# same SEEDS) writes its tables and plots from the finished runs, for docs/.
+# same SEEDS) writes its tables and plots from the finished runs, for docs/ (runs/emoji_studies/<study>/).
 set -e
 cd "$(dirname "$0")/.."
 SEEDS=0,1,2 sh benchmarks/knobs_emoji.sh
 SEEDS=0,1,2 sh benchmarks/recipe_emoji.sh
 .venv/bin/msf compare --data emoji --budgets 15 --seeds 0,1,2 --num-samples 1000 --out runs/emoji_studies \
-    --presets demo,demo+lightres "demo+lightres:model.scales.1.depth=2"
+    --report-to runs/emoji_studies/split15 --presets demo,demo+lightres "demo+lightres:model.scales.1.depth=2"
 sh benchmarks/compare_emoji.sh
 SEEDS=0,1,2 sh benchmarks/levers_emoji.sh

@@ -61,11 +61,16 @@ def test_compare_trains_each_run_once_resumes_and_writes_tables(tmp_path, monkey
 
     # a report of what is finished trains and samples nothing
     calls.clear()
-    report = compare(_settings(seeds=[0], budgets=[0.02]), tmp_path, progress=False, extractor=MeanColour(),
-                     report_only=True)
+    # (one study's presets of a shared folder, its tables apart: the folder's own are untouched)
+    before = md
+    report = compare(_settings(presets=["tiny"], seeds=[0], budgets=[0.02]), tmp_path, progress=False,
+                     extractor=MeanColour(), report_only=True, report_dir=tmp_path / "study")
     assert calls == []
-    assert {(r["preset"], r["seed"], r["budget_minutes"]) for r in report["runs"]} == {
-        ("tiny", 0, 0.02), ("tiny-dit", 0, 0.02)}
+    assert {(r["preset"], r["seed"], r["budget_minutes"]) for r in report["runs"]} == {("tiny", 0, 0.02)}
+    assert "tiny-dit" not in (tmp_path / "study" / "compare.md").read_text()
+    assert (tmp_path / "study" / "fid_vs_training.png").is_file()
+    assert json.loads((tmp_path / "study" / "compare.json").read_text())["runs"] == report["runs"]
+    assert (tmp_path / "compare.md").read_text() == before
     calls.clear()
 
     # a re-run trains nothing; a lost run.json is redone alone

@@ -310,13 +310,15 @@ def cmd_compare(args: argparse.Namespace) -> int:
                                preset_overrides=per, bootstraps=args.bootstraps, equal_cost=args.equal_cost,
                                feature_precision=args.feature_precision, sampler=args.sampler,
                                calib_repeats=args.calib_repeats)
-    summary = compare(settings, args.out, progress=not args.quiet, report_only=args.report)
+    summary = compare(settings, args.out, progress=not args.quiet, report_only=args.report,
+                      report_dir=args.report_to)
     print(markdown(summary), end="")
-    plotted = sorted(Path(args.out).glob("*_vs_*.png")) if summary["runs"] else []
+    report = args.report_to or args.out
+    plotted = sorted(Path(report).glob("*_vs_*.png")) if summary["runs"] else []
     if not summary["runs"]:
         print(f"no finished runs in {args.out} yet: the table is empty and no plot was drawn")
     written = ["compare.json", "compare.md"] + [f.name for f in plotted]
-    print(f"written: {args.out}/: {', '.join(written)}")
+    print(f"written: {report}/: {', '.join(written)}")
     return 0
 
 
@@ -553,6 +555,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", default="runs/compare", help="output folder (re-run to resume)")
     c.add_argument("--report", action="store_true",
                    help="train and sample nothing: tables and plots of the runs finished so far")
+    c.add_argument("--report-to", metavar="DIR",
+                   help="write the tables and plots there (default: --out); for studies that share "
+                   "one folder of runs, each with its own presets")
     c.add_argument("--quiet", action="store_true")
     c.add_argument("overrides", nargs="*",
                    help="key=value for every preset, or preset:key=value for one (dit-demo:train.lr=2e-4)")

@@ -659,11 +659,13 @@ def _record_settings(s: CompareSettings, out: Path) -> None:
 
 
 def compare(s: CompareSettings, out: str | Path, progress: bool = True, extractor=None,
-            report_only: bool = False) -> dict:
+            report_only: bool = False, report_dir: str | Path | None = None) -> dict:
     """Run (or resume) the comparison; returns the summary written to ``out/compare.json``.
 
     ``extractor``: the feature network (default: Inception at ``s.feature_precision``). ``report_only``:
-    train and sample nothing; write the tables and plots of the runs finished so far."""
+    train and sample nothing; write the tables and plots of the runs finished so far. ``report_dir``:
+    where the tables and plots go (default ``out``): studies that share a folder of runs, each with
+    its own presets, keep their reports apart."""
     from msf.data import load_dataset
 
     s.check()
@@ -705,9 +707,11 @@ def compare(s: CompareSettings, out: str | Path, progress: bool = True, extracto
     summary = summarize(s, records, floor)
     summary["rates"] = None if report_only else rates
     summary["runs"] = records
-    atomic_write_text(out / "compare.json", json.dumps(summary, indent=2))
-    atomic_write_text(out / "compare.md", markdown(summary))
+    report = Path(report_dir) if report_dir is not None else out
+    report.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(report / "compare.json", json.dumps(summary, indent=2))
+    atomic_write_text(report / "compare.md", markdown(summary))
     for m in ("fid", "cas"):
         if any(m in r for r in summary["rows"]):
-            plots(summary, out, m)
+            plots(summary, report, m)
     return summary
