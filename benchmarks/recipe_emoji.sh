@@ -6,7 +6,8 @@
 # BUDGETS and SEEDS (default 5 and 0,1,2) choose the budgets in minutes and the training seeds; the
 # demo trains about 5 minutes on 2 cores. Resumable; with --report, tables only. Results:
 # $OUT/recipe/compare.{md,json} and plots, for this study's presets. demo+lightres (the residual at half
-# depth) is trained by knobs_emoji.sh: listed here, it costs nothing.
+# depth) is trained by knobs_emoji.sh: listed here, it costs nothing; demo+lightres+priornoise adds
+# conditioning noise 0.2 on its prior (ahead of demo on two seeds of three in knobs_emoji.sh so far).
 # The emoji studies (knobs_emoji.sh, recipe_emoji.sh, levers_emoji.sh, studies.sh) share one folder of
 # runs, OUT (default runs/emoji_studies): one set of rates, so one step count per preset, and one set of
 # demo and dit-demo runs that every variant is judged against (made once, not once a study).
@@ -15,8 +16,9 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-runs/emoji_studies}"
 exec .venv/bin/msf compare --data emoji --budgets "${BUDGETS:-5}" --seeds "${SEEDS:-0,1,2}" --num-samples 1000 \
     --out "$OUT" --report-to "$OUT/recipe" \
-    --presets demo,demo+lightres,demo+lr1e-3,demo+lr4e-3,demo+batch64,demo+ema999,demo+uniform,demo+drop20,demo+wide \
+    --presets demo,demo+lightres,demo+lightres+priornoise,demo+lr1e-3,demo+lr4e-3,demo+batch64,demo+ema999,demo+uniform,demo+drop20,demo+wide \
     "demo+lightres:model.scales.1.depth=2" "demo+lr1e-3:train.lr=1e-3" \
+    "demo+lightres+priornoise:model.scales.1.depth=2" "demo+lightres+priornoise:model.prior_noise=0.2" \
     "demo+lr4e-3:train.lr=4e-3" \
     "demo+batch64:train.batch_size=64" \
     "demo+ema999:train.ema_decay=0.999" \

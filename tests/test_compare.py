@@ -130,6 +130,9 @@ def test_a_variant_is_judged_against_its_own_preset_and_others_against_the_first
 
     presets = ["tiny", "tiny+qk", "tiny-dit", "tiny-dit+qk", "tiny-dit-x+qk"]
     assert [baseline(p, presets) for p in presets] == ["tiny", "tiny", "tiny", "tiny-dit", "tiny"]
+    # a stack against the longest listed prefix: each lever added judged on its own
+    stack = ["tiny", "tiny+qk", "tiny+qk+rms", "tiny+qk+rms+swiglu", "tiny+wd+rms"]
+    assert [baseline(p, stack) for p in stack] == ["tiny", "tiny", "tiny+qk", "tiny+qk+rms", "tiny"]
     qk = ["model.scales.*.qk_norm=true"]  # other work than their presets': compared by Welch's t
     s = _settings(presets=presets[:4], budgets=[1.0], seeds=[0, 1, 2],
                   preset_overrides={"tiny+qk": qk, "tiny-dit+qk": qk})

@@ -537,7 +537,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--presets", required=True,
                    help="comma-separated, e.g. demo,dit-demo (the first is the baseline); a variant "
                    "PRESET+LABEL takes its own overrides, demo,demo+qk demo+qk:model.scales.*.qk_norm=true, "
-                   "and is judged against PRESET where that is listed too")
+                   "and is judged against PRESET where that is listed too (A+B+C against A+B where listed)")
     c.add_argument("--data", default="emoji", help="training data: emoji, an .npz (images, labels), a folder")
     c.add_argument("--budgets", type=_floats, default=[5.0], help="training minutes, e.g. 5,15,45")
     c.add_argument("--seeds", type=_ints, default=[0], help="training seeds, e.g. 0,1,2")

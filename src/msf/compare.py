@@ -408,9 +408,12 @@ def _groups(records: list[dict]) -> dict[str, list[dict]]:
 
 def baseline(name: str, presets: list[str]) -> str:
     """What ``name`` is judged against: a variant PRESET+LABEL against PRESET where that is compared too
-    (an ablation: ``dit-demo+qknorm`` against ``dit-demo``), any other preset against the first."""
-    own = base_preset(name)
-    return own if own != name and own in presets else presets[0]
+    (an ablation: ``dit-demo+qknorm`` against ``dit-demo``), a stack A+B+C against the longest of A+B
+    and A that is compared (each lever added judged on its own, as in a cumulative ablation table),
+    any other preset against the first."""
+    parts = name.split("+")
+    return next(("+".join(parts[:i]) for i in range(len(parts) - 1, 0, -1) if "+".join(parts[:i]) in presets),
+                presets[0])
 
 
 def summarize(s: CompareSettings, records: list[dict], floor: dict | None) -> dict:
