@@ -14,6 +14,11 @@
 set -e
 cd "$(dirname "$0")/.."
 OUT="${OUT:-runs/emoji_studies}"
+# the combination of the knobs that won first, at every seed: its answer decides demo-plus
+.venv/bin/msf compare --data emoji --budgets "${BUDGETS:-5}" --seeds "${SEEDS:-0,1,2}" --num-samples 1000 \
+    --out "$OUT" --report-to "$OUT/recipe" --presets demo,demo+lightres,demo+lightres+priornoise \
+    "demo+lightres:model.scales.1.depth=2" \
+    "demo+lightres+priornoise:model.scales.1.depth=2" "demo+lightres+priornoise:model.prior_noise=0.2" "$@"
 exec .venv/bin/msf compare --data emoji --budgets "${BUDGETS:-5}" --seeds "${SEEDS:-0,1,2}" --num-samples 1000 \
     --out "$OUT" --report-to "$OUT/recipe" \
     --presets demo,demo+lightres,demo+lightres+priornoise,demo+lr1e-3,demo+lr4e-3,demo+batch64,demo+ema999,demo+uniform,demo+drop20,demo+wide \
