@@ -4,8 +4,8 @@
 # so this script can be started again in every session until it ends; finished runs are skipped.
 #   1. knobs_emoji.sh    MSF's own knobs, 10 variants x 3 seeds x 5 min   (issue 18, item 1)  ~3.5 h
 #   2. recipe_emoji.sh   the demo's recipe, 8 variants x 3 seeds x 5 min  (issue 21, item 6)  ~2.8 h
-#   3. the split at 15 minutes: demo and demo+lightres, 3 seeds          (issue 18, item 1)  ~1.2 h
-#      (does the best split at 5 minutes hold with budget? the runs go on from their 5-minute checkpoints)
+#   3. the knobs that won at 5 minutes, at 15: demo, demo+lightres, demo+priornoise, 3 seeds
+#      (issue 18, item 1: does the answer move with budget? runs go on from their 5-minute checkpoints) ~1.8 h
 #   4. compare_emoji.sh  MSF against its DiT at 5, 15 and 45 minutes      (issue 21, item 5)  ~5 h left
 #   5. levers_emoji.sh   the training levers, 16 variants x 3 seeds       (issue 18, item 3)  ~5.6 h
 # 1, 2, 3 and 5 share runs/emoji_studies: one set of rates, and demo and dit-demo run once, by the first.
@@ -18,6 +18,7 @@ cd "$(dirname "$0")/.."
 SEEDS=0,1,2 sh benchmarks/knobs_emoji.sh
 SEEDS=0,1,2 sh benchmarks/recipe_emoji.sh
 .venv/bin/msf compare --data emoji --budgets 15 --seeds 0,1,2 --num-samples 1000 --out runs/emoji_studies \
-    --report-to runs/emoji_studies/split15 --presets demo,demo+lightres "demo+lightres:model.scales.1.depth=2"
+    --report-to runs/emoji_studies/knobs15 --presets demo,demo+lightres,demo+priornoise \
+    "demo+lightres:model.scales.1.depth=2" "demo+priornoise:model.prior_noise=0.2"
 sh benchmarks/compare_emoji.sh
 SEEDS=0,1,2 sh benchmarks/levers_emoji.sh
