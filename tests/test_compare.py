@@ -7,8 +7,9 @@ import pytest
 from helpers import MeanColour
 
 import msf.train
-from msf.compare import CompareSettings, budget_steps, compare, markdown, summarize
+from msf.compare import CompareSettings, budget_steps, compare, summarize
 from msf.config import ConfigError, preset
+from msf.report import markdown
 
 
 def _settings(**kw):

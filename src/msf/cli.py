@@ -292,7 +292,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from msf.compare import CompareSettings, compare, markdown
+    from msf.compare import CompareSettings, compare
+    from msf.report import markdown
 
     common, per = [], {}
     for o in args.overrides:
