@@ -123,9 +123,14 @@ def test_kid_self_shifted_and_subset_clipping():
         kid(x[:1], y)
 
 
-def test_kid_matches_torch_fidelity():
+@pytest.mark.parametrize("limit", [None, 0], ids=["kernels-once", "per-subset"])
+def test_kid_matches_torch_fidelity(limit, monkeypatch):
     from torch_fidelity.metric_kid import kid_features_to_metric
 
+    import msf.distances
+
+    if limit is not None:  # sets too large to hold their kernel matrices: three products per subset
+        monkeypatch.setattr(msf.distances, "KERNEL_LIMIT", limit)
     rng = np.random.default_rng(2)
     x, y = rng.normal(size=(80, 32)), rng.normal(0.3, 1.0, size=(70, 32))
     ours = kid(x, y, subsets=10, subset_size=50, seed=7)
