@@ -46,8 +46,9 @@ def markdown(summary: dict) -> str:
     verdicts = [r for r in summary["rows"] if any(f"{m}_vs_baseline" in r for m in METRICS)]
     if verdicts:
         lines += ["", "Each preset against its baseline (a variant PRESET+LABEL against PRESET where that is "
-                  f"compared too, any other against {first}): this one minus the baseline, and whether it "
-                  "is ahead or behind (only where the interval of the difference excludes 0) or level; "
+                  f"compared too, a stack A+B+C against A+B, any other against {first}): this one minus the "
+                  "baseline, and whether it is ahead or behind (only where the interval of the difference "
+                  "excludes 0) or level; "
                   "\"no interval\": one seed of a metric without a bootstrap (precision, recall). "
                   "\"(paired)\": a variant of its baseline's work (the same initial weights and data order "
                   "at each seed), so the difference is taken seed by seed (Student's t on the differences), "
