@@ -105,7 +105,7 @@ def solve(velocity: Velocity, x: Tensor, steps: int, solver: str = "euler", shif
             if steps % 2 == 1 and i == intervals - 1:  # an odd count: the last interval is Euler
                 x = x + dt * v
             elif solver == "heun":
-                x = x + dt * 0.5 * (v + velocity(x + dt * v, t).to(x.dtype))
+                x = x + dt * 0.5 * (v + velocity(x + dt * v, t_next).to(x.dtype))
             else:
                 x = x + dt * velocity(x + 0.5 * dt * v, t + 0.5 * dt).to(x.dtype)
         return x
