@@ -370,6 +370,15 @@ def test_some_presets_of_a_folder_can_run_alone_but_never_with_changed_overrides
         _record_settings(_settings(presets=["tiny", "tiny+a"], preset_overrides=changed), tmp_path)
     with pytest.raises(ConfigError, match="other settings.*overrides of tiny'"):  # it ran without any
         _record_settings(_settings(presets=["tiny"], preset_overrides={"tiny": ["train.lr=1e-3"]}), tmp_path)
+    # a report checks but records nothing: its variants' overrides stay free until they run
+    before = (tmp_path / "settings.json").read_text()
+    _record_settings(_settings(presets=["tiny", "tiny+d"], preset_overrides={"tiny+d": ["train.lr=1e-3"]}),
+                     tmp_path, write=False)
+    assert (tmp_path / "settings.json").read_text() == before
+    with pytest.raises(ConfigError, match=r"overrides of tiny\+a"):
+        changed = {"tiny+a": ["train.lr=1e-3"]}
+        _record_settings(_settings(presets=["tiny", "tiny+a"], preset_overrides=changed), tmp_path,
+                         write=False)
 
 
 def test_per_scale_step_counts_are_proportions_under_a_budget(tmp_path, monkeypatch):

@@ -481,10 +481,11 @@ def _single_seed_difference(a: dict, b: dict, m: str) -> Interval:
     return Interval(value, value - lo, value + hi)
 
 
-def _record_settings(s: CompareSettings, out: Path) -> None:
+def _record_settings(s: CompareSettings, out: Path, write: bool = True) -> None:
     """Write ``settings.json``, or refuse a folder whose finished runs were made with other settings.
     Budgets, seeds and presets may be added, and some of the presets run alone (more seeds for a
-    few); what a finished run's result depends on must not change."""
+    few); what a finished run's result depends on must not change. ``write=False`` (a report): check
+    only, so that a report names no preset's overrides for the runs to come."""
     settings_file = out / "settings.json"
     fixed = {k: v for k, v in asdict(s).items()
              if k not in ("budgets", "seeds", "presets", "equal_cost", "preset_overrides")}
@@ -501,7 +502,8 @@ def _record_settings(s: CompareSettings, out: Path) -> None:
             raise ConfigError(f"{out}: holds a comparison run with other settings ({changed}); "
                               "name another output folder")
         variants = old_variants | variants
-    atomic_write_text(settings_file, json.dumps({**fixed, "preset_overrides": variants}, indent=2))
+    if write:
+        atomic_write_text(settings_file, json.dumps({**fixed, "preset_overrides": variants}, indent=2))
 
 
 def compare(s: CompareSettings, out: str | Path, progress: bool = True, extractor=None,
@@ -517,7 +519,7 @@ def compare(s: CompareSettings, out: str | Path, progress: bool = True, extracto
     s.check()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    _record_settings(s, out)
+    _record_settings(s, out, write=not report_only)
     first_cfg = _config(s, s.presets[0], out, 1, 0)
     data = load_dataset(s.data, first_cfg.model.image_size)
     ref = _reference(s.data, first_cfg.model.image_size, out)
