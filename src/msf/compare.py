@@ -409,8 +409,8 @@ def baseline(name: str, presets: list[str]) -> str:
     and A that is compared (each lever added judged on its own, as in a cumulative ablation table),
     any other preset against the first."""
     parts = name.split("+")
-    return next(("+".join(parts[:i]) for i in range(len(parts) - 1, 0, -1) if "+".join(parts[:i]) in presets),
-                presets[0])
+    prefixes = ["+".join(parts[:i]) for i in range(len(parts) - 1, 0, -1)]  # the longest first
+    return next((q for q in prefixes if q in presets), presets[0])
 
 
 def summarize(s: CompareSettings, records: list[dict], floor: dict | None) -> dict:

@@ -111,6 +111,14 @@ def inception_score(logits: np.ndarray, splits: int = 10) -> tuple[float, float]
     return float(np.mean(scores)), float(np.std(scores))
 
 
+KERNEL_LIMIT = 3 * 2048 * 2048  # kernel entries (float64) kid() may hold at once: ~100 MB
+
+
+def poly_kernel(a, b):
+    """KID's cubic kernel (x.y / d + 1)^3 between the rows of ``a`` and ``b`` (numpy arrays or tensors)."""
+    return (a @ b.T / a.shape[1] + 1) ** 3
+
+
 def kid(feats1: np.ndarray, feats2: np.ndarray, subsets: int = 100, subset_size: int = 1000,
         seed: int = 2020) -> tuple[float, float]:
     """Kernel Inception Distance: unbiased MMD^2 with the kernel (x.y / d + 1)^3 over random subsets of
@@ -123,16 +131,11 @@ def kid(feats1: np.ndarray, feats2: np.ndarray, subsets: int = 100, subset_size:
         raise ValueError(
             f"KID: need two (N >= 2, d) feature sets of one d, got {feats1.shape} and {feats2.shape}"
         )
-    d = feats1.shape[1]
-
-    def kernel(a, b):
-        return (a @ b.T / d + 1) ** 3
-
     # small sets (1,000 samples): the three kernel matrices once, each subset's a block of them, not
     # three m x m x d products per subset (100 subsets of 1,000 cost ~20 s on 2 cores)
     whole = n1 * n1 + n2 * n2 + n1 * n2 <= KERNEL_LIMIT
     if whole:
-        k11, k22, k12 = kernel(feats1, feats1), kernel(feats2, feats2), kernel(feats1, feats2)
+        k11, k22, k12 = poly_kernel(feats1, feats1), poly_kernel(feats2, feats2), poly_kernel(feats1, feats2)
     rng = np.random.RandomState(seed)
     mmds = []
     for _ in range(subsets):
@@ -141,13 +144,11 @@ def kid(feats1: np.ndarray, feats2: np.ndarray, subsets: int = 100, subset_size:
             k_xx, k_yy, k_xy = k11[np.ix_(i, i)], k22[np.ix_(j, j)], k12[np.ix_(i, j)]
         else:
             x, y = feats1[i], feats2[j]
-            k_xx, k_yy, k_xy = kernel(x, x), kernel(y, y), kernel(x, y)
+            k_xx, k_yy, k_xy = poly_kernel(x, x), poly_kernel(y, y), poly_kernel(x, y)
         within = (k_xx.sum() - np.trace(k_xx) + k_yy.sum() - np.trace(k_yy)) / (m * (m - 1))
         mmds.append(within - 2 * k_xy.sum() / (m * m))
     return float(np.mean(mmds)), float(np.std(mmds))
 
-
-KERNEL_LIMIT = 3 * 2048 * 2048  # kernel entries (float64) kid() may hold at once: ~100 MB
 
 
 def _kth_neighbour_distance(x: Tensor, k: int, batch: int) -> Tensor:

@@ -25,6 +25,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from msf.distances import frechet_distance_from_features, kid, poly_kernel
+
 LEVEL = 0.95
 BOOTSTRAPS = 200
 
@@ -118,10 +120,6 @@ def bootstrap_fid(value: float, features: np.ndarray, ref_mu: np.ndarray, *,
     return _recentred(value, reps, level), reps
 
 
-def _poly_kernel(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return (a @ b.T / a.shape[1] + 1) ** 3
-
-
 def kid_replicates(features: np.ndarray, ref_features: np.ndarray, draws: np.ndarray) -> np.ndarray:
     """Unbiased MMD^2 (KID's cubic kernel) of each replicate ``features[draws[i]]`` against the reference.
 
@@ -131,9 +129,9 @@ def kid_replicates(features: np.ndarray, ref_features: np.ndarray, draws: np.nda
     x = torch.from_numpy(np.asarray(features, np.float64))
     r = torch.from_numpy(np.asarray(ref_features, np.float64))
     n, m = len(x), len(r)
-    k_rr = _poly_kernel(r, r)
+    k_rr = poly_kernel(r, r)
     within_ref = float((k_rr.sum() - k_rr.diagonal().sum()) / (m * (m - 1)))
-    k_xx, k_xr = _poly_kernel(x, x), _poly_kernel(x, r).sum(1)
+    k_xx, k_xr = poly_kernel(x, x), poly_kernel(x, r).sum(1)
     diag = k_xx.diagonal()
     out = np.empty(len(draws))
     for i, idx in enumerate(draws):
@@ -218,8 +216,6 @@ def real_floor(ref_features: np.ndarray, n: int, seed: int = 0) -> dict:
     """FID and KID of ``n`` real images against the rest of the reference: what a model that draws real
     images would score at this sample count. Where the reference has fewer than 2n images, n is cut to
     half of it (the returned ``n`` says so)."""
-    from msf.distances import frechet_distance_from_features, kid
-
     feats = np.asarray(ref_features, np.float64)
     n = min(n, len(feats) // 2)
     perm = np.random.default_rng(seed).permutation(len(feats))

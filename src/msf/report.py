@@ -79,15 +79,16 @@ def _per_seed_table(rows: list[dict]) -> list[str]:
     lines = ["", "FID per training seed at the defaults (paired variants: this one minus its baseline, "
              "seed by seed):", "", "| budget | preset | " + " | ".join(f"seed {k}" for k in seeds)
              + " | paired differences |", "|---|---|" + "---|" * (len(seeds) + 1)]
+    keys = [str(k) for k in seeds]  # JSON's keys
     for r in rows:
         base = next((b for b in rows if b["preset"] == r.get("baseline")
                      and b["budget_minutes"] == r["budget_minutes"]), None)
         mine = r["fid_by_seed"]
         diffs = ""
         if base and (r.get("fid_vs_baseline") or {}).get("paired"):
-            diffs = ", ".join(f"{mine[k] - base['fid_by_seed'][k]:+.1f}" for k in map(str, seeds)
-                              if k in mine and k in base["fid_by_seed"])
-        cells = [f"{mine[str(k)]:.1f}" if str(k) in mine else "-" for k in seeds]
+            theirs = base["fid_by_seed"]
+            diffs = ", ".join(f"{mine[k] - theirs[k]:+.1f}" for k in keys if k in mine and k in theirs)
+        cells = [f"{mine[k]:.1f}" if k in mine else "-" for k in keys]
         lines.append(f"| {r['budget_minutes']:g} min | {r['preset']} | " + " | ".join([*cells, diffs]) + " |")
     return lines
 
