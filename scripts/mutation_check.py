@@ -212,6 +212,8 @@ MUTATIONS = [
     ("paired difference over the seeds' spread, not the differences'", "intervals.py",
      "return seed_interval(np.asarray(a, np.float64) - np.asarray(b, np.float64), level)",
      "return difference(a, b, level=level)", "tests/test_intervals.py"),
+    ("compare --report records its variants' overrides", "compare.py",
+     "_record_settings(s, out, write=not report_only)", "_record_settings(s, out)", "tests/test_compare.py"),
     ("compare judges a stack of levers against its shortest prefix", "compare.py",
      "for i in range(len(parts) - 1, 0, -1)", "for i in range(1, len(parts))", "tests/test_compare.py"),
     ("compare takes per-scale step counts as absolute", "compare.py",

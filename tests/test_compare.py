@@ -63,9 +63,13 @@ def test_compare_trains_each_run_once_resumes_and_writes_tables(tmp_path, monkey
     # a report of what is finished trains and samples nothing
     calls.clear()
     # (one study's presets of a shared folder, its tables apart: the folder's own are untouched)
-    before = md
-    report = compare(_settings(presets=["tiny"], seeds=[0], budgets=[0.02]), tmp_path, progress=False,
-                     extractor=MeanColour(), report_only=True, report_dir=tmp_path / "study")
+    # (and it names no overrides for a variant that has not run: tiny+z stays free to be defined later)
+    before, settings = md, (tmp_path / "settings.json").read_text()
+    report = compare(_settings(presets=["tiny", "tiny+z"], seeds=[0], budgets=[0.02],
+                               preset_overrides={"tiny+z": ["train.lr=1e-3"]}),
+                     tmp_path, progress=False, extractor=MeanColour(), report_only=True,
+                     report_dir=tmp_path / "study")
+    assert (tmp_path / "settings.json").read_text() == settings
     assert calls == []
     assert {(r["preset"], r["seed"], r["budget_minutes"]) for r in report["runs"]} == {("tiny", 0, 0.02)}
     assert "tiny-dit" not in (tmp_path / "study" / "compare.md").read_text()
