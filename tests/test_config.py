@@ -21,6 +21,21 @@ def test_presets_validate_and_round_trip_through_json(name):
     assert isinstance(again, Config) and again == cfg
 
 
+def test_demo_plus_is_demo_with_its_recipe_changed_and_nothing_else():
+    # the studies judged demo+lr4e-3+priornoise against demo: demo-plus must be that model, so that
+    # docs/levers.md's numbers are its numbers (its step count is the demo's wall-clock, not a change)
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            out |= flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v}
+        return out
+
+    demo, plus = (flat(json.loads(config_to_json(preset(p)))) for p in ("demo", "demo-plus"))
+    changed = {k for k in demo if demo[k] != plus[k]}
+    assert changed == {"train.lr", "model.prior_noise", "train.steps", "train.out_dir", "preset"}
+    assert (plus["train.lr"], plus["model.prior_noise"]) == (4e-3, 0.2)
+
+
 def test_overrides_set_nested_fields_and_lists():
     cfg = apply_overrides(preset("tiny"), [
         "train.lr=3e-4", "model.scales.0.depth=3", "train.scale_steps=[10, 20]",

@@ -18,8 +18,11 @@ def test_demo_writes_the_trained_models_samples(tmp_path):
                      overrides=["train.steps=3", "train.log_every=1", *SMALL])
     pipe = MSFPipeline.from_pretrained(paths["model"])
     cfg = pipe.config
-    train_cfg = json.loads((paths["model"] / "config.json").read_text())["train"]
+    saved = json.loads((paths["model"] / "config.json").read_text())
+    train_cfg = saved["train"]
     assert train_cfg["steps"] == 3
+    # make demo trains demo-plus's recipe (the tiny sizes above are the test's own)
+    assert train_cfg["lr"] == 4e-3 and saved["model"]["prior_noise"] == 0.2
     # samples.png: one row per class, each cell the saved model's sample for that class and seed 0
     labels = [c for c in range(cfg.num_classes) for _ in range(2)]
     expected = to_uint8(pipe.sample(labels, seed=0, precision=train_cfg["precision"])).numpy()
