@@ -179,6 +179,30 @@ def test_a_variant_of_its_baselines_work_is_compared_seed_by_seed():
     assert "| 1 min | tiny+deep | 48.0 | 58.5 | 69.0 |  |" in md  # not paired: no differences
 
 
+def test_a_stack_is_judged_against_its_prefix_and_as_a_whole_against_its_root():
+    variants = {"tiny+lr": ["train.lr=3e-3"], "tiny+lr+noise": ["train.lr=3e-3", "model.prior_noise=0.2"]}
+    s = _settings(presets=["tiny", *variants], preset_overrides=variants, budgets=[1.0], seeds=[0, 1, 2])
+    luck = [50.0, 60.0, 70.0]
+    # each lever gains 1 (+-0.5 by seed): the stack's step is small, the whole stack's gain twice that
+    fids = {"tiny": luck, "tiny+lr": [f - 1 + 0.5 * (k - 1) for k, f in enumerate(luck)],
+            "tiny+lr+noise": [f - 2 + 0.25 * (k - 1) for k, f in enumerate(luck)]}
+    recs = [{"preset": p, "seed": k, "budget_minutes": 1.0, "steps": 10, "train_seconds_total": 60.0,
+             "evaluations_per_image": 8, "sample_seconds_per_image": 0.01, "fid": v}
+            for p, vs in fids.items() for k, v in enumerate(vs)]
+    summary = summarize(s, recs, None)
+    rows = {r["preset"]: r for r in summary["rows"]}
+    stack = rows["tiny+lr+noise"]
+    assert stack["baseline"] == "tiny+lr"
+    assert stack["fid_vs_baseline"]["difference"]["value"] == pytest.approx(-1.0)
+    assert stack["vs_root"]["against"] == "tiny" and stack["vs_root"]["fid"]["paired"]
+    assert stack["vs_root"]["fid"]["difference"]["value"] == pytest.approx(-2.0)
+    assert stack["vs_root"]["fid"]["verdict"] == "ahead"
+    assert "vs_root" not in rows["tiny+lr"]  # its baseline is its root already
+    md = markdown(summary)
+    assert "| 1 min | defaults | tiny+lr+noise | tiny+lr (paired) |" in md
+    assert "| 1 min | defaults | tiny+lr+noise | tiny (paired) | ahead (-2) |" in md
+
+
 def test_the_table_gives_each_classs_accuracy_averaged_over_seeds():
     s = _settings(budgets=[1.0], seeds=[0, 1])
     per_class = {("tiny", 0): {"Flags": 1.0, "Objects": 0.2}, ("tiny", 1): {"Flags": 0.8, "Objects": 0.4},

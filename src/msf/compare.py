@@ -416,7 +416,7 @@ def baseline(name: str, presets: list[str]) -> str:
 def summarize(s: CompareSettings, records: list[dict], floor: dict | None) -> dict:
     """Per (sampling, budget, preset): each metric's mean over seeds with its interval, and its difference
     from its :func:`baseline` (this one minus the baseline) with a verdict for this one: ahead, level,
-    behind."""
+    behind; for a stack whose baseline is a shorter stack, also against its root (``vs_root``)."""
     rows = []
     # a variant of its baseline's work (the same initial weights and data order at each seed) is
     # compared seed by seed, so that the seed's luck, shared by the pair, cancels
@@ -431,6 +431,13 @@ def summarize(s: CompareSettings, records: list[dict], floor: dict | None) -> di
                     rows.append(_row(p, b, sampling, runs, by_preset[base] if p != base else [],
                                      paired=p != base and same_work[p] == same_work[base]))
                     rows[-1]["baseline"] = base if p != base else None
+                    # a stack A+B+C is also judged against A, its family's root: what the whole stack gains
+                    root = p.split("+")[0] if p.split("+")[0] in s.presets else s.presets[0]
+                    if p != root and base != root and by_preset[root]:
+                        whole = _row(p, b, sampling, runs, by_preset[root],
+                                     paired=same_work[p] == same_work[root])
+                        rows[-1]["vs_root"] = {"against": root, **{
+                            m: whole[f"{m}_vs_baseline"] for m in METRICS if f"{m}_vs_baseline" in whole}}
     return {"settings": asdict(s), "floor": floor, "rows": rows}
 
 

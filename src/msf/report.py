@@ -46,8 +46,9 @@ def markdown(summary: dict) -> str:
     verdicts = [r for r in summary["rows"] if any(f"{m}_vs_baseline" in r for m in METRICS)]
     if verdicts:
         lines += ["", "Each preset against its baseline (a variant PRESET+LABEL against PRESET where that is "
-                  f"compared too, a stack A+B+C against A+B, any other against {first}): this one minus the "
-                  "baseline, and whether it is ahead or behind (only where the interval of the difference "
+                  "compared too, a stack A+B+C against A+B and then against A, any other against "
+                  f"{first}): this one minus the baseline, and whether it is ahead or behind (only where the "
+                  "interval of the difference "
                   "excludes 0) or level; "
                   "\"no interval\": one seed of a metric without a bootstrap (precision, recall). "
                   "\"(paired)\": a variant of its baseline's work (the same initial weights and data order "
@@ -56,14 +57,17 @@ def markdown(summary: dict) -> str:
                   "| budget | sampling | preset | against | " + " | ".join(v[0] for v in METRICS.values())
                   + " |", "|---|---|---|---|" + "---|" * len(METRICS)]
         for r in verdicts:
-            cells = []
-            for m in METRICS:
-                v = r.get(f"{m}_vs_baseline")
-                cells.append("-" if v is None else f"{v['verdict']} ({v['difference']['value']:+.3g})")
-            paired = any((r.get(f"{m}_vs_baseline") or {}).get("paired") for m in METRICS)
-            against = (r.get("baseline") or first) + (" (paired)" if paired else "")
-            lines.append(f"| {r['budget_minutes']:g} min | {r.get('sampling', 'defaults')} | {r['preset']} | "
-                         f"{against} | " + " | ".join(cells) + " |")
+            # a stack: against its longest listed prefix, then the whole stack against its root
+            judged = [(r.get("baseline") or first, {m: r.get(f"{m}_vs_baseline") for m in METRICS})]
+            if r.get("vs_root"):
+                judged.append((r["vs_root"]["against"], {m: r["vs_root"].get(m) for m in METRICS}))
+            for base, vs in judged:
+                cells = ["-" if v is None else f"{v['verdict']} ({v['difference']['value']:+.3g})"
+                         for v in vs.values()]
+                paired = any((v or {}).get("paired") for v in vs.values())
+                against = base + (" (paired)" if paired else "")
+                lines.append(f"| {r['budget_minutes']:g} min | {r.get('sampling', 'defaults')} | "
+                             f"{r['preset']} | {against} | " + " | ".join(cells) + " |")
     lines += _per_seed_table(summary["rows"])
     lines += _per_class_table(summary["rows"])
     return "\n".join(lines) + "\n"
