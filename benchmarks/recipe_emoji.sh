@@ -25,6 +25,11 @@ OUT="${OUT:-runs/emoji_studies}"
     "demo+lightres+priornoise:model.scales.1.depth=2" "demo+lightres+priornoise:model.prior_noise=0.2" \
     "demo+lr4e-3:train.lr=4e-3" "demo+batch64:train.batch_size=64" \
     "demo+lr4e-3+priornoise:train.lr=4e-3" "demo+lr4e-3+priornoise:model.prior_noise=0.2" "$@"
+# the leading recipe change on the K = 1 DiT too: a change that helps both is not an MSF result, and a
+# DiT left at a learning rate too low for its budget would flatter MSF (report: $OUT/dit_recipe)
+.venv/bin/msf compare --data emoji --budgets "${BUDGETS:-5}" --seeds "${SEEDS:-0,1,2}" --num-samples 1000 \
+    --out "$OUT" --report-to "$OUT/dit_recipe" --presets dit-demo,dit-demo+lr4e-3 \
+    "dit-demo+lr4e-3:train.lr=4e-3" "$@"
 exec .venv/bin/msf compare --data emoji --budgets "${BUDGETS:-5}" --seeds "${SEEDS:-0,1,2}" --num-samples 1000 \
     --out "$OUT" --report-to "$OUT/recipe" \
     --presets demo,demo+lightres,demo+lightres+priornoise,demo+lr1e-3,demo+lr4e-3,demo+batch64,demo+ema999,demo+uniform,demo+drop20,demo+wide,demo+lr8e-3,demo+lr4e-3+priornoise \
