@@ -214,6 +214,8 @@ MUTATIONS = [
      "return difference(a, b, level=level)", "tests/test_intervals.py"),
     ("compare --report records its variants' overrides", "compare.py",
      "_record_settings(s, out, write=not report_only)", "_record_settings(s, out)", "tests/test_compare.py"),
+    ("training never says a loss diverged", "train.py",
+     "not h[-1][1] > 2 * h[0][1]", "not h[-1][1] > 2000 * h[0][1]", "tests/test_faults.py"),
     ("compare judges a whole stack against its prefix, not its root", "compare.py",
      "whole = _row(p, b, sampling, runs, by_preset[root],",
      "whole = _row(p, b, sampling, runs, by_preset[base],", "tests/test_compare.py"),

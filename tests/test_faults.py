@@ -303,3 +303,31 @@ def test_busy_cpus_counts_other_processes_not_this_one():
     assert mt._others_busy((1000, 500, 0), (1000, 500, 0), 2) is None
     measured = mt._busy_cpus(0.05)  # reads /proc on Linux
     assert measured is None or 0.0 <= measured <= mt._cpus() + 0.01
+
+
+def test_a_loss_that_climbs_past_twice_its_first_value_is_named_once():
+    import warnings
+    from types import SimpleNamespace
+
+    from msf.distributed import World
+    from msf.train import _LossLog
+
+    state = SimpleNamespace(history={0: [], 1: []})
+    quiet = SimpleNamespace(scalars=lambda step, values: None)
+    log = _LossLog(state, [0, 1], preset("tiny").train, World(), quiet)
+
+    def logged(step, *losses):
+        log.running, log.count = torch.tensor(losses, dtype=torch.float64), 1
+        return log.write(step, [0, 1], rate=1.0)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        logged(10, 1.0, 1.0)
+        logged(20, 0.6, 1.5)  # a rise, but under twice the first: training noise, not divergence
+    with pytest.warns(UserWarning, match=r"scale 0's loss is 27.4 at step 30, more than twice its first "
+                                         r"\(1 at step 10\).*Lower train.lr"):
+        logged(30, 27.4, 0.9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        logged(40, 675.0, 0.8)  # once per scale, not at every log
+    assert state.history[0][-1] == (40, 675.0)
