@@ -8,6 +8,8 @@
 # $OUT/recipe/compare.{md,json} and plots, for this study's presets. demo+lightres (the residual at half
 # depth) is trained by knobs_emoji.sh: listed here, it costs nothing; demo+lightres+priornoise adds
 # conditioning noise 0.2 on its prior (ahead of demo by 4 FID, paired, in knobs_emoji.sh).
+# The winner, demo+lr4e-3+priornoise, is the demo-plus preset (make demo); demo_plus_emoji.sh measures
+# make demo before and after.
 # The emoji studies (knobs_emoji.sh, recipe_emoji.sh, levers_emoji.sh, studies.sh) share one folder of
 # runs, OUT (default runs/emoji_studies): one set of rates, so one step count per preset, and one set of
 # demo and dit-demo runs that every variant is judged against (made once, not once a study).

@@ -3,7 +3,7 @@
 # on this machine: two at once would each run many times slower). Each study resumes where it stopped,
 # so this script can be started again in every session until it ends; finished runs are skipped.
 #   1. knobs_emoji.sh    MSF's own knobs, 10 variants x 3 seeds x 5 min   (issue 18, item 1)  ~3.5 h
-#   2. recipe_emoji.sh   the demo's recipe, 8 variants x 3 seeds x 5 min  (issue 21, item 6)  ~2.8 h
+#   2. recipe_emoji.sh   the demo's recipe, 11 variants x 3 seeds x 5 min, and lr 4e-3 on the DiT (issue 21, item 6)
 #   2b. demo_plus_emoji.sh  `make demo` before and after: demo and demo-plus at 4.18 and 5 minutes (issue 21) ~0.6 h
 #   3. the knobs that won at 5 minutes, at 15: demo, demo+lightres, demo+priornoise, 3 seeds
 #      (issue 18, item 1: does the answer move with budget? runs go on from their 5-minute checkpoints) ~1.8 h

@@ -427,7 +427,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"msf {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    d = sub.add_parser("demo", help="train a small two-scale MSF on the built-in emoji (CPU, minutes)")
+    d = sub.add_parser("demo", help="train a small two-scale MSF (preset demo-plus) on the built-in emoji "
+                       "(CPU, minutes)")
     d.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
     d.add_argument("--minutes", type=float, default=8.0, help="training time cap (default 8)")
     d.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -432,7 +432,7 @@ def summarize(s: CompareSettings, records: list[dict], floor: dict | None) -> di
                                      paired=p != base and same_work[p] == same_work[base]))
                     rows[-1]["baseline"] = base if p != base else None
                     # a stack A+B+C is also judged against A, its family's root: what the whole stack gains
-                    root = p.split("+")[0] if p.split("+")[0] in s.presets else s.presets[0]
+                    root = base_preset(p) if base_preset(p) in s.presets else s.presets[0]
                     if p != root and base != root and by_preset[root]:
                         whole = _row(p, b, sampling, runs, by_preset[root],
                                      paired=same_work[p] == same_work[root])

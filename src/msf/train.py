@@ -731,7 +731,6 @@ class _LossLog:
                             | lr | {"images_per_second": rate})
         return {f"loss{k}": f"{v:.4f}" for k, v in last.items()} | {"img/s": f"{rate:.0f}"}
 
-
     def _warn_if_diverged(self, step: int, active: list[int]) -> None:
         # a flow-matching loss falls from its first value in a healthy run; twice that is divergence (at
         # lr 8e-3 the demo's base went from 2.4 to 675 with finite values, which nothing else reports)
