@@ -311,12 +311,14 @@ def test_presets_of_the_same_work_share_one_rate_and_old_rate_files_are_pooled(t
     from msf.compare import _config, step_rates, work_keys
     from msf.data import load_dataset
 
-    variants = {"tiny+lr": ["train.lr=3e-3", "train.ema_decay=0.9", "model.prior_noise=0.2"],
+    variants = {"tiny+lr": ["train.lr=3e-3", "train.ema_decay=0.9", "model.prior_noise=0.2",
+                            "train.cosine_loss_weight=0.1"],
                 "tiny+guided": ["model.scales.0.cfg_scale=4"],
                 "tiny+deep": ["model.scales.0.depth=3"]}
     s = _settings(presets=["tiny", *variants], preset_overrides=variants, calib_repeats=2)
     keys = {p: work_keys(_config(s, p, tmp_path, 1, 0)) for p in s.presets}
-    assert keys["tiny"] == keys["tiny+lr"]  # optimizer constants and prior noise: the same computation
+    # optimizer constants, prior noise, a loss term on the output: the same computation
+    assert keys["tiny"] == keys["tiny+lr"]
     assert keys["tiny+guided"][0] == keys["tiny"][0] != keys["tiny+guided"][1] != keys["tiny"][1]
     assert keys["tiny+deep"][0] != keys["tiny"][0] and keys["tiny+deep"][1] != keys["tiny"][1]
 

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 from helpers import grid_cells
@@ -61,3 +62,17 @@ def test_the_next_commands_survive_a_shell_whatever_the_class_and_folder_names(t
     assert argv[argv.index("--classes") + 1] == "Smileys & Emotion"
     assert argv[argv.index("--out") + 1] == "smileys-emotion.png"
     assert "&" not in argv and ";" not in sample.replace("'Smileys & Emotion'", "")
+
+
+def test_the_suggested_comparison_pits_the_demos_own_recipe_against_the_dit():
+    import shlex
+
+    from msf.config import preset
+    from msf.demo import next_steps
+
+    line = next(x for x in next_steps(Path("d"), Path("d/model"), []).splitlines() if "msf compare" in x)
+    argv = shlex.split(line.split(":", 1)[1])
+    names = argv[argv.index("--presets") + 1].split(",")
+    assert "demo-plus" in names and "dit-demo" in names  # the preset `make demo` trains, and its K = 1 DiT
+    for name in names:
+        preset(name)  # a renamed preset would fail here

@@ -1,6 +1,7 @@
 """Sweeps over per-scale sampling settings (the paper's Tables 2-5), end to end through the CLI."""
 
 import csv
+import json
 
 import numpy as np
 import pytest
@@ -47,11 +48,13 @@ def test_cli_sweep_writes_tables_plot_and_resumes(pipe, tmp_path, monkeypatch, c
     model = pipe.save_pretrained(tmp_path / "model")
     data = prepare_data(load_builtin(), 16)
     ref = tmp_path / "ref.npz"
-    np.savez(ref, arr_0=data.images[:24].numpy())
+    some = np.concatenate([np.flatnonzero(data.labels.numpy() == c)[:3] for c in range(data.num_classes)])
+    np.savez(ref, arr_0=data.images[some].numpy(), arr_1=data.labels[some].numpy())  # labelled: cas learns
     out = tmp_path / "sweep"
     cmd = ["sweep", str(model), "--ref", str(ref), "--scale", "0", "--cfg", "1,4", "--num-samples", "8",
            "--batch-size", "4", "--out", str(out), "--precision", "fp32", "--device", "cpu", "--quiet",
-           "--metrics", "fid,pr", "--cache-dir", str(tmp_path / "cache"), "--feature-precision", "bf16"]
+           "--metrics", "fid,kid,pr,cas", "--bootstraps", "20", "--cache-dir", str(tmp_path / "cache"),
+           "--feature-precision", "bf16"]
     assert main(cmd) == 0
     assert asked and asked[0]["precision"] == "bf16"
     with open(out / "sweep.csv") as f:
@@ -61,6 +64,13 @@ def test_cli_sweep_writes_tables_plot_and_resumes(pipe, tmp_path, monkeypatch, c
     for r in rows:
         assert float(r["fid"]) > 0 and 0 <= float(r["precision"]) <= 1 and float(r["seconds_per_image"]) > 0
         assert r["feature_network"] == MeanColour.network
+        # Every quality number carries its interval, and class accuracy its per-class split.
+        for key in ("fid", "kid", "cas"):
+            lo, hi = json.loads(r[f"{key}_ci"])
+            assert lo < hi, (key, lo, hi)
+        per_class = json.loads(r["cas_per_class"])
+        assert 0 <= float(r["cas"]) <= 1 and len(per_class) >= 2
+        assert all(0 <= v <= 1 for v in per_class.values())
     # The two CFG scales drew different samples, so their FIDs differ.
     assert rows[0]["fid"] != rows[1]["fid"]
     assert (out / "sweep.png").stat().st_size > 1000 and (out / "sweep_cost.png").stat().st_size > 1000
@@ -77,6 +87,7 @@ def test_cli_sweep_writes_tables_plot_and_resumes(pipe, tmp_path, monkeypatch, c
             np.testing.assert_array_equal(strips[y:y + 16 * up:up, x:x + 16 * up:up], f["arr_0"][i])
     md = (out / "sweep.md").read_text()
     assert md.count("\n| cfg_scale |") == 2 and "8 samples each" in md
+    assert "| cas |" in md and "95% intervals" in md and "Class accuracy per class" in md
     assert "sweep.csv" in capsys.readouterr().out
     # A second run reuses the finished sample sets: nothing is drawn again.
     monkeypatch.setattr(ss, "_save_npz", lambda *a, **k: pytest.fail("a sample set was drawn again"))

@@ -280,6 +280,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                          batch_size=args.batch_size, seed=args.seed, precision=args.precision,
                          compile=args.compile, tf32=args.tf32,
                          metrics=tuple(args.metrics.split(",")), weights=args.weights,
+                         bootstraps=args.bootstraps, class_data=args.class_data,
                          feature_precision=args.feature_precision,
                          cache_dir=args.cache_dir, world=world, progress=not args.quiet,
                          model=source(args.model_dir, args.model_weights))
@@ -531,6 +532,10 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--out", default="runs/sweep", help="output directory")
     w.add_argument("--feature-precision", choices=["fp32", "bf16"], default="fp32",
                    help="Inception in fp32 (the reference) or bf16 autocast (2.2x faster on CPUs)")
+    w.add_argument("--bootstraps", type=int, default=200,
+                   help="redraws of the samples for the 95%% intervals of FID and KID (0: none)")
+    w.add_argument("--class-data",
+                   help="cas: labelled real images for its classifier (emoji, .npz, folder; default --ref)")
     _sampling_args(w, per_scale=False)
     _eval_args(w)
     w.set_defaults(func=cmd_sweep)

@@ -112,13 +112,14 @@ def _train_flops_per_step(cfg: Config) -> float:
 
 
 # What does not change the work of a training step (optimizer constants and schedules, the laws of
-# the times, labels and prior noise, a per-scale scaling) or of sampling (training fields). Presets
+# the times, labels and prior noise, a per-scale scaling, the cosine term: a reduction over the
+# network's output, well under 1% of a step) or of sampling (training fields). Presets
 # that differ only in these share one rate: the median of all their measurements, not each its own
 # median, whose scatter on a busy machine (about 10% between rounds) would hand one of two identical
 # steps more training.
 _FREE_TRAIN = ("lr", "weight_decay", "betas", "warmup_steps", "lr_schedule", "min_lr_ratio", "ema_decay",
                "class_dropout", "time_sampler", "logit_mean", "logit_std", "time_shift", "time_shift_rule",
-               "time_shift_ref", "seed", "steps", "out_dir", "log_every")
+               "time_shift_ref", "cosine_loss_weight", "seed", "steps", "out_dir", "log_every")
 _FREE_MODEL = ("prior_noise", "normalize", "component_std", "class_names", "samplers")
 _SAMPLER_FIELDS = ("steps", "cfg_scale", "solver", "shift", "guidance_interval")
 

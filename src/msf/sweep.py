@@ -21,8 +21,9 @@ from msf.distributed import World, barrier
 from msf.sample_set import sample_set
 from msf.viz import save_figure
 
-COLUMNS = ["scale", "setting", "value", "steps", "cfg_scale", "nfe_per_image", "fid", "is", "precision",
-           "recall", "kid", "seconds_per_image", "num_samples", "feature_network"]
+COLUMNS = ["scale", "setting", "value", "steps", "cfg_scale", "nfe_per_image", "fid", "fid_ci", "is",
+           "precision", "recall", "kid", "kid_ci", "cas", "cas_ci", "cas_per_class", "seconds_per_image",
+           "num_samples", "feature_network"]
 
 
 def sweep_points(pipe, scale: int, setting: str, values: list) -> list[dict]:
@@ -61,18 +62,25 @@ def run_sweep(
     tf32: bool = True,
     compile: bool = False,
     metrics: tuple[str, ...] = ("fid", "is", "pr"),
+    bootstraps: int = 200,
+    class_data: str | None = None,
     weights: str | None = None,
     cache_dir: str | None = None,
     feature_precision: str = "fp32",
     world: World | None = None,
     progress: bool = True,
     model: str | None = None,
+    extractor=None,
 ) -> list[dict]:
-    """Sample and evaluate every point; write the tables and the plot (on rank 0)."""
+    """Sample and evaluate every point; write the tables and the plot (on rank 0).
+
+    FID and KID carry 95% bootstrap intervals over the samples (``bootstraps`` redraws; 0: none), and
+    ``"cas"`` in ``metrics`` adds the class accuracy, overall with its interval and per class, by a
+    classifier trained on ``class_data`` (default ``ref``): a guidance sweep trades the two. ``extractor``:
+    a feature network already loaded (several sweeps share one), else ``weights`` is loaded."""
     world = world or World(device=pipe.device)
     out_dir = Path(out_dir)
     rows = []
-    extractor = None
     for p in points:
         name = f"scale{p['scale']}_{p['setting']}_{p['value']}"
         path = out_dir / "samples" / f"{name}.npz"
@@ -91,12 +99,19 @@ def run_sweep(
         if extractor is None:
             extractor = load_feature_extractor(weights, device=pipe.device, precision=feature_precision)
         r = evaluate(str(path), ref, metrics=metrics, device=str(pipe.device), cache_dir=cache_dir,
-                     progress=progress, extractor=extractor, bootstraps=0, floor=False)
+                     progress=progress, extractor=extractor, bootstraps=bootstraps, floor=False,
+                     class_data=class_data)
+        for skip in r["skipped"]:
+            print(f"[sweep] {name}: no {skip['metric']}: {skip['reason']}")
+        cas = r.get("cas") or {}
         rows.append({
             **p, "nfe_per_image": SamplerSettings.of(pipe.config, p["steps"], p["cfg_scale"]).evaluations,
-            "fid": r.get("fid"), "is": r.get("is"), "precision": r.get("precision"),
-            "recall": r.get("recall"), "kid": r.get("kid"), "seconds_per_image": seconds,
-            "num_samples": num_samples, "feature_network": r.get("feature_network"),
+            "fid": r.get("fid"), "fid_ci": r.get("fid_ci"), "is": r.get("is"),
+            "precision": r.get("precision"),
+            "recall": r.get("recall"), "kid": r.get("kid"), "kid_ci": r.get("kid_ci"),
+            "cas": cas.get("accuracy"), "cas_ci": r.get("cas_ci"), "cas_per_class": cas.get("per_class"),
+            "seconds_per_image": seconds, "num_samples": num_samples,
+            "feature_network": r.get("feature_network"),
         })
         write_tables(rows, out_dir)
     if world.is_main and rows:
@@ -174,33 +189,55 @@ def write_tables(rows: list[dict], out_dir: str | os.PathLike) -> tuple[Path, Pa
         w = csv.DictWriter(f, fieldnames=COLUMNS)
         w.writeheader()
         for r in rows:
-            w.writerow({k: json.dumps(r[k]) if isinstance(r.get(k), list) else r.get(k) for k in COLUMNS})
-    shown = ["setting", "value", "steps", "cfg_scale", "nfe_per_image", "fid", "is", "precision", "recall",
-             "seconds_per_image"]
+            w.writerow({k: json.dumps(r[k]) if isinstance(r.get(k), (list, dict)) else r.get(k)
+                        for k in COLUMNS})
+    shown = [k for k in ("setting", "value", "steps", "cfg_scale", "nfe_per_image", "fid", "is", "kid",
+                         "precision", "recall", "cas", "seconds_per_image")
+             if k in ("setting", "value", "steps", "cfg_scale", "nfe_per_image", "seconds_per_image")
+             or any(r.get(k) is not None for r in rows)]
     first = rows[0]
+    intervals = any(r.get(f"{k}_ci") for r in rows for k in ("fid", "kid", "cas"))
     lines = [f"Sweep of scale {first['scale']} ({len(rows)} settings, {first['num_samples']} samples each, "
-             f"features: {first['feature_network']})", "",
-             "| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
-    lines += ["| " + " | ".join(_fmt(r.get(k)) for k in shown) + " |" for r in rows]
+             f"features: {first['feature_network']})" + ("; [95% intervals]: bootstrap over the samples "
+                                                        "(FID, KID), Wilson's (cas)" if intervals else ""),
+             "", "| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
+    lines += ["| " + " | ".join(_fmt(r.get(k)) + _interval(r.get(f"{k}_ci")) for k in shown) + " |"
+              for r in rows]
+    names = next((list(r["cas_per_class"]) for r in rows if r.get("cas_per_class")), None)
+    if names:  # which classes the swept setting helps, and which it costs
+        lines += ["", "Class accuracy per class:", "",
+                  "| value | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+        lines += [f"| {_fmt(r['value'])} | " + " | ".join(f"{r['cas_per_class'][c]:.2f}" for c in names)
+                  + " |" for r in rows if r.get("cas_per_class")]
     md_path.write_text("\n".join(lines) + "\n")
     return csv_path, md_path
 
 
+def _interval(ci) -> str:
+    return f" [{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else ""
+
+
 def sweep_plot(rows: list[dict], path: str | os.PathLike) -> Path:
-    """FID (and IS where measured) against the swept value."""
+    """FID (and IS and class accuracy where measured) against the swept value, with their intervals."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     xs = [r["value"] for r in rows]
-    has_is = any(r.get("is") is not None for r in rows)
-    fig, axes = plt.subplots(1, 2 if has_is else 1, figsize=(8 if has_is else 4.5, 3.2), squeeze=False)
+    keys = ["fid"] + [k for k in ("is", "cas") if any(r.get(k) is not None for r in rows)]
+    fig, axes = plt.subplots(1, len(keys), figsize=(0.5 + 4 * len(keys), 3.2), squeeze=False)
     label = {"cfg_scale": "CFG scale", "steps": "steps"}[rows[0]["setting"]]
-    for ax, key in zip(axes[0], ["fid", "is"]):
-        ax.plot(xs, [r.get(key) if r.get(key) is not None else math.nan for r in rows], "o-")
+    for ax, key in zip(axes[0], keys):
+        ys = [r.get(key) if r.get(key) is not None else math.nan for r in rows]
+        ax.plot(xs, ys, "o-")
+        if any(r.get(f"{key}_ci") for r in rows):
+            ax.fill_between(xs, [r[f"{key}_ci"][0] if r.get(f"{key}_ci") else y for r, y in zip(rows, ys)],
+                            [r[f"{key}_ci"][1] if r.get(f"{key}_ci") else y for r, y in zip(rows, ys)],
+                            alpha=0.25, label="95% interval")
+            ax.legend(fontsize=7)
         ax.set_xlabel(f"{label} of scale {rows[0]['scale']}")
-        ax.set_ylabel(key.upper() + ("-" + _k(rows[0]["num_samples"]) if key == "fid" else ""))
+        ax.set_ylabel({"fid": "FID-" + _k(rows[0]["num_samples"]), "is": "IS", "cas": "class accuracy"}[key])
         ax.grid(alpha=0.3)
     return save_figure(fig, path)
 
