@@ -1,15 +1,18 @@
 """Issue 21, item 6: the demo's guidance, chosen by measurement rather than carried over from the paper.
 
 The models: `demo-plus` as `make demo` trains it (the run demo+lr4e-3+priornoise of recipe_emoji.sh at 5
-minutes, 1,795 steps), three training seeds. Each is sampled with the base's guidance (CFG) at several
-scales, and the residual's at two, every other setting at the preset's defaults, with `msf sweep`'s
-library function: the same 1,000 class-balanced samples each time (same labels, same initial noise), scored
-against the emoji reference with FID and KID (bootstrap intervals) and class accuracy, overall and per
-class. Each value is judged against the default (CFG 3 on the base, 1 on the residual) paired by training
-seed, as `msf compare` judges presets: "ahead" or "behind" only when the interval excludes zero.
+minutes, 1,795 steps), three training seeds; and, to tell whether a tuned guidance favours MSF alone,
+its K = 1 DiT `dit-demo` at the same 5 minutes. Each is sampled with the base's guidance (CFG) at
+several scales (and MSF's residual at two), every other setting at the preset's defaults, with `msf
+sweep`'s library function: the same 1,000 class-balanced samples each time (same labels, same initial
+noise), scored against the emoji reference with FID and KID (bootstrap intervals) and class accuracy,
+overall and per class. Each value is judged against the paper's (CFG 3 on the base, 1 on the residual)
+paired by training seed, as `msf compare` judges presets: "ahead" or "behind" only when the interval
+excludes zero.
 
-    .venv/bin/python benchmarks/guidance_demo.py            # runs/guidance_demo/, then docs/guidance_demo/
-    .venv/bin/python benchmarks/guidance_demo.py --report   # tables and plot from the finished sweeps
+    .venv/bin/python benchmarks/guidance_demo.py                     # runs/guidance_demo/demo-plus/
+    .venv/bin/python benchmarks/guidance_demo.py --family dit-demo   # the same for its K = 1 DiT
+    .venv/bin/python benchmarks/guidance_demo.py --report            # tables and plot, docs/guidance_demo/
 
 Resumable: a finished sample set is reused (`run_sweep` keeps them).
 """
@@ -24,25 +27,40 @@ from timing import machine  # benchmarks/timing.py, beside this script
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDY = ROOT / "runs/emoji_studies"
-MODEL = "runs/demo+lr4e-3+priornoise/seed{seed}/5min/model"
 SEEDS = (0, 1, 2)
-SWEEPS = {  # name: (scale, the guidance scales tried); each sweep's other scale stays at its default
-    "base": (0, [2.0, 3.0, 4.0, 5.0, 7.0]),
-    "residual": (1, [2.0]),
+SCALES = {0: "base", 1: "residual"}
+# family: the models (one per training seed), the sweeps (name: scale, the guidance scales tried; each
+# sweep's other scale stays at its default) and the defaults the others are judged against
+FAMILIES = {
+    "demo-plus": {
+        "model": "runs/demo+lr4e-3+priornoise/seed{seed}/5min/model",
+        "sweeps": {"base": (0, [2.0, 3.0, 4.0, 5.0, 7.0]), "residual": (1, [2.0]),
+                   "base-high": (0, [10.0])},  # added when 7 was still climbing in class accuracy
+        "default": {"base": 3.0, "residual": 1.0},
+        "title": "`demo-plus` at 5 minutes (1,795 steps)",
+    },
+    # its K = 1 DiT, at its own preset's recipe (lr 4e-3 was level on it: docs/levers.md): does the
+    # DiT gain as much from guidance, or is a tuned guidance an advantage given to MSF alone?
+    "dit-demo": {
+        "model": "runs/dit-demo/seed{seed}/5min/model",
+        "sweeps": {"base": (0, [3.0, 5.0, 7.0])},
+        "default": {"base": 3.0},
+        "title": "`dit-demo` (K = 1: its one scale is the \"base\") at 5 minutes (1,016 steps)",
+    },
 }
-DEFAULT = {"base": 3.0, "residual": 1.0}  # demo-plus's own: the values the others are judged against
 NUM, SAMPLE_SEED, BATCH = 1000, 0, 128
 
 
-def run(out: Path) -> None:
+def run(out: Path, family: str) -> None:
     from msf.metrics import load_feature_extractor
     from msf.pipeline import MSFPipeline
     from msf.sweep import run_sweep, sweep_points
 
+    fam = FAMILIES[family]
     extractor = load_feature_extractor(precision="bf16")
     for seed in SEEDS:
-        pipe = MSFPipeline.from_pretrained(STUDY / MODEL.format(seed=seed))
-        for name, (scale, values) in SWEEPS.items():
+        pipe = MSFPipeline.from_pretrained(STUDY / fam["model"].format(seed=seed))
+        for name, (scale, values) in fam["sweeps"].items():
             dest = out / f"seed{seed}" / name
             if (dest / "rows.json").is_file():
                 continue
@@ -50,29 +68,30 @@ def run(out: Path) -> None:
             rows = run_sweep(pipe, str(STUDY / "reference.npz"), points, dest, num_samples=NUM,
                              batch_size=BATCH, seed=SAMPLE_SEED,
                              metrics=("fid", "kid", "cas"), class_data="emoji", feature_precision="bf16",
-                             progress=False, model=MODEL.format(seed=seed), extractor=extractor)
+                             progress=False, model=fam["model"].format(seed=seed), extractor=extractor)
             (dest / "rows.json").write_text(json.dumps(rows, indent=2))
             for r in rows:
-                print(f"seed {seed} {name:8s} cfg {r['value']:g}: FID {r['fid']:.1f}  KID {r['kid']:.4f}  "
-                      f"class accuracy {r['cas']:.3f}", flush=True)
+                print(f"{family} seed {seed} {name:8s} cfg {r['value']:g}: FID {r['fid']:.1f}  "
+                      f"KID {r['kid']:.4f}  class accuracy {r['cas']:.3f}", flush=True)
 
 
-def _points(out: Path) -> dict[tuple[str, float], list[dict]]:
-    """(sweep, value) -> one row per seed, in seed order; the default setting is shared by both sweeps
-    (the base's CFG 3 sweep point is the residual's CFG 1)."""
+def _points(out: Path, fam: dict) -> dict[tuple[str, float], list[dict]]:
+    """(scale's name, value) -> one row per seed, in seed order; the default setting is shared by both
+    scales' sweeps (the base's CFG 3 sweep point is the residual's CFG 1)."""
     by = {}
     for seed in SEEDS:
-        for name in SWEEPS:
+        for name in fam["sweeps"]:
             f = out / f"seed{seed}" / name / "rows.json"
             if not f.is_file():
                 raise SystemExit(f"{f}: not finished; run without --report first")
             for r in json.loads(f.read_text()):
-                by.setdefault((name, float(r["value"])), []).append(r)
-    by[("residual", DEFAULT["residual"])] = by[("base", DEFAULT["base"])]
+                by.setdefault((SCALES[r["scale"]], float(r["value"])), []).append(r)
+    if "residual" in fam["default"]:
+        by[("residual", fam["default"]["residual"])] = by[("base", fam["default"]["base"])]
     return by
 
 
-def report(out: Path, docs: Path) -> None:
+def report(out: Path, docs: Path, family: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -81,18 +100,22 @@ def report(out: Path, docs: Path) -> None:
 
     from msf.intervals import paired_difference, seed_interval, verdict
 
-    by = _points(out)
+    fam = FAMILIES[family]
+    DEFAULT = fam["default"]
+    by = _points(out, fam)
     docs.mkdir(parents=True, exist_ok=True)
     base = by[("base", DEFAULT["base"])]
     names = list(base[0]["cas_per_class"])
     lines = [
-        f"Machine: {machine()}. `demo-plus` at 5 minutes (1,795 steps), training seeds {list(SEEDS)}; "
+        f"Machine: {machine()}. {fam['title']}, training seeds {list(SEEDS)}; "
         f"{NUM} class-balanced samples per setting (sampling seed {SAMPLE_SEED}: the same labels and noise "
         "in every setting), against the emoji reference. Mean over training seeds with its 95% interval; "
-        "the verdict pairs each setting with the default (base CFG 3, residual CFG 1) seed by seed.",
+        "the verdict pairs each setting with the default ("
+        + ", ".join(f"{k} CFG {v:g}" for k, v in DEFAULT.items()) + ") seed by seed.",
         "",
-        "| guidance | FID | KID x1000 | class accuracy | FID vs default | class accuracy vs default |",
-        "|---|---|---|---|---|---|",
+        "| guidance | FID | KID x1000 | class accuracy | FID vs default | KID x1000 vs default "
+        "| class accuracy vs default |",
+        "|---|---|---|---|---|---|---|",
     ]
     summary = []
     for (name, value), rows in sorted(by.items(), key=lambda kv: (kv[0][0] != "base", kv[0][1])):
@@ -102,15 +125,17 @@ def report(out: Path, docs: Path) -> None:
         fi, ki, ci = seed_interval(fid), seed_interval([k * 1000 for k in kid]), seed_interval(cas)
         label = f"{name} {value:g}" + (" (default)" if value == DEFAULT[name] else "")
         if rows is base:
-            dfid = dcas = "-"
+            dfid = dkid = dcas = "-"
         else:
             d1 = paired_difference(fid, [r["fid"] for r in base])
+            dk = paired_difference([k * 1000 for k in kid], [r["kid"] * 1000 for r in base])
             d2 = paired_difference(cas, [r["cas"] for r in base])
             dfid = f"{d1.value:+.1f} [{d1.low:+.1f}, {d1.high:+.1f}] {verdict(d1)}"
+            dkid = f"{dk.value:+.1f} [{dk.low:+.1f}, {dk.high:+.1f}] {verdict(dk)}"
             dcas = f"{d2.value:+.3f} [{d2.low:+.3f}, {d2.high:+.3f}] {verdict(d2, lower_is_better=False)}"
         lines.append(f"| {label} | {fi.value:.1f} [{fi.low:.1f}, {fi.high:.1f}] | {ki.value:.1f} "
                      f"[{ki.low:.1f}, {ki.high:.1f}] | {ci.value:.3f} [{ci.low:.3f}, {ci.high:.3f}] | {dfid} "
-                     f"| {dcas} |")
+                     f"| {dkid} | {dcas} |")
         per = {c: float(np.mean([r["cas_per_class"][c] for r in rows])) for c in names}
         summary.append({"sweep": name, "cfg": value, "fid": fid, "kid": kid, "cas": cas, "per_class": per,
                         "evaluations": rows[0]["nfe_per_image"]})
@@ -118,8 +143,9 @@ def report(out: Path, docs: Path) -> None:
               "| guidance | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     lines += [f"| {s['sweep']} {s['cfg']:g} | " + " | ".join(f"{s['per_class'][c]:.2f}" for c in names) + " |"
               for s in summary]
-    (docs / "guidance.md").write_text("\n".join(lines) + "\n")
-    (docs / "guidance.json").write_text(json.dumps({"machine": machine(), "rows": summary}, indent=2))
+    stem = "guidance" if family == "demo-plus" else f"guidance_{family}"
+    (docs / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    (docs / f"{stem}.json").write_text(json.dumps({"machine": machine(), "rows": summary}, indent=2))
     print("\n".join(lines))
 
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
@@ -143,21 +169,23 @@ def report(out: Path, docs: Path) -> None:
     axes[2].set_ylabel("class accuracy, per class")
     axes[2].grid(alpha=0.3)
     axes[2].legend(fontsize=6, ncol=2)
-    fig.suptitle("demo-plus (5 minutes): guidance on the base (dashed line: the default)", fontsize=10)
+    fig.suptitle(f"{family} (5 minutes): guidance on the base (dashed line: the paper's 3)", fontsize=10)
     fig.tight_layout()
-    fig.savefig(docs / "guidance.png", dpi=120)
-    print(f"wrote {docs / 'guidance.md'}, {docs / 'guidance.png'}")
+    fig.savefig(docs / f"{stem}.png", dpi=120)
+    print(f"wrote {docs / f'{stem}.md'}, {docs / f'{stem}.png'}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default=str(ROOT / "runs/guidance_demo"))
+    ap.add_argument("--family", choices=list(FAMILIES), default="demo-plus")
+    ap.add_argument("--out", default=str(ROOT / "runs/guidance_demo"), help="runs go to OUT/FAMILY/")
     ap.add_argument("--docs", default=str(ROOT / "docs/guidance_demo"))
     ap.add_argument("--report", action="store_true")
     args = ap.parse_args()
+    out = Path(args.out) / args.family
     if not args.report:
-        run(Path(args.out))
-    report(Path(args.out), Path(args.docs))
+        run(out, args.family)
+    report(out, Path(args.docs), args.family)
 
 
 if __name__ == "__main__":

@@ -31,9 +31,17 @@ def test_demo_plus_is_demo_with_its_recipe_changed_and_nothing_else():
         return out
 
     demo, plus = (flat(json.loads(config_to_json(preset(p)))) for p in ("demo", "demo-plus"))
-    changed = {k for k in demo if demo[k] != plus[k]}
-    assert changed == {"train.lr", "model.prior_noise", "train.steps", "train.out_dir", "preset"}
+    changed = {k for k in demo | plus if demo.get(k) != plus.get(k)}
+    assert changed == {"train.lr", "model.prior_noise", "train.steps", "train.out_dir", "preset",
+                       "model.scales", "model.samplers.paper.cfg_scale"}
     assert (plus["train.lr"], plus["model.prior_noise"]) == (4e-3, 0.2)
+    # the scales differ only in the base's default guidance (docs/guidance_demo, chosen after training)
+    d, p = preset("demo").model, preset("demo-plus").model
+    assert [s.cfg_scale for s in p.scales] == [7.0, d.scales[1].cfg_scale]
+    p.scales[0].cfg_scale = d.scales[0].cfg_scale
+    assert p.scales == d.scales
+    # and the paper's sampler still draws at the paper's guidance
+    assert SamplerSettings.named(preset("demo-plus").model, "paper") == SamplerSettings.named(d, "paper")
 
 
 def test_overrides_set_nested_fields_and_lists():

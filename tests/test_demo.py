@@ -24,6 +24,7 @@ def test_demo_writes_the_trained_models_samples(tmp_path):
     assert train_cfg["steps"] == 3
     # make demo trains demo-plus's recipe (the tiny sizes above are the test's own)
     assert train_cfg["lr"] == 4e-3 and saved["model"]["prior_noise"] == 0.2
+    assert saved["model"]["scales"][0]["cfg_scale"] == 7.0  # and samples with its guidance
     # samples.png: one row per class, each cell the saved model's sample for that class and seed 0
     labels = [c for c in range(cfg.num_classes) for _ in range(2)]
     expected = to_uint8(pipe.sample(labels, seed=0, precision=train_cfg["precision"])).numpy()
