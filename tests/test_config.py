@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import pytest
@@ -42,6 +43,17 @@ def test_demo_plus_is_demo_with_its_recipe_changed_and_nothing_else():
     assert p.scales == d.scales
     # and the paper's sampler still draws at the paper's guidance
     assert SamplerSettings.named(preset("demo-plus").model, "paper") == SamplerSettings.named(d, "paper")
+
+
+def test_dit_demo_plus_is_dit_demo_sampled_at_its_measured_guidance():
+    # its training is dit-demo's, so the runs of benchmarks/guidance_demo.py are its runs
+    d, p = preset("dit-demo"), preset("dit-demo-plus")
+    assert p.train == dataclasses.replace(d.train, out_dir="runs/dit-demo-plus")
+    assert [s.cfg_scale for s in d.model.scales] == [3.0] and [s.cfg_scale for s in p.model.scales] == [5.0]
+    p.model.scales[0].cfg_scale = 3.0
+    assert p.model.scales == d.model.scales
+    paper = SamplerSettings.named(preset("dit-demo-plus").model, "paper")
+    assert paper == SamplerSettings.named(d.model, "paper")
 
 
 def test_overrides_set_nested_fields_and_lists():

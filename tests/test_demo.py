@@ -74,6 +74,7 @@ def test_the_suggested_comparison_pits_the_demos_own_recipe_against_the_dit():
     line = next(x for x in next_steps(Path("d"), Path("d/model"), []).splitlines() if "msf compare" in x)
     argv = shlex.split(line.split(":", 1)[1])
     names = argv[argv.index("--presets") + 1].split(",")
-    assert "demo-plus" in names and "dit-demo" in names  # the preset `make demo` trains, and its K = 1 DiT
+    # the preset `make demo` trains, and its K = 1 DiT counterpart, each with its own measured guidance
+    assert names == ["dit-demo-plus", "demo-plus"]
     for name in names:
         preset(name)  # a renamed preset would fail here

@@ -105,5 +105,5 @@ def next_steps(out: Path, model: Path, class_names: list[str]) -> str:
         f"  watch the losses:           tensorboard --logdir {q(str(out))}",
         f"  train on (resume from {out / 'checkpoints'}): msf train --config {q(str(out / 'config.json'))} "
         "--resume train.steps=3000",
-        "  compare with a single-scale DiT: msf compare --presets dit-demo,demo-plus --budgets 5",
+        "  compare with a single-scale DiT: msf compare --presets dit-demo-plus,demo-plus --budgets 5",
     ])
