@@ -372,6 +372,17 @@ def test_a_preset_added_later_takes_its_works_rate_or_is_measured_beside_a_kept_
     drift = saved["later"]["tiny+deeper"]["drift"][0]
     assert later["train_steps_per_second"]["tiny+deeper"] > 0 and drift > 0
 
+    # a variant of another kept preset is measured beside its own root, not beside the first kept one:
+    # the machine's drift need not be the same for every model
+    step_rates(_settings(presets=["tiny", "tiny-dit"]), tmp_path, data, progress=False)
+    measured.clear()
+    step_rates(_settings(presets=["tiny", "tiny-dit", "tiny-dit+deep"],
+                         preset_overrides={"tiny-dit+deep": ["model.scales.0.depth=3"]}), tmp_path, data,
+               progress=False)
+    saved = json.loads((tmp_path / "rates.json").read_text())
+    assert saved["later"]["tiny-dit+deep"]["anchor"] == "tiny-dit"
+    assert sorted(measured) == [preset("tiny-dit").model.scales[0].depth] * 2 + [3, 3]
+
 
 def np_median(v):
     import numpy as np

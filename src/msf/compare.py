@@ -186,8 +186,9 @@ def step_rates(s: CompareSettings, out: Path, data, progress: bool = True) -> di
 
     Measured once, before any run, on a quiet machine, and kept (``rates.json``): timings taken
     during the runs would carry whatever else the machine was doing. A preset added to the folder
-    later takes the rate of a measured preset of the same work, or is measured then beside the
-    folder's first measured preset, its rates scaled by how much that one's moved since."""
+    later takes the rate of a measured preset of the same work, or is measured then beside its own
+    root where that was measured (``dit-demo`` for ``dit-demo+qknorm``), else beside the folder's first
+    measured preset, its rates scaled by how much that one's moved since."""
     file = out / "rates.json"
     saved = json.loads(file.read_text()) if file.is_file() else {}
     if saved.get("overrides", s.overrides) != s.overrides:
@@ -209,19 +210,27 @@ def step_rates(s: CompareSettings, out: Path, data, progress: bool = True) -> di
 
     todo = [p for p in s.presets if not (matched(p, 0, "train") and matched(p, 1, "sample"))]
     if todo:
-        anchor = next((p for p in s.presets if p in measured["train"]), None)
-        steps, sampling = _measure(s, out, data, [anchor, *todo] if anchor else todo, progress)
-        drift = [1.0, 1.0]
-        if anchor:  # the machine's speed then against now, from the same preset measured again
-            drift = [statistics.median(measured["train"][anchor]) / statistics.median(steps.pop(anchor)),
-                     statistics.median(measured["sample"][anchor]) / statistics.median(sampling.pop(anchor))]
+        # each new preset is measured beside a kept one, its own root where that was measured (a DiT's
+        # lever beside the DiT: the machine's drift need not be the same for every model), else the
+        # first kept preset, and scaled by how much that one moved since
+        kept = [p for p in s.presets if p in measured["train"]]
+        anchor_of = {p: base_preset(p) if base_preset(p) in measured["train"] and base_preset(p) not in todo
+                     else (kept[0] if kept else None) for p in todo}
+        anchors = list(dict.fromkeys(a for a in anchor_of.values() if a))
+        steps, sampling = _measure(s, out, data, [*anchors, *todo], progress)
+        # the machine's speed then against now, from the same preset measured again
+        drift = {a: [statistics.median(measured["train"][a]) / statistics.median(steps.pop(a)),
+                     statistics.median(measured["sample"][a]) / statistics.median(sampling.pop(a))]
+                 for a in anchors}
+        drift_of = {p: drift.get(anchor_of[p], [1.0, 1.0]) for p in todo}
         if measured["train"]:
-            saved.setdefault("later", {}).update({p: {"anchor": anchor, "drift": drift} for p in todo})
+            saved.setdefault("later", {}).update({p: {"anchor": anchor_of[p], "drift": drift_of[p]}
+                                                  for p in todo})
         # only what no measured preset's work covers, so that no kept rate moves
         new_train, new_sample = ([p for p in todo if not matched(p, i, kind)]
                                  for i, kind in enumerate(("train", "sample")))
-        measured["train"] |= {p: [v * drift[0] for v in steps[p]] for p in new_train}
-        measured["sample"] |= {p: [v * drift[1] for v in sampling[p]] for p in new_sample}
+        measured["train"] |= {p: [v * drift_of[p][0] for v in steps[p]] for p in new_train}
+        measured["sample"] |= {p: [v * drift_of[p][1] for v in sampling[p]] for p in new_sample}
     if todo or saved.get("work") != work:
         atomic_write_text(file, json.dumps({**saved, **medians(work), "all": measured, "work": work,
                                             "overrides": s.overrides}, indent=2))
