@@ -57,6 +57,9 @@ def run(out: Path, family: str) -> None:
     from msf.sweep import run_sweep, sweep_points
 
     fam = FAMILIES[family]
+    out.mkdir(parents=True, exist_ok=True)
+    if not (out / "machine.txt").is_file():  # the machine and its load while measuring, not at report time
+        (out / "machine.txt").write_text(machine() + "\n")
     extractor = load_feature_extractor(precision="bf16")
     for seed in SEEDS:
         pipe = MSFPipeline.from_pretrained(STUDY / fam["model"].format(seed=seed))
@@ -101,17 +104,18 @@ def report(out: Path, docs: Path, family: str) -> None:
     from msf.intervals import paired_difference, seed_interval, verdict
 
     fam = FAMILIES[family]
-    DEFAULT = fam["default"]
+    default = fam["default"]
+    measured_on = (out / "machine.txt").read_text().strip() if (out / "machine.txt").is_file() else machine()
     by = _points(out, fam)
     docs.mkdir(parents=True, exist_ok=True)
-    base = by[("base", DEFAULT["base"])]
+    base = by[("base", default["base"])]
     names = list(base[0]["cas_per_class"])
     lines = [
-        f"Machine: {machine()}. {fam['title']}, training seeds {list(SEEDS)}; "
+        f"Machine: {measured_on}. {fam['title']}, training seeds {list(SEEDS)}; "
         f"{NUM} class-balanced samples per setting (sampling seed {SAMPLE_SEED}: the same labels and noise "
         "in every setting), against the emoji reference. Mean over training seeds with its 95% interval; "
         "the verdict pairs each setting with the default ("
-        + ", ".join(f"{k} CFG {v:g}" for k, v in DEFAULT.items()) + ") seed by seed.",
+        + ", ".join(f"{k} CFG {v:g}" for k, v in default.items()) + ") seed by seed.",
         "",
         "| guidance | FID | KID x1000 | class accuracy | FID vs default | KID x1000 vs default "
         "| class accuracy vs default |",
@@ -119,11 +123,11 @@ def report(out: Path, docs: Path, family: str) -> None:
     ]
     summary = []
     for (name, value), rows in sorted(by.items(), key=lambda kv: (kv[0][0] != "base", kv[0][1])):
-        if name == "residual" and value == DEFAULT["residual"]:
+        if name == "residual" and value == default["residual"]:
             continue
         fid, kid, cas = ([r[k] for r in rows] for k in ("fid", "kid", "cas"))
         fi, ki, ci = seed_interval(fid), seed_interval([k * 1000 for k in kid]), seed_interval(cas)
-        label = f"{name} {value:g}" + (" (default)" if value == DEFAULT[name] else "")
+        label = f"{name} {value:g}" + (" (default)" if value == default[name] else "")
         if rows is base:
             dfid = dkid = dcas = "-"
         else:
@@ -145,7 +149,7 @@ def report(out: Path, docs: Path, family: str) -> None:
               for s in summary]
     stem = "guidance" if family == "demo-plus" else f"guidance_{family}"
     (docs / f"{stem}.md").write_text("\n".join(lines) + "\n")
-    (docs / f"{stem}.json").write_text(json.dumps({"machine": machine(), "rows": summary}, indent=2))
+    (docs / f"{stem}.json").write_text(json.dumps({"machine": measured_on, "rows": summary}, indent=2))
     print("\n".join(lines))
 
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
@@ -157,14 +161,14 @@ def report(out: Path, docs: Path, family: str) -> None:
         ax.fill_between(xs, [i.low for i in ivs], [i.high for i in ivs], alpha=0.25, label="95% interval")
         for seed in range(len(SEEDS)):
             ax.plot(xs, [s[key][seed] for s in bases], ":", color="gray", lw=0.8)
-        ax.axvline(DEFAULT["base"], color="k", lw=0.6, ls="--")
+        ax.axvline(default["base"], color="k", lw=0.6, ls="--")
         ax.set_xlabel("CFG scale of the base (scale 0)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     for c in names:
         axes[2].plot(xs, [s["per_class"][c] for s in bases], "o-", ms=3, label=c)
-    axes[2].axvline(DEFAULT["base"], color="k", lw=0.6, ls="--")
+    axes[2].axvline(default["base"], color="k", lw=0.6, ls="--")
     axes[2].set_xlabel("CFG scale of the base (scale 0)")
     axes[2].set_ylabel("class accuracy, per class")
     axes[2].grid(alpha=0.3)

@@ -99,13 +99,30 @@ def _sweep_table(sweep: dict) -> str:
     return "\n".join(lines)
 
 
+def _against(sweep: dict, value: float) -> str:
+    """The default's row against the row at ``value``, per metric: level where their intervals overlap."""
+    rows = {float(r["value"]): r for r in sweep["rows"]}
+    a, b = rows[sweep["default"]], rows.get(value)
+    if b is None:
+        return f"(the sweep has no row at guidance {value:g})"
+    said = []
+    for key, name, lower_better in (("fid", "FID", True), ("kid", "KID", True),
+                                    ("cas", "class accuracy", False)):
+        (alo, ahi), (blo, bhi) = a[f"{key}_ci"], b[f"{key}_ci"]
+        better = ahi < blo if lower_better else alo > bhi
+        worse = alo > bhi if lower_better else ahi < blo
+        said.append(f"{'ahead' if better else 'behind' if worse else 'level'} on {name}")
+    return ", ".join(said)
+
+
 def readme(name: str, rec: dict, meta: dict, sweep: dict | None = None) -> str:
     model, train = meta["model"], meta.get("train", {})
     scales = "; ".join(f"scale {k}: {s['image_size']} px, depth {s['depth']} x width {s['width']}, patch "
                        f"{s['patch_size']}" for k, s in enumerate(model["scales"]))
+    paper_cfg = model["samplers"].get("paper", {}).get("cfg_scale", [model["scales"][0]["cfg_scale"]])[0]
     same = ("The two are level on this model (docs/sampler_map.md in the msf repository)." if sweep is None
-            else "At one guidance the two are level on this model (docs/sampler_map.md in the msf\n  "
-            "repository); the default's own scores, at its guidance, are under \"Its guidance\".")
+            else f"At guidance {paper_cfg:g} the two are level on this model (docs/sampler_map.md in the\n"
+            "  msf repository); the default's own scores, at its guidance, are under \"Its guidance\".")
     per_class = "\n".join(f"| {c} | {a:.2f} |" for c, a in (rec.get("cas_per_class") or {}).items())
     return f"""# {name}
 
@@ -130,12 +147,12 @@ msf so that `msf sample {name} --classes all --per-class 8` shows samples second
 """ + ("" if sweep is None else f"""
 ## Its guidance
 
-The default sampler guides the base at {sweep['default']:g} rather than the preset's
-{meta['model']['samplers']['paper']['cfg_scale'][0]:g}: a sweep of this model's base guidance at the default
-sampler (`msf sweep`, {sweep['rows'][0]['num_samples']} class-balanced samples each, the same labels and
-noise; 95% intervals: bootstrap for FID and KID, Wilson's for class accuracy) found it level on FID and KID
-and ahead on class accuracy. More guidance than that costs FID. (Class-balanced samples score a
-higher FID than the data's class mix above.)
+The default sampler guides the base at {sweep['default']:g} rather than the preset's {paper_cfg:g}. A sweep
+of this model's base guidance at the default sampler (`msf sweep`, {sweep['rows'][0]['num_samples']}
+class-balanced samples each, the same labels and noise; 95% intervals: bootstrap for FID and KID,
+Wilson's for class accuracy; level where they overlap) puts it, against {paper_cfg:g}:
+{_against(sweep, paper_cfg)}.
+(Class-balanced samples score a higher FID than the data's class mix above.)
 
 {_sweep_table(sweep)}
 """)

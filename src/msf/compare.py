@@ -213,9 +213,12 @@ def step_rates(s: CompareSettings, out: Path, data, progress: bool = True) -> di
         # each new preset is measured beside a kept one, its own root where that was measured (a DiT's
         # lever beside the DiT: the machine's drift need not be the same for every model), else the
         # first kept preset, and scaled by how much that one moved since
-        kept = [p for p in s.presets if p in measured["train"]]
-        anchor_of = {p: base_preset(p) if base_preset(p) in measured["train"] and base_preset(p) not in todo
-                     else (kept[0] if kept else None) for p in todo}
+        def keeps(p: str) -> bool:  # an anchor's two rates are both its own measurements
+            return p in measured["train"] and p in measured["sample"]
+
+        kept = [p for p in s.presets if keeps(p)]
+        anchor_of = {p: base_preset(p) if keeps(base_preset(p)) else (kept[0] if kept else None)
+                     for p in todo}
         anchors = list(dict.fromkeys(a for a in anchor_of.values() if a))
         steps, sampling = _measure(s, out, data, [*anchors, *todo], progress)
         # the machine's speed then against now, from the same preset measured again

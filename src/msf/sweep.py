@@ -106,9 +106,8 @@ def run_sweep(
         cas = r.get("cas") or {}
         rows.append({
             **p, "nfe_per_image": SamplerSettings.of(pipe.config, p["steps"], p["cfg_scale"]).evaluations,
-            "fid": r.get("fid"), "fid_ci": r.get("fid_ci"), "is": r.get("is"),
-            "precision": r.get("precision"),
-            "recall": r.get("recall"), "kid": r.get("kid"), "kid_ci": r.get("kid_ci"),
+            "fid": r.get("fid"), "fid_ci": r.get("fid_ci"), "is": r.get("is"), "kid": r.get("kid"),
+            "kid_ci": r.get("kid_ci"), "precision": r.get("precision"), "recall": r.get("recall"),
             "cas": cas.get("accuracy"), "cas_ci": r.get("cas_ci"), "cas_per_class": cas.get("per_class"),
             "seconds_per_image": seconds, "num_samples": num_samples,
             "feature_network": r.get("feature_network"),
@@ -191,10 +190,9 @@ def write_tables(rows: list[dict], out_dir: str | os.PathLike) -> tuple[Path, Pa
         for r in rows:
             w.writerow({k: json.dumps(r[k]) if isinstance(r.get(k), (list, dict)) else r.get(k)
                         for k in COLUMNS})
-    shown = [k for k in ("setting", "value", "steps", "cfg_scale", "nfe_per_image", "fid", "is", "kid",
-                         "precision", "recall", "cas", "seconds_per_image")
-             if k in ("setting", "value", "steps", "cfg_scale", "nfe_per_image", "seconds_per_image")
-             or any(r.get(k) is not None for r in rows)]
+    measured = [k for k in ("fid", "is", "kid", "precision", "recall", "cas")
+                if any(r.get(k) is not None for r in rows)]  # the metrics asked for
+    shown = ["setting", "value", "steps", "cfg_scale", "nfe_per_image", *measured, "seconds_per_image"]
     first = rows[0]
     intervals = any(r.get(f"{k}_ci") for r in rows for k in ("fid", "kid", "cas"))
     lines = [f"Sweep of scale {first['scale']} ({len(rows)} settings, {first['num_samples']} samples each, "
