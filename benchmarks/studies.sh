@@ -2,18 +2,20 @@
 # Every quality study of docs/, in the order we want their answers, one at a time (they time training
 # on this machine: two at once would each run many times slower). Each study resumes where it stopped,
 # so this script can be started again in every session until it ends; finished runs are skipped.
+# A fresh checkout has no runs/: first bring back the finished runs from the committed reports with
+# scripts/restore_runs.py (see docs/levers.md, "Running the studies"), or everything is trained again.
 #   1. knobs_emoji.sh    MSF's own knobs, 10 variants x 3 seeds x 5 min   (issue 18, item 1)  done
-#   2. levers_emoji.sh   the training levers at seed 0 first: 16 variants x 5 min, a screen of which
-#                        levers to run at every seed                      (issue 18, item 3)  ~2 h
-#   3. recipe_emoji.sh   the demo's recipe: leaders done at three seeds; seeds 1-2 of the single-seed
-#                        variants (ema999, uniform, drop20, wide, lr8e-3) remain (issue 21, item 6) ~1.2 h
+#   2. levers_emoji.sh   the training levers (issue 18, item 3), a seed at a time: the DiT's at seed 0
+#                        (MSF's seed-0 screen is in docs/levers.md; its runs were not kept), then every
+#                        lever at seed 1, then 2, then MSF's again at 0     ~18 x 7 min a seed
+#   3. recipe_emoji.sh   the demo's recipe: seeds 1-2 of the single-seed variants (ema999, uniform,
+#                        drop20, wide, lr8e-3) remain                       (issue 21, item 6) ~1.2 h
 #   3b. demo_plus_emoji.sh  `make demo` before and after                  (issue 21)  done
 #   4. the knobs that won at 5 minutes, at 15: demo, demo+lightres, demo+priornoise, 3 seeds
-#      (issue 18, item 1: does the answer move with budget? runs go on from their 5-minute checkpoints) ~1.8 h
-#   5. compare_emoji.sh  MSF against its DiT at 5, 15 and 45 minutes      (issue 21, item 5)  ~5 h left
-#   6. levers_emoji.sh   seeds 1 and 2 of every lever                     (issue 18, item 3)  ~3.7 h
+#      (issue 18, item 1: does the answer move with budget?)               ~2.5 h
+#   5. compare_emoji.sh  MSF against its DiT at 5, 15 and 45 minutes      (issue 21, item 5)  ~7 h left
 # benchmarks/guidance_demo.py (the demo's guidance, issue 21 item 6) is done and not rerun here.
-# 1-4 and 6 share runs/emoji_studies: one set of rates, and demo and dit-demo run once, by the first.
+# 1-4 share runs/emoji_studies: one set of rates, and demo and dit-demo run once, by the first.
 # The hours are for a 2-core CPU (about 7 minutes a run: 5 of training, 2 to sample and score).
 # Stop it with Ctrl-C or `kill -TERM` (a training leg saves its checkpoint); `kill -9` loses at most
 # the last 5 minutes of a leg. After a study advances, `sh benchmarks/<study>.sh --report` (with the
@@ -21,11 +23,13 @@
 set -e
 cd "$(dirname "$0")/.."
 SEEDS=0,1,2 sh benchmarks/knobs_emoji.sh
-SEEDS=0 sh benchmarks/levers_emoji.sh
+FAMILIES=dit-demo SEEDS=0 sh benchmarks/levers_emoji.sh
+SEEDS=1 sh benchmarks/levers_emoji.sh
+SEEDS=2 sh benchmarks/levers_emoji.sh
+FAMILIES=demo SEEDS=0 sh benchmarks/levers_emoji.sh
 SEEDS=0,1,2 sh benchmarks/recipe_emoji.sh
 SEEDS=0,1,2 sh benchmarks/demo_plus_emoji.sh
 .venv/bin/msf compare --data emoji --budgets 15 --seeds 0,1,2 --num-samples 1000 --out runs/emoji_studies \
     --report-to runs/emoji_studies/knobs15 --presets demo,demo+lightres,demo+priornoise \
     "demo+lightres:model.scales.1.depth=2" "demo+priornoise:model.prior_noise=0.2"
 sh benchmarks/compare_emoji.sh
-SEEDS=0,1,2 sh benchmarks/levers_emoji.sh

@@ -1,5 +1,6 @@
 """msf compare: equal budgets, one run per (preset, budget, seed), resumable, with tables and verdicts."""
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -10,6 +11,11 @@ import msf.train
 from msf.compare import CompareSettings, budget_steps, compare, summarize
 from msf.config import ConfigError, preset
 from msf.report import markdown
+
+_spec = importlib.util.spec_from_file_location(
+    "restore_runs", Path(__file__).resolve().parents[1] / "scripts" / "restore_runs.py")
+restore_runs = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(restore_runs)
 
 
 def _settings(**kw):
@@ -82,6 +88,13 @@ def test_compare_trains_each_run_once_resumes_and_writes_tables(tmp_path, monkey
     calls.clear()
     again = compare(s, tmp_path, progress=False, extractor=MeanColour())
     assert calls == [] and again["runs"] == summary["runs"]
+    # nor does one in a folder rebuilt from the committed report and rates alone (scripts/restore_runs.py)
+    restored = tmp_path / "restored"
+    counts = restore_runs.restore([tmp_path / "compare.json"], restored, tmp_path / "rates.json")
+    assert counts == {"written": 8, "present": 0}
+    assert compare(s, restored, progress=False, extractor=MeanColour())["runs"] == summary["runs"]
+    assert calls == []
+    assert restore_runs.restore([tmp_path / "compare.json"], restored) == {"written": 0, "present": 8}
     (tmp_path / "runs" / "tiny-dit" / "seed1" / "0.02min" / "run.json").unlink()
     compare(s, tmp_path, progress=False, extractor=MeanColour())
     assert [(c[0], c[1]) for c in calls] == [("tiny-dit", 1)]

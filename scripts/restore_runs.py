@@ -1,0 +1,84 @@
+"""Rebuild an `msf compare` output folder's finished runs from the reports committed in docs/.
+
+A study's folder of runs (runs/emoji_studies, runs/compare_emoji) is not committed: its checkpoints and
+sample sets are large. Its reports (compare.json) are, and each holds every finished run's record. This
+script writes those records back as the folder's run.json / equal_cost.json files, its settings.json
+(the settings and every preset's overrides, which must agree across the reports), and its rates.json
+where one is given, so that `msf compare` skips the runs already done and times the rest as before.
+
+Only the records come back: a later budget of a restored run trains from the start, not from a
+checkpoint (same steps, so the same result at a constant learning rate, at the full cost).
+
+    python scripts/restore_runs.py --out runs/emoji_studies --rates docs/levers/rates.json \
+        docs/levers/compare.json docs/levers/recipe/compare.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+# what a finished run's result depends on: the same in every report restored into one folder
+_FIXED = ("data", "budget_kind", "num_samples", "overrides", "calib_steps", "calib_repeats", "bootstraps",
+          "feature_precision", "sample_batch", "metrics", "sampler")
+
+
+def restore(reports: list[Path], out: Path, rates: Path | None = None) -> dict[str, int]:
+    """Write the runs of ``reports`` under ``out``; returns counts of runs written and already there."""
+    fixed: dict | None = None
+    overrides: dict[str, list[str]] = {}
+    counts = {"written": 0, "present": 0}
+    for report in reports:
+        if not report.is_file():
+            sys.exit(f"{report}: no such report")
+        summary = json.loads(report.read_text())
+        settings = summary.get("settings")
+        if not settings or "runs" not in summary:
+            sys.exit(f"{report}: not a compare.json (no 'settings' or 'runs')")
+        mine = {k: settings.get(k) for k in _FIXED}
+        if fixed is None:
+            fixed = mine
+        elif mine != fixed:
+            diff = {k: (fixed[k], mine[k]) for k in _FIXED if fixed[k] != mine[k]}
+            sys.exit(f"{report}: made with other settings than {reports[0]}: {diff}")
+        for p, o in settings.get("preset_overrides", {}).items():
+            if overrides.setdefault(p, o) != o:
+                sys.exit(f"{report}: preset {p} has overrides {o}, another report {overrides[p]}")
+        for rec in summary["runs"]:
+            name = "run.json" if rec.get("sampling", "defaults") == "defaults" else "equal_cost.json"
+            budget = f"{rec['budget_minutes']:g}min"  # as msf.compare names a run's folder
+            file = out / "runs" / rec["preset"] / f"seed{rec['seed']}" / budget / name
+            if file.is_file():
+                if json.loads(file.read_text()) != rec:
+                    sys.exit(f"{file}: already holds another record of this run than {report}'s")
+                counts["present"] += 1
+                continue
+            file.parent.mkdir(parents=True, exist_ok=True)
+            file.write_text(json.dumps(rec, indent=2))
+            counts["written"] += 1
+    settings_file = out / "settings.json"
+    if settings_file.is_file():
+        old = json.loads(settings_file.read_text())
+        overrides = old.get("preset_overrides", {}) | overrides
+    settings_file.write_text(json.dumps({**(fixed or {}), "preset_overrides": overrides}, indent=2))
+    if rates is not None and not (out / "rates.json").is_file():
+        shutil.copyfile(rates, out / "rates.json")
+    return counts
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("reports", nargs="+", type=Path, help="compare.json files")
+    ap.add_argument("--out", type=Path, required=True, help="the compare output folder to rebuild")
+    ap.add_argument("--rates", type=Path, help="a committed rates.json (kept if the folder has one)")
+    a = ap.parse_args()
+    a.out.mkdir(parents=True, exist_ok=True)
+    counts = restore(a.reports, a.out, a.rates)
+    print(f"{a.out}: {counts['written']} runs written, {counts['present']} already there")
+
+
+if __name__ == "__main__":
+    main()
