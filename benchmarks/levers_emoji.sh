@@ -2,7 +2,8 @@
 # Issue 18, item 3: each training lever alone (AdamW's beta2 0.95 and weight decay 0.01 among them), for
 # MSF (demo) and its K = 1 DiT (dit-demo) alike, at equal training wall-clock on the built-in emoji (rates
 # measured side by side), three seeds. The recipe study's leading change, lr 4e-3 (recipe_emoji.sh, where
-# demo+lr4e-3 is trained), is tried on the DiT too: a change that helps both is not an MSF result.
+# demo+lr4e-3 is trained), is tried on the DiT too: a change that helps both is not an MSF result; so is
+# the paper's uniform time sampler in place of the emoji presets' logit-normal one (recipe_emoji.sh).
 # The paper's recipe is each family's first run; a variant FAMILY+LABEL is the family's preset with the
 # lever's overrides. FAMILIES (default "demo dit-demo") runs one family alone, e.g. FAMILIES=dit-demo.
 # Resumable: run it again to continue; with --report, tables only. Results: $OUT/levers/compare.{md,json}
@@ -21,7 +22,8 @@ for F in ${FAMILIES:-demo dit-demo}; do
     for LEVER in "qknorm:$L.qk_norm=true" "rmsnorm:$L.norm=rmsnorm" "swiglu:$L.mlp=swiglu" \
                  "rope:$L.pos_embed=rope" "sd3shift:train.time_shift_rule=sd3" \
                  "cosine:train.cosine_loss_weight=0.1" "beta95:train.betas=[0.9,0.95]" \
-                 "wd:train.weight_decay=0.01" "lr4e-3:train.lr=4e-3"; do
+                 "wd:train.weight_decay=0.01" "lr4e-3:train.lr=4e-3" \
+                 "uniform:train.time_sampler=uniform"; do
         PRESETS="$PRESETS,$F+${LEVER%%:*}"
         VARIANTS="$VARIANTS $F+$LEVER"
     done
