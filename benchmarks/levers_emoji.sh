@@ -5,7 +5,8 @@
 # demo+lr4e-3 is trained), is tried on the DiT too: a change that helps both is not an MSF result; so is
 # the paper's uniform time sampler in place of the emoji presets' logit-normal one (recipe_emoji.sh).
 # The paper's recipe is each family's first run; a variant FAMILY+LABEL is the family's preset with the
-# lever's overrides. FAMILIES (default "demo dit-demo") runs one family alone, e.g. FAMILIES=dit-demo.
+# lever's overrides. FAMILIES (default "demo dit-demo") runs one family alone, e.g. FAMILIES=dit-demo,
+# and LEVERS (default all) some levers alone, e.g. LEVERS="swiglu cosine".
 # Resumable: run it again to continue; with --report, tables only. Results: $OUT/levers/compare.{md,json}
 # and plots, for this study's presets.
 # The emoji studies (knobs_emoji.sh, recipe_emoji.sh, levers_emoji.sh, studies.sh) share one folder of
@@ -24,6 +25,7 @@ for F in ${FAMILIES:-demo dit-demo}; do
                  "cosine:train.cosine_loss_weight=0.1" "beta95:train.betas=[0.9,0.95]" \
                  "wd:train.weight_decay=0.01" "lr4e-3:train.lr=4e-3" \
                  "uniform:train.time_sampler=uniform"; do
+        case " ${LEVERS:-${LEVER%%:*}} " in *" ${LEVER%%:*} "*) ;; *) continue ;; esac
         PRESETS="$PRESETS,$F+${LEVER%%:*}"
         VARIANTS="$VARIANTS $F+$LEVER"
     done
