@@ -56,6 +56,29 @@ def test_dit_demo_plus_is_dit_demo_sampled_at_its_measured_guidance():
     assert paper == SamplerSettings.named(d.model, "paper")
 
 
+@pytest.mark.parametrize("name,plus,changes", [
+    ("paper-imagenet256", "paper-imagenet256-plus",
+     {"model.prior_noise": 0.2, "model.normalize": "std", "train.time_sampler": "logit-normal",
+      "model.scales.0.mlp": "swiglu", "model.scales.1.mlp": "swiglu"}),
+    ("dit-xl2", "dit-xl2-plus",
+     {"train.cosine_loss_weight": 0.1, "model.scales.0.mlp": "swiglu"}),
+])
+def test_the_imagenet_plus_presets_change_only_the_levers_measured_to_help(name, plus, changes):
+    # docs/levers.md names these changes; anything else would be unmeasured (the paper's presets stay)
+    def flat(d, prefix=""):
+        if isinstance(d, list):
+            d = dict(enumerate(d))
+        out = {}
+        for k, v in d.items():
+            deeper = isinstance(v, dict) or (isinstance(v, list) and v and isinstance(v[0], dict))
+            out |= flat(v, f"{prefix}{k}.") if deeper else {f"{prefix}{k}": v}
+        return out
+
+    a, b = (flat(json.loads(config_to_json(preset(p)))) for p in (name, plus))
+    changed = {k: b.get(k) for k in a | b if a.get(k) != b.get(k)}
+    assert changed == changes | {"preset": plus, "train.out_dir": f"runs/{plus}"}
+
+
 def test_overrides_set_nested_fields_and_lists():
     cfg = apply_overrides(preset("tiny"), [
         "train.lr=3e-4", "model.scales.0.depth=3", "train.scale_steps=[10, 20]",
