@@ -58,8 +58,7 @@ def test_dit_demo_plus_is_dit_demo_sampled_at_its_measured_guidance():
 
 @pytest.mark.parametrize("name,plus,changes", [
     ("paper-imagenet256", "paper-imagenet256-plus",
-     {"model.prior_noise": 0.2, "model.normalize": "std", "train.time_sampler": "logit-normal",
-      "model.scales.0.mlp": "swiglu", "model.scales.1.mlp": "swiglu"}),
+     {"model.prior_noise": 0.2, "model.normalize": "std", "train.time_sampler": "logit-normal"}),
     ("dit-xl2", "dit-xl2-plus",
      {"train.cosine_loss_weight": 0.1, "model.scales.0.mlp": "swiglu"}),
 ])
