@@ -1,9 +1,9 @@
 #!/bin/sh
 # Issue 18, items 3-4: the best combination for each family, three seeds, after the levers alone
-# (levers_emoji.sh). MSF: SwiGLU, the one lever ahead of `demo` at every seed of the screen, stacked on
-# `demo-plus`'s recipe (lr 4e-3, prior noise 0.2: recipe_emoji.sh), judged against that recipe and, as a
-# whole, against `demo`. The DiT: SwiGLU with the cosine velocity term, its two leaders at seed 0,
-# judged against SwiGLU alone and against `dit-demo`. Same folder of runs (and rates) as the other
+# (levers_emoji.sh). MSF: SwiGLU, the one lever ahead of `demo` at the first two seeds (chosen then),
+# stacked on `demo-plus`'s recipe (lr 4e-3, prior noise 0.2: recipe_emoji.sh), judged against that
+# recipe and, as a whole, against `demo`. The DiT: SwiGLU with the cosine velocity term, its two leaders
+# at seed 0, judged against SwiGLU alone and against `dit-demo`. Same folder of runs (and rates) as the other
 # emoji studies; report: $OUT/levers_best/compare.{md,json} and plots.
 set -ef  # -f: no globbing of the overrides
 cd "$(dirname "$0")/.."

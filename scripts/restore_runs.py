@@ -19,11 +19,14 @@ import argparse
 import json
 import shutil
 import sys
+from dataclasses import fields
 from pathlib import Path
 
+from msf.compare import VARIABLE_SETTINGS, CompareSettings, budget_key
+from msf.files import atomic_write_text
+
 # what a finished run's result depends on: the same in every report restored into one folder
-_FIXED = ("data", "budget_kind", "num_samples", "overrides", "calib_steps", "calib_repeats", "bootstraps",
-          "feature_precision", "sample_batch", "metrics", "sampler")
+_FIXED = tuple(f.name for f in fields(CompareSettings) if f.name not in VARIABLE_SETTINGS)
 
 
 def restore(reports: list[Path], out: Path, rates: Path | None = None) -> dict[str, int]:
@@ -49,21 +52,21 @@ def restore(reports: list[Path], out: Path, rates: Path | None = None) -> dict[s
                 sys.exit(f"{report}: preset {p} has overrides {o}, another report {overrides[p]}")
         for rec in summary["runs"]:
             name = "run.json" if rec.get("sampling", "defaults") == "defaults" else "equal_cost.json"
-            budget = f"{rec['budget_minutes']:g}min"  # as msf.compare names a run's folder
-            file = out / "runs" / rec["preset"] / f"seed{rec['seed']}" / budget / name
+            run_dir = out / "runs" / rec["preset"] / f"seed{rec['seed']}" / budget_key(rec["budget_minutes"])
+            file = run_dir / name
             if file.is_file():
                 if json.loads(file.read_text()) != rec:
                     sys.exit(f"{file}: already holds another record of this run than {report}'s")
                 counts["present"] += 1
                 continue
             file.parent.mkdir(parents=True, exist_ok=True)
-            file.write_text(json.dumps(rec, indent=2))
+            atomic_write_text(file, json.dumps(rec, indent=2))
             counts["written"] += 1
     settings_file = out / "settings.json"
     if settings_file.is_file():
         old = json.loads(settings_file.read_text())
         overrides = old.get("preset_overrides", {}) | overrides
-    settings_file.write_text(json.dumps({**(fixed or {}), "preset_overrides": overrides}, indent=2))
+    atomic_write_text(settings_file, json.dumps({**(fixed or {}), "preset_overrides": overrides}, indent=2))
     if rates is not None and not (out / "rates.json").is_file():
         shutil.copyfile(rates, out / "rates.json")
     return counts

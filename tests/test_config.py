@@ -15,6 +15,17 @@ from msf.config import (
 )
 
 
+def _flat(d, prefix: str = "", lists: bool = False) -> dict:
+    """A config's JSON as dotted keys; with ``lists``, lists of dicts (the scales) entry by entry."""
+    if isinstance(d, list):
+        d = dict(enumerate(d))
+    out = {}
+    for k, v in d.items():
+        deeper = isinstance(v, dict) or (lists and isinstance(v, list) and v and isinstance(v[0], dict))
+        out |= _flat(v, f"{prefix}{k}.", lists) if deeper else {f"{prefix}{k}": v}
+    return out
+
+
 @pytest.mark.parametrize("name", list(PRESETS))
 def test_presets_validate_and_round_trip_through_json(name):
     cfg = preset(name)
@@ -25,13 +36,7 @@ def test_presets_validate_and_round_trip_through_json(name):
 def test_demo_plus_is_demo_with_its_recipe_changed_and_nothing_else():
     # the studies judged demo+lr4e-3+priornoise against demo: demo-plus must be that model, so that
     # docs/levers.md's numbers are its numbers (its step count is the demo's wall-clock, not a change)
-    def flat(d, prefix=""):
-        out = {}
-        for k, v in d.items():
-            out |= flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v}
-        return out
-
-    demo, plus = (flat(json.loads(config_to_json(preset(p)))) for p in ("demo", "demo-plus"))
+    demo, plus = (_flat(json.loads(config_to_json(preset(p)))) for p in ("demo", "demo-plus"))
     changed = {k for k in demo | plus if demo.get(k) != plus.get(k)}
     assert changed == {"train.lr", "model.prior_noise", "train.steps", "train.out_dir", "preset",
                        "model.scales", "model.samplers.paper.cfg_scale"}
@@ -64,16 +69,7 @@ def test_dit_demo_plus_is_dit_demo_sampled_at_its_measured_guidance():
 ])
 def test_the_imagenet_plus_presets_change_only_the_levers_measured_to_help(name, plus, changes):
     # docs/levers.md names these changes; anything else would be unmeasured (the paper's presets stay)
-    def flat(d, prefix=""):
-        if isinstance(d, list):
-            d = dict(enumerate(d))
-        out = {}
-        for k, v in d.items():
-            deeper = isinstance(v, dict) or (isinstance(v, list) and v and isinstance(v[0], dict))
-            out |= flat(v, f"{prefix}{k}.") if deeper else {f"{prefix}{k}": v}
-        return out
-
-    a, b = (flat(json.loads(config_to_json(preset(p)))) for p in (name, plus))
+    a, b = (_flat(json.loads(config_to_json(preset(p))), lists=True) for p in (name, plus))
     changed = {k: b.get(k) for k in a | b if a.get(k) != b.get(k)}
     assert changed == changes | {"preset": plus, "train.out_dir": f"runs/{plus}"}
 

@@ -41,6 +41,8 @@ from msf.intervals import Interval, difference, paired_difference, seed_interval
 from msf.report import METRICS, markdown, plots
 
 BUDGET_KINDS = ("wall", "flops")
+# what a folder of runs may add to or vary between invocations; every other setting is fixed by its first
+VARIABLE_SETTINGS = ("budgets", "seeds", "presets", "equal_cost", "preset_overrides")
 
 
 @dataclass
@@ -261,7 +263,8 @@ def _labels(data, n: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).choice(labels, size=n, replace=len(labels) < n)
 
 
-def _budget_key(b: float) -> str:
+def budget_key(b: float) -> str:
+    """A budget's folder name under runs/PRESET/seedN/."""
     return f"{b:g}min"
 
 
@@ -275,7 +278,7 @@ def run_one(s: CompareSettings, out: Path, name: str, seed: int, budget: float, 
     from msf.sample_set import sample_set
     from msf.train import train
 
-    run_dir = out / "runs" / name / f"seed{seed}" / _budget_key(budget)
+    run_dir = out / "runs" / name / f"seed{seed}" / budget_key(budget)
     record_file = run_dir / "run.json"
     if record_file.is_file():
         return json.loads(record_file.read_text())
@@ -358,7 +361,7 @@ def run_equal_cost(s: CompareSettings, out: Path, rec: dict, target_flops: float
     from msf.pipeline import MSFPipeline
     from msf.sample_set import sample_set
 
-    run_dir = out / "runs" / rec["preset"] / f"seed{rec['seed']}" / _budget_key(rec["budget_minutes"])
+    run_dir = out / "runs" / rec["preset"] / f"seed{rec['seed']}" / budget_key(rec["budget_minutes"])
     file = run_dir / "equal_cost.json"
     if file.is_file():
         return json.loads(file.read_text())
@@ -507,8 +510,7 @@ def _record_settings(s: CompareSettings, out: Path, write: bool = True) -> None:
     few); what a finished run's result depends on must not change. ``write=False`` (a report): check
     only, so that a report names no preset's overrides for the runs to come."""
     settings_file = out / "settings.json"
-    fixed = {k: v for k, v in asdict(s).items()
-             if k not in ("budgets", "seeds", "presets", "equal_cost", "preset_overrides")}
+    fixed = {k: v for k, v in asdict(s).items() if k not in VARIABLE_SETTINGS}
     variants = {p: v for p, v in s.preset_overrides.items() if v}
     if settings_file.is_file():
         old = json.loads(settings_file.read_text())
