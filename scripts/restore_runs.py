@@ -33,7 +33,7 @@ def restore(reports: list[Path], out: Path, rates: Path | None = None) -> dict[s
     """Write the runs of ``reports`` under ``out``; returns counts of runs written and already there."""
     fixed: dict | None = None
     overrides: dict[str, list[str]] = {}
-    counts = {"written": 0, "present": 0}
+    records: list[tuple[Path, dict, Path]] = []
     for report in reports:
         if not report.is_file():
             sys.exit(f"{report}: no such report")
@@ -53,19 +53,30 @@ def restore(reports: list[Path], out: Path, rates: Path | None = None) -> dict[s
         for rec in summary["runs"]:
             name = "run.json" if rec.get("sampling", "defaults") == "defaults" else "equal_cost.json"
             run_dir = out / "runs" / rec["preset"] / f"seed{rec['seed']}" / budget_key(rec["budget_minutes"])
-            file = run_dir / name
-            if file.is_file():
-                if json.loads(file.read_text()) != rec:
-                    sys.exit(f"{file}: already holds another record of this run than {report}'s")
-                counts["present"] += 1
-                continue
-            file.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(file, json.dumps(rec, indent=2))
-            counts["written"] += 1
+            records.append((run_dir / name, rec, report))
+    # A folder that already holds runs keeps them only if they were made as the reports' were: checked
+    # before anything is written, so a refused restore leaves the folder as it was.
     settings_file = out / "settings.json"
     if settings_file.is_file():
         old = json.loads(settings_file.read_text())
-        overrides = old.get("preset_overrides", {}) | overrides
+        old_overrides = old.get("preset_overrides", {})
+        changed = {k: (old[k], v) for k, v in (fixed or {}).items() if k in old and old[k] != v}
+        changed |= {f"overrides of {p}": (old_overrides[p], o) for p, o in overrides.items()
+                    if p in old_overrides and old_overrides[p] != o}
+        if changed:
+            sys.exit(f"{settings_file}: the folder's runs were made with other settings than the reports' "
+                     f"(folder, reports): {changed}")
+        overrides = old_overrides | overrides
+    counts = {"written": 0, "present": 0}
+    for file, rec, report in records:
+        if file.is_file():
+            if json.loads(file.read_text()) != rec:
+                sys.exit(f"{file}: already holds another record of this run than {report}'s")
+            counts["present"] += 1
+            continue
+        file.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(file, json.dumps(rec, indent=2))
+        counts["written"] += 1
     atomic_write_text(settings_file, json.dumps({**(fixed or {}), "preset_overrides": overrides}, indent=2))
     if rates is not None and not (out / "rates.json").is_file():
         shutil.copyfile(rates, out / "rates.json")

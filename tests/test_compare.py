@@ -95,6 +95,14 @@ def test_compare_trains_each_run_once_resumes_and_writes_tables(tmp_path, monkey
     assert compare(s, restored, progress=False, extractor=MeanColour())["runs"] == summary["runs"]
     assert calls == []
     assert restore_runs.restore([tmp_path / "compare.json"], restored) == {"written": 0, "present": 8}
+    # a folder whose runs were made otherwise is refused before anything is written into it
+    other = tmp_path / "other"
+    other.mkdir()
+    settings = json.loads((restored / "settings.json").read_text())
+    (other / "settings.json").write_text(json.dumps({**settings, "num_samples": settings["num_samples"] + 1}))
+    with pytest.raises(SystemExit, match="num_samples"):
+        restore_runs.restore([tmp_path / "compare.json"], other)
+    assert not (other / "runs").exists()
     (tmp_path / "runs" / "tiny-dit" / "seed1" / "0.02min" / "run.json").unlink()
     compare(s, tmp_path, progress=False, extractor=MeanColour())
     assert [(c[0], c[1]) for c in calls] == [("tiny-dit", 1)]
