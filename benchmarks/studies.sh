@@ -8,7 +8,8 @@
 #   2. levers_emoji.sh   the training levers (issue 18, item 3), a seed at a time: the DiT's at seed 0
 #                        (MSF's seed-0 screen is in docs/levers.md; its runs were not kept), then every
 #                        lever at seed 1, then 2, then MSF's again at 0     ~18 x 7 min a seed
-#   2b. levers_best_emoji.sh  each family's best combination, three seeds (issue 18, items 3-4) ~45 min
+#   2b. levers_best_emoji.sh  each family's best combination, three seeds (issue 18, items 3-4) ~45 min;
+#                        then the DiT's cosine term with uniform times (`dit-demo-plus`'s candidate)
 #   3. recipe_emoji.sh   the demo's recipe: seeds 1-2 of the single-seed variants (ema999, uniform,
 #                        drop20, wide, lr8e-3) remain                       (issue 21, item 6) ~1.2 h
 #   3b. demo_plus_emoji.sh  `make demo` before and after                  (issue 21)  done
