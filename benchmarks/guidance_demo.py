@@ -12,6 +12,7 @@ excludes zero.
 
     .venv/bin/python benchmarks/guidance_demo.py                     # runs/guidance_demo/demo-plus/
     .venv/bin/python benchmarks/guidance_demo.py --family dit-demo   # the same for its K = 1 DiT
+    .venv/bin/python benchmarks/guidance_demo.py --family dit-demo+cosine   # that DiT with the cosine term
     .venv/bin/python benchmarks/guidance_demo.py --report            # tables and plot, docs/guidance_demo/
 
 Resumable: a finished sample set is reused (`run_sweep` keeps them).
@@ -46,6 +47,16 @@ FAMILIES = {
         "sweeps": {"base": (0, [3.0, 5.0, 7.0])},
         "default": {"base": 3.0},
         "title": "`dit-demo` (K = 1: its one scale is the \"base\") at 5 minutes (1,016 steps)",
+    },
+    # the DiT with the cosine velocity term (ahead of dit-demo at the paper's guidance, three seeds:
+    # docs/levers.md), at dit-demo-plus's guidance 5: does the term still pay there? Judged against
+    # dit-demo's base-5 rows above, the same samples' labels and noise
+    "dit-demo+cosine": {
+        "model": "runs/dit-demo+cosine/seed{seed}/5min/model",
+        "sweeps": {"base": (0, [5.0])},
+        "default": {"base": 5.0},
+        "against": "dit-demo",
+        "title": "`dit-demo` with the cosine velocity term 0.1 at 5 minutes (1,012 steps)",
     },
 }
 NUM, SAMPLE_SEED, BATCH = 1000, 0, 128
@@ -143,6 +154,21 @@ def report(out: Path, docs: Path, family: str) -> None:
         per = {c: float(np.mean([r["cas_per_class"][c] for r in rows])) for c in names}
         summary.append({"sweep": name, "cfg": value, "fid": fid, "kid": kid, "cas": cas, "per_class": per,
                         "evaluations": rows[0]["nfe_per_image"]})
+    if "against" in fam:  # the same guidance of another family's models, paired by training seed
+        # from that family's committed report (its per-seed values, in seed order)
+        kept = json.loads((docs / f"guidance_{fam['against']}.json").read_text())["rows"]
+        other = {(r["sweep"], float(r["cfg"])): [{m: r[m][i] for m in ("fid", "kid", "cas")}
+                                                 for i in range(len(SEEDS))] for r in kept}
+        lines += ["", f"Against `{fam['against']}` at the same guidance (paired by training seed):", "",
+                  "| guidance | FID | KID x1000 | class accuracy |", "|---|---|---|---|"]
+        for key, rows in sorted(by.items()):
+            if key not in other:
+                continue
+            d = [paired_difference([r[m] * f for r in rows], [r[m] * f for r in other[key]])
+                 for m, f in (("fid", 1), ("kid", 1000), ("cas", 1))]
+            lines.append(f"| {key[0]} {key[1]:g} | " + " | ".join(
+                f"{x.value:+{fmt}} [{x.low:+{fmt}}, {x.high:+{fmt}}] {verdict(x, lower_is_better=low)}"
+                for x, fmt, low in zip(d, (".1f", ".1f", ".3f"), (True, True, False))) + " |")
     lines += ["", "Class accuracy per class (mean over seeds):", "",
               "| guidance | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     lines += [f"| {s['sweep']} {s['cfg']:g} | " + " | ".join(f"{s['per_class'][c]:.2f}" for c in names) + " |"

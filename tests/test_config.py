@@ -50,10 +50,10 @@ def test_demo_plus_is_demo_with_its_recipe_changed_and_nothing_else():
     assert SamplerSettings.named(preset("demo-plus").model, "paper") == SamplerSettings.named(d, "paper")
 
 
-def test_dit_demo_plus_is_dit_demo_sampled_at_its_measured_guidance():
-    # its training is dit-demo's, so the runs of benchmarks/guidance_demo.py are its runs
+def test_dit_demo_plus_is_dit_demo_with_the_cosine_term_sampled_at_its_measured_guidance():
+    # its training is dit-demo+cosine's, so the runs of benchmarks/guidance_demo.py are its runs
     d, p = preset("dit-demo"), preset("dit-demo-plus")
-    assert p.train == dataclasses.replace(d.train, out_dir="runs/dit-demo-plus")
+    assert p.train == dataclasses.replace(d.train, out_dir="runs/dit-demo-plus", cosine_loss_weight=0.1)
     assert [s.cfg_scale for s in d.model.scales] == [3.0] and [s.cfg_scale for s in p.model.scales] == [5.0]
     p.model.scales[0].cfg_scale = 3.0
     assert p.model.scales == d.model.scales
@@ -65,7 +65,7 @@ def test_dit_demo_plus_is_dit_demo_sampled_at_its_measured_guidance():
     ("paper-imagenet256", "paper-imagenet256-plus",
      {"model.prior_noise": 0.2, "model.normalize": "std", "train.time_sampler": "logit-normal"}),
     ("dit-xl2", "dit-xl2-plus",
-     {"train.cosine_loss_weight": 0.1}),
+     {"train.cosine_loss_weight": 0.1, "train.time_sampler": "logit-normal"}),
 ])
 def test_the_imagenet_plus_presets_change_only_the_levers_measured_to_help(name, plus, changes):
     # docs/levers.md names these changes; anything else would be unmeasured (the paper's presets stay)
