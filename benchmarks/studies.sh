@@ -10,14 +10,15 @@
 #                        lever at seed 1, then 2, then MSF's again at 0     ~18 x 7 min a seed
 #   2b. levers_best_emoji.sh  each family's best combination, three seeds (issue 18, items 3-4) ~45 min;
 #                        then the DiT's cosine term with uniform times (`dit-demo-plus`'s candidate)
-#   3. recipe_emoji.sh   the demo's recipe: seeds 1-2 of the single-seed variants (ema999, uniform,
-#                        drop20, wide, lr8e-3) remain                       (issue 21, item 6) ~1.2 h
-#   3b. demo_plus_emoji.sh  `make demo` before and after                  (issue 21)  done
-#   4. the knobs that won at 5 minutes, at 15: demo, demo+lightres, demo+priornoise, 3 seeds
+#   3. the knobs that won at 5 minutes, at 15: demo, demo+lightres, demo+priornoise, 3 seeds
 #      (issue 18, item 1: does the answer move with budget?)               ~2.5 h
-#   5. compare_emoji.sh  MSF against its DiT at 5, 15 and 45 minutes      (issue 21, item 5)  ~7 h left
+#   4. compare_emoji.sh  MSF against its DiT at 5, 15 and 45 minutes      (issue 21, item 5)  ~7 h left
+#   5. recipe_emoji.sh   the demo's recipe: seeds 1-2 of the single-seed variants (drop20, wide; ema999
+#                        and lr8e-3, which diverged at seed 0) remain      (issue 21, item 6) ~1.2 h
+#   demo_plus_emoji.sh   `make demo` before and after                     (issue 21)  done
 # benchmarks/guidance_demo.py (the demo's guidance, issue 21 item 6) is done and not rerun here.
-# 1-4 share runs/emoji_studies: one set of rates, and demo and dit-demo run once, by the first.
+# All but compare_emoji.sh share runs/emoji_studies: one set of rates, and demo and dit-demo run once,
+# by the first.
 # The hours are for a 2-core CPU (about 7 minutes a run: 5 of training, 2 to sample and score).
 # Stop it with Ctrl-C or `kill -TERM` (a training leg saves its checkpoint); `kill -9` loses at most
 # the last 5 minutes of a leg. After a study advances, `sh benchmarks/<study>.sh --report` (with the
@@ -30,9 +31,9 @@ SEEDS=1 sh benchmarks/levers_emoji.sh
 sh benchmarks/levers_best_emoji.sh
 SEEDS=2 sh benchmarks/levers_emoji.sh
 FAMILIES=demo SEEDS=0 sh benchmarks/levers_emoji.sh
-SEEDS=0,1,2 sh benchmarks/recipe_emoji.sh
-SEEDS=0,1,2 sh benchmarks/demo_plus_emoji.sh
 .venv/bin/msf compare --data emoji --budgets 15 --seeds 0,1,2 --num-samples 1000 --out runs/emoji_studies \
     --report-to runs/emoji_studies/knobs15 --presets demo,demo+lightres,demo+priornoise \
     "demo+lightres:model.scales.1.depth=2" "demo+priornoise:model.prior_noise=0.2"
 sh benchmarks/compare_emoji.sh
+SEEDS=0,1,2 sh benchmarks/demo_plus_emoji.sh
+SEEDS=0,1,2 sh benchmarks/recipe_emoji.sh
