@@ -467,10 +467,10 @@ def _paper_imagenet256_plus() -> Config:
     (docs/levers.md; measured at the demo's size, not at ImageNet's): conditioning noise 0.2 on the
     residual's prior (ahead by 4 FID at a 16 px and a 24 px base, three seeds, paired), each component
     trained at unit variance (without it `demo` was behind by 10.6 FID, three seeds, paired) and times
-    drawn logit-normally as in SD3 (uniform, the paper's, was behind by 7-8 FID at both seeds run). Not
-    SwiGLU: ahead of `demo` alone, it was level on top of the recipe of `demo-plus` (+1.0, +7.0, -6.1
-    FID by seed). The networks are the paper's. Sampled as ``paper-imagenet256``: its guidance was not
-    tuned for this recipe."""
+    drawn logit-normally as in SD3 (uniform, the paper's, was behind by 7.8 FID, three seeds, paired). Not
+    SwiGLU: level with `demo` alone at three seeds (+0.5 FID), and level on top of the recipe of
+    `demo-plus` (+1.0, +7.0, -6.1 FID by seed). The networks are the paper's. Sampled as
+    ``paper-imagenet256``: its guidance was not tuned for this recipe."""
     cfg = _paper_imagenet256()
     cfg.model.prior_noise = 0.2
     cfg.model.normalize = "std"
