@@ -242,6 +242,8 @@ MUTATIONS = [
     ("compare takes per-scale step counts as absolute", "compare.py",
      "    if cfg.train.scale_steps is not None:  # proportions", "    if False:  # proportions",
      "tests/test_compare.py"),
+    ("compare's calibration bursts ignore calib_seconds", "compare.py",
+     "burst[p] = max(s.calib_steps, round(", "burst[p] = min(s.calib_steps, round(", "tests/test_compare.py"),
 ]
 
 

@@ -41,12 +41,15 @@ def restore(reports: list[Path], out: Path, rates: Path | None = None) -> dict[s
         settings = summary.get("settings")
         if not settings or "runs" not in summary:
             sys.exit(f"{report}: not a compare.json (no 'settings' or 'runs')")
-        mine = {k: settings.get(k) for k in _FIXED}
+        # a setting newer than a report is not in it: msf compare reads it as its default
+        mine = {k: settings[k] for k in _FIXED if k in settings}
         if fixed is None:
             fixed = mine
-        elif mine != fixed:
-            diff = {k: (fixed[k], mine[k]) for k in _FIXED if fixed[k] != mine[k]}
-            sys.exit(f"{report}: made with other settings than {reports[0]}: {diff}")
+        else:
+            diff = {k: (fixed[k], mine[k]) for k in fixed.keys() & mine.keys() if fixed[k] != mine[k]}
+            if diff:
+                sys.exit(f"{report}: made with other settings than {reports[0]}: {diff}")
+            fixed |= mine
         for p, o in settings.get("preset_overrides", {}).items():
             if overrides.setdefault(p, o) != o:
                 sys.exit(f"{report}: preset {p} has overrides {o}, another report {overrides[p]}")

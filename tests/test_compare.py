@@ -20,7 +20,8 @@ _spec.loader.exec_module(restore_runs)
 
 def _settings(**kw):
     base = dict(presets=["tiny", "tiny-dit"], data="emoji", budgets=[0.01, 0.02], seeds=[0, 1],
-                num_samples=12, calib_steps=2, calib_repeats=1, bootstraps=20, metrics=["fid", "kid"],
+                num_samples=12, calib_steps=2, calib_repeats=1, calib_seconds=0, bootstraps=20,
+                metrics=["fid", "kid"],
                 overrides=["train.batch_size=8", "train.log_every=1"])
     base.update(kw)
     return CompareSettings(**base)
@@ -475,3 +476,28 @@ def test_per_scale_step_counts_are_proportions_under_a_budget(tmp_path, monkeypa
         assert r["scale_steps"] == [r["steps"], max(1, round(r["steps"] * 0.625))]
     # each budget trained from the start: resuming the shorter scale later would not be its longer run
     assert [resume for _, steps, resume in trained if steps is not None] == [False, False]
+
+
+def test_calibration_bursts_last_about_calib_seconds_whatever_the_machine(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from msf.compare import _config, _measure
+    from msf.data import load_dataset
+
+    lengths = []
+
+    def fake(cfg, **kw):  # a machine that trains 100 steps a second
+        lengths.append(cfg.train.steps)
+        return SimpleNamespace(seconds=cfg.train.steps / 100)
+
+    monkeypatch.setattr(msf.train, "train", fake)
+    s = _settings(presets=["tiny"], calib_seconds=1.0)
+    data = load_dataset("emoji", _config(s, "tiny", tmp_path, 1, 0).model.image_size)
+    steps, _ = _measure(s, tmp_path, data, ["tiny"], progress=False)
+    # a warm-up of calib_steps sizes the bursts: one second's steps, then twice that
+    assert lengths == [2, 100, 200] and steps["tiny"] == [pytest.approx(100)]
+    lengths.clear()
+    _measure(_settings(presets=["tiny"], calib_seconds=0), tmp_path, data, ["tiny"], progress=False)
+    assert lengths == [2, 4]
+    with pytest.raises(ConfigError, match="calib_seconds"):
+        _settings(calib_seconds=-1).check()

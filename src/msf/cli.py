@@ -311,7 +311,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
                                budget_kind=args.budget_kind, num_samples=args.num_samples, overrides=common,
                                preset_overrides=per, bootstraps=args.bootstraps, equal_cost=args.equal_cost,
                                feature_precision=args.feature_precision, sampler=args.sampler,
-                               calib_repeats=args.calib_repeats)
+                               calib_repeats=args.calib_repeats, calib_seconds=args.calib_seconds)
     summary = compare(settings, args.out, progress=not args.quiet, report_only=args.report,
                       report_dir=args.report_to)
     print(markdown(summary), end="")
@@ -553,6 +553,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--num-samples", type=int, default=1000, help="samples per run (default 1000)")
     c.add_argument("--calib-repeats", type=int, default=3,
                    help="rounds of the side-by-side rate measurement, the median taken (default 3)")
+    c.add_argument("--calib-seconds", type=float, default=10.0,
+                   help="each rate burst's length in seconds (at least 50 steps; 0: 50 steps; default 10)")
     c.add_argument("--bootstraps", type=int, default=200)
     c.add_argument("--equal-cost", action="store_true",
                    help="also sample the costlier presets with fewer steps, at the cheapest one's FLOPs")

@@ -55,8 +55,11 @@ class CompareSettings:
     num_samples: int = 1000
     overrides: list[str] = field(default_factory=list)  # applied to every preset
     preset_overrides: dict[str, list[str]] = field(default_factory=dict)
-    calib_steps: int = 50
+    calib_steps: int = 50  # the shortest calibration burst
     calib_repeats: int = 3
+    # each burst's marginal steps last about this long (a fixed step count is a second on a fast machine,
+    # where start-up noise swamps it); 0: exactly calib_steps
+    calib_seconds: float = 10.0
     bootstraps: int = 200
     feature_precision: str = "bf16"
     sample_batch: int = 128
@@ -79,6 +82,8 @@ class CompareSettings:
         if self.calib_repeats < 1 or self.calib_steps < 1:
             raise ConfigError("compare: calib_repeats and calib_steps must be >= 1, got "
                               f"{self.calib_repeats} and {self.calib_steps}")
+        if not self.calib_seconds >= 0:
+            raise ConfigError(f"compare: calib_seconds must be >= 0, got {self.calib_seconds}")
         if self.num_samples < 4:
             raise ConfigError(f"compare: num_samples must be >= 4, got {self.num_samples}")
 
@@ -152,7 +157,8 @@ def _work_keys_of(s: CompareSettings, name: str) -> tuple[str, str]:
 def _measure(s: CompareSettings, out: Path, data, presets: list[str], progress: bool
              ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     """Training steps per second and sampling seconds per image of ``presets``: short runs of each in
-    turn, ``s.calib_repeats`` rounds."""
+    turn, ``s.calib_repeats`` rounds, each about ``s.calib_seconds`` of marginal steps (at least
+    ``s.calib_steps``)."""
     import torch
 
     from msf.pipeline import MSFPipeline
@@ -162,16 +168,22 @@ def _measure(s: CompareSettings, out: Path, data, presets: list[str], progress: 
     sampling: dict[str, list[float]] = {p: [] for p in presets}
     pipes = {p: MSFPipeline(_config(s, p, out, 1, 0).model).eval() for p in presets}
     labels = torch.arange(32) % pipes[presets[0]].config.num_classes
-    for p in presets:  # warm-up
+    burst = dict.fromkeys(presets, s.calib_steps)
+    for p in presets:  # warm-up, which also sizes the bursts (its start-up makes them a little short)
         pipes[p].sample(labels[:4], seed=0, precision="bf16")
+        if s.calib_seconds:
+            warm = train(_config(s, p, out / "calibration", s.calib_steps, 0), data=data, progress=False,
+                         save=False).seconds
+            burst[p] = max(s.calib_steps, round(s.calib_steps / max(warm, 1e-9) * s.calib_seconds))
     for r in range(s.calib_repeats):
         for p in presets:
             # the marginal rate, from two lengths: a run's fixed start-up (data-loader workers, the
             # first steps' allocations) would otherwise shorten the faster preset's budget more
-            seconds = [train(_config(s, p, out / "calibration", n, 0), data=data, progress=False,
-                             save=False).seconds for n in (s.calib_steps, 2 * s.calib_steps)]
+            n = burst[p]
+            seconds = [train(_config(s, p, out / "calibration", k, 0), data=data, progress=False,
+                             save=False).seconds for k in (n, 2 * n)]
             extra = seconds[1] - seconds[0]
-            steps[p].append(s.calib_steps / extra if extra > 0 else 2 * s.calib_steps / seconds[1])
+            steps[p].append(n / extra if extra > 0 else 2 * n / seconds[1])
             t0 = time.perf_counter()
             pipes[p].sample(labels, seed=r, precision="bf16")  # the sample sets' precision
             sampling[p].append((time.perf_counter() - t0) / len(labels))
