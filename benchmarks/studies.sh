@@ -5,11 +5,11 @@
 # A fresh checkout has no runs/: first bring back the finished runs from the committed reports with
 # scripts/restore_runs.py (see docs/levers.md, "Running the studies"), or everything is trained again.
 #   1. knobs_emoji.sh    MSF's own knobs, 10 variants x 3 seeds x 5 min   (issue 18, item 1)  done
-#   2. levers_emoji.sh   the training levers (issue 18, item 3), a seed at a time: the DiT's at seed 0
-#                        (MSF's seed-0 screen is in docs/levers.md; its runs were not kept), then every
-#                        lever at seed 1, then 2, then MSF's again at 0     ~18 x 7 min a seed
-#   2b. levers_best_emoji.sh  each family's best combination, three seeds (issue 18, items 3-4) ~45 min;
-#                        then the DiT's cosine term with uniform times (`dit-demo-plus`'s candidate)
+#   2. levers_emoji.sh   the training levers (issue 18, item 3), a seed at a time: the DiT's at seed 0,
+#                        then every lever at seed 1, then 2, then MSF's again at 0 (its first screen's
+#                        runs were lost)                                    done
+#   2b. levers_best_emoji.sh  each family's best combination, three seeds, and the DiT's cosine term
+#                        with uniform times (`dit-demo-plus`'s candidate)   (issue 18, items 3-4)  done
 #   3. the knobs that won at 5 minutes, at 15: demo, demo+lightres, demo+priornoise, 3 seeds
 #      (issue 18, item 1: does the answer move with budget?)               ~2.5 h
 #   4. compare_emoji.sh  MSF against its DiT at 5, 15 and 45 minutes      (issue 21, item 5)  ~7 h left

@@ -485,7 +485,8 @@ def _dit_xl2_plus() -> Config:
     0.1 with times drawn logit-normally, FasterDiT's pairing. With logit-normal times the term was ahead
     of ``dit-demo`` by 3.4 FID (three seeds, paired), and by 4.7 at ``dit-demo-plus``'s guidance; with
     the paper's uniform times it was level with uniform alone. Against the paper's uniform times the
-    pair is level on FID (-5.9) and behind on class accuracy (-0.11) on emoji: the one trade-off. Not
+    pair is level on FID (-5.9) and behind on class accuracy (-0.11, paired: scripts/paired.py) on
+    emoji: the one trade-off. Not
     SwiGLU: level on FID, behind on class accuracy, and level again on top of the cosine term.
     ``paper-imagenet256-plus``'s counterpart: both train on logit-normal times."""
     cfg = _dit_xl2()
