@@ -65,6 +65,15 @@ def test_iterate_batches_flips_and_ranges():
     assert torch.equal(x, expect) and torch.equal(y, d.labels[idx]) and bad == []
 
 
+def test_random_flip_off_draws_the_same_examples_and_never_mirrors():
+    d = load_builtin()
+    on, off = IndexStream(d.labels, 64, seed=2), IndexStream(d.labels, 64, seed=2, flip=False)
+    assert on.batch(5)[1].any() and not off.batch(5)[1].any()
+    assert torch.equal(on.batch(5)[0], off.batch(5)[0])
+    ((_, x, _, _),) = list(iterate_batches(d, off, 5, 5))
+    assert torch.equal(x, to_model_range(d.images[off.batch(5)[0]]))
+
+
 def test_npz_dataset_and_bad_data(tmp_path):
     p = tmp_path / "d.npz"
     np.savez(p, images=np.zeros((4, 8, 8, 3), np.uint8), labels=np.array([0, 1, 2, 1]))

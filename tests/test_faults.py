@@ -6,9 +6,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from msf.checkpoint import CheckpointError, list_checkpoints, prune, save_checkpoint
+from msf.checkpoint import VERSION, CheckpointError, list_checkpoints, load_checkpoint, prune, save_checkpoint
 from msf.cli import main
 from msf.config import ConfigError, apply_overrides, config_from_json, config_to_json, preset
+from msf.files import atomic_write, atomic_write_text
 from msf.pipeline import ModelDirError, MSFPipeline
 from msf.train import train
 
@@ -86,6 +87,32 @@ def test_damaged_checkpoints_never_count_toward_retention(tmp_path):
     save_checkpoint(d, 5, {"x": torch.tensor([5])})
     prune(d, keep_last=2)
     assert [s for s, _ in list_checkpoints(d)] == [2, 3, 4, 5]  # the damaged ones are left for the user
+
+
+def test_a_write_cut_short_leaves_the_old_file_whole_and_nothing_beside_it(tmp_path):
+    target = tmp_path / "config.json"
+    atomic_write_text(target, "old")
+
+    def cut_short(tmp):
+        tmp.write_text("new, half")
+        raise OSError("No space left on device")
+
+    with pytest.raises(OSError, match="No space left on device"):
+        atomic_write(target, cut_short)
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["config.json"]  # no temporary file left behind
+
+
+def test_a_checkpoint_of_another_format_or_version_is_refused_by_name(tmp_path):
+    path = save_checkpoint(tmp_path, 1, {"x": torch.tensor([1])})
+    assert load_checkpoint(path)["x"].tolist() == [1]
+    torch.save({"format": "msf-train-checkpoint", "version": VERSION + 1, "step": 1}, path)
+    with pytest.raises(CheckpointError, match=rf"step_000000001.pt: checkpoint version {VERSION + 1}, "
+                                              rf"expected {VERSION}"):
+        load_checkpoint(path)
+    torch.save({"model": {}}, path)
+    with pytest.raises(CheckpointError, match=r"not an msf training checkpoint \(field 'format'\)"):
+        load_checkpoint(path)
 
 
 def test_class_count_and_names_come_from_the_folder_or_the_run_says_which_override(tmp_path):

@@ -295,6 +295,15 @@ class _NotWeights:
     pass
 
 
+def test_bf16_features_run_in_bf16_and_stay_close_to_fp32(extractor, emoji):
+    with pytest.warns(UserWarning, match="no Inception Score"):
+        fast = load_feature_extractor(precision="bf16")
+    assert fast.name.endswith(", bf16") and fast.weights.sha256 == extractor.weights.sha256
+    ref, got = extractor(emoji[:4])[0], fast(emoji[:4])[0]
+    rel = np.abs(got - ref).max() / np.abs(ref).max()
+    assert 1e-4 < rel < 0.05, rel  # bf16 rounding shows, and no more than that
+
+
 def test_torch_fidelity_weights_path(tmp_path, monkeypatch, emoji):
     from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
 

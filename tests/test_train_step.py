@@ -145,7 +145,8 @@ def test_std_normalisation_gives_unit_variance_components(tiny_cfg, tmp_path):
     assert std[1] < 0.5 * std[0]
 
 
-def test_a_step_of_train_is_the_method_written_out(tiny_cfg, tmp_path):
+@pytest.mark.parametrize("flip", ["true", "false"])
+def test_a_step_of_train_is_the_method_written_out(tiny_cfg, tmp_path, flip):
     # Step 2 of train(), redone by hand from step 1's checkpoint: the step's batch (IndexStream),
     # its randomness (StepNoise), the per-scale losses (eq. 5), backward, clipping, the scheduled
     # lr, AdamW, and the EMA. Any missing zero_grad, wrong key, lr or clip shows as a difference.
@@ -155,7 +156,8 @@ def test_a_step_of_train_is_the_method_written_out(tiny_cfg, tmp_path):
 
     cfg = _cfg(tiny_cfg, tmp_path, "train.steps=2", "train.ckpt_every=1", "train.keep_last=5",
                "train.lr=1e-2", "train.warmup_steps=2", "train.grad_clip=0.5", "train.class_dropout=0.3",
-               "model.prior_noise=0.1", "train.ema_decay=0.8", "train.log_every=1")
+               "model.prior_noise=0.1", "train.ema_decay=0.8", "train.log_every=1",
+               f"train.random_flip={flip}")
     train(cfg, progress=False)
     (_, first), (_, second) = list_checkpoints(tmp_path / "checkpoints")
     s1, s2 = (torch.load(p, weights_only=True) for p in (first, second))
@@ -170,7 +172,8 @@ def test_a_step_of_train_is_the_method_written_out(tiny_cfg, tmp_path):
                                     weight_decay=t.weight_decay)
         opts[k].load_state_dict(s1["optimizers"][str(k)])
     data = prepare_data(load_dataset(t.data, cfg.model.image_size), cfg.model.image_size)
-    stream = IndexStream(data.labels, t.batch_size, seed=t.seed, balance_classes=t.balance_classes)
+    stream = IndexStream(data.labels, t.batch_size, seed=t.seed, balance_classes=t.balance_classes,
+                         flip=t.random_flip)
     ((step, x, y, _),) = list(iterate_batches(data, stream, 2, 2))
     losses = pipe.training_losses(x, y, class_dropout=t.class_dropout, time_sampler=t.time_sampler,
                                   noise=StepNoise(t.seed, 2))

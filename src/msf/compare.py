@@ -126,7 +126,8 @@ def _train_flops_per_step(cfg: Config) -> float:
 # steps more training.
 _FREE_TRAIN = ("lr", "weight_decay", "betas", "warmup_steps", "lr_schedule", "min_lr_ratio", "ema_decay",
                "class_dropout", "time_sampler", "logit_mean", "logit_std", "time_shift", "time_shift_rule",
-               "time_shift_ref", "cosine_loss_weight", "seed", "steps", "out_dir", "log_every")
+               "time_shift_ref", "cosine_loss_weight", "random_flip", "seed", "steps", "out_dir",
+               "log_every")
 _FREE_MODEL = ("prior_noise", "normalize", "component_std", "class_names", "samplers")
 _SAMPLER_FIELDS = ("steps", "cfg_scale", "solver", "shift", "guidance_interval")
 

@@ -280,6 +280,7 @@ class TrainConfig:
     logit_std: float = 1.0
     precision: str = "bf16"  # autocast dtype for the forward pass
     balance_classes: bool = True  # sample classes uniformly, not by frequency
+    random_flip: bool = True  # mirror each image with probability 1/2 (DiT); off for text, digits, flags
     seed: int = 0
     log_every: int = 10
     data: str = "emoji"  # "emoji" (built-in), a .npz, or an image folder (one sub-folder per class)

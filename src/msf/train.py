@@ -563,7 +563,8 @@ def _run(cfg: Config, world: World, data, progress: bool, max_seconds: float | N
 
     # -- the loop: a step, then its log, sample grid and checkpoint when due
     total_steps, start_step = max(tc.steps_for(k) for k in scales), state.step
-    stream = IndexStream(data.labels, tc.batch_size, seed=tc.seed, balance_classes=tc.balance_classes)
+    stream = IndexStream(data.labels, tc.batch_size, seed=tc.seed, balance_classes=tc.balance_classes,
+                         flip=tc.random_flip)
     stop, interrupted, time_capped = StopRequest(), False, False
     quality = None  # msf.quality_log, made at the first check
     if progress and world.is_main:
