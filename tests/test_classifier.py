@@ -51,9 +51,18 @@ def test_the_classifier_is_cached_per_data_set(tmp_path, monkeypatch):
     assert np.array_equal(again.predict(probe), first.predict(probe))
     with pytest.raises(AssertionError, match="trained again"):  # other images: another classifier
         real_classifier(images[::-1].copy(), labels[::-1].copy(), ["r", "g", "b"], tmp_path, QUICK)
+    with pytest.raises(AssertionError, match="trained again"):  # the same images under other labels
+        real_classifier(images, (labels + 1) % 3, ["r", "g", "b"], tmp_path, QUICK)
     first.path.write_bytes(b"damaged")  # a damaged cache entry is trained over, not loaded
     with pytest.raises(AssertionError, match="trained again"):
         real_classifier(images, labels, ["r", "g", "b"], tmp_path, QUICK)
+
+
+def test_the_held_out_images_are_none_of_the_training_images_and_every_class_gives_its_share():
+    labels = np.repeat(np.arange(3), [10, 2, 1])
+    train, held = classifier._split(labels, 0.2, seed=0)
+    assert not set(train) & set(held) and sorted([*train, *held]) == list(range(len(labels)))
+    assert np.bincount(labels[held], minlength=3).tolist() == [2, 1, 0]  # one image of two; none of one
 
 
 def test_labelled_images_read_adm_and_our_npz_formats(tmp_path):

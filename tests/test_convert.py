@@ -246,6 +246,10 @@ def test_wrong_shapes_and_keys_name_the_file_the_key_and_the_shapes(tmp_path, re
     with pytest.raises(CheckpointError, match=r"missing \['blocks.0.attn.proj.weight'\], "
                                               r"unexpected \['blocks.0.attn.extra'\]"):
         convert_checkpoint(ckpt, tmp_path / "model")
+    del state["blocks.0.attn.extra"]  # a key missing, nothing else wrong
+    torch.save(state, ckpt)
+    with pytest.raises(CheckpointError, match=r"missing \['blocks.0.attn.proj.weight'\], unexpected \[\]"):
+        convert_checkpoint(ckpt, tmp_path / "model")
     state = ref.state_dict()
     state["pos_embed"] = state["pos_embed"] + 0.01
     torch.save(state, ckpt)

@@ -129,7 +129,10 @@ def test_evaluate_reports_intervals_and_the_floor(tmp_path):
                  cache_dir=tmp_path)
     assert r["fid_ci"][0] <= r["fid"] <= r["fid_ci"][1] and r["fid_ci"][0] < r["fid_ci"][1]
     assert r["kid_ci"][0] <= r["kid"] <= r["kid_ci"][1]
-    assert r["floor"]["n"] == 30 and r["floor"]["fid"] < r["fid"]
+    assert r["floor"]["n"] == 30 and r["floor"]["fid"] < r["fid"]  # 40 samples: cut to half the reference
+    few = evaluate(samples[:12], ref, metrics=("fid",), extractor=MeanColour(), progress=False, bootstraps=0,
+                   cache_dir=tmp_path)
+    assert few["floor"]["n"] == 12 and few["floor"]["num_ref"] == 48  # at the samples' count
     text = format_results(r)
     assert "bootstrap" in text and "real against real" in text
     none = evaluate(samples, ref, metrics=("fid",), extractor=MeanColour(), progress=False, bootstraps=0,

@@ -65,6 +65,11 @@ def test_interrupted_extraction_resumes_and_damage_is_reported(tmp_path):
     assert now["shard_00000.z.npy"] == stamp["shard_00000.z.npy"]
     assert now["shard_00002.z.npy"] != stamp["shard_00002.z.npy"]
     assert len(LatentCache(out)) == 1870
+    # So is a shard with a file shorter than its record says (a copy cut short).
+    f = out / "shard_00001.z.npy"
+    f.write_bytes(f.read_bytes()[:-100])
+    extract(cfg, out, shard_size=500, progress=False)
+    assert len(LatentCache(out)) == 1870 and f.stat().st_mtime_ns != stamp["shard_00001.z.npy"]
     # Truncation after the fact is caught on open, naming the file.
     f = out / "shard_00001.base.npy"
     f.write_bytes(f.read_bytes()[:-100])
