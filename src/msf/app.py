@@ -13,12 +13,18 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 
 from msf.config import SOLVERS, ConfigError, SamplerSettings
 from msf.scale_view import view_columns, view_scales
+
+if TYPE_CHECKING:
+    import gradio as gr
+
+    from msf.pipeline import MSFPipeline
 
 MAX_SAMPLES = 8
 
@@ -33,8 +39,9 @@ def _strip(cells: np.ndarray, upscale: int, pad: int = 2) -> Image.Image:
     return img.resize((w * upscale, img.height * upscale), Image.Resampling.NEAREST)
 
 
-def generate(pipe, class_index: int, seed: int, num_samples: int, steps: list[int], cfg_scale: list[float],
-             solver: list[str], precision: str = "fp32", upscale: int = 4, shift: list[float] | None = None,
+def generate(pipe: MSFPipeline, class_index: int, seed: int, num_samples: int, steps: list[int],
+             cfg_scale: list[float], solver: list[str], precision: str = "fp32", upscale: int = 4,
+             shift: list[float] | None = None,
              guidance_interval: list[tuple[float, float]] | None = None) -> tuple[list[Image.Image], str]:
     """One column image per stage (base, base upsampled, each addition, image) and a timing line.
     ``shift`` and ``guidance_interval`` (one per scale) default to the model's own."""
@@ -58,7 +65,7 @@ def generate(pipe, class_index: int, seed: int, num_samples: int, steps: list[in
     return columns, f"{timing} · {total}"
 
 
-def build_app(pipe, title: str = "msf"):
+def build_app(pipe: MSFPipeline, title: str = "msf") -> gr.Blocks:
     """The Gradio page for ``pipe`` (an :class:`msf.pipeline.MSFPipeline`)."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls to outside hosts
     try:
@@ -134,7 +141,7 @@ def stage_titles(num_scales: int) -> list[str]:
 
 
 def serve(model: str | Path, host: str = "127.0.0.1", port: int | None = None, device: str | None = None,
-          block: bool = True, weights: str = "ema"):
+          block: bool = True, weights: str = "ema") -> gr.Blocks:
     """Load ``model`` (anything :func:`msf.load.load_pipeline` takes) and serve its page."""
     from msf.distributed import init_world
     from msf.load import load_pipeline

@@ -31,6 +31,7 @@ import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -39,6 +40,9 @@ from msf.files import atomic_write_text
 from msf.info import model_info, scale_infos
 from msf.intervals import Interval, difference, paired_difference, seed_interval, verdict
 from msf.report import METRICS, markdown, plots
+
+if TYPE_CHECKING:
+    from msf.features import FeatureExtractor
 
 BUDGET_KINDS = ("wall", "flops")
 # what a folder of runs may add to or vary between invocations; every other setting is fixed by its first
@@ -541,8 +545,9 @@ def _record_settings(s: CompareSettings, out: Path, write: bool = True) -> None:
         atomic_write_text(settings_file, json.dumps({**fixed, "preset_overrides": variants}, indent=2))
 
 
-def compare(s: CompareSettings, out: str | Path, progress: bool = True, extractor=None,
-            report_only: bool = False, report_dir: str | Path | None = None) -> dict:
+def compare(s: CompareSettings, out: str | Path, progress: bool = True,
+            extractor: FeatureExtractor | None = None, report_only: bool = False,
+            report_dir: str | Path | None = None) -> dict:
     """Run (or resume) the comparison; returns the summary written to ``out/compare.json``.
 
     ``extractor``: the feature network (default: Inception at ``s.feature_precision``). ``report_only``:

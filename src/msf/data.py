@@ -17,15 +17,23 @@ from __future__ import annotations
 
 import queue
 import threading
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from msf.factorize import resize_image
+
+if TYPE_CHECKING:
+    from msf.imagefolder import ImageFolder
+    from msf.latent_cache import LatentCache
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -64,7 +72,8 @@ def load_builtin(name: str = "emoji32") -> ImageDataset:
         )
 
 
-def load_dataset(spec: str, image_size: int | None = None, strict: bool = False):
+def load_dataset(spec: str, image_size: int | None = None, strict: bool = False
+                 ) -> ImageDataset | ImageFolder | LatentCache:
     """The training data a config names.
 
     ``"emoji"``: the built-in set. A ``.npz`` with ``images`` (N, H, W, 3 uint8) and
@@ -264,7 +273,7 @@ class TorchvisionData:
         return x.to(torch.uint8).permute(1, 2, 0).contiguous(), int(label), ""
 
 
-def is_torchvision_style(source) -> bool:
+def is_torchvision_style(source: object) -> bool:
     """A map-style dataset without msf's ``labels`` and ``class_names``."""
     return (hasattr(source, "__getitem__") and hasattr(source, "__len__")
             and not (hasattr(source, "labels") and hasattr(source, "class_names")))
@@ -344,9 +353,9 @@ class TrainingData:
 
 
 def iterate_batches(
-    data, stream: IndexStream, start: int, end: int, *, rank: int = 0, world: int = 1,
-    num_workers: int = 0, prefetch: int = 0, pin_memory: bool = False,
-):
+    data: TrainingData | ImageDataset | ImageFolder | LatentCache, stream: IndexStream, start: int, end: int,
+    *, rank: int = 0, world: int = 1, num_workers: int = 0, prefetch: int = 0, pin_memory: bool = False,
+) -> Iterator[tuple]:
     """:meth:`TrainingData.batches` of ``data`` (a :class:`TrainingData` or what it wraps).
 
     ``prefetch`` > 0 reads that many batches ahead in a background thread (the next batch is
@@ -369,7 +378,7 @@ def _pinned(item):
     return step, tuple(_pin(v) for v in x) if isinstance(x, tuple) else _pin(x), _pin(y), bad
 
 
-def prefetched(items, depth: int):
+def prefetched(items: Iterable[T], depth: int) -> Iterator[T]:
     """``items``, produced ``depth`` ahead by a background thread; its errors are raised here, and it
     stops when the consumer does (an early ``break`` leaves no thread behind)."""
     done, q = threading.Event(), queue.Queue(maxsize=depth)

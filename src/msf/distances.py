@@ -114,7 +114,7 @@ def inception_score(logits: np.ndarray, splits: int = 10) -> tuple[float, float]
 KERNEL_LIMIT = 3 * 2048 * 2048  # kernel entries (float64) kid() may hold at once: ~100 MB
 
 
-def poly_kernel(a, b):
+def poly_kernel(a: np.ndarray | Tensor, b: np.ndarray | Tensor) -> np.ndarray | Tensor:
     """KID's cubic kernel (x.y / d + 1)^3 between the rows of ``a`` and ``b`` (numpy arrays or tensors)."""
     return (a @ b.T / a.shape[1] + 1) ** 3
 

@@ -11,16 +11,22 @@ import math
 import os
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from msf.config import Config, validate
-from msf.data import TrainingData, load_dataset
+from msf.data import ImageDataset, TrainingData, load_dataset
 from msf.distributed import barrier, close_world, init_world
 from msf.files import atomic_write_numpy, atomic_write_text
 from msf.latent_cache import DTYPES, FORMAT, VERSION, CacheError, cache_key
+
+if TYPE_CHECKING:
+    from torch.utils.data import Dataset
+
+    from msf.imagefolder import ImageFolder
 
 
 def _write_npy(path: Path, array: np.ndarray) -> int:
@@ -48,7 +54,7 @@ def extract(
     dtype: str = "float16",
     device: str | None = None,
     progress: bool = True,
-    data=None,
+    data: TrainingData | ImageDataset | ImageFolder | Dataset | None = None,
 ) -> Path:
     """Encode ``cfg.train.data`` into a latent cache at ``out_dir``; resumes where it stopped."""
     validate(cfg)

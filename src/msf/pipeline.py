@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import torch
@@ -41,7 +41,7 @@ class ModelDirError(ValueError):
     """A model directory is missing, incomplete or corrupted; the message names the file."""
 
 
-def autocast(device: torch.device | str, precision: str):
+def autocast(device: torch.device | str, precision: str) -> AbstractContextManager:
     """bf16 autocast on CPU (AMX) or CUDA; a no-op for fp32."""
     if precision == "fp32":
         return nullcontext()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -20,6 +21,9 @@ import torch
 from msf.config import Config
 from msf.data import to_uint8
 from msf.files import atomic_write_text
+
+if TYPE_CHECKING:
+    from msf.pipeline import MSFPipeline
 
 
 class QualityLog:
@@ -42,7 +46,7 @@ class QualityLog:
         return self.ref
 
     @torch.no_grad()
-    def check(self, pipe, step: int) -> dict[str, float]:
+    def check(self, pipe: MSFPipeline, step: int) -> dict[str, float]:
         """Sample, score, record; returns the scalars to log."""
         from msf.metrics import evaluate, load_feature_extractor
 

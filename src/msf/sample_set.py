@@ -23,6 +23,7 @@ import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -32,6 +33,9 @@ from msf.config import SAMPLING_PRECISIONS, SamplerSettings
 from msf.data import to_uint8
 from msf.distributed import World, barrier
 from msf.files import atomic_write_numpy, atomic_write_text
+
+if TYPE_CHECKING:
+    from msf.pipeline import MSFPipeline
 
 SETTINGS = "settings.json"
 # bf16: autocast over the fp32 weights; bf16-weights: a bf16 copy of the weights (faster on CPUs)
@@ -75,7 +79,7 @@ def _check_precision(precision: str) -> None:
         raise ValueError(f"precision must be one of {SAMPLING_PRECISIONS}, got {precision!r}")
 
 
-def inference_nets(pipe, precision: str, compile: bool = False) -> tuple[dict | None, str]:
+def inference_nets(pipe: MSFPipeline, precision: str, compile: bool = False) -> tuple[dict | None, str]:
     """How to sample at ``precision``: per-scale networks for ``MSFPipeline.sample(nets=...)``
     and its autocast ``precision`` ("fp32", or "bf16" for both bf16 paths).
 
@@ -153,7 +157,7 @@ def _save_npz(path: Path, **arrays) -> None:
 
 @torch.no_grad()
 def sample_set(
-    pipe,
+    pipe: MSFPipeline,
     out: str | os.PathLike,
     num_samples: int,
     *,

@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -18,6 +19,9 @@ from torch import Tensor, nn
 from msf.config import SamplerSettings
 from msf.data import to_uint8
 from msf.factorize import up
+
+if TYPE_CHECKING:
+    from msf.pipeline import MSFPipeline
 
 
 @dataclass
@@ -34,7 +38,7 @@ class ScaleView:
 
 @torch.no_grad()
 def view_scales(
-    pipe,
+    pipe: MSFPipeline,
     labels: Sequence[int] | Tensor,
     *,
     seed: int = 0,

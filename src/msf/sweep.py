@@ -15,18 +15,22 @@ import json
 import math
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from msf.config import SamplerSettings, evaluations
 from msf.distributed import World, barrier
 from msf.sample_set import sample_set
 from msf.viz import save_figure
 
+if TYPE_CHECKING:
+    from msf.pipeline import MSFPipeline
+
 COLUMNS = ["scale", "setting", "value", "steps", "cfg_scale", "nfe_per_image", "fid", "fid_ci", "is",
            "precision", "recall", "kid", "kid_ci", "cas", "cas_ci", "cas_per_class", "seconds_per_image",
            "num_samples", "feature_network"]
 
 
-def sweep_points(pipe, scale: int, setting: str, values: list) -> list[dict]:
+def sweep_points(pipe: MSFPipeline, scale: int, setting: str, values: list) -> list[dict]:
     """One sampling setting per value: ``setting`` of ``scale`` varied, the rest at defaults."""
     cfg = pipe.config
     if not 0 <= scale < cfg.num_scales:
@@ -50,7 +54,7 @@ def nfe_per_image(steps: list[int], cfg_scale: list[float]) -> int:
 
 
 def run_sweep(
-    pipe,
+    pipe: MSFPipeline,
     ref: str,
     points: list[dict],
     out_dir: str | os.PathLike,

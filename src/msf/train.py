@@ -37,6 +37,7 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -67,7 +68,7 @@ from msf.config import (
     to_dict,
     validate,
 )
-from msf.data import IndexStream, TrainingData, iterate_batches, load_dataset
+from msf.data import ImageDataset, IndexStream, TrainingData, iterate_batches, load_dataset
 from msf.distributed import World, any_rank, barrier, close_world, describe, init_world, mean_over_ranks
 from msf.files import atomic_write_text
 from msf.flow import StepNoise
@@ -75,6 +76,12 @@ from msf.models import DiT
 from msf.pipeline import MSFPipeline, autocast
 from msf.quality_log import QualityLog
 from msf.repa import AlignedNet, Projector, alignment_loss, default_depth, load_encoder, pooled
+
+if TYPE_CHECKING:
+    from torch.utils.data import Dataset
+
+    from msf.imagefolder import ImageFolder
+    from msf.latent_cache import LatentCache
 
 # Train-config fields that may change on resume without changing what the run computes.
 RESUMABLE_CHANGES = {
@@ -477,7 +484,7 @@ def train_step(state: TrainState, batch, tc: TrainConfig, nets: dict[int, nn.Mod
 def train(
     cfg: Config,
     *,
-    data=None,
+    data: TrainingData | ImageDataset | ImageFolder | LatentCache | Dataset | None = None,
     device: str | torch.device | None = None,
     progress: bool = True,
     max_seconds: float | None = None,
