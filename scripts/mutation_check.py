@@ -341,6 +341,19 @@ MUTATIONS = [
     ("msf info counts attention's two token products as one", "info.py",
      "+ 2 * N * N * D  # q k^T and attn @ v", "+ N * N * D  # q k^T and attn @ v", "tests/test_info.py"),
 
+    ("training's CPU attention without the 1/sqrt(head dim) scale", "speed.py",
+     "scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)", "scores = q @ k.transpose(-2, -1)",
+     "tests/test_speed_levers.py"),
+    ("a config whose scales shrink is accepted", "config.py",
+     "if any(b <= a for a, b in zip(sizes, sizes[1:])):", "if any(b < a for a, b in zip(sizes, sizes[1:])):",
+     "tests/test_config.py tests/test_faults.py"),
+    ("a scale whose size the patch does not divide is accepted", "config.py",
+     "        if s.image_size % (ae.factor * s.patch_size):\n", "        if s.image_size % ae.factor:\n",
+     "tests/test_config.py tests/test_faults.py"),
+    ("train.scale_steps of the wrong length is accepted", "config.py",
+     "if t.scale_steps is not None and len(t.scale_steps) != m.num_scales:",
+     "if t.scale_steps is not None and len(t.scale_steps) < m.num_scales:",
+     "tests/test_config.py tests/test_faults.py"),
 ]
 
 

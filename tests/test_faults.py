@@ -31,6 +31,7 @@ QUICK = ["train.steps=2", "train.tensorboard=false"]
     ("train.log_every=0", r"train.log_every must be an integer in \[1, inf\), got 0"),
     ("train.min_lr_ratio=2", r"train.min_lr_ratio must be a number in \[0, 1\], got 2"),
     ("train.scale_steps=[10, -1]", r"train.scale_steps\[1\] must be an integer in \[0, inf\), got -1"),
+    ("train.scale_steps=[10, 10, 10]", r"train.scale_steps needs 2 values \(one per scale\), got \[10"),
     ("model.prior_noise=nan", r"model.prior_noise must be a number in \[0, inf\), got nan"),
     ("model.scales.0.cfg_scale=nan", r"model.scales.0.cfg_scale must be a number in \[0, 100\], got nan"),
     ("model.scales.1.steps=0", r"model.scales.1.steps must be an integer in \[1, inf\), got 0"),

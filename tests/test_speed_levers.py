@@ -119,6 +119,23 @@ def test_cpu_autocast_normalises_in_bf16_and_keeps_an_fp32_residual_stream():
     assert (out.float() - ref).abs().max() / ref.abs().max() < 3e-2
 
 
+def test_bf16_training_attention_on_the_cpu_is_sdpa_in_value_and_gradient():
+    # bf16 training on the CPU takes two matmuls and a softmax instead of SDPA (a faster backward)
+    from msf.speed import attention
+
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(2, 3, 16, 32, generator=g) for _ in range(3))
+    ref_in = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    ref = torch.nn.functional.scaled_dot_product_attention(*ref_in)
+    ref.square().sum().backward()
+    ours_in = [t.to(torch.bfloat16).requires_grad_(True) for t in (q, k, v)]
+    out = attention(*ours_in)
+    out.float().square().sum().backward()
+    assert (out.float() - ref).abs().max() < 3e-2 * ref.abs().max()
+    for a, b in zip(ours_in, ref_in):
+        assert (a.grad.float() - b.grad).abs().max() < 5e-2 * b.grad.abs().max()
+
+
 def test_tf32_is_set_for_cuda_devices_only_and_restored():
     """Issue 16, item 7 (the flags can be set without a GPU)."""
     from msf.speed import tf32
