@@ -11,8 +11,10 @@
 #   2b. levers_best_emoji.sh  each family's best combination, three seeds, and the DiT's cosine term
 #                        with uniform times (`dit-demo-plus`'s candidate)   (issue 18, items 3-4)  done
 #   3. the knobs that won at 5 minutes, at 15: demo, demo+lightres, demo+priornoise, 3 seeds
-#      (issue 18, item 1: does the answer move with budget?)               ~2.5 h
-#   4. compare_emoji.sh  MSF against its DiT at 5, 15 and 45 minutes      (issue 21, item 5)  ~7 h left
+#      (issue 18, item 1: does the answer move with budget?)               done
+#   4. compare_emoji.sh  MSF against its DiT at 5, 15 and 45 minutes      (issue 21, item 5)  ~3.5 h left
+#   4b. recipe_3x_emoji.sh  `demo-plus` at 15 minutes beside them, for issue 18's 3x target
+#                        (against `demo` at 45)                            ~40 min
 #   5. recipe_emoji.sh   the demo's recipe: seeds 1-2 of the single-seed variants (drop20, wide; ema999
 #                        and lr8e-3, which diverged at seed 0) remain      (issue 21, item 6) ~1.2 h
 #   demo_plus_emoji.sh   `make demo` before and after                     (issue 21)  done
@@ -35,5 +37,6 @@ FAMILIES=demo SEEDS=0 sh benchmarks/levers_emoji.sh
     --report-to runs/emoji_studies/knobs15 --presets demo,demo+lightres,demo+priornoise \
     "demo+lightres:model.scales.1.depth=2" "demo+priornoise:model.prior_noise=0.2"
 sh benchmarks/compare_emoji.sh
+sh benchmarks/recipe_3x_emoji.sh
 SEEDS=0,1,2 sh benchmarks/demo_plus_emoji.sh
 SEEDS=0,1,2 sh benchmarks/recipe_emoji.sh

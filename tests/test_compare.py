@@ -2,6 +2,9 @@
 
 import importlib.util
 import json
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -501,3 +504,22 @@ def test_calibration_bursts_last_about_calib_seconds_whatever_the_machine(tmp_pa
     assert lengths == [2, 4]
     with pytest.raises(ConfigError, match="calib_seconds"):
         _settings(calib_seconds=-1).check()
+
+
+def test_paired_script_pairs_two_presets_by_seed_at_one_budget_or_two(tmp_path):
+    fid = {("a", 5): [100.0, 104.0, 102.0], ("b", 5): [110.0, 113.0, 112.0], ("b", 15): [99.0, 105.0, 100.0]}
+    runs = [{"preset": p, "budget_minutes": b, "seed": s, "fid": v, "kid": v / 1000, "cas": 0.5,
+             "sampling": "defaults"} for (p, b), vs in fid.items() for s, v in enumerate(vs)]
+    runs.append({**runs[0], "sampling": "equal_cost", "fid": 0.0})  # not the defaults: left out
+    report = tmp_path / "compare.json"
+    report.write_text(json.dumps({"runs": runs}))
+    script = [sys.executable, str(Path(__file__).resolve().parents[1] / "scripts" / "paired.py"), str(report)]
+    out = subprocess.run([*script, "a", "b", "--budget", "5"], capture_output=True, text=True,
+                         check=True).stdout
+    assert "a against b, 5 min, seeds [0, 1, 2], paired:" in out
+    assert re.search(r"fid: -9\.667 \[.*\] ahead", out)  # differences -10, -9, -10
+    out = subprocess.run([*script, "a", "b", "--budget", "5", "--budget-b", "15"], capture_output=True,
+                         text=True, check=True).stdout
+    assert "5 min against 15 min" in out and re.search(r"fid: \+0\.6667 \[.*\] level", out)  # +1, -1, +2
+    bad = subprocess.run([*script, "a", "b"], capture_output=True, text=True)
+    assert bad.returncode != 0 and "choose one with --budget" in bad.stderr

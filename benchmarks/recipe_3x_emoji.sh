@@ -1,0 +1,12 @@
+#!/bin/sh
+# Issue 18's second target: does the improved recipe (`demo-plus`) reach, in a third of the time, the
+# FID that the paper's recipe (`demo`) reaches at the comparison's longest budget? `demo-plus` at 15
+# minutes, three seeds, in the folder of benchmarks/compare_emoji.sh (same kept rates, same reference,
+# the paper's sampler), to set against `demo` at 45 minutes there:
+#   python scripts/paired.py runs/compare_emoji/compare.json demo-plus demo   (after a --report that
+#   names both presets: sh benchmarks/recipe_3x_emoji.sh --report)
+# Resumable: run it again to continue.
+set -e
+cd "$(dirname "$0")/.."
+exec .venv/bin/msf compare --presets demo,demo-plus --data emoji --budgets 15 --seeds 0,1,2 \
+    --num-samples 1000 --out runs/compare_emoji --sampler paper "$@"
