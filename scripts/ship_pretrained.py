@@ -132,7 +132,8 @@ msf so that `msf sample {name} --classes all --per-class 8` shows samples second
 - Recipe: preset `{rec['preset']}` ({scales}); AdamW lr {train.get('lr')}, batch {train.get('batch_size')},
   EMA {train.get('ema_decay')}, {train.get('lr_schedule')} learning rate, seed {rec['seed']}.
 - Training: {rec['steps']} steps, {rec['budget_minutes']:g} minutes of `msf compare`'s equal wall-clock budget
-  on a 2-core AMD Zen 4 CPU ({rec['train_seconds_total'] / 60:.0f} minutes as run, on a shared machine).
+  on a 2-core AMD Zen 4 CPU (the step count from the rates kept there; {rec['train_seconds_total'] / 60:.0f}
+  minutes as run).
 - Sampling: by default {describe(model)}; `--sampler paper` for the paper's sampler
   ({describe(model, "paper")}), which the scores below were measured with. {same}
 - Scores ({rec['num_samples']} samples at the paper's sampler, against the 1,870 training images; 95%
