@@ -371,6 +371,34 @@ def test_reference_cache_reused_and_invalidated(tmp_path, emoji):
     assert len(list(cache.iterdir())) == 2  # another network: its own entry
 
 
+def test_builtin_set_by_name_as_reference(tmp_path, emoji, monkeypatch):
+    from msf.reference import build_reference
+
+    cache = tmp_path / "cache"
+    np.savez(tmp_path / "s.npz", arr_0=emoji[:20, ::2, ::2])  # 16 px samples: the reference is made at 16
+    by_name = evaluate(tmp_path / "s.npz", "emoji", metrics=["fid"], extractor=MeanColour(), cache_dir=cache,
+                       progress=False, bootstraps=0, floor=False)
+    explicit = build_reference("emoji", tmp_path / "ref16.npz", 16, progress=False)
+    by_path = evaluate(tmp_path / "s.npz", explicit, metrics=["fid"], extractor=MeanColour(),
+                       cache_dir=tmp_path / "cache2", progress=False, bootstraps=0, floor=False)
+    assert by_name["num_ref"] == len(emoji) and by_name["fid"] == pytest.approx(by_path["fid"], rel=1e-9)
+    built = cache / "builtin-emoji-16px.npz"
+    stamp = built.stat().st_mtime_ns
+    net = MeanColour()
+    evaluate(tmp_path / "s.npz", "emoji", metrics=["fid"], extractor=net, cache_dir=cache, progress=False,
+             bootstraps=0, floor=False)
+    assert built.stat().st_mtime_ns == stamp and net.images_seen == 20  # made once, its statistics cached
+
+
+def test_missing_reference_is_refused_before_anything_slow(tmp_path, emoji, monkeypatch):
+    import msf.metrics as m
+
+    monkeypatch.setattr(m, "load_feature_extractor", lambda *a, **k: pytest.fail("the network was loaded"))
+    np.savez(tmp_path / "s.npz", arr_0=emoji[:4])
+    with pytest.raises(FileNotFoundError, match=r"ref 'nope\.npz': no such file or folder .*'emoji'"):
+        evaluate(tmp_path / "s.npz", "nope.npz")
+
+
 def test_reference_cache_for_folders(tmp_path, emoji):
     folder, cache = tmp_path / "ref", tmp_path / "cache"
     folder.mkdir()

@@ -11,6 +11,7 @@ from PIL import Image
 
 import msf.metrics as metrics
 import msf.sample_set as ss
+import msf.sweep as sweep
 from msf.cli import build_parser, cmd_sweep, main
 from msf.config import ConfigError
 from msf.data import load_builtin, prepare_data
@@ -104,3 +105,15 @@ def test_cli_sweep_needs_exactly_one_setting(pipe, tmp_path, capsys):
     args = build_parser().parse_args(["sweep", str(model), "--ref", "x", "--cfg", "1", "--steps", "2"])
     with pytest.raises(ConfigError):
         cmd_sweep(args)
+
+
+def test_cli_refuses_a_missing_reference_before_sampling(pipe, tmp_path, monkeypatch, capsys):
+    model = pipe.save_pretrained(tmp_path / "model")
+    for where in (ss, sweep):
+        monkeypatch.setattr(where, "sample_set", lambda *a, **k: pytest.fail("sampled before checking --ref"))
+    monkeypatch.setattr(metrics, "load_feature_extractor", lambda *a, **k: pytest.fail("network loaded"))
+    for cmd in (["sweep", str(model), "--cfg", "1,2"], ["eval", "--model", str(model)]):
+        assert main([*cmd, "--ref", str(tmp_path / "ref.npz"), "--device", "cpu", "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert "--ref" in err and "ref.npz" in err and "no such file or folder" in err
+

@@ -219,11 +219,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from msf.distributed import init_world
     from msf.metrics import evaluate, format_results
+    from msf.reference import check_reference
 
     if (args.samples is None) == (args.model is None):
         raise ConfigError("give exactly one of --samples (a sample set or image folder) or --model (any "
                           "model, checkpoint or run directory, sampled here first)")
     metrics = tuple(m.strip() for m in args.metrics.split(","))
+    check_reference(args.ref, "--ref")  # before a model is loaded and sampled
     device = init_world(args.device).device  # the same rule as the other commands: CUDA when available
     with tempfile.TemporaryDirectory(prefix="msf-eval-") as tmp:
         samples = args.samples
@@ -265,11 +267,13 @@ def cmd_reference(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     from msf.distributed import close_world, init_world
     from msf.load import load_pipeline, source
+    from msf.reference import check_reference
     from msf.sweep import run_sweep, sweep_points
 
     if (args.cfg_values is None) == (args.steps_values is None):
         raise ConfigError("give exactly one of --cfg-values (guidance scales to try) or --steps-values "
                           "(step counts to try)")
+    check_reference(args.ref, "--ref")
     world = init_world(args.device)
     try:
         pipe = load_pipeline(args.model_dir, args.model_weights, device=world.device)
@@ -492,7 +496,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=64, help="with --model: images per sampling batch")
     _sampling_args(ev)
     ev.add_argument("--ref", required=True,
-                    help="an ADM .npz, an image folder, or reference statistics from msf eval (.npz)")
+                    help="an ADM .npz, an image folder, reference statistics from msf eval (.npz), or "
+                    "emoji (the built-in set)")
     _eval_args(ev)
     ev.add_argument("--bootstraps", type=int, default=200,
                     help="redraws of the samples for the 95%% intervals of FID and KID (0: none)")
@@ -520,7 +525,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     w = sub.add_parser("sweep", help="per-scale CFG or steps sweep: sample sets, metrics, tables, plot")
     w.add_argument("model_dir", help=MODEL_HELP)
-    w.add_argument("--ref", required=True, help="reference: .npz, image folder or statistics file")
+    w.add_argument("--ref", required=True, help="reference: .npz, image folder, statistics file or "
+                   "emoji (the built-in set)")
     w.add_argument("--scale", type=int, default=0, help="the scale whose setting varies (0 = base)")
     # values to try, one run each (in `msf sample`, --cfg and --steps give one value per scale instead)
     w.add_argument("--cfg-values", "--cfg", dest="cfg_values", type=_floats,

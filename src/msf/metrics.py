@@ -38,7 +38,13 @@ from msf.features import (  # noqa: F401 (re-exported)
     load_images,
 )
 from msf.intervals import BOOTSTRAPS, bootstrap_fid, bootstrap_kid, proportion_interval, real_floor
-from msf.reference import Stats, compute_reference, default_cache_dir, stats_for  # noqa: F401
+from msf.reference import (  # noqa: F401
+    Stats,
+    check_reference,
+    compute_reference,
+    default_cache_dir,
+    stats_for,
+)
 
 METRICS = ("fid", "is", "kid", "pr", "cas")
 DEFAULT_METRICS = ("fid", "is", "kid", "pr")
@@ -70,7 +76,8 @@ def evaluate(
     Args:
         samples: an ADM-format ``.npz`` (``arr_0``: uint8 N x H x W x 3), an image folder, a statistics file
             from :func:`compute_reference`, or a uint8 (N, H, W, 3) array.
-        ref: the same kinds. The statistics of a folder or ``.npz`` are cached in ``cache_dir``
+        ref: the same kinds, or "emoji" (the built-in set at the samples' size). The statistics of a folder
+            or ``.npz`` are cached in ``cache_dir``
             (default :func:`default_cache_dir`), keyed by its path, sizes, modification times and the
             feature network, and reused while fresh.
         metrics: any of ``"fid"``, ``"is"`` (of the samples), ``"kid"``, ``"pr"`` (precision and recall,
@@ -103,6 +110,7 @@ def evaluate(
         raise ValueError(f"unknown metric(s) {unknown}; choose from {list(METRICS)}")
     if extractor is not None and weights is not None:
         raise ValueError("pass either weights or an extractor, not both")
+    check_reference(ref)
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     labels = _sample_labels(samples) if "cas" in metrics else None
     if set(metrics) == {"cas"}:

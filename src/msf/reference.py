@@ -193,14 +193,41 @@ def _adm_reference_moments(path: Path) -> tuple[np.ndarray, np.ndarray] | None:
     return None
 
 
+BUILTIN_REFERENCES = ("emoji", "emoji32")  # the built-in data's names, as train.data takes them
+
+
+def check_reference(spec: str | Path | np.ndarray, what: str = "ref") -> None:
+    """Refuse a reference that does not exist before anything slow (a feature network, a sample set) runs."""
+    if isinstance(spec, np.ndarray) or str(spec) in BUILTIN_REFERENCES:
+        return
+    if not Path(spec).expanduser().exists():
+        raise FileNotFoundError(f"{what} {str(spec)!r}: no such file or folder (give an ADM-format .npz, "
+                                "an image folder, a statistics file from msf eval, or the built-in 'emoji')")
+
+
+def builtin_reference(name: str, image_size: int | None, cache_dir: Path | None = None) -> Path:
+    """The built-in set as a reference .npz at ``image_size`` (its own size when None), written once
+    beside the statistics cache: a built-in name works wherever a reference path does."""
+    from msf.data import load_builtin
+
+    size = image_size or load_builtin().images.shape[1]
+    path = (cache_dir or default_cache_dir()) / f"builtin-{name}-{size}px.npz"
+    if not path.is_file():
+        build_reference(name, path, size, progress=False)
+    return path
+
+
 def stats_for(
     spec: str | Path | np.ndarray, extractor: FeatureExtractor, cache_dir: Path | None, batch_size: int,
     progress: bool, image_size: int | None = None,
 ) -> tuple[Stats, Path | None]:
-    """Statistics of images, a folder, an ``.npz`` or a statistics file; a folder's images are cropped and
-    resized to ``image_size`` as in training (where given)."""
+    """Statistics of images, a folder, an ``.npz``, a statistics file or the built-in set ("emoji"); a
+    folder's images are cropped and resized to ``image_size`` as in training (where given)."""
     if isinstance(spec, np.ndarray):
         return _stats_of(spec, extractor, "<array>", batch_size, progress), None
+    check_reference(spec)
+    if str(spec) in BUILTIN_REFERENCES:  # as train.data reads the name
+        spec = builtin_reference(str(spec), image_size, cache_dir)
     path = Path(spec).expanduser()
     if _is_stats_file(path):
         stats = _load_stats(path)

@@ -82,6 +82,9 @@ def run_sweep(
     ``"cas"`` in ``metrics`` adds the class accuracy, overall with its interval and per class, by a
     classifier trained on ``class_data`` (default ``ref``): a guidance sweep trades the two. ``extractor``:
     a feature network already loaded (several sweeps share one), else ``weights`` is loaded."""
+    from msf.reference import check_reference
+
+    check_reference(ref)  # before the sample sets, which take minutes
     world = world or World(device=pipe.device)
     out_dir = Path(out_dir)
     rows = []
