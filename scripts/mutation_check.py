@@ -355,6 +355,12 @@ MUTATIONS = [
     ("msf info counts attention's two token products as one", "info.py",
      "+ 2 * N * N * D  # q k^T and attn @ v", "+ N * N * D  # q k^T and attn @ v", "tests/test_info.py"),
 
+    ("a one-window loss spike warned as divergence", "train.py",
+     "or not recent[len(recent) // 2] > 2 * h[0][1]:", "or not recent[-1] > 2 * h[0][1]:",
+     "tests/test_resume.py"),
+    ("a diverged loss never warned", "train.py",
+     "or not recent[len(recent) // 2] > 2 * h[0][1]:", "or not recent[len(recent) // 2] > 2e9 * h[0][1]:",
+     "tests/test_resume.py"),
     ("training's CPU attention without the 1/sqrt(head dim) scale", "speed.py",
      "scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)", "scores = q @ k.transpose(-2, -1)",
      "tests/test_speed_levers.py"),
