@@ -129,6 +129,22 @@ def test_compare_trains_each_run_once_resumes_and_writes_tables(tmp_path, monkey
         compare(_settings(num_samples=16), tmp_path, progress=False, extractor=MeanColour())
 
 
+def test_a_study_stopped_part_way_has_equal_cost_samples_of_the_runs_it_finished(tmp_path, monkeypatch):
+    real_train = msf.train.train
+
+    def stopped(cfg, **kw):  # Ctrl-C during the last run of the level
+        if cfg.preset == "tiny-dit" and cfg.train.seed == 1 and "calibration" not in cfg.train.out_dir:
+            raise KeyboardInterrupt
+        return real_train(cfg, **kw)
+
+    monkeypatch.setattr(msf.train, "train", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        compare(_settings(budgets=[0.01], equal_cost=True), tmp_path, progress=False, extractor=MeanColour())
+    for seed in (0, 1):  # tiny (two scales) is the costlier: each finished run sampled again at equal cost
+        run = tmp_path / "runs" / "tiny" / f"seed{seed}" / "0.01min"
+        assert (run / "run.json").is_file() and (run / "samples_equal_cost.npz").is_file()
+
+
 def test_equal_flops_budgets_give_each_preset_the_first_ones_flops():
     s = _settings(budget_kind="flops", budgets=[1.0])
     cfgs = {p: preset(p) for p in s.presets}

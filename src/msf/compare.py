@@ -576,15 +576,18 @@ def compare(s: CompareSettings, out: str | Path, progress: bool = True,
         rates = step_rates(s, out, data, progress)
         steps = budget_steps(s, rates["train_steps_per_second"], cfgs)
     for b in sorted(s.budgets) if not report_only else ():
-        # every preset and seed at one budget, and its equal-cost samples, before the next budget
-        level = [run_one(s, out, p, seed, b, steps[p][b], data, ref, progress, extractor,
-                         rates["sample_seconds_per_image"][p]) for seed in s.seeds for p in s.presets]
-        records += level
-        for rec in [r for r in level if s.equal_cost and costs[r["preset"]] > 1.05 * min(costs.values())]:
-            if progress:
-                print(f"[compare] {rec['preset']} seed {rec['seed']} budget {b:g} min: sampled at equal cost",
-                      flush=True)
-            records.append(run_equal_cost(s, out, rec, min(costs.values()), ref, extractor))
+        # every preset and seed at one budget before the next; a costlier run's equal-cost samples right
+        # after it, so that a study stopped part-way has them for every run it finished
+        for seed in s.seeds:
+            for p in s.presets:
+                rec = run_one(s, out, p, seed, b, steps[p][b], data, ref, progress, extractor,
+                              rates["sample_seconds_per_image"][p])
+                records.append(rec)
+                if s.equal_cost and costs[p] > 1.05 * min(costs.values()):
+                    if progress:
+                        print(f"[compare] {p} seed {seed} budget {b:g} min: sampled at equal cost",
+                              flush=True)
+                    records.append(run_equal_cost(s, out, rec, min(costs.values()), ref, extractor))
     from msf.features import load_feature_extractor
     from msf.intervals import real_floor
     from msf.reference import default_cache_dir, stats_for
