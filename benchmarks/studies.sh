@@ -14,7 +14,7 @@
 #      (issue 18, item 1: does the answer move with budget?)               done
 #   4. compare_emoji.sh  MSF against its DiT at 5, 15 and 45 minutes      (issue 21, item 5)  ~3.5 h left
 #   4b. recipe_3x_emoji.sh  `demo-plus` at 15 minutes beside them, for issue 18's 3x target
-#                        (against `demo` at 45)                            ~40 min
+#                        (against `demo` at 45)                            done
 #   5. recipe_emoji.sh   the demo's recipe: seeds 1-2 of the single-seed variants (drop20, wide; ema999
 #                        and lr8e-3, which diverged at seed 0) remain      (issue 21, item 6) ~1.2 h
 #   demo_plus_emoji.sh   `make demo` before and after                     (issue 21)  done
