@@ -12,7 +12,8 @@
 #                        with uniform times (`dit-demo-plus`'s candidate)   (issue 18, items 3-4)  done
 #   3. the knobs that won at 5 minutes, at 15: demo, demo+lightres, demo+priornoise, 3 seeds
 #      (issue 18, item 1: does the answer move with budget?)               done
-#   4. compare_emoji.sh  MSF against its DiT at 5, 15 and 45 minutes      (issue 21, item 5)  ~3.5 h left
+#   4. compare_emoji.sh  MSF against its DiT at 5, 15 and 45 minutes      (issue 21, item 5)  ~3 h left
+#                        (45 minutes: dit-demo seed 2 and demo-paper-ratio's three seeds)
 #   4b. recipe_3x_emoji.sh  `demo-plus` at 15 minutes beside them, for issue 18's 3x target
 #                        (against `demo` at 45)                            done
 #   5. recipe_emoji.sh   the demo's recipe: seeds 1-2 of the single-seed variants (drop20, wide; ema999
