@@ -221,13 +221,10 @@ def stats_for(
     spec: str | Path | np.ndarray, extractor: FeatureExtractor, cache_dir: Path | None, batch_size: int,
     progress: bool, image_size: int | None = None,
 ) -> tuple[Stats, Path | None]:
-    """Statistics of images, a folder, an ``.npz``, a statistics file or the built-in set ("emoji"); a
-    folder's images are cropped and resized to ``image_size`` as in training (where given)."""
+    """Statistics of images, a folder, an ``.npz`` or a statistics file; a folder's images are cropped and
+    resized to ``image_size`` as in training (where given)."""
     if isinstance(spec, np.ndarray):
         return _stats_of(spec, extractor, "<array>", batch_size, progress), None
-    check_reference(spec)
-    if str(spec) in BUILTIN_REFERENCES:  # as train.data reads the name
-        spec = builtin_reference(str(spec), image_size, cache_dir)
     path = Path(spec).expanduser()
     if _is_stats_file(path):
         stats = _load_stats(path)
