@@ -518,6 +518,13 @@ def test_calibration_bursts_last_about_calib_seconds_whatever_the_machine(tmp_pa
     lengths.clear()
     _measure(_settings(presets=["tiny"], calib_seconds=0), tmp_path, data, ["tiny"], progress=False)
     assert lengths == [2, 4]
+    # a start-up of a second and steps of 10 microseconds: the marginal rate is lost in the noise (once
+    # 52,000 steps/s, a test budget of 62,833 steps), so the longer burst's plain rate stands in
+    monkeypatch.setattr(msf.train, "train",
+                        lambda cfg, **kw: SimpleNamespace(seconds=1 + cfg.train.steps * 1e-5))
+    steps, _ = _measure(_settings(presets=["tiny"], calib_seconds=0), tmp_path, data, ["tiny"],
+                        progress=False)
+    assert steps["tiny"] == [pytest.approx(4 / (1 + 4e-5))]
     with pytest.raises(ConfigError, match="calib_seconds"):
         _settings(calib_seconds=-1).check()
 

@@ -188,7 +188,9 @@ def _measure(s: CompareSettings, out: Path, data, presets: list[str], progress: 
             seconds = [train(_config(s, p, out / "calibration", k, 0), data=data, progress=False,
                              save=False).seconds for k in (n, 2 * n)]
             extra = seconds[1] - seconds[0]
-            steps[p].append(n / extra if extra > 0 else 2 * n / seconds[1])
+            # n more steps that add under a quarter of the time are lost in the timing noise (a tiny model's
+            # short bursts; 2 steps once gave 52,000 steps/s): then the longer burst's plain rate
+            steps[p].append(n / extra if extra > 0.25 * seconds[0] else 2 * n / seconds[1])
             t0 = time.perf_counter()
             pipes[p].sample(labels, seed=r, precision="bf16")  # the sample sets' precision
             sampling[p].append((time.perf_counter() - t0) / len(labels))
