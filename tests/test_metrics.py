@@ -371,7 +371,7 @@ def test_reference_cache_reused_and_invalidated(tmp_path, emoji):
     assert len(list(cache.iterdir())) == 2  # another network: its own entry
 
 
-def test_builtin_set_by_name_as_reference(tmp_path, emoji, monkeypatch):
+def test_builtin_set_by_name_as_reference(tmp_path, emoji):
     from msf.reference import build_reference
 
     cache = tmp_path / "cache"

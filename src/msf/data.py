@@ -55,6 +55,9 @@ class ImageDataset:
         return len(self.class_names)
 
 
+BUILTIN_NAMES = ("emoji", "emoji32")  # what train.data (and --ref) take for the built-in set
+
+
 def builtin_path(name: str = "emoji32") -> Path:
     return Path(str(resources.files("msf") / "data" / f"{name}.npz"))
 
@@ -82,7 +85,7 @@ def load_dataset(spec: str, image_size: int | None = None, strict: bool = False
     ImageNet train layout): read lazily with ADM's centre crop to ``image_size``
     (:mod:`msf.imagefolder`).
     """
-    if spec in ("emoji", "emoji32"):
+    if spec in BUILTIN_NAMES:
         return load_builtin("emoji32")
     path = Path(spec)
     if path.is_dir() and (path / "manifest.json").is_file():

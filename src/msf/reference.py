@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from msf.data import BUILTIN_NAMES as BUILTIN_REFERENCES
 from msf.features import FeatureExtractor, image_files, load_images, open_npz
 from msf.files import atomic_write_numpy
 
@@ -191,9 +192,6 @@ def _adm_reference_moments(path: Path) -> tuple[np.ndarray, np.ndarray] | None:
                                  "covariance of one dimension")
             return mu, sigma
     return None
-
-
-BUILTIN_REFERENCES = ("emoji", "emoji32")  # the built-in data's names, as train.data takes them
 
 
 def check_reference(spec: str | Path | np.ndarray, what: str = "ref") -> None:
