@@ -195,6 +195,8 @@ MUTATIONS = [
      "half = float(t.ppf((1 + level) / 2, dof) * se)", "half = float(1.96 * se)", "tests/test_intervals.py"),
     ("class accuracy per class over every image", "classifier.py",
      "float((pred[labels == c] == c).mean())", "float((pred == c).mean())", "tests/test_classifier.py"),
+    ("compare trusts a marginal rate lost in the timing noise", "compare.py",
+     "if extra > 0.25 * seconds[0] else", "if extra > 0 else", "tests/test_compare.py"),
     ("compare budgets taken as seconds", "compare.py",
      "steps[p][b] = max(1, round(b * 60 * rates[p]))", "steps[p][b] = max(1, round(b * rates[p]))",
      "tests/test_compare.py"),
