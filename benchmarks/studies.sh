@@ -12,10 +12,12 @@
 #                        with uniform times (`dit-demo-plus`'s candidate)   (issue 18, items 3-4)  done
 #   3. the knobs that won at 5 minutes, at 15: demo, demo+lightres, demo+priornoise, 3 seeds
 #      (issue 18, item 1: does the answer move with budget?)               done
-#   4. compare_emoji.sh  MSF against its DiT at 5, 15 and 45 minutes      (issue 21, item 5)  ~3 h left
-#                        (45 minutes: dit-demo seed 2 and demo-paper-ratio's three seeds)
+#   4. compare_emoji.sh  MSF against its DiT at 5, 15 and 45 minutes      (issue 21, item 5)  done
 #   4b. recipe_3x_emoji.sh  `demo-plus` at 15 minutes beside them, for issue 18's 3x target
 #                        (against `demo` at 45)                            done
+#   4c. demo-paper-ratio+priornoise at 45 minutes beside the comparison's runs, paired with
+#                        demo-paper-ratio: does prior noise close the exposure gap the 45-minute
+#                        `why` found (docs/compare_emoji.md)?                ~2.5 h
 #   5. recipe_emoji.sh   the demo's recipe: seeds 1-2 of the single-seed variants (drop20, wide; ema999
 #                        and lr8e-3, which diverged at seed 0) remain      (issue 21, item 6) ~1.2 h
 #   demo_plus_emoji.sh   `make demo` before and after                     (issue 21)  done
@@ -39,5 +41,8 @@ FAMILIES=demo SEEDS=0 sh benchmarks/levers_emoji.sh
     "demo+lightres:model.scales.1.depth=2" "demo+priornoise:model.prior_noise=0.2"
 sh benchmarks/compare_emoji.sh
 sh benchmarks/recipe_3x_emoji.sh
+.venv/bin/msf compare --data emoji --budgets 45 --seeds 0,1,2 --num-samples 1000 --out runs/compare_emoji \
+    --sampler paper --report-to runs/compare_emoji/priornoise45 \
+    --presets demo-paper-ratio,demo-paper-ratio+priornoise "demo-paper-ratio+priornoise:model.prior_noise=0.2"
 SEEDS=0,1,2 sh benchmarks/demo_plus_emoji.sh
 SEEDS=0,1,2 sh benchmarks/recipe_emoji.sh
