@@ -154,19 +154,26 @@ def plots(summary: dict, out: Path, metric: str = "fid") -> list[Path]:
             val = [iv["value"] for iv in ivs]
             lo = [0.0 if math.isnan(iv["low"]) else iv["value"] - iv["low"] for iv in ivs]
             hi = [0.0 if math.isnan(iv["high"]) else iv["high"] - iv["value"] for iv in ivs]
-            ax.errorbar([r["sample_seconds_per_image"] for r in rows], val, yerr=[lo, hi], fmt=marker,
-                        capsize=3, color=colours[i % len(colours)],
+            xs = [r["sample_seconds_per_image"] for r in rows]
+            ax.errorbar(xs, val, yerr=[lo, hi], fmt=marker, capsize=3, color=colours[i % len(colours)],
                         label=p if sampling == "defaults" else f"{p}, fewer steps (equal cost)")
+            for x, y, r in zip(xs, val, rows):  # which budget each point is
+                ax.annotate(f"{r['budget_minutes']:g} min", (x, y), xytext=(4, 2), textcoords="offset points",
+                            fontsize=6, color=colours[i % len(colours)])
     ax.set_xlabel("sampling seconds per image (this machine)")
-    paths.append(_save(fig, ax, label, out / f"{metric}_vs_sampling_cost.png"))
+    paths.append(_save(fig, ax, label, out / f"{metric}_vs_sampling_cost.png", legend_outside=True))
     return paths
 
 
-def _save(fig, ax, ylabel: str, path: Path) -> Path:
+def _save(fig, ax, ylabel: str, path: Path, legend_outside: bool = False) -> Path:
     import matplotlib.pyplot as plt
 
     ax.set_ylabel(ylabel)
-    ax.legend()
+    if legend_outside:  # points spread over the whole axes: a legend inside would hide some
+        fig.set_size_inches(fig.get_figwidth() + 2.5, fig.get_figheight())
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    else:
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
