@@ -283,7 +283,7 @@ MUTATIONS = [
      "i, j = rng.choice(n1, m, replace=False), rng.choice(n2, m, replace=False)",
      "i, j = rng.choice(n1, m, replace=True), rng.choice(n2, m, replace=True)", "tests/test_metrics.py"),
     ("a built-in name as reference is read as a path", "metrics.py",
-     "if isinstance(ref, (str, Path)) and str(ref) in BUILTIN_REFERENCES:",
+     "if isinstance(ref, (str, Path)) and str(ref) in BUILTIN_NAMES:",
      "if False:", "tests/test_metrics.py"),
     ("the built-in reference made at its own size, not the samples'", "reference.py",
      "size = image_size or load_builtin().images.shape[1]", "size = load_builtin().images.shape[1]",

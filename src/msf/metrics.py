@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from msf.data import BUILTIN_NAMES
 from msf.distances import (  # noqa: F401 (re-exported)
     frechet_distance,
     frechet_distance_from_features,
@@ -39,7 +40,6 @@ from msf.features import (  # noqa: F401 (re-exported)
 )
 from msf.intervals import BOOTSTRAPS, bootstrap_fid, bootstrap_kid, proportion_interval, real_floor
 from msf.reference import (  # noqa: F401
-    BUILTIN_REFERENCES,
     Stats,
     builtin_reference,
     check_reference,
@@ -125,7 +125,7 @@ def evaluate(
         batch_size = 128 if extractor.device.type == "cuda" else 16
     # The reference first: a stats file from another network fails before any sample is read. A reference
     # folder is decoded, cropped and resized as training does it, to the samples' size.
-    if isinstance(ref, (str, Path)) and str(ref) in BUILTIN_REFERENCES:  # as train.data reads the name
+    if isinstance(ref, (str, Path)) and str(ref) in BUILTIN_NAMES:  # as train.data reads the name
         ref = builtin_reference(str(ref), image_size_of(samples), cache)
     ref_stats, ref_file = stats_for(ref, extractor, cache, batch_size, progress, image_size_of(samples))
     sample_stats, _ = stats_for(samples, extractor, None, batch_size, progress)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from msf.data import BUILTIN_NAMES as BUILTIN_REFERENCES
+from msf.data import BUILTIN_NAMES
 from msf.features import FeatureExtractor, image_files, load_images, open_npz
 from msf.files import atomic_write_numpy
 
@@ -196,7 +196,7 @@ def _adm_reference_moments(path: Path) -> tuple[np.ndarray, np.ndarray] | None:
 
 def check_reference(spec: str | Path | np.ndarray, what: str = "ref") -> None:
     """Refuse a reference that does not exist before anything slow (a feature network, a sample set) runs."""
-    if isinstance(spec, np.ndarray) or str(spec) in BUILTIN_REFERENCES:
+    if isinstance(spec, np.ndarray) or str(spec) in BUILTIN_NAMES:
         return
     if not Path(spec).expanduser().exists():
         raise FileNotFoundError(f"{what} {str(spec)!r}: no such file or folder (give an ADM-format .npz, "
