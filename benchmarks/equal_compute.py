@@ -60,9 +60,9 @@ def step_rates(out: Path, calib_steps: int, repeats: int, extra: list[str]) -> d
 
 
 def sampling_seconds_per_image(pipes: dict, labels: torch.Tensor, repeats: int) -> dict[str, float]:
-    """Interleaved timed sample calls at the models' default settings, bf16 (median)."""
+    """Interleaved timed sample calls at the models' default settings, bf16 where native (median)."""
     # .cpu(): on a GPU the timer stops when the images are here, not when their kernels are queued
-    fns = {n: (lambda p=p: p.sample(labels, seed=1, precision="bf16").cpu()) for n, p in pipes.items()}
+    fns = {n: (lambda p=p: p.sample(labels, seed=1, precision="auto").cpu()) for n, p in pipes.items()}
     return {n: statistics.median(t) / len(labels) for n, t in interleaved(fns, repeats).items()}
 
 
@@ -122,13 +122,13 @@ def main() -> None:
     for label, pipe in pipes.items():
         name = MODELS[label]
         path = out / f"{name}_samples.npz"
-        sample_set(pipe, path, n, labels=labels.numpy(), batch_size=128, seed=0, precision="bf16",
+        sample_set(pipe, path, n, labels=labels.numpy(), batch_size=128, seed=0, precision="auto",
                    progress=False, meta={"model": name})
         r = evaluate(str(path), str(ref), metrics=("fid", "kid", "pr"), extractor=extractor, progress=True)
         rows[label].update(fid=r["fid"], precision=r["precision"], recall=r["recall"], kid=r["kid"],
                            sec_per_image=timing[label], features=r["feature_network"])
         grid_labels = [c for c in range(pipe.config.num_classes) for _ in range(10)]
-        grid = pipe.sample(grid_labels, seed=0, precision="bf16")
+        grid = pipe.sample(grid_labels, seed=0, precision="auto")
         for where in [out] + ([Path(args.docs)] if args.docs else []):
             save_sample_grid(grid, grid_labels, pipe.config.class_names, where / f"equal_compute_{name}.png")
 

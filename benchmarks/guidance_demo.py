@@ -71,7 +71,7 @@ def run(out: Path, family: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     if not (out / "machine.txt").is_file():  # the machine and its load while measuring, not at report time
         (out / "machine.txt").write_text(machine() + "\n")
-    extractor = load_feature_extractor(precision="bf16")
+    extractor = load_feature_extractor(precision="auto")
     for seed in SEEDS:
         pipe = MSFPipeline.from_pretrained(STUDY / fam["model"].format(seed=seed))
         for name, (scale, values) in fam["sweeps"].items():
@@ -81,7 +81,7 @@ def run(out: Path, family: str) -> None:
             points = sweep_points(pipe, scale, "cfg_scale", values)
             rows = run_sweep(pipe, str(STUDY / "reference.npz"), points, dest, num_samples=NUM,
                              batch_size=BATCH, seed=SAMPLE_SEED,
-                             metrics=("fid", "kid", "cas"), class_data="emoji", feature_precision="bf16",
+                             metrics=("fid", "kid", "cas"), class_data="emoji", feature_precision="auto",
                              progress=False, model=fam["model"].format(seed=seed), extractor=extractor)
             (dest / "rows.json").write_text(json.dumps(rows, indent=2))
             for r in rows:

@@ -106,7 +106,7 @@ def run(out: Path, extractor) -> None:
                 metrics=("fid", "kid", "cas"),
                 class_data="emoji",
                 bootstraps=200,
-                feature_precision="bf16",
+                feature_precision="auto",
                 progress=False,
                 floor=False,
                 extractor=extractor,
@@ -236,7 +236,7 @@ def main() -> None:
     if not args.report:
         from msf.features import load_feature_extractor
 
-        run(Path(args.out), load_feature_extractor(precision="bf16"))
+        run(Path(args.out), load_feature_extractor(precision="auto"))
     report(Path(args.out), Path(args.docs))
 
 

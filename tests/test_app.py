@@ -35,7 +35,7 @@ def test_app_serves_each_scale_of_the_libraries_samples(tmp_path):
     assert list(filled) == [*paper.steps, *paper.cfg_scale, *paper.solver, *paper.shift, 0, 0, 1, 1]
     settings = SamplerSettings.of(pipe.config, [2, 3], [2.0, 1.0], ["heun", "euler"], shift=[2.0, 1.0],
                                   guidance_interval=[(0.0, 0.6), (0.0, 1.0)])
-    view = view_scales(pipe, [2, 2, 2], seed=7, settings=settings)
+    view = view_scales(pipe, [2, 2, 2], seed=7, settings=settings, precision="auto")  # as the app
     expected = to_uint8(view.images).numpy()
     final = np.asarray(Image.open(files[-1]).convert("RGB"))
     assert final.shape == (4 * (3 * 18 - 2), 4 * 16, 3)  # three 16 px samples, 2 px gaps, 4x upscaled

@@ -168,11 +168,12 @@ def test_run_directory_contents(tmp_path):
     assert {k: [tuple(p) for p in v] for k, v in losses.items()} == {
         str(k): v for k, v in result.history.items()}
     assert [s for s, _ in losses["0"]] == [2, 4]
-    # the grid at the last step shows the EMA model's samples: 4 per class, seed 0
+    # the grid at the last step shows the EMA model's samples: 4 per class, seed 0, precision auto
     assert sorted(p.name for p in (out / "samples").iterdir()) == ["step_000000002.png", "step_000000004.png"]
     pipe = MSFPipeline.from_pretrained(out / "model")
     n = pipe.config.num_classes
-    expected = to_uint8(pipe.sample([c for c in range(n) for _ in range(4)], seed=0)).numpy()
+    labels = [c for c in range(n) for _ in range(4)]
+    expected = to_uint8(pipe.sample(labels, seed=0, precision="auto")).numpy()
     cells = grid_cells(out / "samples" / "step_000000004.png", n, 4, 16)
     np.testing.assert_array_equal(cells.reshape(expected.shape), expected)
     assert not np.array_equal(cells, grid_cells(out / "samples" / "step_000000002.png", n, 4, 16))

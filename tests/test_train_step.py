@@ -300,3 +300,33 @@ def test_sd3_rule_derives_each_scales_shift_from_its_size_and_training_uses_it(t
     train(apply_overrides(tiny, ["train.steps=2", "train.batch_size=4", "train.tensorboard=false",
                                  f"train.out_dir={tmp_path}"]), progress=False)
     assert seen == [[2.0, 4.0]] * 2
+
+
+def test_a_compiled_run_compiles_each_scales_network_once_with_static_shapes(tiny_cfg, tmp_path, monkeypatch):
+    """train.compile: no recompilation from step to step, no graph break, no symbolic shapes (the scales'
+    networks share DiT.forward; the second size must not turn it dynamic). A recording backend stands in
+    for inductor: recompiles and graph breaks are decided before the backend runs."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    graphs = []
+
+    def recording(gm, example_inputs):  # the inputs of symbolic size
+        values = [n.meta.get("example_value") for n in gm.graph.nodes if n.op == "placeholder"]
+        graphs.append([v for v in values if isinstance(v, torch.SymInt)
+                       or any(isinstance(d, torch.SymInt) for d in getattr(v, "shape", ()))])
+        return gm.forward
+
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: real(model, backend=recording, **kw))
+    torch._dynamo.reset()
+    counters.clear()
+    cfg = _cfg(tiny_cfg, tmp_path, "train.steps=6", "train.compile=true", "train.log_every=2")
+    try:
+        result = train(cfg, progress=False)
+    finally:
+        torch._dynamo.reset()
+    assert result.steps == 6 and all(len(h) for h in result.history.values())
+    assert len(graphs) == cfg.model.num_scales  # one graph per scale's network, for all six steps
+    assert graphs == [[]] * cfg.model.num_scales  # static: no symbolic sizes among the inputs
+    assert not counters["graph_break"]

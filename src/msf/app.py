@@ -40,7 +40,7 @@ def _strip(cells: np.ndarray, upscale: int, pad: int = 2) -> Image.Image:
 
 
 def generate(pipe: MSFPipeline, class_index: int, seed: int, num_samples: int, steps: list[int],
-             cfg_scale: list[float], solver: list[str], precision: str = "fp32", upscale: int = 4,
+             cfg_scale: list[float], solver: list[str], precision: str = "auto", upscale: int = 4,
              shift: list[float] | None = None,
              guidance_interval: list[tuple[float, float]] | None = None) -> tuple[list[Image.Image], str]:
     """One column image per stage (base, base upsampled, each addition, image) and a timing line.

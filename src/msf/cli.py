@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 
 from msf.config import (
+    FEATURE_PRECISIONS,
     PRESETS,
     SAMPLING_PRECISIONS,
     Config,
@@ -162,13 +163,15 @@ def cmd_sample(args: argparse.Namespace) -> int:
     labels = [c for c in classes for _ in range(args.per_class)]
     from msf.config import SamplerSettings
     from msf.pipeline import progress_bar
+    from msf.precision import resolve_precision
     from msf.sample_set import inference_nets
     from msf.speed import tf32
 
-    nets, autocast = inference_nets(pipe, args.precision, args.compile)
+    precision = resolve_precision(args.precision, device, what="sampling precision")
+    nets, autocast = inference_nets(pipe, precision, args.compile)
     settings = SamplerSettings.of(cfg, **_sampling(args))
-    who = f"{args.model_dir}  seed {args.seed}  {args.precision}"
-    meta = {"model": str(args.model_dir), "seed": args.seed, "precision": args.precision,
+    who = f"{args.model_dir}  seed {args.seed}  {precision}"
+    meta = {"model": str(args.model_dir), "seed": args.seed, "precision": precision,
             "labels": labels, **settings.to_dict()}
     with tf32(device, args.tf32):
         if args.show_scales:
@@ -395,9 +398,10 @@ def _sampling_args(p: argparse.ArgumentParser, per_scale: bool = True) -> None:
                        "model's config names, e.g. paper (Euler, uniform grid, guidance throughout)")
     p.add_argument("--seed", type=int, default=0)
     _weights_arg(p)
-    p.add_argument("--precision", choices=SAMPLING_PRECISIONS, default="bf16",
-                   help="bf16: autocast over fp32 weights; bf16-weights: a bf16 copy of the weights "
-                   "(faster on CPUs); fp32: for numbers to compare with papers")
+    p.add_argument("--precision", choices=SAMPLING_PRECISIONS, default="auto",
+                   help="auto (default): bf16 autocast where the hardware runs bf16 natively (a GPU, a CPU "
+                   "with AVX512-BF16 or AMX), else fp32; bf16: autocast over fp32 weights; bf16-weights: a "
+                   "bf16 copy of the weights (faster on such CPUs); fp32: for numbers to compare with papers")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the networks with weight freezing first (minutes at paper size)")
     p.add_argument("--no-tf32", dest="tf32", action="store_false",
@@ -505,9 +509,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="skip the real-against-real floor (reference images against the rest)")
     ev.add_argument("--class-data",
                     help="cas: labelled real images for its classifier (emoji, .npz, folder; default --ref)")
-    ev.add_argument("--feature-precision", choices=["fp32", "bf16"], default="fp32",
-                    help="Inception in fp32 (the reference) or bf16 autocast (2.2x faster on CPUs, "
-                    "FID within 0.6%%)")
+    ev.add_argument("--feature-precision", choices=FEATURE_PRECISIONS, default="fp32",
+                    help="Inception in fp32 (the reference), bf16 autocast (2.2x faster on CPUs with native "
+                    "bf16, FID within 0.6%%), or auto (bf16 where native)")
     ev.add_argument("--json", help="also write the results to this JSON file")
     ev.set_defaults(func=cmd_eval)
 
@@ -518,7 +522,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--num-images", type=int, help="draw this many at random (default: all)")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--stats", help="also write Inception statistics of the reference to this .npz")
-    r.add_argument("--feature-precision", choices=["fp32", "bf16"], default="fp32")
+    r.add_argument("--feature-precision", choices=FEATURE_PRECISIONS, default="fp32",
+                   help="Inception in fp32 (the reference), bf16 autocast, or auto (bf16 where native)")
     r.add_argument("--device", default=None, help="for --stats (default: cuda when available)")
     _eval_args(r)
     r.set_defaults(func=cmd_reference)
@@ -536,8 +541,9 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--num-samples", type=int, default=5000, help="samples per setting (default 5000)")
     w.add_argument("--batch-size", type=int, default=64)
     w.add_argument("--out", default="runs/sweep", help="output directory")
-    w.add_argument("--feature-precision", choices=["fp32", "bf16"], default="fp32",
-                   help="Inception in fp32 (the reference) or bf16 autocast (2.2x faster on CPUs)")
+    w.add_argument("--feature-precision", choices=FEATURE_PRECISIONS, default="fp32",
+                   help="Inception in fp32 (the reference), bf16 autocast (2.2x faster on CPUs with native "
+                   "bf16), or auto (bf16 where native)")
     w.add_argument("--bootstraps", type=int, default=200,
                    help="redraws of the samples for the 95%% intervals of FID and KID (0: none)")
     w.add_argument("--class-data",
@@ -564,7 +570,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--bootstraps", type=int, default=200)
     c.add_argument("--equal-cost", action="store_true",
                    help="also sample the costlier presets with fewer steps, at the cheapest one's FLOPs")
-    c.add_argument("--feature-precision", choices=["fp32", "bf16"], default="bf16")
+    c.add_argument("--feature-precision", choices=FEATURE_PRECISIONS, default="auto",
+                   help="Inception's: auto (bf16 where the hardware runs it natively, else fp32), fp32, bf16")
     c.add_argument("--sampler", default="default", metavar="NAME",
                    help="sample every preset with its defaults, or with named settings (paper)")
     c.add_argument("--out", default="runs/compare", help="output folder (re-run to resume)")

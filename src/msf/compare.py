@@ -29,7 +29,8 @@ import math
 import shutil
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+import warnings
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -39,12 +40,14 @@ from msf.config import Config, ConfigError, SamplerSettings, apply_overrides, pr
 from msf.files import atomic_write_text
 from msf.info import model_info, scale_infos
 from msf.intervals import Interval, difference, paired_difference, seed_interval, verdict
+from msf.precision import resolve_precision
 from msf.report import METRICS, markdown, plots
 
 if TYPE_CHECKING:
     from msf.features import FeatureExtractor
 
 BUDGET_KINDS = ("wall", "flops")
+SAMPLE_PRECISION = "auto"  # of the sample sets and the sampling rates: bf16 where native (msf.precision)
 # what a folder of runs may add to or vary between invocations; every other setting is fixed by its first
 VARIABLE_SETTINGS = ("budgets", "seeds", "presets", "equal_cost", "preset_overrides")
 
@@ -65,7 +68,7 @@ class CompareSettings:
     # where start-up noise swamps it); 0: exactly calib_steps
     calib_seconds: float = 10.0
     bootstraps: int = 200
-    feature_precision: str = "bf16"
+    feature_precision: str = "auto"  # resolved as the comparison starts (msf.precision), kept so
     sample_batch: int = 128
     metrics: list[str] = field(default_factory=lambda: ["fid", "kid", "pr", "cas"])
     equal_cost: bool = False  # also sample the costlier presets at the cheapest one's sampling FLOPs
@@ -175,7 +178,7 @@ def _measure(s: CompareSettings, out: Path, data, presets: list[str], progress: 
     labels = torch.arange(32) % pipes[presets[0]].config.num_classes
     burst = dict.fromkeys(presets, s.calib_steps)
     for p in presets:  # warm-up, which also sizes the bursts (its start-up makes them a little short)
-        pipes[p].sample(labels[:4], seed=0, precision="bf16")
+        pipes[p].sample(labels[:4], seed=0, precision=SAMPLE_PRECISION)
         if s.calib_seconds:
             warm = train(_config(s, p, out / "calibration", s.calib_steps, 0), data=data, progress=False,
                          save=False).seconds
@@ -192,7 +195,7 @@ def _measure(s: CompareSettings, out: Path, data, presets: list[str], progress: 
             # short bursts; 2 steps once gave 52,000 steps/s): then the longer burst's plain rate
             steps[p].append(n / extra if extra > 0.25 * seconds[0] else 2 * n / seconds[1])
             t0 = time.perf_counter()
-            pipes[p].sample(labels, seed=r, precision="bf16")  # the sample sets' precision
+            pipes[p].sample(labels, seed=r, precision=SAMPLE_PRECISION)
             sampling[p].append((time.perf_counter() - t0) / len(labels))
             if progress:
                 print(f"[compare] calibration {r + 1}/{s.calib_repeats}: {p} {steps[p][-1]:.2f} steps/s, "
@@ -212,8 +215,14 @@ def step_rates(s: CompareSettings, out: Path, data, progress: bool = True) -> di
     measured preset, its rates scaled by how much that one's moved since."""
     file = out / "rates.json"
     saved = json.loads(file.read_text()) if file.is_file() else {}
+    precision = _precisions(s)
     if saved.get("overrides", s.overrides) != s.overrides:
         saved = {}
+    if not saved.get("all"):
+        saved["precision"] = precision  # of the first measurements (older files do not say)
+    elif saved.get("precision", precision) != precision:  # the budgets' steps stay those of the kept rates
+        warnings.warn(f"{file}: rates measured in {saved['precision']}, this machine runs {precision}: "
+                      "the budgets are the steps those rates gave, not this machine's minutes", stacklevel=2)
     measured: dict[str, dict[str, list[float]]] = saved.get("all", {"train": {}, "sample": {}})
     work = saved.get("work", {})  # preset -> [training key, sampling key], digests of work_keys
     work |= {p: [hashlib.sha1(k.encode()).hexdigest()[:16] for k in _work_keys_of(s, p)] for p in s.presets}
@@ -259,6 +268,16 @@ def step_rates(s: CompareSettings, out: Path, data, progress: bool = True) -> di
         atomic_write_text(file, json.dumps({**saved, **medians(work), "all": measured, "work": work,
                                             "overrides": s.overrides}, indent=2))
     return medians(s.presets)
+
+
+def _precisions(s: CompareSettings) -> dict[str, str]:
+    """The precision the runs train in (the first preset's, on the device training picks) and sample in."""
+    import torch
+
+    train_device = "cuda" if torch.cuda.is_available() else "cpu"
+    asked = _config(s, s.presets[0], Path(), 1, 0).train.precision
+    return {"train": resolve_precision(asked, train_device, say=False),
+            "sample": resolve_precision(SAMPLE_PRECISION, "cpu", say=False)}
 
 
 def budget_steps(s: CompareSettings, rates: dict[str, float], cfgs: dict[str, Config]
@@ -350,6 +369,8 @@ def run_one(s: CompareSettings, out: Path, name: str, seed: int, budget: float, 
         "sampler": sampler.to_dict(), "evaluations_per_image": sampler.evaluations,
         "sample_flops_per_image": model_info(pipe.config)["flops_per_sample"],
         "sample_seconds_per_image": sample_seconds,  # the preset's, measured in step_rates
+        "train_precision": res.precision, "feature_precision": s.feature_precision,
+        "sample_precision": resolve_precision(SAMPLE_PRECISION, pipe.device, say=False),
         **_scores(metrics), "num_samples": s.num_samples, **seconds,
     }
     atomic_write_text(record_file, json.dumps(rec, indent=2))
@@ -559,9 +580,15 @@ def compare(s: CompareSettings, out: str | Path, progress: bool = True,
     from msf.data import load_dataset
 
     s.check()
+    # resolved before settings.json is written: a folder's runs were all scored in one precision
+    s = replace(s, feature_precision=resolve_precision(s.feature_precision, "cpu", what="feature precision",
+                                                       say=progress))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     _record_settings(s, out, write=not report_only)
+    if progress and not report_only:
+        print("[compare] precision: " + ", ".join(f"{k} {v}" for k, v in _precisions(s).items())
+              + f", features {s.feature_precision}", flush=True)
     first_cfg = _config(s, s.presets[0], out, 1, 0)
     data = load_dataset(s.data, first_cfg.model.image_size)
     ref = _reference(s.data, first_cfg.model.image_size, out)

@@ -25,9 +25,11 @@ PRIOR_MODES = ("concat", "none")
 NORMALIZE_MODES = ("none", "std")
 SOLVERS = ("euler", "heun", "midpoint", "ab2")  # msf.sampler
 TIME_SAMPLERS = ("uniform", "logit-normal")
-PRECISIONS = ("bf16", "fp32")  # training: autocast dtype of the forward pass
+# training: autocast dtype of the forward pass; "auto": bf16 where the hardware has it (msf.precision)
+PRECISIONS = ("auto", "bf16", "fp32")
 # sampling adds bf16 weight copies (msf.speed.inference_copy) to the autocast choices
-SAMPLING_PRECISIONS = ("fp32", "bf16", "bf16-weights")
+SAMPLING_PRECISIONS = ("auto", "fp32", "bf16", "bf16-weights")
+FEATURE_PRECISIONS = ("fp32", "bf16", "auto")  # the Inception network's (msf.features); fp32 is the reference
 TIME_CONVENTIONS = ("msf", "sit", "ddpm")  # how a scale's weights read time (msf.models, msf.convert)
 GELUS = ("exact", "tanh")
 NORMS = ("layernorm", "rmsnorm")
@@ -278,7 +280,7 @@ class TrainConfig:
     time_sampler: str = "uniform"
     logit_mean: float = 0.0
     logit_std: float = 1.0
-    precision: str = "bf16"  # autocast dtype for the forward pass
+    precision: str = "auto"  # autocast dtype of the forward pass: auto (msf.precision), bf16 or fp32
     balance_classes: bool = True  # sample classes uniformly, not by frequency
     random_flip: bool = True  # mirror each image with probability 1/2 (DiT); off for text, digits, flags
     seed: int = 0

@@ -25,7 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from msf.config import FEATURE_PRECISIONS
 from msf.imagefolder import IMAGE_EXTENSIONS
+from msf.precision import resolve_precision
 
 TORCH_FIDELITY_WEIGHTS = "weights-inception-2015-12-05-6726825d.pth"
 # torch_fidelity.feature_extractor_inceptionv3.URL_INCEPTION_V3, without importing torch-fidelity (seconds).
@@ -43,7 +45,6 @@ class WeightsFile:
     sha256: str
 
 
-FEATURE_PRECISIONS = ("fp32", "bf16")
 
 
 class FeatureExtractor:
@@ -53,7 +54,8 @@ class FeatureExtractor:
     float64 (N, 2048) and (N, 1008), or None where the network has no logits (``has_logits``).
     ``precision="bf16"`` runs the network under bf16 autocast: 2.2x faster on a Zen 4 CPU without
     AMX at batch 16, FID within 0.22-0.52% of fp32's (``benchmarks/features.py``); fp32 is the
-    reference.
+    reference. ``"auto"`` is resolved here (:func:`msf.precision.resolve_precision`); ``precision`` holds
+    the answer.
     """
 
     network: str
@@ -66,7 +68,7 @@ class FeatureExtractor:
         self.net = net.to(device).eval()
         self.weights = weights
         self.device = torch.device(device)
-        self.precision = precision
+        self.precision = resolve_precision(precision, self.device, what="feature precision")
 
     @property
     def name(self) -> str:

@@ -30,6 +30,7 @@ from msf.factorize import accumulate_sample, compose, factorize, input_priors, r
 from msf.files import atomic_write, atomic_write_text
 from msf.flow import Noise, drop_labels, rectified_flow_loss, sample_time, shift_time
 from msf.models import DiT
+from msf.precision import resolve_precision
 from msf.pretrained import available, model_path
 from msf.sampler import guided_velocity, solve
 
@@ -42,8 +43,8 @@ class ModelDirError(ValueError):
 
 
 def autocast(device: torch.device | str, precision: str) -> AbstractContextManager:
-    """bf16 autocast on CPU (AMX) or CUDA; a no-op for fp32."""
-    if precision == "fp32":
+    """bf16 autocast on CPU or CUDA; a no-op for fp32 ("auto": :func:`msf.precision.resolve_precision`)."""
+    if resolve_precision(precision, device) == "fp32":
         return nullcontext()
     device_type = torch.device(device).type
     return torch.autocast(device_type=device_type, dtype=torch.bfloat16)

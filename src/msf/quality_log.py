@@ -1,8 +1,9 @@
 """Quality against step: FID and KID of a small sample set of the EMA model, every ``train.eval_every``.
 
 Each check draws ``train.eval_samples`` class-balanced samples (seed 0, the model's own sampler,
-bf16), scores them against ``train.eval_ref`` (by default the training data, written once as
-``<out_dir>/eval_ref.npz``) with bf16 Inception features and no bootstrap, and appends a row to
+bf16 where the hardware runs it natively, else fp32: ``msf.precision``), scores them against
+``train.eval_ref`` (by default the training data, written once as ``<out_dir>/eval_ref.npz``) with
+Inception features in the same precision and no bootstrap, and appends a row to
 ``<out_dir>/quality.json``; the values go to TensorBoard (and W&B) as ``eval/<metric>``, and
 ``<out_dir>/quality.png`` plots them against the step. A few hundred samples give a FID with a large
 bias (it falls with the count), so compare checks with each other, not with FID-50K.
@@ -53,11 +54,11 @@ class QualityLog:
         tc, n_cls = self.cfg.train, self.cfg.model.num_classes
         t0 = time.perf_counter()
         labels = torch.arange(tc.eval_samples) % n_cls
-        images = np.concatenate([to_uint8(pipe.sample(chunk, seed=int(i), precision="bf16")).numpy()
+        images = np.concatenate([to_uint8(pipe.sample(chunk, seed=int(i), precision="auto")).numpy()
                                  for i, chunk in enumerate(labels.split(64))])
         metrics = tuple(m.strip() for m in tc.eval_metrics.split(","))
         if self.extractor is None and set(metrics) - {"cas"}:
-            self.extractor = load_feature_extractor(None, self.device, "bf16")  # once per run
+            self.extractor = load_feature_extractor(None, self.device, "auto")  # once per run
         samples = self.out / "quality_samples.npz"
         np.savez(samples, arr_0=images, arr_1=labels.numpy())  # class accuracy reads the labels, arr_1
         r = evaluate(str(samples), self._reference(), metrics=metrics, extractor=self.extractor,

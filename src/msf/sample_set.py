@@ -33,12 +33,14 @@ from msf.config import SAMPLING_PRECISIONS, SamplerSettings
 from msf.data import to_uint8
 from msf.distributed import World, barrier
 from msf.files import atomic_write_numpy, atomic_write_text
+from msf.precision import resolve_precision
 
 if TYPE_CHECKING:
     from msf.pipeline import MSFPipeline
 
 SETTINGS = "settings.json"
-# bf16: autocast over the fp32 weights; bf16-weights: a bf16 copy of the weights (faster on CPUs)
+# auto: bf16 where native, else fp32 (msf.precision); bf16: autocast over the fp32 weights;
+# bf16-weights: a bf16 copy of the weights (faster on CPUs)
 
 
 @dataclass
@@ -81,7 +83,8 @@ def _check_precision(precision: str) -> None:
 
 def inference_nets(pipe: MSFPipeline, precision: str, compile: bool = False) -> tuple[dict | None, str]:
     """How to sample at ``precision``: per-scale networks for ``MSFPipeline.sample(nets=...)``
-    and its autocast ``precision`` ("fp32", or "bf16" for both bf16 paths).
+    and its autocast ``precision`` ("fp32", or "bf16" for both bf16 paths; "auto" resolved by
+    :func:`msf.precision.resolve_precision`).
 
     The networks are bf16 weight copies for "bf16-weights", compiled copies (inductor
     freezing) with ``compile``, and None (the pipeline's own) otherwise.
@@ -89,6 +92,7 @@ def inference_nets(pipe: MSFPipeline, precision: str, compile: bool = False) -> 
     from msf.speed import compile_for_inference, inference_copy
 
     _check_precision(precision)
+    precision = resolve_precision(precision, pipe.device, what="sampling precision")
     autocast = "fp32" if precision == "fp32" else "bf16"
     if compile:
         dtype = torch.float32 if precision == "fp32" else torch.bfloat16
@@ -169,7 +173,7 @@ def sample_set(
     guidance_interval=None,
     sampler_name: str | None = None,
     seed: int = 0,
-    precision: str = "bf16",
+    precision: str = "auto",
     compile: bool = False,
     world: World | None = None,
     keep_parts: bool = False,
@@ -187,7 +191,8 @@ def sample_set(
     Returns at once if ``out`` is already a finished set with the same settings and weights, resumes
     finished chunks of an interrupted run with the same settings, and refuses chunks from other settings.
     ``meta`` (e.g. the model directory) is stored in the file beside the settings.
-    ``precision`` is "fp32", "bf16" (autocast) or "bf16-weights"; ``compile`` compiles the
+    ``precision`` is "auto" (bf16 autocast where the hardware runs bf16 natively, else fp32; the settings
+    record the answer), "fp32", "bf16" (autocast) or "bf16-weights"; ``compile`` compiles the
     networks first (:func:`inference_nets`). ``labels`` replaces the balanced labels, e.g.
     by a reference set's own labels when its classes are imbalanced. A finished set at ``out``
     drawn with other settings is refused unless ``overwrite``. ``tf32``: fp32 sampling on a GPU
@@ -198,6 +203,7 @@ def sample_set(
     if out.suffix != ".npz":
         raise ValueError(f"{out}: the sample set is written as an .npz file; name it *.npz")
     _check_precision(precision)
+    precision = resolve_precision(precision, pipe.device, what="sampling precision")
     if num_samples < 1 or batch_size < 1:
         raise ValueError(f"num_samples and batch_size must be >= 1, got {num_samples} and {batch_size}")
     cfg = pipe.config

@@ -62,7 +62,7 @@ def run_sweep(
     num_samples: int = 5000,
     batch_size: int = 64,
     seed: int = 0,
-    precision: str = "bf16",
+    precision: str = "auto",
     tf32: bool = True,
     compile: bool = False,
     metrics: tuple[str, ...] = ("fid", "is", "pr"),

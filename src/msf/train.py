@@ -74,6 +74,7 @@ from msf.files import atomic_write_text
 from msf.flow import StepNoise
 from msf.models import DiT
 from msf.pipeline import MSFPipeline, autocast
+from msf.precision import resolve_precision
 from msf.quality_log import QualityLog
 from msf.repa import AlignedNet, Projector, alignment_loss, default_depth, load_encoder, pooled
 
@@ -105,6 +106,7 @@ class TrainResult:
     interrupted: bool = False  # stopped by Ctrl-C / SIGTERM, after saving a checkpoint
     time_capped: bool = False  # stopped by max_seconds before the last step
     total_steps: int = 0  # the step the run was to reach
+    precision: str = ""  # train.precision as resolved on this machine ("bf16" or "fp32")
 
 
 def _local(p: torch.Tensor) -> torch.Tensor:
@@ -532,6 +534,10 @@ def _run(cfg: Config, world: World, data, progress: bool, max_seconds: float | N
          resume: bool, autoencoder: nn.Module | None = None, networks: list[nn.Module] | None = None
          ) -> TrainResult:
     tc, dev = cfg.train, world.device
+    # "auto" made concrete here: checkpoints and the model directory record what ran, config.json keeps
+    # what was asked (a resume on another machine resolves it anew)
+    requested = tc.precision
+    tc.precision = resolve_precision(requested, dev, what="train.precision", say=progress and world.is_main)
     if tc.batch_size % world.size:
         raise ConfigError(f"train.batch_size={tc.batch_size} (global) is not divisible by the "
                           f"{world.size} processes")
@@ -565,7 +571,9 @@ def _run(cfg: Config, world: World, data, progress: bool, max_seconds: float | N
                      if k in state.projectors else state.pipe.networks[k], tc, world) for k in scales}
     if save and world.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+        asked = to_dict(cfg)
+        asked["train"]["precision"] = requested
+        (out / "config.json").write_text(json.dumps(asked, indent=2))
     losses = _LossLog(state, scales, tc, world, _Logger(out, cfg, world.is_main and save))
 
     # -- the loop: a step, then its log, sample grid and checkpoint when due
@@ -575,10 +583,12 @@ def _run(cfg: Config, world: World, data, progress: bool, max_seconds: float | N
     stop, interrupted, time_capped = StopRequest(), False, False
     quality = None  # msf.quality_log, made at the first check
     if progress and world.is_main:
-        print(f"[msf] training on {describe(dev)}, {world.size} process(es)", flush=True)
+        print(f"[msf] training on {describe(dev)}, {world.size} process(es), precision {tc.precision}",
+              flush=True)
     bar = tqdm(total=total_steps, initial=start_step, disable=not (progress and world.is_main),
                desc="train", dynamic_ncols=True)
     started = time.perf_counter()
+    logged = (start_step, started)  # the step and time of the last log line
     state.pipe.train()
     with stop.installed():
         # on a GPU, the next batch is gathered (and pinned) while the step runs
@@ -598,7 +608,11 @@ def _run(cfg: Config, world: World, data, progress: bool, max_seconds: float | N
             else:
                 losses.add(result)
                 if step % tc.log_every == 0 or step == total_steps:
-                    rate = (step - start_step) * tc.batch_size / (time.perf_counter() - started)
+                    # over this log window: a rate since the start would carry the first steps'
+                    # compilation (train.compile: a minute at paper sizes) for the whole run
+                    now = time.perf_counter()
+                    rate = (step - logged[0]) * tc.batch_size / max(now - logged[1], 1e-9)
+                    logged = (step, now)
                     bar.set_postfix(losses.write(step, list(result.losses), rate))
                     if max_seconds is not None:
                         _honour_cap(bar, step, start_step, total_steps, time.perf_counter() - started,
@@ -606,7 +620,7 @@ def _run(cfg: Config, world: World, data, progress: bool, max_seconds: float | N
                 if save and tc.sample_every and step % tc.sample_every == 0:
                     plain = _gathered(state.ema, cfg, world)
                     if plain is not None:
-                        path = _sample_grid(plain, out / "samples" / f"step_{step:09d}.png", dev)
+                        path = _sample_grid(plain, out / "samples" / f"step_{step:09d}.png")
                         losses.logger.image(step, "samples", path)
                 if save and tc.eval_every and step % tc.eval_every == 0:
                     plain = _gathered(state.ema, cfg, world)
@@ -636,6 +650,7 @@ def _run(cfg: Config, world: World, data, progress: bool, max_seconds: float | N
         pipeline=None, history=state.history, checkpoint=ckpts.last, seconds=seconds, steps=state.step,
         images_per_second=(state.step - start_step) * tc.batch_size / max(seconds, 1e-9),
         skipped=state.skipped, interrupted=interrupted, time_capped=time_capped, total_steps=total_steps,
+        precision=tc.precision,
     )
     # Under FSDP the main process gathers whole weights; the others return none: shards kept past
     # the process group's end hold its threads, and the process aborted at exit (seen in about 1
@@ -856,7 +871,9 @@ def _wrap(net: nn.Module, tc: TrainConfig, world: World) -> nn.Module:
         net = nn.parallel.DistributedDataParallel(
             net, device_ids=[world.device.index] if world.device.type == "cuda" else None,
             gradient_as_bucket_view=True)  # the gradients live in the buckets: one copy, not two
-    return torch.compile(net) if tc.compile else net
+    # static shapes: the scales' networks share DiT.forward, so the second scale's other token grid would
+    # otherwise recompile it with symbolic sizes; this way each scale compiles once, for its own sizes
+    return torch.compile(net, dynamic=False) if tc.compile else net
 
 
 def _cpus() -> int:
@@ -971,10 +988,10 @@ def _gathered(ema: MSFPipeline, cfg: Config, world: World) -> MSFPipeline | None
     return plain.to(world.device).requires_grad_(False).eval()
 
 
-def _sample_grid(pipe: MSFPipeline, path: Path, device) -> Path:
+def _sample_grid(pipe: MSFPipeline, path: Path) -> Path:
     from msf.viz import save_sample_grid
 
     n = min(pipe.config.num_classes, 10)
     labels = [c for c in range(n) for _ in range(4)]
-    images = pipe.sample(labels, seed=0, precision="bf16" if device.type != "cpu" else "fp32")
+    images = pipe.sample(labels, seed=0, precision="auto")
     return save_sample_grid(images, labels, pipe.config.class_names, path)
