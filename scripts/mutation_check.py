@@ -374,6 +374,20 @@ MUTATIONS = [
      "if t.scale_steps is not None and len(t.scale_steps) != m.num_scales:",
      "if t.scale_steps is not None and len(t.scale_steps) < m.num_scales:",
      "tests/test_config.py tests/test_faults.py"),
+    ("precision auto takes bf16 whatever the hardware", "precision.py",
+     'resolved = "bf16" if native else "fp32"', 'resolved = "bf16"', "tests/test_precision.py"),
+    ("bf16 flags trusted under a capped ATen capability", "precision.py",
+     'capped = (not torch.backends.cpu.get_cpu_capability().startswith("AVX512")',
+     'capped = (False', "tests/test_precision.py"),
+    ("training records 'auto', not what it resolved to", "train.py",
+     "tc.precision = resolve_precision(requested, dev,",
+     "tc.precision = requested or resolve_precision(requested, dev,",
+     "tests/test_precision.py"),
+    ("compiled networks with dynamic shapes", "train.py",
+     "torch.compile(net, dynamic=False)", "torch.compile(net)", "tests/test_train_step.py"),
+    ("the logged rate since the start of the run", "train.py",
+     "rate = (step - logged[0]) * tc.batch_size / max(now - logged[1], 1e-9)",
+     "rate = (step - start_step) * tc.batch_size / max(now - started, 1e-9)", "tests/test_train_step.py"),
 ]
 
 

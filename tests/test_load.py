@@ -77,7 +77,7 @@ def test_eval_takes_a_model_and_scores_what_sample_then_eval_score(run, tmp_path
     ref = tmp_path / "ref.npz"
     assert main(["reference", "emoji", "--image-size", "16", "--num-images", "40", "--out", str(ref)]) == 0
     common = ["--ref", str(ref), "--metrics", "kid", "--bootstraps", "0", "--no-floor", "--quiet",
-              "--feature-precision", "bf16"]
+              "--feature-precision", "auto"]
     assert main(["sample", str(run), "--num-samples", "12", "--npz", str(tmp_path / "s.npz"), "--seed", "3",
                  "--quiet"]) == 0
     assert main(["eval", "--samples", str(tmp_path / "s.npz"), *common,

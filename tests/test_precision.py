@@ -176,3 +176,17 @@ def test_compare_runs_in_fp32_on_a_cpu_without_native_bf16_and_records_it(cpu_ki
     rates = json.loads((tmp_path / "rates.json").read_text())
     assert rates["precision"] == {"train": "fp32", "sample": "fp32"}
     assert json.loads((tmp_path / "settings.json").read_text())["feature_precision"] == "fp32"
+
+
+def test_the_demo_trains_and_samples_in_fp32_on_a_cpu_without_native_bf16(cpu_kind, tmp_path, capsys):
+    from msf.demo import run_demo
+
+    cpu_kind(native=False, capability="AVX2")
+    sizes = (("depth", 1), ("width", 32), ("heads", 2), ("steps", 2))
+    small = [f"model.scales.{k}.{f}={v}" for k in (0, 1) for f, v in sizes]
+    paths = run_demo(tmp_path / "demo", minutes=1.0, per_class=1, progress=True,
+                     overrides=["train.steps=2", *small])
+    said = capsys.readouterr()
+    assert "train.precision: fp32 (this CPU has no native bf16" in said.err
+    assert "images/s, fp32)" in said.out
+    assert json.loads((paths["model"] / "config.json").read_text())["train"]["precision"] == "fp32"

@@ -27,7 +27,7 @@ def test_quality_is_checked_every_n_steps_against_the_training_data(tmp_path, mo
     # the last check scores the final EMA model's samples against the training data, as msf eval would
     with np.load(out / "quality_samples.npz") as f:
         assert np.bincount(f["arr_1"]).tolist() == [2] * 9
-        again = to_uint8(result.pipeline.sample(torch.from_numpy(f["arr_1"]), seed=0, precision="bf16"))
+        again = to_uint8(result.pipeline.sample(torch.from_numpy(f["arr_1"]), seed=0, precision="auto"))
         np.testing.assert_array_equal(f["arr_0"], again.numpy())
     ref = out / "eval_ref.npz"
     with np.load(ref) as f:

@@ -1,5 +1,8 @@
 """Inference levers of issue 6: bf16 inference copies, compiled copies, ``sample(nets=...)``."""
 
+import os
+
+import pytest
 import torch
 
 from msf.config import preset
@@ -54,6 +57,13 @@ def test_sample_with_replaced_nets():
     assert (fast - ref).abs().max() < 5e-2
 
 
+# ATEN_CPU_CAPABILITY=avx2 on an AVX-512 CPU (how the suite plays an AVX2-only machine) leaves oneDNN
+# reporting bf16 support while inductor writes AVX2 code: its frozen bf16 kernels then give NaN. No real
+# CPU is in that state (an AVX2-only one reports no oneDNN bf16).
+@pytest.mark.skipif(bool(os.environ.get("ATEN_CPU_CAPABILITY"))
+                    and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+                    and not torch.backends.cpu.get_cpu_capability().startswith("AVX512"),
+                    reason="ATen capped below the CPU's oneDNN bf16 (an emulated AVX2 machine)")
 def test_compile_for_inference_matches_eager():
     net = _net()
     x, t, y, _ = _inputs()

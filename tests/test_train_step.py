@@ -330,3 +330,30 @@ def test_a_compiled_run_compiles_each_scales_network_once_with_static_shapes(tin
     assert len(graphs) == cfg.model.num_scales  # one graph per scale's network, for all six steps
     assert graphs == [[]] * cfg.model.num_scales  # static: no symbolic sizes among the inputs
     assert not counters["graph_break"]
+
+
+def test_the_logged_rate_is_the_windows_not_the_runs_since_the_start(tiny_cfg, tmp_path, monkeypatch):
+    """A slow first step (a compilation) slows the first log window only: the rate at a later log line is
+    that window's, so a compiled run shows its speed once compiled."""
+    import re
+    import time
+
+    import msf.train
+
+    real, calls = msf.train.train_step, []
+
+    def first_slow(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            time.sleep(2.0)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(msf.train, "train_step", first_slow)
+    cfg = _cfg(tiny_cfg, tmp_path, "train.steps=6", "train.log_every=2", "train.batch_size=16")
+    train(cfg, progress=False)
+    log = (tmp_path / "log.txt").read_text()
+    rates = [float(r) for r in re.findall(r"images_per_second=([0-9.e+-]+)", log)]
+    assert len(rates) == 3
+    assert rates[0] < 32 / 2.0  # the slow step's window
+    # since the start, step 6 could not pass 6 x 16 images in over 2 s = 48 images/s
+    assert rates[-1] > 48 and rates[-1] > 3 * rates[0]

@@ -63,7 +63,7 @@ def run_demo(
     result = train(cfg, progress=progress, max_seconds=minutes * 60, overwrite=True)  # the demo's own dir
     print(
         f"[demo] trained {result.steps} steps in {result.seconds:.0f}s "
-        f"({result.images_per_second:.0f} images/s)"
+        f"({result.images_per_second:.0f} images/s, {result.precision})"
     )
     if result.time_capped:
         print(f"[demo] WARNING: the {minutes:g}-minute cap stopped training at step {result.steps} of "
@@ -73,7 +73,7 @@ def run_demo(
     names = pipe.config.class_names or []
     labels = [c for c in range(pipe.config.num_classes) for _ in range(per_class)]
     t_s = time.perf_counter()
-    images = pipe.sample(labels, seed=0, precision=cfg.train.precision, callback=progress_bar(progress))
+    images = pipe.sample(labels, seed=0, precision=result.precision, callback=progress_bar(progress))
     print(f"[demo] sampled {len(labels)} images in {time.perf_counter() - t_s:.1f}s")
     settings = SamplerSettings.of(pipe.config)
     paths["samples"] = save_sample_grid(
