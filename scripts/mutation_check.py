@@ -388,6 +388,13 @@ MUTATIONS = [
     ("the logged rate since the start of the run", "train.py",
      "rate = (step - logged[0]) * tc.batch_size / max(now - logged[1], 1e-9)",
      "rate = (step - start_step) * tc.batch_size / max(now - started, 1e-9)", "tests/test_train_step.py"),
+    ("a calibration burst stopped by a signal goes on to the next", "compare.py",
+     "    if res.interrupted:\n        raise KeyboardInterrupt(",
+     "    if False:\n        raise KeyboardInterrupt(",
+     "tests/test_signals.py"),
+    ("SIGTERM left to kill the long commands", "cli.py",
+     "old = signal.signal(signal.SIGTERM, stop)", "old = signal.getsignal(signal.SIGTERM)",
+     "tests/test_signals.py"),
 ]
 
 

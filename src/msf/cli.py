@@ -19,7 +19,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from msf.config import (
@@ -633,15 +637,47 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# What a long command stopped by Ctrl-C or SIGTERM leaves, and how to go on from it
+_AFTER_STOP = {
+    "train": "its last checkpoint, if it wrote one, is kept: the same command with --resume continues",
+    "sample": "a sample set's finished chunks are kept (--npz): the same command continues it",
+    "eval": "a sample set kept with --npz continues where it stopped; the reference's features are cached",
+    "sweep": "finished sample sets are kept: the same command continues",
+    "compare": "finished runs are kept: the same command continues",
+    "extract": "finished shards are kept: the same command continues",
+    "reference": "the same command starts it again",
+}
+
+
+@contextmanager
+def _sigterm_stops() -> Iterator[None]:
+    """SIGTERM (kill, a scheduler's time limit) stops a command as Ctrl-C does, with KeyboardInterrupt.
+    Training catches both itself and stops at the end of a step, with a checkpoint."""
+    def stop(signum, frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args) or 0
+        with _sigterm_stops():
+            return args.func(args) or 0
     except (ConfigError, ValueError, FileNotFoundError, FloatingPointError) as e:
         print(f"msf {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
-        print(f"msf {args.command}: interrupted" + (f": {e}" if str(e) else ""), file=sys.stderr)
+        after = _AFTER_STOP.get(args.command)
+        print(f"msf {args.command}: interrupted" + (f" ({e})" if str(e) else "")
+              + (f"; {after}" if after else ""), file=sys.stderr)
         return 130
     except BrokenPipeError:
         # the reader went away (`msf info demo | head`): stop quietly, as cat and grep do

@@ -180,16 +180,16 @@ def _measure(s: CompareSettings, out: Path, data, presets: list[str], progress: 
     for p in presets:  # warm-up, which also sizes the bursts (its start-up makes them a little short)
         pipes[p].sample(labels[:4], seed=0, precision=SAMPLE_PRECISION)
         if s.calib_seconds:
-            warm = train(_config(s, p, out / "calibration", s.calib_steps, 0), data=data, progress=False,
-                         save=False).seconds
+            warm = _stopped_if_interrupted(train(_config(s, p, out / "calibration", s.calib_steps, 0),
+                                                 data=data, progress=False, save=False)).seconds
             burst[p] = max(s.calib_steps, round(s.calib_steps / max(warm, 1e-9) * s.calib_seconds))
     for r in range(s.calib_repeats):
         for p in presets:
             # the marginal rate, from two lengths: a run's fixed start-up (data-loader workers, the
             # first steps' allocations) would otherwise shorten the faster preset's budget more
             n = burst[p]
-            seconds = [train(_config(s, p, out / "calibration", k, 0), data=data, progress=False,
-                             save=False).seconds for k in (n, 2 * n)]
+            seconds = [_stopped_if_interrupted(train(_config(s, p, out / "calibration", k, 0), data=data,
+                                                     progress=False, save=False)).seconds for k in (n, 2 * n)]
             extra = seconds[1] - seconds[0]
             # n more steps that add under a quarter of the time are lost in the timing noise (a tiny model's
             # short bursts; 2 steps once gave 52,000 steps/s): then the longer burst's plain rate
@@ -202,6 +202,14 @@ def _measure(s: CompareSettings, out: Path, data, presets: list[str], progress: 
                       f"{sampling[p][-1]:.4f} s per sample", flush=True)
     shutil.rmtree(out / "calibration", ignore_errors=True)
     return steps, sampling
+
+
+def _stopped_if_interrupted(res):
+    """A calibration burst that Ctrl-C or SIGTERM stopped (training takes both as a request to stop after
+    the step) stops the comparison too."""
+    if res.interrupted:
+        raise KeyboardInterrupt("during the rate calibration; nothing of it is kept")
+    return res
 
 
 def step_rates(s: CompareSettings, out: Path, data, progress: bool = True) -> dict[str, dict[str, float]]:
