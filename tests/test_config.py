@@ -135,3 +135,28 @@ def test_paper_preset_matches_the_paper():
     t = preset("paper-imagenet256").train
     assert t.batch_size == 2560 and t.scale_steps == [400_000, 250_000]
     assert preset("dit-xl2").model.num_scales == 1
+
+
+def test_the_names_dit_and_diffusers_users_type_are_accepted_for_the_same_setting(tiny_cfg):
+    cfg = apply_overrides(tiny_cfg, ["train.learning_rate=3e-4", "train.global_batch_size=24",
+                                     "train.max_train_steps=7", "train.results_dir=runs/x",
+                                     "model.scales.0.hidden_size=48", "model.scales.*.num_sampling_steps=5"])
+    assert (cfg.train.lr, cfg.train.batch_size, cfg.train.steps, cfg.train.out_dir) == (3e-4, 24, 7, "runs/x")
+    assert cfg.model.scales[0].width == 48 and [s.steps for s in cfg.model.scales] == [5, 5]
+
+
+@pytest.mark.parametrize("typed, meant, why", [
+    ("train.epochs", "steps", "not epochs"), ("train.batch", "batch_size", "global batch"),
+    ("train.train_batch_size", "batch_size", "not per device"), ("train.stpes", "steps", ""),
+    ("train.mixed_precision", "precision", "auto, bf16 or fp32"),
+])
+def test_an_unknown_key_is_answered_with_the_setting_it_means(tiny_cfg, typed, meant, why):
+    with pytest.raises(ConfigError) as e:
+        apply_overrides(tiny_cfg, [f"{typed}=3"])
+    assert f"did you mean {meant!r}" in str(e.value) and why in str(e.value)
+    assert "? Valid keys here: " in str(e.value)
+
+
+def test_an_unknown_key_with_nothing_near_still_ends_its_sentence(tiny_cfg):
+    with pytest.raises(ConfigError, match=r"unknown config key 'train.zzz'\. Valid keys here: "):
+        apply_overrides(tiny_cfg, ["train.zzz=1"])

@@ -865,9 +865,34 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     raise ConfigError(f"{where}: unsupported type {tp}")  # pragma: no cover
 
 
+# Names DiT's, SiT's and diffusers' users type for the same setting: accepted in key=value overrides
+KEY_ALIASES = {
+    "learning_rate": "lr", "base_lr": "lr", "max_steps": "steps", "max_train_steps": "steps",
+    "num_steps": "steps", "iterations": "steps", "global_batch_size": "batch_size", "global_seed": "seed",
+    "results_dir": "out_dir", "output_dir": "out_dir", "data_path": "data", "data_dir": "data",
+    "train_data_dir": "data", "checkpointing_steps": "ckpt_every", "ckpt_every_steps": "ckpt_every",
+    "lr_warmup_steps": "warmup_steps", "lr_scheduler": "lr_schedule", "max_grad_norm": "grad_clip",
+    "class_dropout_prob": "class_dropout", "ema_rate": "ema_decay", "adam_weight_decay": "weight_decay",
+    "hidden_size": "width", "num_heads": "heads", "guidance_scale": "cfg_scale",
+    "num_sampling_steps": "steps", "num_inference_steps": "steps",
+}
+# Names close in meaning but not the same setting: suggested, with the difference, never accepted
+KEY_MEANINGS = {
+    "epochs": ("steps", "msf counts optimizer steps, not epochs"),
+    "num_epochs": ("steps", "msf counts optimizer steps, not epochs"),
+    "batch": ("batch_size", "the global batch, over all processes"),
+    "train_batch_size": ("batch_size", "msf's is the global batch, over all processes, not per device"),
+    "mixed_precision": ("precision", "auto, bf16 or fp32"),
+    "wd": ("weight_decay", ""), "ema": ("ema_decay", ""), "warmup": ("warmup_steps", ""),
+    "clip": ("grad_clip", ""), "dropout": ("class_dropout", "the label dropout for guidance"),
+}
+
+
 def _unknown_key(where: str, key: str, valid: list[str]) -> str:
-    near = difflib.get_close_matches(key, valid, n=1)
-    hint = f"; did you mean {near[0]!r}?" if near else ""
+    meant = KEY_MEANINGS.get(key, (None, ""))
+    near = [meant[0]] if meant[0] in valid else difflib.get_close_matches(key, valid, n=1)
+    why = f" ({meant[1]})" if near and near[0] == meant[0] and meant[1] else ""
+    hint = f"; did you mean {near[0]!r}{why}?" if near else "."
     return f"unknown config key {where!r}{hint} Valid keys here: {', '.join(valid)}"
 
 
@@ -885,7 +910,8 @@ def config_from_json(text: str, source: str = "config") -> Config:
 
 def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
     """Apply ``key=value`` overrides (dotted paths, list indices: ``model.scales.0.depth=4``;
-    ``*`` for every element: ``model.scales.*.qk_norm=true``).
+    ``*`` for every element: ``model.scales.*.qk_norm=true``). The names DiT's and diffusers' users
+    type for the same setting are accepted (:data:`KEY_ALIASES`: ``train.learning_rate`` is ``train.lr``).
 
     Values are parsed as JSON where possible (numbers, lists, true/false/null),
     else taken as strings. The result is validated.
@@ -913,6 +939,8 @@ def _set(node: Any, parts: list[str], i: int, value: Any) -> None:
         else:
             raise ConfigError(f"{path}: index must be 0..{len(node) - 1} or *")
     elif isinstance(node, dict):
+        if p not in node and KEY_ALIASES.get(p) in node:
+            p = KEY_ALIASES[p]
         if p not in node:
             raise ConfigError(_unknown_key(path, p, list(node)))
         keys = [p]
