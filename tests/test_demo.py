@@ -16,14 +16,14 @@ SMALL = ["model.scales.0.depth=1", "model.scales.0.width=32", "model.scales.0.he
 
 def test_demo_writes_the_trained_models_samples(tmp_path):
     paths = run_demo(tmp_path / "demo", minutes=1.0, per_class=2, progress=False,
-                     overrides=["train.steps=3", "train.log_every=1", *SMALL])
+                     overrides=["train.steps=3", "train.log_every=1", "train.ema_decay=0.1", *SMALL])
     pipe = MSFPipeline.from_pretrained(paths["model"])
     cfg = pipe.config
     saved = json.loads((paths["model"] / "config.json").read_text())
     train_cfg = saved["train"]
     assert train_cfg["steps"] == 3
     # make demo trains demo-plus's recipe (the tiny sizes above are the test's own)
-    assert train_cfg["lr"] == 4e-3 and saved["model"]["prior_noise"] == 0.2
+    assert train_cfg["lr"] == 4e-3 and saved["model"]["prior_noise"] == 0.2 and train_cfg["ema_decay"] == 0.1
     assert saved["model"]["scales"][0]["cfg_scale"] == 7.0  # and samples with its guidance
     # samples.png: one row per class, each cell the saved model's sample for that class and seed 0
     labels = [c for c in range(cfg.num_classes) for _ in range(2)]
@@ -46,8 +46,29 @@ def test_demo_says_when_its_time_cap_cut_training_and_what_to_try_next(tmp_path,
                          overrides=["train.steps=40", *SMALL])
     out = capsys.readouterr().out
     assert "WARNING: the 0-minute cap stopped training at step 1 of 40" in out
+    assert "sampling the raw weights" in out  # one step: the EMA is still its random start
     assert "msf sample" in out and str(paths["model"]) in out and "--show-scales" in out
     assert "tensorboard --logdir" in out
+
+
+def test_a_short_demo_samples_its_raw_weights_and_says_so(tmp_path, capsys):
+    import pytest
+    import torch
+
+    from msf.load import from_checkpoint
+
+    with pytest.warns(UserWarning, match="EMA weights .* still hold 99.0% of their random start after 2 up"):
+        paths = run_demo(tmp_path / "demo", minutes=1.0, per_class=1, progress=False,
+                         overrides=["train.steps=2", "train.lr=5e-2", *SMALL])  # decay 0.995: young
+    out = capsys.readouterr().out
+    assert "EMA weights still hold 99.0% of their random start: sampling the raw weights" in out
+    raw = from_checkpoint(paths["model"].parent / "checkpoints" / "step_000000002.pt", "raw")
+    labels = list(range(raw.config.num_classes))
+    expected = to_uint8(raw.sample(labels, seed=0, precision="auto")).numpy()
+    cells = grid_cells(paths["samples"], raw.config.num_classes, 1, raw.config.image_size)
+    np.testing.assert_array_equal(cells.reshape(expected.shape), expected)
+    ema = MSFPipeline.from_pretrained(paths["model"])  # the model directory still holds the EMA
+    assert not all(torch.equal(a, b) for a, b in zip(ema.parameters(), raw.parameters()))
 
 
 def test_the_next_commands_survive_a_shell_whatever_the_class_and_folder_names(tmp_path):

@@ -21,8 +21,9 @@ import torch
 from msf.config import Config, SamplerSettings, apply_overrides, preset
 from msf.data import load_builtin, prepare_data, to_model_range
 from msf.factorize import compose
+from msf.load import from_checkpoint
 from msf.pipeline import MSFPipeline, progress_bar
-from msf.train import train
+from msf.train import YOUNG_EMA, ema_start_share, ema_updates, train
 from msf.viz import factorization_figure, loss_plot, save_sample_grid
 
 
@@ -69,7 +70,13 @@ def run_demo(
         print(f"[demo] WARNING: the {minutes:g}-minute cap stopped training at step {result.steps} of "
               f"{result.total_steps}; the samples will be worse than the demo's. This machine is slower "
               "or busier than expected: run it alone, or give it longer with `msf demo --minutes 20`.")
-    pipe = result.pipeline
+    pipe, weights = result.pipeline, "EMA"
+    share = ema_start_share(cfg.train.ema_decay, ema_updates(cfg.train, result.steps,
+                                                             list(range(pipe.config.num_scales))))
+    if share > YOUNG_EMA:  # a short or capped run: its EMA is still mostly the random start
+        pipe, weights = from_checkpoint(result.checkpoint, "raw", pipe.device), "raw"
+        print(f"[demo] the EMA weights still hold {share:.1%} of their random start: "
+              "sampling the raw weights")
     names = pipe.config.class_names or []
     labels = [c for c in range(pipe.config.num_classes) for _ in range(per_class)]
     t_s = time.perf_counter()
@@ -78,7 +85,7 @@ def run_demo(
     settings = SamplerSettings.of(pipe.config)
     paths["samples"] = save_sample_grid(
         images, labels, names, out / "samples.png",
-        caption=f"msf demo: {result.steps} steps, seed 0, {settings.describe()}")
+        caption=f"msf demo: {result.steps} steps, {weights} weights, seed 0, {settings.describe()}")
     paths["loss"] = loss_plot(result.history, out / "loss.png")
     paths["model"] = result.model_dir
     print(f"[demo] done in {time.perf_counter() - t0:.0f}s. Wrote:")

@@ -121,6 +121,21 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
                          [_local(p.detach()) for p in model.parameters()], 1.0 - decay)
 
 
+# An EMA that still holds more than this share of its random start samples worse than the raw weights
+# (its zero-initialised output layers are scaled down by that share; a short run's samples are noise)
+YOUNG_EMA = 0.1
+
+
+def ema_start_share(decay: float, updates: int) -> float:
+    """The share of an EMA's value that is still its starting point (the initial weights)."""
+    return decay ** max(updates, 0)
+
+
+def ema_updates(tc: TrainConfig, step: int, scales: list[int]) -> int:
+    """The EMA updates of the least-trained of ``scales`` after ``step`` steps."""
+    return min(min(step, tc.steps_for(k)) for k in scales)
+
+
 def shard(net: nn.Module, precision: str = "fp32") -> None:
     """FSDP2: shard each transformer block, then the rest of the network.
 
@@ -641,6 +656,13 @@ def _run(cfg: Config, world: World, data, progress: bool, max_seconds: float | N
         warnings.warn(f"the time cap ({max_seconds / 60:g} min) stopped training at step {state.step} of "
                       f"{total_steps}: a model trained this little samples poorly. Give it more time "
                       "(--minutes) or fewer steps (train.steps=...)", stacklevel=3)
+    updates = ema_updates(tc, state.step, scales)
+    if ema_start_share(tc.ema_decay, updates) > YOUNG_EMA and world.is_main and state.step > start_step:
+        need = math.ceil(math.log(YOUNG_EMA) / math.log(tc.ema_decay)) if 0 < tc.ema_decay < 1 else 0
+        warnings.warn(f"the EMA weights (train.ema_decay={tc.ema_decay:g}) still hold "
+                      f"{ema_start_share(tc.ema_decay, updates):.1%} of their random start after {updates} "
+                      f"updates (about {need} make them useful): {out / 'model'} holds them, but `msf sample "
+                      f"{out}` samples the raw weights of the last checkpoint until then", stacklevel=3)
     losses.logger.close()
 
     # -- the end: a last checkpoint, the EMA model directory, the losses
