@@ -171,6 +171,26 @@ def test_verdicts_in_the_summary_follow_the_intervals():
     assert "per class" not in markdown(summary)  # no class accuracy measured
 
 
+def test_one_seed_each_reports_the_bootstrap_intervals_on_their_own_sides():
+    import math
+
+    s = _settings(budgets=[1.0], seeds=[0])
+    runs = {"tiny": (50.0, [48.0, 56.0]), "tiny-dit": (60.0, [59.0, 64.0])}  # lopsided intervals
+    recs = [{"preset": p, "seed": 0, "budget_minutes": 1.0, "steps": 10, "train_seconds_total": 60.0,
+             "evaluations_per_image": 8, "sample_seconds_per_image": 0.01, "fid": f, "fid_ci": ci}
+            for p, (f, ci) in runs.items()]
+    rows = {r["preset"]: r for r in summarize(s, recs, None)["rows"]}
+    for p, (f, (lo, hi)) in runs.items():  # one seed: its own bootstrap interval, low below, high above
+        assert (rows[p]["fid"]["value"], rows[p]["fid"]["low"], rows[p]["fid"]["high"]) == (f, lo, hi)
+    d = rows["tiny-dit"]["fid_vs_baseline"]["difference"]
+    # tiny-dit minus tiny: as low as tiny-dit's low minus tiny's high, as high as its high minus tiny's low,
+    # the half-widths added in quadrature
+    assert d["value"] == 10.0
+    assert d["low"] == pytest.approx(10.0 - math.hypot(60.0 - 59.0, 56.0 - 50.0))
+    assert d["high"] == pytest.approx(10.0 + math.hypot(64.0 - 60.0, 50.0 - 48.0))
+    assert rows["tiny-dit"]["fid_vs_baseline"]["verdict"] == "behind"
+
+
 def test_a_variant_is_judged_against_its_own_preset_and_others_against_the_first():
     from msf.compare import baseline
 
@@ -507,7 +527,7 @@ def test_calibration_bursts_last_about_calib_seconds_whatever_the_machine(tmp_pa
 
     def fake(cfg, **kw):  # a machine that trains 100 steps a second
         lengths.append(cfg.train.steps)
-        return SimpleNamespace(seconds=cfg.train.steps / 100)
+        return SimpleNamespace(seconds=cfg.train.steps / 100, interrupted=False)
 
     monkeypatch.setattr(msf.train, "train", fake)
     s = _settings(presets=["tiny"], calib_seconds=1.0)
@@ -521,7 +541,8 @@ def test_calibration_bursts_last_about_calib_seconds_whatever_the_machine(tmp_pa
     # a start-up of a second and steps of 10 microseconds: the marginal rate is lost in the noise (once
     # 52,000 steps/s, a test budget of 62,833 steps), so the longer burst's plain rate stands in
     monkeypatch.setattr(msf.train, "train",
-                        lambda cfg, **kw: SimpleNamespace(seconds=1 + cfg.train.steps * 1e-5))
+                        lambda cfg, **kw: SimpleNamespace(seconds=1 + cfg.train.steps * 1e-5,
+                                                          interrupted=False))
     steps, _ = _measure(_settings(presets=["tiny"], calib_seconds=0), tmp_path, data, ["tiny"],
                         progress=False)
     assert steps["tiny"] == [pytest.approx(4 / (1 + 4e-5))]

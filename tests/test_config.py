@@ -84,6 +84,30 @@ def test_overrides_set_nested_fields_and_lists():
     assert cfg.model.base_mode == "latent" and cfg.train.balance_classes is False
 
 
+def test_an_override_splits_at_its_first_equals_sign():
+    cfg = apply_overrides(preset("tiny"), ["train.out_dir=runs/lr=3e-4,wd=0", "train.wandb_project=a=b"])
+    assert cfg.train.out_dir == "runs/lr=3e-4,wd=0" and cfg.train.wandb_project == "a=b"
+    samplers = apply_overrides(preset("tiny"), ['model.samplers={"x=y": {"steps": [2, 3]}}']).model.samplers
+    assert samplers == {"x=y": {"steps": [2, 3]}}
+
+
+@pytest.mark.parametrize("override,error", [
+    ("train.keep_last=1", None), ("train.keep_every=0", None), ("train.keep_every=3", None),
+    ("train.keep_last=0", r"train.keep_last must be an integer in \[1, inf\), got 0"),
+    ("train.keep_last=-1", r"train.keep_last must be an integer in \[1, inf\), got -1"),
+    ("train.keep_last=2.5", r"train.keep_last: expected an integer, got 2.5"),
+    ("train.keep_every=-1", r"train.keep_every must be an integer in \[0, inf\), got -1"),
+])
+def test_checkpoint_retention_bounds(override, error):
+    # at least the newest checkpoint is kept; every M-th one for good, or none (0)
+    if error is None:
+        key, value = override.removeprefix("train.").split("=")
+        assert getattr(apply_overrides(preset("tiny"), [override]).train, key) == int(value)
+    else:
+        with pytest.raises(ConfigError, match=error):
+            apply_overrides(preset("tiny"), [override])
+
+
 def test_unknown_key_suggests_the_nearest():
     with pytest.raises(ConfigError, match="train.lrr.*did you mean 'lr'"):
         apply_overrides(preset("tiny"), ["train.lrr=1"])

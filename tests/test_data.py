@@ -136,3 +136,35 @@ def test_prefetching_gives_the_same_batches_raises_errors_and_stops_with_its_con
             break
     time.sleep(0.3)
     assert not any(t.name == "msf-prefetch" for t in threading.enumerate())  # ... and so does the thread
+
+
+@pytest.mark.parametrize("balance", [True, False])
+def test_the_data_order_is_the_seeds_own(balance):
+    labels = torch.arange(40) % 4
+
+    def order(seed):
+        s = IndexStream(labels, 8, seed=seed, balance_classes=balance)
+        return [s.batch(step) for step in range(1, 11)]  # two epochs of 40 examples
+    a, again, other = order(3), order(3), order(4)
+    for (i, f), (j, g) in zip(a, again):
+        assert torch.equal(i, j) and torch.equal(f, g)  # the same seed: the same batches and flips
+    assert not torch.equal(torch.cat([i for i, _ in a]), torch.cat([i for i, _ in other]))
+    assert not torch.equal(torch.cat([f for _, f in a]), torch.cat([f for _, f in other]))
+    if not balance:  # another seed: another order in every epoch, each still a permutation
+        mine, theirs = torch.cat([i for i, _ in a]), torch.cat([i for i, _ in other])
+        for e in range(2):
+            epoch = slice(40 * e, 40 * (e + 1))
+            assert sorted(theirs[epoch].tolist()) == list(range(40))
+            assert not torch.equal(mine[epoch], theirs[epoch])
+
+
+def test_balanced_batches_larger_than_the_smallest_class_draw_it_with_replacement():
+    labels = torch.tensor([0, 0] + [1] * 30 + [2] * 8)  # class 0 has two examples; batches of 24
+    s = IndexStream(labels, 24, seed=0)
+    batches = [s.batch(step)[0] for step in range(1, 101)]
+    seen = torch.cat(batches)
+    freq = torch.bincount(labels[seen], minlength=3).float() / len(seen)
+    assert (freq - 1 / 3).abs().max() < 0.06  # 2400 draws: 6 sigma
+    assert max(int((labels[b] == 0).sum()) for b in batches) > 2  # more of class 0 than it has examples
+    small = seen[labels[seen] == 0]
+    assert (torch.bincount(small, minlength=2)[:2].float() / len(small) - 0.5).abs().max() < 0.1

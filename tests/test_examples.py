@@ -1,5 +1,6 @@
 """Every script in examples/ runs as documented (with --tiny: a few steps of a tiny model)."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,12 +13,25 @@ from msf.data import load_builtin
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _env(cwd: Path) -> dict[str, str]:
+    """A bare environment whose msf is this checkout's (src first), whatever the interpreter has installed."""
+    path = os.pathsep.join(p for p in (str(ROOT / "src"), os.environ.get("PYTHONPATH", "")) if p)
+    return {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "HOME": str(cwd),
+            "PYTHONPATH": path}
+
+
 def _run(script: str, *args: str, cwd: Path) -> str:
     r = subprocess.run([sys.executable, str(ROOT / "examples" / script), *args], cwd=cwd, capture_output=True,
-                       text=True, timeout=600, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin",
-                                                   "HF_HUB_OFFLINE": "1", "HOME": str(cwd)})
+                       text=True, timeout=600, env=_env(cwd))
     assert r.returncode == 0, r.stderr[-3000:]
     return r.stdout
+
+
+def test_the_examples_import_this_checkouts_msf(tmp_path):
+    r = subprocess.run([sys.executable, "-c", "import msf; print(msf.__file__)"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=120, env=_env(tmp_path))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert Path(r.stdout.strip()).resolve() == (ROOT / "src" / "msf" / "__init__.py").resolve()
 
 
 @pytest.fixture(scope="module")

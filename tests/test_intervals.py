@@ -160,3 +160,55 @@ def test_wilsons_interval_for_an_accuracy():
     assert (iv.low, iv.high) == pytest.approx((0.4038, 0.5962), abs=1e-4)
     edge = proportion_interval(0, 20)  # no successes: still an interval above 0
     assert edge.low == pytest.approx(0.0, abs=1e-12) and 0.1 < edge.high < 0.2
+
+
+def test_the_bootstrap_draws_every_sample_with_replacement(sets, monkeypatch):
+    x, r = sets
+    x = x[:6]
+    seen = []  # the index sets each bootstrap hands to its replicates
+    real_fid, real_kid = intervals.fid_replicates, intervals.kid_replicates
+
+    def fid(*a, draws, **kw):
+        seen.append(draws)
+        return real_fid(*a, draws=draws, **kw)
+
+    def kid_(features, ref, draws):
+        seen.append(draws)
+        return real_kid(features, ref, draws)
+
+    monkeypatch.setattr(intervals, "fid_replicates", fid)
+    monkeypatch.setattr(intervals, "kid_replicates", kid_)
+    intervals.bootstrap_fid(1.0, x, r.mean(0), ref_features=r, bootstraps=300, seed=1)
+    intervals.bootstrap_kid(0.1, x, r, bootstraps=300, seed=1)
+    assert len(seen) == 2
+    for d in seen:
+        d = np.asarray(d)
+        assert d.shape == (300, 6)  # one replicate per row, each as many draws as samples
+        counts = np.bincount(d.ravel(), minlength=6)
+        assert len(counts) == 6 and (np.abs(counts / d.size - 1 / 6) < 0.04).all()  # the last sample too
+        repeats = np.array([len(set(row)) < 6 for row in d])
+        assert repeats.mean() > 0.95  # with replacement: 6! / 6^6 = 1.5% of rows are permutations
+
+
+def test_a_reference_smaller_than_the_feature_dimension_gives_its_sample_covariance(sets):
+    x, r = sets
+    r = r[:10] + 2.0  # 10 reference images in 16 dimensions, away from the origin
+    every = np.arange(len(x))[None]
+    direct = frechet_distance(x.mean(0), np.cov(x, rowvar=False), r.mean(0), np.cov(r, rowvar=False))
+    # a singular reference covariance: equal to round-off in its null space
+    assert fid_replicates(x, r.mean(0), ref_features=r, draws=every)[0] == pytest.approx(direct, rel=1e-7)
+    assert fid_replicates(x, r.mean(0), ref_sigma=np.cov(r, rowvar=False), draws=every)[0] == pytest.approx(
+        direct, rel=1e-7)
+
+
+def test_a_one_seed_difference_keeps_the_side_its_replicates_fall_on():
+    # a's replicates skew high (a long upper tail), b's are fixed: a - b's interval reaches far above the
+    # value and little below it, not the mirror image
+    ra = 5.0 + np.concatenate([np.linspace(-0.5, 0.5, 80), np.linspace(2.0, 6.0, 20)])
+    rb = np.full(100, 3.0)
+    d = difference([5.0], [3.0], a_replicates=ra, b_replicates=rb)
+    lo, mid, hi = np.quantile(ra - rb, [0.025, 0.5, 0.975])
+    assert (d.value, d.low, d.high) == pytest.approx((2.0, 2.0 + lo - mid, 2.0 + hi - mid))
+    assert d.high - d.value > 3 * (d.value - d.low)
+    flipped = difference([3.0], [5.0], a_replicates=rb, b_replicates=ra)  # b - a: the long tail below
+    assert (flipped.low, flipped.high) == pytest.approx((-d.high, -d.low))

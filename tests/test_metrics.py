@@ -169,6 +169,57 @@ def test_precision_recall():
         precision_recall(real[:3], fake)
 
 
+def test_inception_score_is_the_exp_of_the_mean_kl_by_hand():
+    import math
+
+    logits = [[2.0, 0.0, -1.0], [0.0, 0.0, 0.0], [-1.0, 3.0, 0.5], [1.0, 1.0, -2.0],
+              [0.0, 4.0, 0.0], [0.5, -0.5, 2.5]]
+
+    def by_hand(rows):  # exp(mean over x of KL(p(y|x) || p(y))), p(y) the split's mean prediction
+        ps = [[math.exp(v) / sum(math.exp(u) for u in r) for v in r] for r in rows]
+        py = [sum(p[c] for p in ps) / len(ps) for c in range(3)]
+        kls = [sum(p[c] * math.log(p[c] / py[c]) for c in range(3)) for p in ps]
+        return math.exp(sum(kls) / len(kls))
+
+    a, b = by_hand(logits[:3]), by_hand(logits[3:])  # two splits, taken in order
+    mean, std = inception_score(np.array(logits), splits=2)
+    assert mean == pytest.approx((a + b) / 2, rel=1e-12) and std == pytest.approx(abs(a - b) / 2, rel=1e-9)
+    assert inception_score(np.array(logits), splits=1)[0] == pytest.approx(by_hand(logits), rel=1e-12)
+
+
+def test_precision_recall_use_the_k_they_are_given():
+    # 1-D: real at 0..4, fake at 5.5, 7.2 and far away. Each real point's ball reaches its k-th neighbour:
+    # k=1 radius 1 everywhere (5.5 is 1.5 from 4: outside); k=2 the ends reach 2 (5.5 inside); k=4 the ends
+    # reach 4 (7.2, 3.2 from 4, inside too). Recall: 4 lies 1.5 from 5.5, whose k=1 ball is 1.7 wide;
+    # from k=2 on, 5.5's ball reaches 30 and holds every real point.
+    real = np.array([[0.0], [1.0], [2.0], [3.0], [4.0]])
+    fake = np.array([[5.5], [7.2], [30.0], [31.0], [32.0]])
+    assert precision_recall(real, fake, k=1) == pytest.approx((0.0, 0.2))
+    assert precision_recall(real, fake, k=2) == pytest.approx((0.2, 1.0))
+    assert precision_recall(real, fake, k=4) == pytest.approx((0.4, 1.0))
+
+
+def test_fid_square_root_matches_scipys_sqrtm_and_a_closed_form():
+    import scipy.linalg
+
+    from msf.metrics import frechet_distance_from_features
+
+    rng = np.random.default_rng(5)
+    d = 6
+    f1, f2 = rng.normal(size=(40, d)) @ rng.normal(size=(d, d)), rng.normal(0.5, 1.0, size=(50, d))
+    mu1, mu2, s1, s2 = f1.mean(0), f2.mean(0), np.cov(f1, rowvar=False), np.cov(f2, rowvar=False)
+    assert not np.allclose(s1 @ s2, s2 @ s1)  # covariances that do not commute
+    root = scipy.linalg.sqrtm(s1 @ s2).real
+    expected = np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * np.trace(root)
+    for method in ("eigh", "sqrtm"):
+        assert frechet_distance(mu1, s1, mu2, s2, method=method) == pytest.approx(expected, rel=1e-9)
+    assert frechet_distance_from_features(f1, f2) == pytest.approx(expected, rel=1e-9)
+    # closed form: with sigma2 = c^2 sigma1^-1, sigma1 sigma2 = c^2 I, whose square root has trace c d
+    c, inv = 1.7, np.linalg.inv(s1)
+    closed = np.trace(s1) + c * c * np.trace(inv) - 2 * c * d
+    for method in ("eigh", "sqrtm"):
+        assert frechet_distance(mu1, s1, mu1, c * c * inv, method=method) == pytest.approx(closed, rel=1e-9)
+
 # ---------------------------------------------------------------------------------------------------------
 # Inputs
 

@@ -177,3 +177,38 @@ def test_msf_info_sizes_a_variant_from_overrides(capsys):
     assert [s["parameters"] for s in info["scales"]] == [s.parameters for s in want]
     assert main(["info", "tiny", "model.scales.0.norm=batchnorm"]) == 2
     assert "model.scales.0.norm must be one of" in capsys.readouterr().err
+
+
+def _attention_by_hand(attn, x, rope=None):
+    """Attention written out: q, k, v from one projection; QK-norm with each branch's own scale; RoPE on
+    the queries and keys only."""
+    import torch.nn.functional as F
+
+    B, N, D = x.shape
+    q, k, v = attn.qkv(x).view(B, N, 3, attn.heads, D // attn.heads).permute(2, 0, 3, 1, 4)
+    if attn.qk_norm:
+        q = F.rms_norm(q, q.shape[-1:], attn.q_norm.weight, attn.q_norm.eps)
+        k = F.rms_norm(k, k.shape[-1:], attn.k_norm.weight, attn.k_norm.eps)
+    if rope is not None:
+        q, k = apply_rope(q, rope), apply_rope(k, rope)
+    out = F.scaled_dot_product_attention(q, k, v)
+    return attn.proj(out.transpose(1, 2).reshape(B, N, D))
+
+
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_attention_rotates_queries_and_keys_not_values_and_norms_each_with_its_own_scale(qk_norm):
+    from msf.models import Attention
+
+    grid, width, heads = 3, 16, 2
+    attn = Attention(width, heads, qk_norm=qk_norm)
+    if qk_norm:  # learned scales that differ, so that swapping them shows
+        with torch.no_grad():
+            attn.q_norm.weight.copy_(torch.linspace(0.2, 2.0, width // heads))
+            attn.k_norm.weight.copy_(torch.linspace(3.0, -1.0, width // heads))
+    x = torch.randn(2, grid * grid, width)
+    rope = rope_2d(width // heads, grid)
+    with torch.no_grad():
+        got, want = attn(x, rope), _attention_by_hand(attn, x, rope)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(attn(x), _attention_by_hand(attn, x), atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(got, attn(x), atol=1e-3)  # the rotation does change the output

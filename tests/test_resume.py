@@ -196,3 +196,26 @@ def test_resume_of_a_config_without_class_names(tmp_path):
     cfg = _cfg(tmp_path / "a", 4, extra)
     more = train(cfg, progress=False, resume=True)
     assert more.steps == 4 and cfg.model.class_names is None  # the caller's config is not changed
+
+
+def test_resume_restores_the_step_the_skipped_count_and_the_loss_history(tmp_path, monkeypatch):
+    real = MSFPipeline.training_losses
+
+    def poisoned(self, *a, **kw):  # step 3's loss is NaN: skipped and counted
+        losses = real(self, *a, **kw)
+        if kw["noise"].step == 3:
+            losses[0] = losses[0] * float("nan")
+        return losses
+
+    monkeypatch.setattr(MSFPipeline, "training_losses", poisoned)
+    extra = ["train.on_nonfinite=skip", "train.lr_schedule=constant", "train.log_every=1"]
+    first = train(_cfg(tmp_path / "a", 5, extra), progress=False)
+    assert (first.steps, first.skipped) == (5, 1)
+    resumed = train(_cfg(tmp_path / "a", 8, extra), progress=False, resume=True)
+    whole = train(_cfg(tmp_path / "b", 8, extra), progress=False)
+    assert (resumed.steps, resumed.skipped) == (whole.steps, whole.skipped) == (8, 1)
+    for k in (0, 1):
+        assert [s for s, _ in resumed.history[k]] == [1, 2, 4, 5, 6, 7, 8]
+        assert [v for _, v in resumed.history[k]] == pytest.approx([v for _, v in whole.history[k]], rel=1e-5)
+    saved = json.loads((tmp_path / "a" / "losses.json").read_text())
+    assert [s for s, _ in saved["0"]] == [1, 2, 4, 5, 6, 7, 8]

@@ -156,6 +156,22 @@ def test_given_labels_replace_the_balanced_ones(pipe, tmp_path):
         sample_set(pipe, tmp_path / "u.npz", 5, labels=np.array([0, 1, 2, 3, 99]), **KW)
 
 
+def test_a_set_of_given_labels_is_reused_only_for_the_same_labels(pipe, tmp_path):
+    out = tmp_path / "s.npz"
+    y = np.array([0, 0, 0, 1, 2])
+    assert sample_set(pipe, out, 5, labels=y, **KW).generated == 5
+    assert sample_set(pipe, out, 5, labels=y.copy(), **KW).generated == 0  # the same labels: reused
+    recorded = read_meta(out)["labels"]
+    assert recorded.startswith("given:")
+    other = np.array([2, 1, 0, 0, 0])  # the same classes in another order: another set
+    with pytest.raises(ValueError, match=r"exists, drawn with other settings \(labels: 'given:"):
+        sample_set(pipe, out, 5, labels=other, **KW)
+    assert sample_set(pipe, out, 5, labels=other, overwrite=True, **KW).generated == 5
+    assert read_meta(out)["labels"] not in (recorded, "balanced")
+    with np.load(out) as d:
+        np.testing.assert_array_equal(d["arr_1"], other)
+
+
 def test_bf16_weight_copies_sample_close_to_fp32(pipe, tmp_path):
     kw = dict(KW, precision="bf16-weights")
     sample_set(pipe, tmp_path / "fast.npz", 8, **kw)

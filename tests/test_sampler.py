@@ -148,6 +148,31 @@ def test_step_noise_is_a_function_of_seed_step_key_and_slices_the_global_batch()
     assert torch.equal(torch.cat(parts), whole)
 
 
+def test_each_scale_draws_its_training_noise_under_its_own_key(tiny_cfg, monkeypatch):
+    import msf.pipeline
+    from msf.config import apply_overrides
+    from msf.pipeline import MSFPipeline
+
+    drawn = []  # (scale, t, noise, prior) as each scale's loss gets them
+    real_flow = msf.pipeline.rectified_flow_loss
+
+    def flow(net, c, y, t, prior=None, noise=None, **kw):
+        drawn.append((0 if prior is None else 1, t, noise, prior))
+        return real_flow(net, c, y, t, prior, noise, **kw)
+
+    monkeypatch.setattr(msf.pipeline, "rectified_flow_loss", flow)
+    pipe = MSFPipeline(apply_overrides(tiny_cfg, ["model.prior_noise=0.5"]).model)
+    n = tiny_cfg.model.image_size
+    x, y = torch.rand(4, 3, n, n) * 2 - 1, torch.tensor([0, 1, 2, 3])
+    pipe.training_losses(x, y, noise=StepNoise(7, 3))
+    pipe.training_losses(x, y, scales=[1], noise=StepNoise(7, 3))
+    (_, t0, e0, _), (_, t1, e1, p1), (k, t1_alone, e1_alone, p1_alone) = drawn
+    assert k == 1  # scale 1 alone draws what it draws beside scale 0: nothing depends on the other's draws
+    assert torch.equal(t1, t1_alone) and torch.equal(e1, e1_alone) and torch.equal(p1, p1_alone)
+    # and the two scales' draws are not one stream under one key (the leading values would agree)
+    assert not torch.allclose(e1.flatten()[:16], e0.flatten()[:16]) and not torch.equal(t1, t0)
+
+
 def test_label_dropout_rate_and_null_class():
     y = torch.zeros(20000, dtype=torch.long)
     d = drop_labels(y, 0.1, null_class=7)
@@ -301,3 +326,56 @@ def test_named_samplers_paper_reproduces_todays_samples_and_survives_new_default
         apply_overrides(cfg, ['model.samplers={"x": {"steps": [1, 2, 3]}}'])
     with pytest.raises(ConfigError, match=r"model.samplers.x.step"):
         apply_overrides(cfg, ['model.samplers={"x": {"step": [1, 2]}}'])
+
+
+def _two_branch_net(calls):
+    """Conditional branch (label 0) 1, unconditional (null label 1) 0: a guided value is then w itself."""
+    def net(x, t, y, prior):
+        calls.append(x.shape[0])
+        return torch.ones_like(x) * (y == 0).float().view(-1, 1, 1, 1)
+    return net
+
+
+def test_guidance_applies_at_the_intervals_ends_and_not_just_outside():
+    from msf.sampler import guided
+
+    calls = []
+    v = guided_velocity(_two_branch_net(calls), torch.tensor([0, 0]), None, 3.0, 1, interval=(0.25, 0.75))
+    x = torch.zeros(2, 1, 2, 2)
+    for t, inside in ((0.25, True), (0.75, True), (0.5, True), (0.25 - 1e-6, False), (0.75 + 1e-6, False)):
+        calls.clear()
+        assert guided(t, (0.25, 0.75)) == inside, t
+        assert torch.equal(v(x, t), torch.full_like(x, 3.0 if inside else 1.0)), t
+        assert calls == ([4] if inside else [2]), t  # both branches in one forward, or the conditional alone
+
+
+@pytest.mark.parametrize("w", [0.0, 0.4, 0.9])
+def test_guidance_scales_below_one_interpolate_towards_the_unconditional(w):
+    net = LabelNet(channels=2)
+    x, y = torch.randn(3, 2, 4, 4), torch.tensor([1, 2, 3])
+    t = torch.full((3,), 0.3)
+    vc, vu = net(x, t, y), net(x, t, torch.full_like(y, 10))
+    net.calls.clear()
+    v = guided_velocity(net, y, None, w, null_class=10)(x, 0.3)
+    assert net.calls == [6]  # w != 1: both branches run
+    torch.testing.assert_close(v, vu + w * (vc - vu))
+    assert not torch.allclose(v, vc, atol=1e-3)  # not clamped to the conditional pass (w = 1)
+
+
+@pytest.mark.parametrize("solver", ["euler", "heun", "midpoint", "ab2"])
+def test_reported_evaluations_are_the_network_calls_each_solver_makes(solver, tiny_cfg):
+    from msf.config import SamplerSettings, evaluations
+
+    cases = [(5, 1.0, 2.0, (0.3, 0.7)), (6, 3.0, 2.0, (0.3, 0.7)), (7, 1.0, 1.5, (0.0, 1.0)),
+             (4, 2.0, 1.0, (0.3, 0.7)), (9, 1.0, 0.5, (0.0, 0.45))]  # steps, shift, guidance, interval
+    for steps, shift, w, interval in cases:
+        calls = []
+        velocity = guided_velocity(_two_branch_net(calls), torch.tensor([0, 0]), None, w, 1, interval)
+        solve(velocity, torch.zeros(2, 1, 2, 2), steps, solver, shift)
+        made = sum(calls) // 2  # network evaluations per image, both branches counted
+        case = (steps, shift, w, interval)
+        assert evaluations(steps, w, solver, shift, interval) == made, case
+        settings = SamplerSettings.of(tiny_cfg.model, steps=steps, cfg_scale=w, solver=solver, shift=shift,
+                                      guidance_interval=interval)
+        assert settings.scale_evaluations(0) == made and settings.evaluations == 2 * made, case
+    assert 9 < made < 18  # the last case guides only part of its evaluations

@@ -357,3 +357,95 @@ def test_the_logged_rate_is_the_windows_not_the_runs_since_the_start(tiny_cfg, t
     assert rates[0] < 32 / 2.0  # the slow step's window
     # since the start, step 6 could not pass 6 x 16 images in over 2 s = 48 images/s
     assert rates[-1] > 48 and rates[-1] > 3 * rates[0]
+
+
+def _record_adamw_steps(monkeypatch):
+    """(optimizer, lr, betas, weight decay, gradient norm) at each AdamW step, in order."""
+    seen = []
+    real_step = torch.optim.AdamW.step
+
+    def step(self, *a, **kw):
+        g = self.param_groups[0]
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(x) for x in grads])).item()
+        seen.append((self, g["lr"], tuple(g["betas"]), g["weight_decay"], norm))
+        return real_step(self, *a, **kw)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    return seen
+
+
+def test_training_reads_the_data_in_its_seeds_order(tiny_cfg, tmp_path, monkeypatch):
+    from msf.data import IndexStream, iterate_batches, load_dataset, prepare_data
+
+    seen = []
+    real = MSFPipeline.training_losses
+
+    def losses(self, images, labels, *a, **kw):
+        seen.append((images.clone(), labels.clone()))
+        return real(self, images, labels, *a, **kw)
+
+    monkeypatch.setattr(MSFPipeline, "training_losses", losses)
+    for seed in (3, 4):
+        train(_cfg(tiny_cfg, tmp_path / str(seed), "train.steps=2", f"train.seed={seed}"), progress=False,
+              save=False)
+    size = tiny_cfg.model.image_size
+    data = prepare_data(load_dataset("emoji", size), size)
+    expected = list(iterate_batches(data, IndexStream(data.labels, tiny_cfg.train.batch_size, seed=3), 1, 2))
+    for (x, y), (_, ex, ey, _) in zip(seen[:2], expected):
+        assert torch.equal(x, ex) and torch.equal(y, ey)  # seed 3's batches, flips included
+    assert not torch.equal(torch.cat([y for _, y in seen[:2]]), torch.cat([y for _, y in seen[2:]]))
+
+
+def test_adamw_gets_the_configured_betas_and_its_weight_decay_acts(tiny_cfg, tmp_path, monkeypatch):
+    seen = _record_adamw_steps(monkeypatch)
+    lr, wd = 1e-2, 0.5
+    raw = {}
+    for decay in (0.0, wd):
+        out = tmp_path / f"wd{decay}"
+        cfg = _cfg(tiny_cfg, out, "train.steps=1", f"train.lr={lr}", "train.betas=[0.5, 0.8]",
+                   f"train.weight_decay={decay}")
+        train(cfg, progress=False)
+        ((_, path),) = list_checkpoints(out / "checkpoints")
+        raw[decay] = torch.load(path, weights_only=True)["models"]
+    assert [(betas, d) for _, _, betas, d, _ in seen] == [((0.5, 0.8), 0.0)] * 2 + [((0.5, 0.8), wd)] * 2
+    # AdamW decays the weights by lr * wd before its step, which is the same in both runs (same gradients)
+    torch.manual_seed(tiny_cfg.train.seed)
+    init = MSFPipeline(tiny_cfg.model).networks.state_dict()
+    decayed = 0.0
+    for k in ("0", "1"):
+        for name, w in raw[0.0][k].items():
+            diff = w - raw[wd][k][name]
+            torch.testing.assert_close(diff, lr * wd * init[f"{k}.{name}"], atol=1e-7, rtol=1e-4)
+            decayed = max(decayed, diff.abs().max().item())
+    assert decayed > 1e-4
+
+
+def test_gradient_clipping_is_off_at_zero_and_leaves_a_norm_at_the_limit(tiny_cfg, tmp_path, monkeypatch):
+    seen = _record_adamw_steps(monkeypatch)
+
+    def norms(clip):  # each scale's gradient norm as AdamW sees it after one step's clipping
+        seen.clear()
+        cfg = _cfg(tiny_cfg, tmp_path / str(clip), "train.steps=1", f"train.grad_clip={clip}")
+        train(cfg, progress=False, save=False)
+        return [n for *_, n in seen]
+
+    free = norms(1e6)  # far above the norms: unclipped
+    assert norms(0) == free  # 0 disables clipping: the same gradients, bit for bit
+    n0, n1 = free
+    at = norms(n0)  # scale 0's norm exactly at the limit: unchanged; each scale is clipped on its own
+    assert at[0] == pytest.approx(n0, rel=1e-4) and at[1] == pytest.approx(min(n0, n1), rel=1e-4)
+    assert norms(n0 / 2)[0] == pytest.approx(n0 / 2, rel=1e-4)  # above it: scaled down to the limit
+
+
+def test_each_scales_cosine_schedule_spans_its_own_steps(tiny_cfg, tmp_path, monkeypatch):
+    seen = _record_adamw_steps(monkeypatch)
+    lr = 1e-2
+    cfg = _cfg(tiny_cfg, tmp_path, "train.scale_steps=[4, 2]", "train.lr_schedule=cosine", f"train.lr={lr}",
+               "train.min_lr_ratio=0.1", "train.warmup_steps=0")
+    train(cfg, progress=False, save=False)
+    opts = list(dict.fromkeys(opt for opt, *_ in seen))  # scale 0's optimizer steps first
+    by_scale = [[r for o, r, *_ in seen if o is opt] for opt in opts]
+    # cosine from lr to 0.1 lr over each scale's own steps: halfway 0.55 lr, the end 0.1 lr
+    assert by_scale[1] == pytest.approx([0.55 * lr, 0.1 * lr])
+    assert by_scale[0][1::2] == pytest.approx([0.55 * lr, 0.1 * lr]) and len(by_scale[0]) == 4
