@@ -61,3 +61,16 @@ def test_app_without_gradio_says_how_to_install(monkeypatch):
 
     with pytest.raises(ConfigError, match="pip install gradio"):
         build_app(MSFPipeline(preset("tiny").model))
+
+
+def test_serve_says_where_without_gradios_share_hint(tmp_path, capsys):
+    from msf.app import serve
+
+    model = MSFPipeline(preset("tiny").model).save_pretrained(tmp_path / "m")
+    app = serve(str(model), device="cpu", block=False)
+    try:
+        out = capsys.readouterr().out
+    finally:
+        app.close()
+    assert f"msf app: serving {model} at {app.local_url}" in out
+    assert "share=True" not in out and "public link" not in out

@@ -1,4 +1,5 @@
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -80,3 +81,27 @@ def test_sample_with_a_shifted_grid_and_a_guidance_interval(tmp_path):
     settings = SamplerSettings.of(preset("tiny").model, steps=[4, 2], cfg_scale=[2.0, 1.0], solver="ab2",
                                   shift=[3.0, 1.0], guidance_interval=(0.0, 0.5))
     assert settings.evaluations == 4 + 1 + 2
+
+
+def test_warnings_read_as_one_line_of_the_command(monkeypatch, capsys):
+    import warnings
+
+    import msf.cli
+
+    def warn(args):
+        warnings.warn("the EMA weights are young", stacklevel=2)
+        return 0
+
+    def shown(message, category, filename, lineno, file=None, line=None):  # as Python's default shows them
+        print(warnings.formatwarning(message, category, filename, lineno, line), end="", file=sys.stderr)
+
+    monkeypatch.setattr(msf.cli, "cmd_info", warn)
+    default = warnings.formatwarning
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        monkeypatch.setattr(warnings, "showwarning", shown)
+        assert main(["info", "tiny"]) == 0
+        assert capsys.readouterr().err == "msf info: warning: the EMA weights are young\n"
+        warnings.warn("from the library", stacklevel=1)  # outside the command line: Python's format
+        assert "UserWarning: from the library" in capsys.readouterr().err
+    assert warnings.formatwarning is default

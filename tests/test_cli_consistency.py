@@ -71,3 +71,35 @@ def test_a_run_keeps_a_log_and_logs_to_wandb_when_asked(tmp_path, monkeypatch):
     cfg.train.out_dir = str(tmp_path / "run2")
     with pytest.raises(Exception, match="pip install wandb"):
         train(cfg, progress=False)
+
+
+def _subparsers():
+    import argparse
+
+    parser = build_parser()
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+
+
+def test_every_flag_says_what_it_does():
+    missing = [f"{name} {a.option_strings or a.dest}" for name, sub in _subparsers().items()
+               for a in sub._actions if not a.help]
+    assert missing == []
+
+
+def test_dit_users_flags_are_understood():
+    parse = build_parser().parse_args
+    for cmd in (["sample", "m"], ["eval", "--samples", "s", "--ref", "r"]):
+        dit = parse([*cmd, "--num-fid-samples", "50", "--per-proc-batch-size", "8",
+                     "--num-sampling-steps", "25"])
+        ours = parse([*cmd, "--num-samples", "50", "--batch-size", "8", "--steps", "25"])
+        assert vars(dit) == vars(ours) and ours.num_samples == 50 and ours.steps == [25], cmd
+    assert parse(["eval", "--ckpt", "run", "--ref", "r"]).model == "run"
+    sweep = parse(["sweep", "m", "--ref", "r", "--cfg-values", "1", "--num-fid-samples", "9",
+                   "--per-proc-batch-size", "3"])
+    assert (sweep.num_samples, sweep.batch_size) == (9, 3)
+    compare = parse(["compare", "--presets", "tiny", "--data-path", "d", "--results-dir", "o",
+                     "--num-fid-samples", "7"])
+    assert (compare.data, compare.out, compare.num_samples) == ("d", "o", 7)
+    # the existing names and defaults stay as they were
+    assert (parse(["sample", "m"]).batch_size, parse(["eval", "--ref", "r"]).num_samples) == (64, 5000)
+    assert parse(["compare", "--presets", "tiny"]).out == "runs/compare"

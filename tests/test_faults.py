@@ -319,7 +319,7 @@ def test_a_gpu_that_cuda_cannot_use_stops_the_run_and_the_device_is_named(tmp_pa
         train(cfg, progress=False)
     result = train(cfg, progress=True, device="cpu")  # asked for explicitly: runs, and says where
     assert result.steps == 2
-    assert "[msf] training on cpu (1 threads; torch" in capsys.readouterr().out
+    assert "[msf] training on cpu (1 thread; torch" in capsys.readouterr().out
 
 
 def test_busy_cpus_counts_other_processes_not_this_one():

@@ -291,3 +291,19 @@ def test_cli_push_offline_is_one_line(models, tmp_path, capsys):
     assert main(["push", str(tmp_path / "model_a"), "org/x"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("msf push: error:") and "HF_HUB_OFFLINE=0" in err
+
+
+def test_a_missing_local_path_is_answered_at_once_without_the_hub(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(msf.hub, "download", lambda *a, **k: pytest.fail(f"looked up on the hub: {a}"))
+    monkeypatch.setattr(msf.hub, "_huggingface_hub", lambda *a: pytest.fail("huggingface_hub imported"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()  # ./runs exists: runs/nothere is a path here, not the hub's owner "runs"
+    for spec in ("runs/nothere", "runs/nothere@v1", "./nothere", "runs/a/b", str(tmp_path / "nothere"),
+                 "~/msf-nothere"):
+        assert parse_hub_id(spec) is None, spec
+        assert main(["sample", spec, "--out", "g.png", "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("msf sample: error: ") and "model directory does not exist" in err, spec
+    with pytest.raises(ModelDirError, match="model directory does not exist"):
+        MSFPipeline.from_pretrained("runs/nothere")
+    assert parse_hub_id("org/name") == ("org/name", None)  # no ./org here: an id

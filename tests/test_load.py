@@ -93,3 +93,55 @@ def test_eval_takes_a_model_and_scores_what_sample_then_eval_score(run, tmp_path
     capsys.readouterr()
     assert main(["eval", "--ref", str(ref)]) == 2
     assert "exactly one of --samples" in capsys.readouterr().err
+
+
+def test_sample_says_which_weights_it_loaded_and_records_them(run, tmp_path, capsys):
+    from PIL import Image
+
+    last = (run / "checkpoints" / "step_000000004.pt").resolve()
+    png, npz = tmp_path / "g.png", tmp_path / "s.npz"
+    common = ["--steps", "1", "--device", "cpu", "--precision", "fp32"]
+    assert main(["sample", str(run), "--classes", "0", "--per-class", "1", "--out", str(png), *common]) == 0
+    assert f"[msf] loaded the EMA weights of {last} (step 4)" in capsys.readouterr().out
+    meta = json.loads(Image.open(png).text["msf"])
+    assert meta["model"] == str(last) and meta["model_weights"] == "ema" and meta["checkpoint_step"] == 4
+    assert main(["sample", str(run), "--raw-weights", "--num-samples", "2", "--npz", str(npz), *common]) == 0
+    assert f"[msf] loaded the raw weights of {last} (step 4)" in capsys.readouterr().out
+    meta = read_meta(npz)
+    assert meta["model"] == source(run, "raw") and meta["model_weights"] == "raw"
+    assert meta["checkpoint_step"] == 4
+    # the same command again finds the set finished: the record does not disturb the resume
+    assert main(["sample", str(run), "--raw-weights", "--num-samples", "2", "--npz", str(npz), *common]) == 0
+    assert "drew 0 here" in capsys.readouterr().out
+    model = (run / "model").resolve()  # a model directory: its EMA weights, no step recorded
+    assert main(["sample", str(model), "--per-class", "1", "--out", str(png), *common]) == 0
+    assert f"[msf] loaded the EMA weights of {model}\n" in capsys.readouterr().out
+    meta = json.loads(Image.open(png).text["msf"])
+    assert meta["model"] == str(model) and meta["model_weights"] == "ema" and "checkpoint_step" not in meta
+
+
+def test_a_young_ema_is_passed_over_for_the_raw_weights_and_said(tmp_path, capsys):
+    from PIL import Image
+
+    from msf.load import load_with_source
+    from msf.train import train
+
+    young, settled = tmp_path / "young", tmp_path / "settled"
+    for out, decay in ((young, 0.995), (settled, 0.1)):
+        cfg = preset("tiny")
+        cfg.train.steps, cfg.train.ema_decay, cfg.train.out_dir, cfg.train.lr = 3, decay, str(out), 5e-2
+        cfg.train.tensorboard = False
+        train(cfg, progress=False)
+    pipe, loaded = load_with_source(young, "auto")
+    assert loaded.weights == "raw" and "still holds 98.5% of its random start" in loaded.why
+    raw = load_pipeline(young, "raw")
+    assert all(torch.equal(a, b) for a, b in zip(pipe.parameters(), raw.parameters()))
+    assert load_with_source(settled, "auto")[1].weights == "ema"
+    assert load_with_source(young / "model", "auto")[1].weights == "ema"  # a model directory has no other
+    png = tmp_path / "grid.png"
+    assert main(["sample", str(young), "--per-class", "1", "--steps", "1", "--out", str(png)]) == 0
+    assert "loaded the raw weights of" in capsys.readouterr().out
+    assert json.loads(Image.open(png).text["msf"])["model_weights"] == "raw"
+    assert main(["sample", str(young), "--per-class", "1", "--steps", "1", "--out", str(png),
+                 "--ema-weights"]) == 0
+    assert json.loads(Image.open(png).text["msf"])["model_weights"] == "ema"

@@ -148,6 +148,12 @@ def serve(model: str | Path, host: str = "127.0.0.1", port: int | None = None, d
 
     pipe = load_pipeline(model, weights, device=init_world(device).device)
     app = build_app(pipe, title=f"msf app: {model}")
-    app.launch(server_name=host, server_port=port, prevent_thread_lock=not block, share=False,
-               show_error=True)
+    # quiet: Gradio's own lines end with "set `share=True`", which msf app does not offer (--host does that
+    # job); the address is said here instead
+    app.launch(server_name=host, server_port=port, prevent_thread_lock=True, share=False, show_error=True,
+               quiet=True)
+    print(f"msf app: serving {model} at {app.local_url}" + (" (Ctrl-C to stop)" if block else ""),
+          flush=True)
+    if block:
+        app.block_thread()
     return app

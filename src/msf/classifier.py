@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -189,6 +190,8 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, class_names: list[s
     """Train on the recipe's share of ``images``; report accuracy on the held-out rest."""
     from tqdm import tqdm
 
+    from msf.features import Pace
+
     labels = np.asarray(labels, np.int64)
     tr, held = _split(labels, recipe.held_out, recipe.seed)
     torch.manual_seed(recipe.seed)
@@ -198,7 +201,8 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, class_names: list[s
     x, y = torch.from_numpy(images[tr]), torch.from_numpy(labels[tr])
     steps = recipe.epochs * math.ceil(len(tr) / recipe.batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, recipe.lr, total_steps=steps, pct_start=0.15)
-    bar = tqdm(total=steps, desc="class-accuracy classifier", unit="step", disable=not progress)
+    bar = tqdm(total=steps, desc="training the class-accuracy classifier", unit="step", disable=not progress)
+    pace = Pace("training the class-accuracy classifier", steps, "steps")
     net.train()
     for _ in range(recipe.epochs):
         order = torch.randperm(len(tr), generator=gen)
@@ -210,6 +214,8 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, class_names: list[s
             opt.step()
             sched.step()
             bar.update()
+            if progress:
+                pace.step(bar.n)
     bar.close()
     clf = RealClassifier(net.eval(), list(class_names), images.shape[1], 0.0, {}, recipe)
     if len(held):
@@ -245,6 +251,10 @@ def real_classifier(images: np.ndarray, labels: np.ndarray, class_names: list[st
                                   weights)
         except Exception:  # noqa: BLE001 (a damaged entry, whatever safetensors or json says: train again)
             pass
+    if progress:  # minutes on a CPU: say that it happens once
+        print(f"[msf] first use of these class data: training the class-accuracy classifier once "
+              f"({len(images)} images, {recipe.epochs} epochs; cached in {folder}, later runs reuse it)",
+              file=sys.stderr, flush=True)
     clf = train_classifier(images, labels, class_names, recipe, progress)
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.contiguous() for k, v in clf.net.state_dict().items()}

@@ -22,6 +22,7 @@ import os
 import signal
 import sys
 import threading
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -39,6 +40,7 @@ from msf.config import (
 
 MODEL_HELP = ("a model directory, a run directory, a checkpoint (.pt or sharded directory), "
               "a shipped model's name or a hub id")
+QUIET_HELP = "no progress bars or notices; results and errors only"
 
 
 def _floats(s: str) -> list[float]:
@@ -145,7 +147,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
     from msf.config import SamplerSettings
-    from msf.load import load_config, load_pipeline
+    from msf.load import load_config, load_with_source
 
     # Everything the user asked for is checked before any weights are read or images drawn.
     SamplerSettings.of(load_config(args.model_dir), **_sampling(args))
@@ -161,7 +163,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
     device = init_world(args.device).device  # one process: checks the device, starts nothing
     if not args.quiet:
         print(f"[msf] sampling on {describe(device)}", flush=True)
-    pipe = load_pipeline(args.model_dir, args.model_weights, device=device)
+    pipe, loaded = load_with_source(args.model_dir, args.model_weights, device=device)
+    if not args.quiet:
+        print(f"[msf] loaded {loaded.describe()}", flush=True)
     cfg = pipe.config
     classes = _parse_classes(args.classes, cfg.class_names, cfg.num_classes)
     labels = [c for c in classes for _ in range(args.per_class)]
@@ -175,8 +179,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     nets, autocast = inference_nets(pipe, precision, args.compile)
     settings = SamplerSettings.of(cfg, **_sampling(args))
     who = f"{args.model_dir}  seed {args.seed}  {precision}"
-    meta = {"model": str(args.model_dir), "seed": args.seed, "precision": precision,
-            "labels": labels, **settings.to_dict()}
+    meta = {**loaded.meta(), "seed": args.seed, "precision": precision, "labels": labels,
+            **settings.to_dict()}
     with tf32(device, args.tf32):
         if args.show_scales:
             from msf.scale_view import scales_figure, view_scales
@@ -200,19 +204,21 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 def _sample_set(args: argparse.Namespace) -> int:
     from msf.distributed import close_world, init_world
-    from msf.load import load_pipeline, source
+    from msf.load import load_with_source
     from msf.sample_set import sample_set
 
     world = init_world(args.device)
     try:
-        pipe = load_pipeline(args.model_dir, args.model_weights, device=world.device)
+        pipe, loaded = load_with_source(args.model_dir, args.model_weights, device=world.device)
+        if world.is_main and not args.quiet:
+            print(f"[msf] loaded {loaded.describe()}", flush=True)
         out = args.npz or "samples.npz"
         sampling = _sampling(args)
         sampling["sampler_name"] = sampling.pop("name")
         res = sample_set(pipe, out, args.num_samples, batch_size=args.batch_size, **sampling,
                          seed=args.seed, precision=args.precision, compile=args.compile, world=world,
                          tf32=args.tf32, progress=not args.quiet, overwrite=args.overwrite,
-                         meta={"model": source(args.model_dir, args.model_weights)})
+                         meta=loaded.meta())
     finally:
         close_world(world)
     if res.path is not None:
@@ -225,14 +231,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import tempfile
 
     from msf.distributed import init_world
-    from msf.metrics import evaluate, format_results
-    from msf.reference import check_reference
+    from msf.metrics import check_inputs, evaluate, format_results
 
     if (args.samples is None) == (args.model is None):
         raise ConfigError("give exactly one of --samples (a sample set or image folder) or --model (any "
                           "model, checkpoint or run directory, sampled here first)")
     metrics = tuple(m.strip() for m in args.metrics.split(","))
-    check_reference(args.ref, "--ref")  # before a model is loaded and sampled
+    # before the feature network loads, and before a model is loaded and sampled
+    check_inputs(args.samples, args.ref, metrics=metrics, class_data=args.class_data, flags=True)
     device = init_world(args.device).device  # the same rule as the other commands: CUDA when available
     with tempfile.TemporaryDirectory(prefix="msf-eval-") as tmp:
         samples = args.samples
@@ -273,7 +279,7 @@ def cmd_reference(args: argparse.Namespace) -> int:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     from msf.distributed import close_world, init_world
-    from msf.load import load_pipeline, source
+    from msf.load import load_with_source
     from msf.reference import check_reference
     from msf.sweep import run_sweep, sweep_points
 
@@ -283,7 +289,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     check_reference(args.ref, "--ref")
     world = init_world(args.device)
     try:
-        pipe = load_pipeline(args.model_dir, args.model_weights, device=world.device)
+        pipe, loaded = load_with_source(args.model_dir, args.model_weights, device=world.device)
+        if world.is_main and not args.quiet:
+            print(f"[msf] loaded {loaded.describe()}", flush=True)
         setting, values = (("cfg_scale", args.cfg_values) if args.cfg_values is not None
                            else ("steps", args.steps_values))
         points = sweep_points(pipe, args.scale, setting, values)
@@ -294,7 +302,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                          bootstraps=args.bootstraps, class_data=args.class_data,
                          feature_precision=args.feature_precision,
                          cache_dir=args.cache_dir, world=world, progress=not args.quiet,
-                         model=source(args.model_dir, args.model_weights))
+                         model=loaded.meta()["model"])
     finally:
         close_world(world)
     if rows:
@@ -383,13 +391,17 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 
 def _weights_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--raw-weights", dest="model_weights", action="store_const", const="raw", default="ema",
-                   help="from a checkpoint or run directory: the raw weights, not the EMA ones (default)")
+    p.add_argument("--raw-weights", dest="model_weights", action="store_const", const="raw", default="auto",
+                   help="from a checkpoint or run directory: the raw weights (default: the EMA weights, "
+                   "unless a short run's EMA still holds over a tenth of its random start)")
+    p.add_argument("--ema-weights", dest="model_weights", action="store_const", const="ema",
+                   help="the EMA weights even where they are still young")
 
 
 def _sampling_args(p: argparse.ArgumentParser, per_scale: bool = True) -> None:
     if per_scale:
-        p.add_argument("--steps", type=_ints, help="network evaluations per scale: 50 or 100,20")
+        p.add_argument("--steps", "--num-sampling-steps", type=_ints,
+                       help="network evaluations per scale: 50 or 100,20")
         p.add_argument("--cfg", "--cfg-scale", dest="cfg_scale", type=_floats,
                        help="guidance (CFG) scale per scale: 1.5 or 1.4,1.0")
         p.add_argument("--solver", help="euler, heun, midpoint or ab2, or one per scale: heun,euler")
@@ -400,7 +412,7 @@ def _sampling_args(p: argparse.ArgumentParser, per_scale: bool = True) -> None:
         p.add_argument("--sampler", default=None, metavar="NAME",
                        help="named settings the flags above refine: default (the model's), or one the "
                        "model's config names, e.g. paper (Euler, uniform grid, guidance throughout)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="the random seed of the samples (default 0)")
     _weights_arg(p)
     p.add_argument("--precision", choices=SAMPLING_PRECISIONS, default="auto",
                    help="auto (default): bf16 autocast where the hardware runs bf16 natively (a GPU, a CPU "
@@ -422,7 +434,7 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
                    help="images per Inception call (default 16 on a CPU, 128 on a GPU)")
     p.add_argument("--cache-dir", help="where reference features are cached "
                    "(default $XDG_CACHE_HOME/msf/ref_stats, else ~/.cache/msf/ref_stats)")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help=QUIET_HELP)
 
 
 def _version() -> str:
@@ -458,7 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="delete an earlier run in train.out_dir first (without it, a fresh run refuses one)")
     t.add_argument("--minutes", type=float, default=0, help="stop after this long (0: no cap)")
     t.add_argument("--print-config", action="store_true", help="print the resolved config, exit")
-    t.add_argument("--quiet", action="store_true")
+    t.add_argument("--quiet", action="store_true", help="no progress bar (the log and checkpoints are kept)")
     t.add_argument("overrides", nargs="*",
                    help="key=value, e.g. train.scale=1 train.lr=1e-4 model.scales.0.depth=8")
     t.set_defaults(func=cmd_train)
@@ -469,9 +481,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True, help="cache directory (re-run to resume)")
     e.add_argument("--shard-size", type=int, default=10_000, help="examples per shard file")
     e.add_argument("--batch-size", type=int, default=64, help="images per encoder call")
-    e.add_argument("--dtype", choices=["float16", "float32"], default="float16")
-    e.add_argument("--device", default=None)
-    e.add_argument("--quiet", action="store_true")
+    e.add_argument("--dtype", choices=["float16", "float32"], default="float16",
+                   help="how the latents are stored (default float16: half the disk)")
+    e.add_argument("--device", default=None,
+                   help="cpu or cuda for the encoder (default: cuda when available)")
+    e.add_argument("--quiet", action="store_true", help="no progress bar")
     e.add_argument("overrides", nargs="*", help="key=value, e.g. train.data=/data/imagenet/train")
     e.set_defaults(func=cmd_extract)
 
@@ -480,28 +494,30 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--classes", default="all", help="grid: 'all' or comma-separated indices or names")
     s.add_argument("--per-class", type=int, default=8, help="grid: samples per class")
     s.add_argument("--out", default="samples.png", help="grid: output PNG")
-    s.add_argument("--num-samples", type=int,
+    s.add_argument("--num-samples", "--num-fid-samples", type=int,
                    help="draw a class-balanced sample set of this size (use with --npz; torchrun shards it)")
     s.add_argument("--npz", help="sample set: ADM-format output .npz (re-run to resume)")
-    s.add_argument("--batch-size", type=int, default=64, help="images per network call (the samples do "
-                   "not depend on it)")
+    s.add_argument("--batch-size", "--per-proc-batch-size", type=int, default=64,
+                   help="images per network call in each process (the samples do not depend on it)")
     s.add_argument("--show-scales", action="store_true", help="grid: also write OUT_scales.png, one row per "
                    "sample: the base, the base upsampled, what each later scale adds, the image")
     s.add_argument("--overwrite", action="store_true",
                    help="sample set: replace a finished set at --npz drawn with other settings")
     _sampling_args(s)
-    s.add_argument("--quiet", action="store_true")
+    s.add_argument("--quiet", action="store_true", help=QUIET_HELP)
     s.set_defaults(func=cmd_sample)
 
     ev = sub.add_parser("eval", help="FID, IS, precision/recall and KID of a sample set (or of a model, "
                         "sampled first) against a reference")
     ev.add_argument("--samples", help="an ADM .npz (arr_0) or an image folder")
-    ev.add_argument("--model", help="instead of --samples: " + MODEL_HELP + "; draws --num-samples "
+    ev.add_argument("--model", "--ckpt", help="instead of --samples: " + MODEL_HELP + "; draws --num-samples "
                     "class-balanced samples with the sampler flags below, then evaluates them")
-    ev.add_argument("--num-samples", type=int, default=5000, help="with --model (default 5000)")
+    ev.add_argument("--num-samples", "--num-fid-samples", type=int, default=5000,
+                    help="with --model: samples to draw and score (default 5000)")
     ev.add_argument("--npz", help="with --model: keep the sample set here (resumable); default: a temporary "
                     "file, deleted after")
-    ev.add_argument("--batch-size", type=int, default=64, help="with --model: images per sampling batch")
+    ev.add_argument("--batch-size", "--per-proc-batch-size", type=int, default=64,
+                    help="with --model: images per sampling batch in each process")
     _sampling_args(ev)
     ev.add_argument("--ref", required=True,
                     help="an ADM .npz, an image folder, reference statistics from msf eval (.npz), or "
@@ -524,7 +540,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--image-size", type=int, required=True, help="crop and resize to this, as training does")
     r.add_argument("--out", required=True, help="output .npz (arr_0 images, arr_1 labels, class_names)")
     r.add_argument("--num-images", type=int, help="draw this many at random (default: all)")
-    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--seed", type=int, default=0, help="for the random draw of --num-images (default 0)")
     r.add_argument("--stats", help="also write Inception statistics of the reference to this .npz")
     r.add_argument("--feature-precision", choices=FEATURE_PRECISIONS, default="fp32",
                    help="Inception in fp32 (the reference), bf16 autocast, or auto (bf16 where native)")
@@ -542,8 +558,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="guidance scales to try, one sample set each: 1,1.2,1.4 (--cfg is an old name)")
     w.add_argument("--steps-values", "--steps", dest="steps_values", type=_ints,
                    help="step counts to try, one sample set each: 10,50,100 (--steps is an old name)")
-    w.add_argument("--num-samples", type=int, default=5000, help="samples per setting (default 5000)")
-    w.add_argument("--batch-size", type=int, default=64)
+    w.add_argument("--num-samples", "--num-fid-samples", type=int, default=5000,
+                   help="samples per setting (default 5000)")
+    w.add_argument("--batch-size", "--per-proc-batch-size", type=int, default=64,
+                   help="images per network call in each process (the samples do not depend on it)")
     w.add_argument("--out", default="runs/sweep", help="output directory")
     w.add_argument("--feature-precision", choices=FEATURE_PRECISIONS, default="fp32",
                    help="Inception in fp32 (the reference), bf16 autocast (2.2x faster on CPUs with native "
@@ -561,30 +579,34 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated, e.g. demo,dit-demo (the first is the baseline); a variant "
                    "PRESET+LABEL takes its own overrides, demo,demo+qk demo+qk:model.scales.*.qk_norm=true, "
                    "and is judged against PRESET where that is listed too (A+B+C against A+B where listed)")
-    c.add_argument("--data", default="emoji", help="training data: emoji, an .npz (images, labels), a folder")
+    c.add_argument("--data", "--data-path", default="emoji",
+                   help="training data: emoji, an .npz (images, labels), a folder")
     c.add_argument("--budgets", type=_floats, default=[5.0], help="training minutes, e.g. 5,15,45")
     c.add_argument("--seeds", type=_ints, default=[0], help="training seeds, e.g. 0,1,2")
     c.add_argument("--budget-kind", choices=["wall", "flops"], default="wall",
                    help="wall: equal wall-clock, rates measured side by side; flops: the first one's FLOPs")
-    c.add_argument("--num-samples", type=int, default=1000, help="samples per run (default 1000)")
+    c.add_argument("--num-samples", "--num-fid-samples", type=int, default=1000,
+                   help="samples per run, scored against the data (default 1000)")
     c.add_argument("--calib-repeats", type=int, default=3,
                    help="rounds of the side-by-side rate measurement, the median taken (default 3)")
     c.add_argument("--calib-seconds", type=float, default=10.0,
                    help="each rate burst's length in seconds (at least 50 steps; 0: 50 steps; default 10)")
-    c.add_argument("--bootstraps", type=int, default=200)
+    c.add_argument("--bootstraps", type=int, default=200,
+                   help="redraws of each run's samples for the 95%% intervals of FID and KID (0: none)")
     c.add_argument("--equal-cost", action="store_true",
                    help="also sample the costlier presets with fewer steps, at the cheapest one's FLOPs")
     c.add_argument("--feature-precision", choices=FEATURE_PRECISIONS, default="auto",
                    help="Inception's: auto (bf16 where the hardware runs it natively, else fp32), fp32, bf16")
     c.add_argument("--sampler", default="default", metavar="NAME",
                    help="sample every preset with its defaults, or with named settings (paper)")
-    c.add_argument("--out", default="runs/compare", help="output folder (re-run to resume)")
+    c.add_argument("--out", "--results-dir", default="runs/compare",
+                   help="output folder: one subfolder per run, the tables and plots (re-run to resume)")
     c.add_argument("--report", action="store_true",
                    help="train and sample nothing: tables and plots of the runs finished so far")
     c.add_argument("--report-to", metavar="DIR",
                    help="write the tables and plots there (default: --out); for studies that share "
                    "one folder of runs, each with its own presets")
-    c.add_argument("--quiet", action="store_true")
+    c.add_argument("--quiet", action="store_true", help="no progress bars")
     c.add_argument("overrides", nargs="*",
                    help="key=value for every preset, or preset:key=value for one (dit-demo:train.lr=2e-4)")
     c.set_defaults(func=cmd_compare)
@@ -605,7 +627,7 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--revision", help="branch to push to (created if need be; default main)")
     h.add_argument("--samples", help="an existing sample grid to upload instead of drawing one")
     h.add_argument("--per-class", type=int, default=4, help="samples per class in the grid (default 4)")
-    h.add_argument("--seed", type=int, default=0)
+    h.add_argument("--seed", type=int, default=0, help="seed of the sample grid (default 0)")
     h.add_argument("--device", default=None, help="cpu or cuda for the grid (default: cuda when available)")
     h.add_argument("--message", default="Upload msf model", help="commit message")
     h.set_defaults(func=cmd_push)
@@ -632,7 +654,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("target", help=f"a preset ({', '.join(PRESETS)}) or a model directory")
     i.add_argument("overrides", nargs="*", metavar="key=value",
                    help="model overrides, e.g. model.scales.*.mlp=swiglu model.scales.0.depth=12")
-    i.add_argument("--json", action="store_true")
+    i.add_argument("--json", action="store_true", help="print the numbers as JSON")
     i.set_defaults(func=cmd_info)
     return p
 
@@ -666,10 +688,25 @@ def _sigterm_stops() -> Iterator[None]:
         signal.signal(signal.SIGTERM, old)
 
 
+@contextmanager
+def _one_line_warnings(command: str) -> Iterator[None]:
+    """Warnings as the command's other messages read, ``msf sample: warning: ...``, without the line of
+    msf's source Python prints after each by default; the library's own format is left alone."""
+    def one_line(message, category, filename, lineno, line=None) -> str:
+        return f"msf {command}: warning: {message}\n"
+
+    old = warnings.formatwarning
+    warnings.formatwarning = one_line
+    try:
+        yield
+    finally:
+        warnings.formatwarning = old
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        with _sigterm_stops():
+        with _sigterm_stops(), _one_line_warnings(args.command):
             return args.func(args) or 0
     except (ConfigError, ValueError, FileNotFoundError, FloatingPointError) as e:
         print(f"msf {args.command}: error: {e}", file=sys.stderr)

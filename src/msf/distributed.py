@@ -81,7 +81,8 @@ def describe(device: torch.device) -> str:
         p = torch.cuda.get_device_properties(device)
         return (f"{device} ({p.name}, {p.total_memory / 2**30:.0f} GiB, compute capability "
                 f"{p.major}.{p.minor}; torch {torch.__version__}, CUDA {torch.version.cuda})")
-    return f"cpu ({torch.get_num_threads()} threads; torch {torch.__version__})"
+    n = torch.get_num_threads()
+    return f"cpu ({n} thread{'' if n == 1 else 's'}; torch {torch.__version__})"
 
 
 def close_world(world: World) -> None:

@@ -16,6 +16,8 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import io
+import sys
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,19 +89,61 @@ class FeatureExtractor:
         return pool, None if logits is None else logits.double().cpu().numpy()
 
     def extract(
-        self, images: np.ndarray, batch_size: int = 64, progress: bool = False
+        self, images: np.ndarray, batch_size: int = 64, progress: bool = False,
+        desc: str = "Inception features",
     ) -> tuple[np.ndarray, np.ndarray | None]:
-        """``self(images)`` over a large array, ``batch_size`` images at a time."""
+        """``self(images)`` over a large array, ``batch_size`` images at a time; ``desc`` labels the
+        progress bar, and a long run says how long it will take once the pace is known."""
         from tqdm import tqdm
 
         _check_images(images, "images")
         pools, logits = [], []
-        starts = range(0, len(images), batch_size)
-        for i in tqdm(starts, desc="inception features", unit="batch", disable=not progress):
+        bar = tqdm(total=len(images), desc=desc, unit="img", disable=not progress)
+        pace = Pace(desc, len(images), "images")
+        for i in range(0, len(images), batch_size):
             p, lg = self(images[i:i + batch_size])
             pools.append(p)
             logits.append(lg)
+            bar.update(len(p))
+            if progress:
+                pace.step(bar.n)
+        bar.close()
         return np.concatenate(pools), None if logits[0] is None else np.concatenate(logits)
+
+
+class Pace:
+    """A time estimate for a long loop, said once: timed over the second unit of work (the first carries
+    warm-up: kernel selection, caches), and only when a minute or more remains."""
+
+    LONG = 60.0  # seconds left worth a line of their own
+
+    def __init__(self, what: str, total: int, unit: str):
+        self.what, self.total, self.unit = what, total, unit
+        self.calls, self.start = 0, (0, 0.0)
+
+    def step(self, done: int) -> None:
+        """After each unit of work, ``done`` of ``total`` finished."""
+        self.calls += 1
+        if self.calls == 1:
+            self.start = (done, time.perf_counter())
+        elif self.calls == 2:
+            rate = (done - self.start[0]) / max(time.perf_counter() - self.start[1], 1e-9)
+            left = (self.total - done) / max(rate, 1e-9)
+            if left >= self.LONG:
+                line = (f"[msf] {self.what}: about {duration(left)} to go "
+                        f"({self.total - done} {self.unit} at {rate:.3g}/s)")
+                from tqdm import tqdm
+
+                tqdm.write(line, file=sys.stderr)  # above any progress bar, not through it
+
+
+def duration(seconds: float) -> str:
+    """``45 s``, ``12 min``, ``2.5 h``."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 class _TorchFidelityInception(FeatureExtractor):
@@ -254,15 +298,17 @@ def image_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
 
 
-def load_images(spec: str | Path, progress: bool = False, image_size: int | None = None) -> np.ndarray:
+def load_images(spec: str | Path, progress: bool = False, image_size: int | None = None,
+                desc: str = "reading images") -> np.ndarray:
     """uint8 (N, H, W, 3) images from an ADM-format ``.npz`` (``arr_0``) or a folder (recursive).
 
     A folder's files are decoded as training decodes them (:func:`msf.imagefolder.load_image`: the same
     extensions, transparency composited on white); with ``image_size`` each is centre-cropped and resized
-    to it as in training, so a folder may mix sizes; without, its images must share one size."""
+    to it as in training, so a folder may mix sizes; without, its images must share one size.
+    ``desc`` labels a folder's progress bar."""
     path = Path(spec).expanduser()
     if path.is_dir():
-        return _load_folder(path, progress, image_size)
+        return _load_folder(path, progress, image_size, desc)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or folder")
     if path.suffix != ".npz":
@@ -316,7 +362,8 @@ def open_npz(path: Path):
         raise ValueError(f"{path}: not a readable .npz file ({e})") from e
 
 
-def _load_folder(folder: Path, progress: bool, image_size: int | None = None) -> np.ndarray:
+def _load_folder(folder: Path, progress: bool, image_size: int | None = None, desc: str = "reading images"
+                 ) -> np.ndarray:
     from PIL import Image
     from tqdm import tqdm
 
@@ -326,7 +373,7 @@ def _load_folder(folder: Path, progress: bool, image_size: int | None = None) ->
     if not files:
         raise ValueError(f"{folder}: no images ({', '.join(IMAGE_EXTENSIONS)}) in this folder or below")
     out = None
-    for i, f in enumerate(tqdm(files, desc="reading images", unit="img", disable=not progress)):
+    for i, f in enumerate(tqdm(files, desc=desc, unit="img", disable=not progress)):
         try:
             if image_size is not None:
                 a = load_image(f, image_size)

@@ -39,11 +39,24 @@ _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*(@\S+)?")
 
 
 def parse_hub_id(text: str) -> tuple[str, str | None] | None:
-    """``(repo_id, revision)`` when ``text`` has the form ``owner/name[@revision]``, else None."""
-    if not _HUB_ID.fullmatch(text):
+    """``(repo_id, revision)`` when ``text`` has the form ``owner/name[@revision]`` and does not look
+    local, else None. ``runs/missing`` where ``./runs`` is a directory is a local path that does not
+    exist: answered at once as such, not after a network round trip blamed on the network."""
+    if not _HUB_ID.fullmatch(text) or looks_local(text):
         return None
     repo_id, _, revision = text.partition("@")
     return repo_id, revision or None
+
+
+def looks_local(text: str) -> bool:
+    """Whether ``text`` reads as a local path: it starts with ``.``, ``/`` or ``~``, holds a path
+    separator other than one ``owner/name`` slash, or its first part names an existing directory."""
+    if text.startswith((".", "/", "~")) or (os.sep != "/" and os.sep in text):
+        return True
+    parts = text.partition("@")[0].split("/")  # a revision may hold slashes: refs/pr/1
+    if len(parts) > 2:
+        return True
+    return len(parts) == 2 and Path(parts[0]).expanduser().is_dir()
 
 
 # ----------------------------------------------------------------------------------------- download

@@ -7,12 +7,15 @@
 * a run directory (``msf train``'s ``train.out_dir``): its newest checkpoint, else its ``model/``.
 
 A model directory holds the EMA weights; a checkpoint holds both, so ``weights="raw"`` (the
-weights the optimizer updates) needs a checkpoint or a run directory.
+weights the optimizer updates) needs a checkpoint or a run directory. ``weights="auto"`` (the
+command line's default) takes a checkpoint's EMA weights unless they are still mostly their random
+start (a short run: ``msf.train.YOUNG_EMA``), and then its raw weights, saying so.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,7 +25,7 @@ from msf.config import Config, ConfigError, ModelConfig, from_dict, validate
 from msf.pipeline import ModelDirError, MSFPipeline, load_model_config
 from msf.pretrained import model_path
 
-WEIGHTS = ("ema", "raw")
+WEIGHTS = ("auto", "ema", "raw")
 
 
 def resolve(spec: str | os.PathLike) -> tuple[str, Path]:
@@ -42,9 +45,41 @@ def resolve(spec: str | os.PathLike) -> tuple[str, Path]:
     return "model", model_path(spec)
 
 
+@dataclass(frozen=True)
+class Loaded:
+    """What :func:`load_with_source` read: a checkpoint (file or sharded directory) or a model directory,
+    which of its weights, and a checkpoint's training step."""
+
+    path: Path
+    weights: str  # "ema" or "raw"
+    step: int | None = None  # None: a model directory, which records no step
+    why: str = ""  # why "auto" took the raw weights
+
+    def describe(self) -> str:
+        """``the EMA weights of /runs/a/checkpoints/step_000000400.pt (step 400)``"""
+        which = "EMA" if self.weights == "ema" else "raw"
+        return (f"the {which} weights of {self.path}" + ("" if self.step is None else f" (step {self.step})")
+                + (f": {self.why}" if self.why else ""))
+
+    def meta(self) -> dict:
+        """For the metadata of what is drawn with it: ``model`` as :func:`source` names it,
+        ``model_weights`` and, where known, ``checkpoint_step`` (not ``weights``: a sample set keeps
+        the weights' fingerprint under that name, and resumes by it)."""
+        out = {"model": str(self.path) + ("" if self.weights == "ema" else f" ({self.weights} weights)"),
+               "model_weights": self.weights}
+        return out if self.step is None else {**out, "checkpoint_step": self.step}
+
+
 def load_pipeline(spec: str | os.PathLike, weights: str = "ema", device: torch.device | str = "cpu"
                   ) -> MSFPipeline:
     """A pipeline from a model directory, shipped name, hub id, checkpoint or run directory."""
+    return load_with_source(spec, weights, device)[0]
+
+
+def load_with_source(spec: str | os.PathLike, weights: str = "ema", device: torch.device | str = "cpu"
+                     ) -> tuple[MSFPipeline, Loaded]:
+    """:func:`load_pipeline`, and what it read: a run directory's newest checkpoint is only known once
+    read, so the two are answered together."""
     if weights not in WEIGHTS:
         raise ConfigError(f"weights: {weights!r} must be one of {WEIGHTS}")
     kind, path = resolve(spec)
@@ -54,21 +89,46 @@ def load_pipeline(spec: str | os.PathLike, weights: str = "ema", device: torch.d
             if weights == "raw":
                 raise ModelDirError(f"{path}: no checkpoint in {path / 'checkpoints'}, and {path / 'model'} "
                                     "holds only the EMA weights; drop --weights raw")
-            return MSFPipeline.from_pretrained(path / "model", device=device)
-        return _pipeline_of(found[0], found[1], weights, device)
-    if kind == "checkpoint":
-        return from_checkpoint(path, weights, device)
-    if weights == "raw":
-        load_model_config(path)  # a missing or broken directory says so first
-        raise ModelDirError(f"{path}: a model directory holds only the EMA weights; for the raw weights, "
-                            "give the run directory or one of its checkpoints")
-    return MSFPipeline.from_pretrained(path, device=device)
+            return (MSFPipeline.from_pretrained(path / "model", device=device),
+                    Loaded((path / "model").resolve(), "ema"))
+        state, file = found
+    elif kind == "checkpoint":
+        state, file = load_checkpoint(path), path
+    else:
+        if weights == "raw":
+            load_model_config(path)  # a missing or broken directory says so first
+            raise ModelDirError(f"{path}: a model directory holds only the EMA weights; for the raw weights, "
+                                "give the run directory or one of its checkpoints")
+        return MSFPipeline.from_pretrained(path, device=device), Loaded(path.resolve(), "ema")
+    step = state.get("step")
+    why = ""
+    if weights == "auto":
+        weights, why = _auto_weights(state, Path(file))
+    return (_pipeline_of(state, Path(file), weights, device),
+            Loaded(Path(file).resolve(), weights, step if isinstance(step, int) else None, why))
+
+
+def _auto_weights(state: dict, path: Path) -> tuple[str, str]:
+    """A checkpoint's EMA weights, or its raw ones while the EMA still holds over ``YOUNG_EMA`` of its
+    random start (the EMA of a run of a few hundred steps at decay 0.995 samples noise)."""
+    from msf.train import YOUNG_EMA, ema_start_share, ema_updates, trained_scales
+
+    cfg = _config_of(state, path)
+    updates = ema_updates(cfg.train, int(state.get("step", 0)), trained_scales(cfg))
+    share = ema_start_share(cfg.train.ema_decay, updates)
+    if share <= YOUNG_EMA:
+        return "ema", ""
+    return "raw", (f"its EMA (decay {cfg.train.ema_decay:g}, {updates} updates) still holds {share:.1%} of "
+                   "its random start (--ema-weights takes it anyway)")
 
 
 def from_checkpoint(path: str | os.PathLike, weights: str = "ema", device: torch.device | str = "cpu"
                     ) -> MSFPipeline:
     """The pipeline saved in a training checkpoint: its EMA weights, or its raw ones."""
-    return _pipeline_of(load_checkpoint(path), Path(path), weights, device)
+    state = load_checkpoint(path)
+    if weights == "auto":
+        weights = _auto_weights(state, Path(path))[0]
+    return _pipeline_of(state, Path(path), weights, device)
 
 
 def _config_of(state: dict, path: Path) -> Config:

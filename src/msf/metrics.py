@@ -112,7 +112,7 @@ def evaluate(
         raise ValueError(f"unknown metric(s) {unknown}; choose from {list(METRICS)}")
     if extractor is not None and weights is not None:
         raise ValueError("pass either weights or an extractor, not both")
-    check_reference(ref)
+    check_inputs(samples, ref, metrics=metrics, class_data=class_data)
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     labels = _sample_labels(samples) if "cas" in metrics else None
     if set(metrics) == {"cas"}:
@@ -127,8 +127,9 @@ def evaluate(
     # folder is decoded, cropped and resized as training does it, to the samples' size.
     if isinstance(ref, (str, Path)) and str(ref) in BUILTIN_NAMES:  # as train.data reads the name
         ref = builtin_reference(str(ref), image_size_of(samples), cache)
-    ref_stats, ref_file = stats_for(ref, extractor, cache, batch_size, progress, image_size_of(samples))
-    sample_stats, _ = stats_for(samples, extractor, None, batch_size, progress)
+    ref_stats, ref_file = stats_for(ref, extractor, cache, batch_size, progress, image_size_of(samples),
+                                    what="reference")
+    sample_stats, _ = stats_for(samples, extractor, None, batch_size, progress, what="samples")
 
     results: dict = {
         "feature_network": extractor.name,
@@ -148,6 +149,26 @@ def evaluate(
     if "cas" in metrics:
         results["skipped"] += _cas(samples, labels, class_data or ref, cache, progress, results)
     return results
+
+
+def check_inputs(samples: str | Path | np.ndarray | None, ref: str | Path | np.ndarray, *,
+                 metrics: Sequence[str] = DEFAULT_METRICS, class_data: str | None = None, flags: bool = False
+                 ) -> None:
+    """Refuse inputs that do not exist before anything slow runs (the feature network, a reference's
+    features, a sample set). ``samples`` None: drawn later; ``flags``: name them as msf eval's flags."""
+    def name(flag: str) -> str:
+        return flag if flags else flag.lstrip("-").replace("-", "_")
+
+    if isinstance(samples, (str, Path)) and not Path(samples).expanduser().exists():
+        raise FileNotFoundError(f"{name('--samples')} {str(samples)!r}: no such file or folder (give an "
+                                "ADM-format .npz with the images in arr_0, an image folder, or a statistics "
+                                "file from msf eval)")
+    check_reference(ref, name("--ref"))
+    if ("cas" in metrics and isinstance(class_data, (str, Path)) and str(class_data) not in BUILTIN_NAMES
+            and not Path(class_data).expanduser().exists()):
+        raise FileNotFoundError(f"{name('--class-data')} {str(class_data)!r}: no such file or folder (give "
+                                "labelled images: 'emoji', an .npz of images and labels, or a folder of "
+                                "class folders)")
 
 
 def _intervals(metrics: Sequence[str], samples: Stats, ref: Stats, bootstraps: int, results: dict

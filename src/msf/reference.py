@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,9 +41,10 @@ class Stats:
 
 
 def _stats_of(
-    images: np.ndarray, extractor: FeatureExtractor, source: str, batch_size: int, progress: bool
+    images: np.ndarray, extractor: FeatureExtractor, source: str, batch_size: int, progress: bool,
+    what: str = "images",
 ) -> Stats:
-    feats, logits = extractor.extract(images, batch_size, progress)
+    feats, logits = extractor.extract(images, batch_size, progress, desc=f"Inception features of the {what}")
     meta = {
         "format": STATS_FORMAT,
         "feature_network": extractor.name,
@@ -114,7 +116,7 @@ def compute_reference(
     ``logits`` (float32, where the network has them) and ``meta``, a JSON string with the feature network,
     its weights' sha256, the source and the number of images.
     """
-    stats = _stats_with_moments(Path(spec).expanduser(), extractor, batch_size, progress)
+    stats = _stats_with_moments(Path(spec).expanduser(), extractor, batch_size, progress, what="reference")
     out = Path(out_path)
     _save_stats(stats, out)
     return out
@@ -126,9 +128,10 @@ def default_cache_dir() -> Path:
 
 
 def _cache_file(path: Path, extractor: FeatureExtractor, cache_dir: Path, image_size: int | None = None
-                ) -> tuple[Path, str]:
+                ) -> tuple[Path, str, int]:
     """Where the statistics of ``path`` live in the cache: named by the source, keyed by its files' sizes and
-    modification times, the size a folder's images were cropped to, and the feature network."""
+    modification times, the size a folder's images were cropped to, and the feature network; and how many
+    images it holds (a folder's count; an ``.npz``'s from its header, -1 where that cannot be read)."""
     path = path.resolve()
     files = image_files(path) if path.is_dir() else [path]
     listing = [(str(f.relative_to(path)) if path.is_dir() else f.name, f.stat().st_size, f.stat().st_mtime_ns)
@@ -139,7 +142,23 @@ def _cache_file(path: Path, extractor: FeatureExtractor, cache_dir: Path, image_
     key = hashlib.sha256(json.dumps([str(path), listing, *network]).encode()).hexdigest()
     # Entries of one source and network share a prefix: a new one replaces those of older file versions.
     source_id = hashlib.sha256(json.dumps([str(path), *network]).encode()).hexdigest()[:8]
-    return cache_dir / f"{path.name}-{source_id}-{key[:16]}.npz", key
+    count = len(files) if path.is_dir() else _npz_count(path)
+    return cache_dir / f"{path.name}-{source_id}-{key[:16]}.npz", key, count
+
+
+def _npz_count(path: Path) -> int:
+    """The number of images in an ADM ``.npz``, from ``arr_0``'s header, without reading the images."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z, z.open("arr_0.npy") as f:
+            version = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                np.lib.format.read_array_header_2_0
+            shape = read(f)[0]
+    except (KeyError, OSError, ValueError, zipfile.BadZipFile):
+        return -1
+    return int(shape[0]) if shape else -1
 
 
 def _reference_stats(
@@ -150,7 +169,7 @@ def _reference_stats(
     path = Path(spec).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or folder")
-    cached, key = _cache_file(path, extractor, cache_dir, image_size)
+    cached, key, count = _cache_file(path, extractor, cache_dir, image_size)
     if cached.is_file():
         try:
             stats = _load_stats(cached)
@@ -158,10 +177,16 @@ def _reference_stats(
             stats = None  # unreadable: recompute over it
         if stats is not None and stats.meta.get("cache_key") == key:
             return stats, cached
-    stats = _stats_with_moments(path, extractor, batch_size, progress, image_size)
+    prefix = cached.name.rsplit("-", 1)[0] + "-"
+    if progress:  # minutes to hours at 50K images: say that it happens once, and why it happens now
+        older = cached.parent.is_dir() and any(f.name.startswith(prefix) for f in cached.parent.glob("*.npz"))
+        why = "it changed since its features were cached" if older else "first use of this reference"
+        images = f"{count} images" if count >= 0 else "its images"
+        print(f"[msf] {why}: computing its Inception features once ({images}, {extractor.name}; cached in "
+              f"{cached.parent}, later runs reuse them)", file=sys.stderr, flush=True)
+    stats = _stats_with_moments(path, extractor, batch_size, progress, image_size, what="reference")
     stats.meta["cache_key"] = key
     _save_stats(stats, cached)
-    prefix = cached.name.rsplit("-", 1)[0] + "-"
     for stale in cached.parent.iterdir():
         if stale.name.startswith(prefix) and stale.suffix == ".npz" and stale != cached:
             stale.unlink(missing_ok=True)  # the same source before it changed
@@ -169,9 +194,9 @@ def _reference_stats(
 
 
 def _stats_with_moments(path: Path, extractor: FeatureExtractor, batch_size: int, progress: bool,
-                        image_size: int | None = None) -> Stats:
-    images = load_images(path, progress, image_size if path.is_dir() else None)
-    stats = _stats_of(images, extractor, str(path.resolve()), batch_size, progress)
+                        image_size: int | None = None, what: str = "reference") -> Stats:
+    images = load_images(path, progress, image_size if path.is_dir() else None, desc=f"reading the {what}")
+    stats = _stats_of(images, extractor, str(path.resolve()), batch_size, progress, what)
     adm = _adm_reference_moments(path)
     if adm is not None:
         # ADM's reference batches hold the moments of the whole training set, computed by its evaluator,
@@ -217,20 +242,22 @@ def builtin_reference(name: str, image_size: int | None, cache_dir: Path | None 
 
 def stats_for(
     spec: str | Path | np.ndarray, extractor: FeatureExtractor, cache_dir: Path | None, batch_size: int,
-    progress: bool, image_size: int | None = None,
+    progress: bool, image_size: int | None = None, what: str = "images",
 ) -> tuple[Stats, Path | None]:
     """Statistics of images, a folder, an ``.npz`` or a statistics file; a folder's images are cropped and
-    resized to ``image_size`` as in training (where given)."""
+    resized to ``image_size`` as in training (where given). ``what`` names them in progress bars; with a
+    ``cache_dir`` they are a reference, and computing them the first time says so first."""
     if isinstance(spec, np.ndarray):
-        return _stats_of(spec, extractor, "<array>", batch_size, progress), None
+        return _stats_of(spec, extractor, "<array>", batch_size, progress, what), None
     path = Path(spec).expanduser()
     if _is_stats_file(path):
         stats = _load_stats(path)
         _check_network(stats, extractor, path)
         return stats, path
     if cache_dir is None:
-        images = load_images(path, progress, image_size if path.is_dir() else None)
-        return _stats_of(images, extractor, str(path.resolve()), batch_size, progress), None
+        size = image_size if path.is_dir() else None
+        images = load_images(path, progress, size, desc=f"reading the {what}")
+        return _stats_of(images, extractor, str(path.resolve()), batch_size, progress, what), None
     return _reference_stats(path, extractor, cache_dir, batch_size, progress, image_size)
 
 

@@ -645,11 +645,16 @@ def _run(cfg: Config, world: World, data, progress: bool, max_seconds: float | N
                     barrier(world)  # the others wait while the main process samples and scores
                 if tc.ckpt_every and step % tc.ckpt_every == 0:
                     ckpts.save(state)
+            bar.total = max(bar.total, bar.n + 1)  # the time cap's estimate can fall short: never n > total
             bar.update(1)
             if result.stop:
                 interrupted = stop.requested
                 time_capped = out_of_time and not interrupted and state.step < total_steps
                 break
+    if not interrupted:  # the last step is known now, whatever the cap's estimate said: n of n
+        bar.total = bar.n
+    if time_capped:
+        bar.set_description(f"train (time cap: {bar.n} of {total_steps} steps)")
     bar.close()
     seconds = time.perf_counter() - started
     if time_capped and world.is_main:
@@ -657,7 +662,8 @@ def _run(cfg: Config, world: World, data, progress: bool, max_seconds: float | N
                       f"{total_steps}: a model trained this little samples poorly. Give it more time "
                       "(--minutes) or fewer steps (train.steps=...)", stacklevel=3)
     updates = ema_updates(tc, state.step, scales)
-    if ema_start_share(tc.ema_decay, updates) > YOUNG_EMA and world.is_main and state.step > start_step:
+    young = ema_start_share(tc.ema_decay, updates) > YOUNG_EMA
+    if young and save and world.is_main and state.step > start_step:
         need = math.ceil(math.log(YOUNG_EMA) / math.log(tc.ema_decay)) if 0 < tc.ema_decay < 1 else 0
         warnings.warn(f"the EMA weights (train.ema_decay={tc.ema_decay:g}) still hold "
                       f"{ema_start_share(tc.ema_decay, updates):.1%} of their random start after {updates} "
