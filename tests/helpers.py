@@ -7,6 +7,10 @@ from PIL import Image
 from msf.metrics import FeatureExtractor, WeightsFile
 from msf.viz import labelled_grid
 
+# seconds: a subprocess's guard against a hang, not a speed limit (a slow CPU kind must never reach it;
+# the slowest subprocess test takes about 70 s on an AVX2-only CPU); CI's own limit is 90 minutes
+HANG = 1800
+
 
 class MeanColour(FeatureExtractor):
     """A cheap stand-in network: features and logits are the mean colour; counts the images it sees."""

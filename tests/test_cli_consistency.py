@@ -7,6 +7,7 @@ import sys
 import types
 
 import pytest
+from helpers import HANG
 
 from msf.cli import build_parser, main
 from msf.config import preset
@@ -20,7 +21,7 @@ def test_version_and_a_closed_pipe(capsys):
     assert e.value.code == 0 and capsys.readouterr().out.startswith("msf 0.")
     # `msf info paper-imagenet256 | head -1`: the reader leaves early; no BrokenPipeError traceback
     r = subprocess.run(f"{sys.executable} -m msf info paper-imagenet256 | head -c 10", shell=True,
-                       capture_output=True, text=True, timeout=120)
+                       capture_output=True, text=True, timeout=HANG)
     assert len(r.stdout) == 10 and "Traceback" not in r.stderr and "BrokenPipe" not in r.stderr
 
 

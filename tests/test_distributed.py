@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import torch
+from helpers import HANG
 
 from msf.checkpoint import load_latest
 
@@ -12,7 +13,7 @@ ARGS = ["--preset", "tiny", "--quiet", "train.tensorboard=false", "train.steps=2
 
 
 def _run(cmd):
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=HANG)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     return r
 

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import HANG
 from PIL import Image
 
 from msf.data import load_builtin
@@ -22,14 +23,14 @@ def _env(cwd: Path) -> dict[str, str]:
 
 def _run(script: str, *args: str, cwd: Path) -> str:
     r = subprocess.run([sys.executable, str(ROOT / "examples" / script), *args], cwd=cwd, capture_output=True,
-                       text=True, timeout=600, env=_env(cwd))
+                       text=True, timeout=HANG, env=_env(cwd))
     assert r.returncode == 0, r.stderr[-3000:]
     return r.stdout
 
 
 def test_the_examples_import_this_checkouts_msf(tmp_path):
     r = subprocess.run([sys.executable, "-c", "import msf; print(msf.__file__)"], cwd=tmp_path,
-                       capture_output=True, text=True, timeout=120, env=_env(tmp_path))
+                       capture_output=True, text=True, timeout=HANG, env=_env(tmp_path))
     assert r.returncode == 0, r.stderr[-3000:]
     assert Path(r.stdout.strip()).resolve() == (ROOT / "src" / "msf" / "__init__.py").resolve()
 

@@ -4,13 +4,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+from helpers import HANG
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_gpu_check_runs_every_section_at_toy_sizes(tmp_path):
     out = tmp_path / "report.md"
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_check.py"), "--toy", "--out", str(out)],
-                       capture_output=True, text=True, timeout=300)
+                       capture_output=True, text=True, timeout=HANG)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     report = out.read_text()
     for title in ("1. Environment", "2. Attention kernels", "3. Training step", "4. Train, resume, sample",

@@ -5,6 +5,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from helpers import HANG
 
 from msf.config import apply_overrides, preset
 from msf.data import load_builtin, load_dataset, prepare_data, to_model_range
@@ -101,7 +102,7 @@ def test_extraction_is_sharded_over_torchrun_processes(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "msf", "extract", "--preset", "tiny", "--quiet", "--out", str(tmp_path / "c"),
            "--shard-size", "400", "--dtype", "float32"]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=HANG)
     assert r.returncode == 0, r.stderr[-3000:]
     single = extract(_tiny(tmp_path), tmp_path / "one", shard_size=400, dtype="float32",
                      progress=False)

@@ -8,6 +8,7 @@ refused before training, naming the field.
 import pytest
 import timm  # in the dev extra: REPA's encoder is a timm model
 import torch
+from helpers import HANG
 from safetensors.torch import load_file
 
 from msf.config import ConfigError, apply_overrides, preset
@@ -140,7 +141,7 @@ def test_two_processes_match_one_with_repa(tmp_path, encoder_dir):
 
     def run(cmd, out):
         r = subprocess.run([*cmd, "-m", "msf", "train", *args, f"train.out_dir={out}"], capture_output=True,
-                           text=True, timeout=600)
+                           text=True, timeout=HANG)
         assert r.returncode == 0, r.stderr[-3000:]
         return torch.load(sorted((out / "checkpoints").glob("*.pt"))[-1], weights_only=True)
 

@@ -10,7 +10,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from helpers import grid_cells, kill_after_checkpoint
+from helpers import HANG, grid_cells, kill_after_checkpoint
 from safetensors.torch import load_file
 
 from msf.checkpoint import CheckpointError, list_checkpoints, load_latest, prune, save_checkpoint
@@ -91,7 +91,7 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
         time.sleep(0.05)
     time.sleep(1.5)
     proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=120)
+    stdout, stderr = proc.communicate(timeout=HANG)
     assert proc.returncode == 130, stderr[-2000:]
     assert "resume with" in stdout
     ckpts = list_checkpoints(out / "checkpoints")

@@ -6,6 +6,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from helpers import HANG
 
 import msf.sample_set as ss
 from msf.cli import main
@@ -135,7 +136,7 @@ def test_cli_sample_set_under_torchrun(pipe, tmp_path):
            "--precision", "fp32", "--device", "cpu", "--quiet"]
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
                         "2", *cmd, "--npz", str(tmp_path / "two.npz")], capture_output=True, text=True,
-                       timeout=300)
+                       timeout=HANG)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "wrote 9 samples" in r.stdout
     assert main(cmd[2:] + ["--npz", str(tmp_path / "one.npz")]) == 0

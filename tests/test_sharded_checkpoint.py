@@ -20,7 +20,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import kill_after_checkpoint
+from helpers import HANG, kill_after_checkpoint
 
 import msf.checkpoint
 from msf.checkpoint import CheckpointError, list_checkpoints, load_latest, prune, read_sharded
@@ -44,7 +44,7 @@ def _torchrun(out, steps, *extra, resume=False):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "msf", "train", "--preset", "tiny", "--quiet", *OVERRIDES, f"train.steps={steps}",
            f"train.out_dir={out}", *extra, *(["--resume"] if resume else [])]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=HANG)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import HANG
 
 from msf.config import apply_overrides, preset
 from msf.sample_set import parts_dir, read_meta
@@ -81,7 +82,7 @@ def test_a_sample_set_stops_keeps_its_chunks_and_the_same_command_finishes_it(mo
     kept = _chunks(npz)
     assert kept >= 2
     done = subprocess.run([sys.executable, "-m", "msf", *cmd, "--quiet"], capture_output=True, text=True,
-                          timeout=600)
+                          timeout=HANG)
     assert done.returncode == 0, done.stderr[-2000:]
     assert f"resumed {5 * kept}" in done.stdout, done.stdout  # the finished chunks, not drawn again
     with np.load(npz) as f:
