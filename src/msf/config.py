@@ -73,7 +73,7 @@ class ScaleConfig:
     # Either way the network still gives msf's velocity at t.
     time_convention: str = "msf"
     gelu: str = "exact"  # "tanh": the GELU approximation DiT and SiT were trained with
-    # Later DiT-family network options (issue 18, msf.models); the defaults are the paper's DiT.
+    # Later DiT-family network options (msf.models); the defaults are the paper's DiT.
     qk_norm: bool = False  # RMSNorm on each head's queries and keys
     norm: str = "layernorm"  # or "rmsnorm"
     mlp: str = "gelu"  # or "swiglu" (hidden width 2/3 of mlp_ratio x width)
@@ -301,7 +301,7 @@ class TrainConfig:
     tensorboard: bool = True  # scalars (and sample grids) under <out_dir>/tb, if installed
     wandb_project: str = ""  # also log to Weights & Biases under this project ("": off; pip install wandb)
     sample_every: int = 0  # steps between sample grids of the EMA model; 0: off
-    # Levers beyond the paper (issue 18), off by default: the paper's recipe trains as before.
+    # Levers beyond the paper, off by default: the paper's recipe trains as before.
     time_shift: list[float] | None = None  # per scale: training times moved towards the noise (SD3's shift)
     # or derived from each scale's size: "sd3" = sqrt(latent elements / time_shift_ref) (SD3's rule)
     time_shift_rule: str = "none"
@@ -350,7 +350,7 @@ SD_VAE = AutoencoderConfig(
 def _paper_sampler(steps: list[int] | None = None) -> dict[str, dict[str, Any]]:
     """``model.samplers`` naming the paper's sampler: Euler on a uniform grid, guidance at every step,
     at the preset's step counts and guidance (one value for every scale, so a preset with other scales
-    keeps it). A preset whose defaults move to a cheaper sampler (issue 17) adds its old steps and
+    keeps it). A preset whose defaults move to a cheaper sampler adds its old steps and
     guidance here, so that ``--sampler paper`` still draws today's images."""
     paper = {"solver": "euler", "shift": 1.0, "guidance_interval": [0.0, 1.0]}
     return {"paper": paper if steps is None else {**paper, "steps": steps}}
@@ -420,7 +420,7 @@ def _paper_imagenet256() -> Config:
         num_classes=1000,
         autoencoder=dataclasses.replace(SD_VAE),
         scales=[
-            # msf's sampler (issue 17): the paper's 100 + 50 Euler steps are `--sampler paper`
+            # msf's sampler: the paper's 100 + 50 Euler steps are `--sampler paper`
             ScaleConfig(image_size=192, depth=18, width=1152, heads=16, steps=25, cfg_scale=1.4, solver="ab2",
                         shift=2.0),
             ScaleConfig(image_size=256, depth=10, width=1280, heads=16, steps=10, cfg_scale=1.0),

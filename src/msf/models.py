@@ -20,7 +20,7 @@ a 1000-step DDPM predicting the noise (see :func:`ddpm_inputs`). Either way the 
 returns msf's velocity at msf's ``t``. ``gelu="tanh"`` is the GELU approximation DiT and SiT
 were trained with.
 
-Four later DiT-family options (LightningDiT's set; issue 18), each off by default, so that the
+Four later DiT-family options (LightningDiT's set), each off by default, so that the
 paper's presets build the network above, bit for bit: ``qk_norm`` (RMSNorm on each head's queries
 and keys, learned scale), ``norm="rmsnorm"`` (the blocks' parameter-free norms), ``mlp="swiglu"``
 (a gated feed-forward with 2/3 of the hidden width, so about the same parameters) and

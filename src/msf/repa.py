@@ -1,4 +1,4 @@
-"""Representation alignment (REPA; Yu et al., 2025), an option of training (issue 18).
+"""Representation alignment (REPA; Yu et al., 2025), an option of training.
 
 An auxiliary loss that pulls the tokens after one early block of each scale's network, through a
 small MLP (the *projector*), towards the patch features of a frozen pretrained image encoder
