@@ -1,10 +1,11 @@
 """What each network option of issue 18 costs: a training step and a sampling evaluation, per preset.
 
 For each variant (the paper's DiT, then QK-norm, RMSNorm, SwiGLU, 2-D RoPE alone, then all four), every
-scale's network does a full training step as ``msf.train`` runs it (bf16 autocast: forward, loss,
-backward, clipping, AdamW) on random inputs of its sizes, and a bf16 sampling forward (the inference
-copy ``msf sample`` uses). Variants are interleaved round by round and the best of ``--repeats`` is
-kept, so the ratios to the paper's DiT come from one run on one machine.
+scale's network does a full training step as ``msf.train`` runs it (autocast at ``--precision``, by
+default auto: bf16 where the CPU runs it natively, else fp32; forward, loss, backward, clipping, AdamW)
+on random inputs of its sizes, and a sampling forward of an inference copy in that precision. Variants
+are interleaved round by round and the best of ``--repeats`` is kept, so the ratios to the paper's DiT
+come from one run on one machine.
 
     python benchmarks/network_options.py --presets demo,dit-demo --batch 32
 """
@@ -21,6 +22,7 @@ from msf.config import apply_overrides, preset
 from msf.flow import rectified_flow_loss
 from msf.info import model_info
 from msf.pipeline import autocast, build_scale_networks
+from msf.precision import resolve_precision
 from msf.speed import inference_copy
 
 VARIANTS = {
@@ -49,11 +51,11 @@ def _inputs(cfg, k, batch):
     )
 
 
-def train_ms(cfg, nets, opts, batch) -> float:
+def train_ms(cfg, nets, opts, batch, precision: str) -> float:
     t0 = time.perf_counter()
     for k, (net, opt) in enumerate(zip(nets, opts)):
         c, t, y, prior = _inputs(cfg, k, batch)
-        with autocast("cpu", "bf16"):
+        with autocast("cpu", precision):
             loss = rectified_flow_loss(net, c, y, t, prior)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
@@ -63,11 +65,11 @@ def train_ms(cfg, nets, opts, batch) -> float:
 
 
 @torch.no_grad()
-def sample_ms(cfg, fast, batch) -> float:
+def sample_ms(cfg, fast, batch, dtype: torch.dtype) -> float:
     t0 = time.perf_counter()
     for k, net in enumerate(fast):
         c, t, y, prior = _inputs(cfg, k, batch)
-        net(c.bfloat16(), t, y, None if prior is None else prior.bfloat16())
+        net(c.to(dtype), t, y, None if prior is None else prior.to(dtype))
     return (time.perf_counter() - t0) * 1e3
 
 
@@ -76,8 +78,12 @@ def main() -> None:
     ap.add_argument("--presets", default="demo,dit-demo")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
     args = ap.parse_args()
-    print(f"machine: {machine()}; batch {args.batch}; best of {args.repeats}, variants interleaved\n")
+    precision = resolve_precision(args.precision, "cpu")
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    print(f"machine: {machine()}; batch {args.batch}; {precision}; best of {args.repeats}, variants "
+          "interleaved\n")
     print("| preset | variant | parameters | GFLOPs/sample | train step ms | x paper | sample fwd ms "
           "| x paper |")
     print("|---|---|---|---|---|---|---|---|")
@@ -89,11 +95,12 @@ def main() -> None:
             nets = build_scale_networks(cfg.model)
             nets.train()
             opts = [torch.optim.AdamW(n.parameters(), lr=1e-4) for n in nets]
-            setups[v] = (cfg, nets, opts, [inference_copy(n) for n in nets])
+            setups[v] = (cfg, nets, opts, [inference_copy(n, dtype) for n in nets])
         best = {v: [float("inf"), float("inf")] for v in VARIANTS}
         for r in range(args.repeats + 1):  # round 0 warms up
             for v, (cfg, nets, opts, fast) in setups.items():
-                a, b = train_ms(cfg, nets, opts, args.batch), sample_ms(cfg, fast, 2 * args.batch)
+                a = train_ms(cfg, nets, opts, args.batch, precision)
+                b = sample_ms(cfg, fast, 2 * args.batch, dtype)
                 if r:
                     best[v] = [min(best[v][0], a), min(best[v][1], b)]
         base = best["paper DiT"]
