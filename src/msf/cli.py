@@ -425,6 +425,12 @@ def _sampling_args(p: argparse.ArgumentParser, per_scale: bool = True) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
 
 
+def _feature_precision_arg(p: argparse.ArgumentParser, default: str = "fp32") -> None:
+    p.add_argument("--feature-precision", choices=FEATURE_PRECISIONS, default=default,
+                   help=f"Inception's precision (default {default}): fp32, the reference; bf16 autocast, "
+                   "2.2x faster on CPUs with native bf16 and FID within 0.6%%; auto, bf16 where native")
+
+
 def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics", default="fid,is,kid,pr",
                    help="any of fid,is,kid,pr,cas (default fid,is,kid,pr; cas: class accuracy)")
@@ -529,9 +535,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="skip the real-against-real floor (reference images against the rest)")
     ev.add_argument("--class-data",
                     help="cas: labelled real images for its classifier (emoji, .npz, folder; default --ref)")
-    ev.add_argument("--feature-precision", choices=FEATURE_PRECISIONS, default="fp32",
-                    help="Inception in fp32 (the reference), bf16 autocast (2.2x faster on CPUs with native "
-                    "bf16, FID within 0.6%%), or auto (bf16 where native)")
+    _feature_precision_arg(ev)
     ev.add_argument("--json", help="also write the results to this JSON file")
     ev.set_defaults(func=cmd_eval)
 
@@ -542,8 +546,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--num-images", type=int, help="draw this many at random (default: all)")
     r.add_argument("--seed", type=int, default=0, help="for the random draw of --num-images (default 0)")
     r.add_argument("--stats", help="also write Inception statistics of the reference to this .npz")
-    r.add_argument("--feature-precision", choices=FEATURE_PRECISIONS, default="fp32",
-                   help="Inception in fp32 (the reference), bf16 autocast, or auto (bf16 where native)")
+    _feature_precision_arg(r)
     r.add_argument("--device", default=None, help="for --stats (default: cuda when available)")
     _eval_args(r)
     r.set_defaults(func=cmd_reference)
@@ -563,9 +566,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--batch-size", "--per-proc-batch-size", type=int, default=64,
                    help="images per network call in each process (the samples do not depend on it)")
     w.add_argument("--out", default="runs/sweep", help="output directory")
-    w.add_argument("--feature-precision", choices=FEATURE_PRECISIONS, default="fp32",
-                   help="Inception in fp32 (the reference), bf16 autocast (2.2x faster on CPUs with native "
-                   "bf16), or auto (bf16 where native)")
+    _feature_precision_arg(w)
     w.add_argument("--bootstraps", type=int, default=200,
                    help="redraws of the samples for the 95%% intervals of FID and KID (0: none)")
     w.add_argument("--class-data",
@@ -595,8 +596,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="redraws of each run's samples for the 95%% intervals of FID and KID (0: none)")
     c.add_argument("--equal-cost", action="store_true",
                    help="also sample the costlier presets with fewer steps, at the cheapest one's FLOPs")
-    c.add_argument("--feature-precision", choices=FEATURE_PRECISIONS, default="auto",
-                   help="Inception's: auto (bf16 where the hardware runs it natively, else fp32), fp32, bf16")
+    # a comparison scores many runs against each other, not against papers: the faster features
+    _feature_precision_arg(c, default="auto")
     c.add_argument("--sampler", default="default", metavar="NAME",
                    help="sample every preset with its defaults, or with named settings (paper)")
     c.add_argument("--out", "--results-dir", default="runs/compare",

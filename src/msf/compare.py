@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from msf.config import Config, ConfigError, SamplerSettings, apply_overrides, preset
+from msf.config import SAMPLING_FIELDS, Config, ConfigError, SamplerSettings, apply_overrides, preset
 from msf.files import atomic_write_text
 from msf.info import model_info, scale_infos
 from msf.intervals import Interval, difference, paired_difference, seed_interval, verdict
@@ -136,7 +136,6 @@ _FREE_TRAIN = ("lr", "weight_decay", "betas", "warmup_steps", "lr_schedule", "mi
                "time_shift_ref", "cosine_loss_weight", "random_flip", "seed", "steps", "out_dir",
                "log_every")
 _FREE_MODEL = ("prior_noise", "normalize", "component_std", "class_names", "samplers")
-_SAMPLER_FIELDS = ("steps", "cfg_scale", "solver", "shift", "guidance_interval")
 
 
 def work_keys(cfg: Config) -> tuple[str, str]:
@@ -147,7 +146,7 @@ def work_keys(cfg: Config) -> tuple[str, str]:
         model.pop(k)
     sample_key = json.dumps(model, sort_keys=True)
     for sc in model["scales"]:
-        for k in _SAMPLER_FIELDS:
+        for k in SAMPLING_FIELDS:
             sc.pop(k)
     train = {k: v for k, v in asdict(cfg.train).items() if k not in _FREE_TRAIN}
     if train["scale_steps"] is not None:  # the same proportions are the same work

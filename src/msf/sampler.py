@@ -26,10 +26,11 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from msf.config import SOLVERS
+
 Velocity = Callable[[Tensor, float], Tensor]
 
 
-SOLVERS = ("euler", "heun", "midpoint", "ab2")
 FULL_INTERVAL = (0.0, 1.0)
 
 
