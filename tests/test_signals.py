@@ -22,7 +22,10 @@ def stopped(cmd: list[str], ready, sig: int, tmp_path: Path, wait: float = 120.0
     """Run ``msf cmd``, send ``sig`` once ``ready()`` holds; (exit code, stderr, seconds to stop)."""
     err = tmp_path / f"stderr-{time.monotonic_ns()}.txt"
     with open(err, "w") as e:
-        p = subprocess.Popen([sys.executable, "-m", "msf", *cmd], stdout=subprocess.DEVNULL, stderr=e)
+        # SIGINT as a terminal delivers it: a suite started in the background (`make test &`, CI runners)
+        # hands its children SIGINT ignored, and Python then never installs its Ctrl-C handler
+        p = subprocess.Popen([sys.executable, "-m", "msf", *cmd], stdout=subprocess.DEVNULL, stderr=e,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         deadline = time.monotonic() + wait
         while not ready():
             assert p.poll() is None, f"msf {cmd[0]} ended before the signal: {err.read_text()[-2000:]}"
