@@ -73,4 +73,5 @@ def test_serve_says_where_without_gradios_share_hint(tmp_path, capsys):
     finally:
         app.close()
     assert f"msf app: serving {model} at {app.local_url}" in out
+    assert f"msf app: loaded the EMA weights of {model.resolve()}" in out
     assert "share=True" not in out and "public link" not in out

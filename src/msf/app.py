@@ -144,9 +144,10 @@ def serve(model: str | Path, host: str = "127.0.0.1", port: int | None = None, d
           block: bool = True, weights: str = "ema") -> gr.Blocks:
     """Load ``model`` (anything :func:`msf.load.load_pipeline` takes) and serve its page."""
     from msf.distributed import init_world
-    from msf.load import load_pipeline
+    from msf.load import load_with_source
 
-    pipe = load_pipeline(model, weights, device=init_world(device).device)
+    pipe, loaded = load_with_source(model, weights, device=init_world(device).device)
+    print(f"msf app: loaded {loaded.describe()}", flush=True)
     app = build_app(pipe, title=f"msf app: {model}")
     # quiet: Gradio's own lines end with "set `share=True`", which msf app does not offer (--host does that
     # job); the address is said here instead
