@@ -23,7 +23,7 @@ from msf.data import load_builtin, prepare_data, to_model_range
 from msf.factorize import compose
 from msf.load import from_checkpoint
 from msf.pipeline import MSFPipeline, progress_bar
-from msf.train import YOUNG_EMA, ema_start_share, ema_updates, train
+from msf.train import YOUNG_EMA, ema_start_share, train
 from msf.viz import factorization_figure, loss_plot, save_sample_grid
 
 
@@ -71,8 +71,7 @@ def run_demo(
               f"{result.total_steps}; the samples will be worse than the demo's. This machine is slower "
               "or busier than expected: run it alone, or give it longer with `msf demo --minutes 20`.")
     pipe, weights = result.pipeline, "EMA"
-    share = ema_start_share(cfg.train.ema_decay, ema_updates(cfg.train, result.steps,
-                                                             list(range(pipe.config.num_scales))))
+    share, _ = ema_start_share(cfg, result.steps)
     if share > YOUNG_EMA:  # a short or capped run: its EMA is still mostly the random start
         pipe, weights = from_checkpoint(result.checkpoint, "raw", pipe.device), "raw"
         print(f"[demo] the EMA weights still hold {share:.1%} of their random start: "

@@ -47,8 +47,6 @@ class WeightsFile:
     sha256: str
 
 
-
-
 class FeatureExtractor:
     """InceptionV3 features of uint8 images.
 
@@ -341,18 +339,24 @@ def image_size_of(spec: str | Path | np.ndarray) -> int | None:
         with Image.open(files[0]) as im:
             return im.height
     if path.suffix == ".npz" and path.is_file():
-        import zipfile
-
-        try:
-            with zipfile.ZipFile(path) as z, z.open("arr_0.npy") as f:
-                version = np.lib.format.read_magic(f)
-                read = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
-                    np.lib.format.read_array_header_2_0
-                shape = read(f)[0]
-        except (KeyError, OSError, ValueError, zipfile.BadZipFile):
-            return None
-        return int(shape[1]) if len(shape) == 4 else None
+        shape = npz_images_shape(path)
+        return int(shape[1]) if shape is not None and len(shape) == 4 else None
     return None
+
+
+def npz_images_shape(path: Path) -> tuple[int, ...] | None:
+    """The shape of an ADM ``.npz``'s ``arr_0`` from its header, without reading the images; None where
+    the file has none."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z, z.open("arr_0.npy") as f:
+            version = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                np.lib.format.read_array_header_2_0
+            return tuple(read(f)[0])
+    except (KeyError, OSError, ValueError, zipfile.BadZipFile):
+        return None
 
 
 def open_npz(path: Path):

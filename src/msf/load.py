@@ -111,11 +111,10 @@ def load_with_source(spec: str | os.PathLike, weights: str = "ema", device: torc
 def _auto_weights(state: dict, path: Path) -> tuple[str, str]:
     """A checkpoint's EMA weights, or its raw ones while the EMA still holds over ``YOUNG_EMA`` of its
     random start (the EMA of a run of a few hundred steps at decay 0.995 samples noise)."""
-    from msf.train import YOUNG_EMA, ema_start_share, ema_updates, trained_scales
+    from msf.train import YOUNG_EMA, ema_start_share
 
     cfg = _config_of(state, path)
-    updates = ema_updates(cfg.train, int(state.get("step", 0)), trained_scales(cfg))
-    share = ema_start_share(cfg.train.ema_decay, updates)
+    share, updates = ema_start_share(cfg, int(state.get("step", 0)))
     if share <= YOUNG_EMA:
         return "ema", ""
     return "raw", (f"its EMA (decay {cfg.train.ema_decay:g}, {updates} updates) still holds {share:.1%} of "

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from msf.data import BUILTIN_NAMES
-from msf.features import FeatureExtractor, image_files, load_images, open_npz
+from msf.features import FeatureExtractor, image_files, load_images, npz_images_shape, open_npz
 from msf.files import atomic_write_numpy
 
 STATS_FORMAT = "msf-ref-stats-v1"
@@ -142,23 +142,9 @@ def _cache_file(path: Path, extractor: FeatureExtractor, cache_dir: Path, image_
     key = hashlib.sha256(json.dumps([str(path), listing, *network]).encode()).hexdigest()
     # Entries of one source and network share a prefix: a new one replaces those of older file versions.
     source_id = hashlib.sha256(json.dumps([str(path), *network]).encode()).hexdigest()[:8]
-    count = len(files) if path.is_dir() else _npz_count(path)
+    shape = None if path.is_dir() else npz_images_shape(path)
+    count = len(files) if path.is_dir() else shape[0] if shape else -1
     return cache_dir / f"{path.name}-{source_id}-{key[:16]}.npz", key, count
-
-
-def _npz_count(path: Path) -> int:
-    """The number of images in an ADM ``.npz``, from ``arr_0``'s header, without reading the images."""
-    import zipfile
-
-    try:
-        with zipfile.ZipFile(path) as z, z.open("arr_0.npy") as f:
-            version = np.lib.format.read_magic(f)
-            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
-                np.lib.format.read_array_header_2_0
-            shape = read(f)[0]
-    except (KeyError, OSError, ValueError, zipfile.BadZipFile):
-        return -1
-    return int(shape[0]) if shape else -1
 
 
 def _reference_stats(

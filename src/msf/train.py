@@ -126,14 +126,11 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
 YOUNG_EMA = 0.1
 
 
-def ema_start_share(decay: float, updates: int) -> float:
-    """The share of an EMA's value that is still its starting point (the initial weights)."""
-    return decay ** max(updates, 0)
-
-
-def ema_updates(tc: TrainConfig, step: int, scales: list[int]) -> int:
-    """The EMA updates of the least-trained of ``scales`` after ``step`` steps."""
-    return min(min(step, tc.steps_for(k)) for k in scales)
+def ema_start_share(cfg: Config, step: int) -> tuple[float, int]:
+    """The share of a run's EMA that is still its starting point (the initial weights) after ``step``
+    steps, and the updates that left it there: those of its least-trained scale."""
+    updates = min(min(step, cfg.train.steps_for(k)) for k in trained_scales(cfg))
+    return cfg.train.ema_decay ** max(updates, 0), updates
 
 
 def shard(net: nn.Module, precision: str = "fp32") -> None:
@@ -661,12 +658,11 @@ def _run(cfg: Config, world: World, data, progress: bool, max_seconds: float | N
         warnings.warn(f"the time cap ({max_seconds / 60:g} min) stopped training at step {state.step} of "
                       f"{total_steps}: a model trained this little samples poorly. Give it more time "
                       "(--minutes) or fewer steps (train.steps=...)", stacklevel=3)
-    updates = ema_updates(tc, state.step, scales)
-    young = ema_start_share(tc.ema_decay, updates) > YOUNG_EMA
-    if young and save and world.is_main and state.step > start_step:
+    share, updates = ema_start_share(cfg, state.step)
+    if share > YOUNG_EMA and save and world.is_main and state.step > start_step:
         need = math.ceil(math.log(YOUNG_EMA) / math.log(tc.ema_decay)) if 0 < tc.ema_decay < 1 else 0
         warnings.warn(f"the EMA weights (train.ema_decay={tc.ema_decay:g}) still hold "
-                      f"{ema_start_share(tc.ema_decay, updates):.1%} of their random start after {updates} "
+                      f"{share:.1%} of their random start after {updates} "
                       f"updates (about {need} make them useful): {out / 'model'} holds them, but `msf sample "
                       f"{out}` samples the raw weights of the last checkpoint until then", stacklevel=3)
     losses.logger.close()
