@@ -394,7 +394,11 @@ MUTATIONS = [
      "    if False:\n        raise KeyboardInterrupt(",
      "tests/test_signals.py"),
     ("SIGTERM left to kill the long commands", "cli.py",
-     "old = signal.signal(signal.SIGTERM, stop)", "old = signal.getsignal(signal.SIGTERM)",
+     "old = {signal.SIGTERM: signal.signal(signal.SIGTERM, stop)}",
+     "old = {signal.SIGTERM: signal.getsignal(signal.SIGTERM)}",
+     "tests/test_signals.py"),
+    ("an error after a swallowed stop signal reported as a failure", "cli.py",
+     "        if _SIGNALLED:\n            return _interrupted(args.command, e)\n", "",
      "tests/test_signals.py"),
 
     # places that survived the suite until tests of their own pinned them (docs/testing.md)

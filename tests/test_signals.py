@@ -1,6 +1,7 @@
 """Every long command stops within seconds of Ctrl-C (SIGINT) or SIGTERM, keeps what it finished, and
 says how to go on: a real signal sent to a real `python -m msf` process, mid-work."""
 
+import os
 import signal
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 from helpers import HANG
 
+from msf import cli
 from msf.config import apply_overrides, preset
 from msf.sample_set import parts_dir, read_meta
 from msf.train import train
@@ -133,3 +135,34 @@ def test_extract_stops_between_shards_and_keeps_the_finished_ones(tmp_path):
     assert "finished shards are kept" in err
     finished = sorted(out.glob("shard_*.json"))
     assert 3 <= len(finished) < 1870 // 4
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_that_a_library_swallows_still_ends_the_command_as_a_stop(monkeypatch, capsys, sig):
+    # a signal landing inside a library's import that a bare except swallows leaves the module half-made,
+    # and the command fails later with another error: still the stop the user asked for
+    def swallowing_library(args):
+        try:
+            os.kill(os.getpid(), sig)
+            time.sleep(5)
+        except BaseException:
+            pass
+        raise AttributeError("module 'triton.backends' has no attribute 'compiler'")
+
+    monkeypatch.setattr(cli, "cmd_extract", swallowing_library)
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, not a background job
+    try:
+        rc = cli.main(["extract", "--out", "unused"])
+    finally:
+        signal.signal(signal.SIGINT, old)
+    err = capsys.readouterr().err
+    assert rc == 130, err
+    assert f"interrupted ({sig.name}; it cut into AttributeError" in err
+    assert "the same command continues" in err
+
+    def failing(args):  # without a signal, the same error is the error it is
+        raise AttributeError("a bug")
+
+    monkeypatch.setattr(cli, "cmd_extract", failing)
+    with pytest.raises(AttributeError, match="a bug"):
+        cli.main(["extract", "--out", "unused"])

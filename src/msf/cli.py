@@ -672,21 +672,30 @@ _AFTER_STOP = {
 }
 
 
+_SIGNALLED: list[str] = []  # the stop signals this command received
+
+
 @contextmanager
-def _sigterm_stops() -> Iterator[None]:
-    """SIGTERM (kill, a scheduler's time limit) stops a command as Ctrl-C does, with KeyboardInterrupt.
+def _signals_stop() -> Iterator[None]:
+    """Ctrl-C and SIGTERM (kill, a scheduler's time limit) stop a command with KeyboardInterrupt, and are
+    remembered: a library that swallows the KeyboardInterrupt (a signal landing inside an import can leave
+    the module half-made) then fails later, and that failure is still the stop the user asked for.
     Training catches both itself and stops at the end of a step, with a checkpoint."""
     def stop(signum, frame):
+        _SIGNALLED.append(signal.Signals(signum).name)
         raise KeyboardInterrupt(signal.Signals(signum).name)
 
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    old = signal.signal(signal.SIGTERM, stop)
+    old = {signal.SIGTERM: signal.signal(signal.SIGTERM, stop)}
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # left alone where SIGINT is ignored
+        old[signal.SIGINT] = signal.signal(signal.SIGINT, stop)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, old)
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
 
 
 @contextmanager
@@ -704,23 +713,35 @@ def _one_line_warnings(command: str) -> Iterator[None]:
         warnings.formatwarning = old
 
 
+def _interrupted(command: str, e: BaseException) -> int:
+    after = _AFTER_STOP.get(command)
+    why = str(e)
+    if not isinstance(e, KeyboardInterrupt):
+        why = f"{_SIGNALLED[0]}; it cut into {type(e).__name__}: {e}"
+    print(f"msf {command}: interrupted" + (f" ({why})" if why else "") + (f"; {after}" if after else ""),
+          file=sys.stderr)
+    return 130
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _SIGNALLED.clear()
     try:
-        with _sigterm_stops(), _one_line_warnings(args.command):
+        with _signals_stop(), _one_line_warnings(args.command):
             return args.func(args) or 0
-    except (ConfigError, ValueError, FileNotFoundError, FloatingPointError) as e:
-        print(f"msf {args.command}: error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt as e:
-        after = _AFTER_STOP.get(args.command)
-        print(f"msf {args.command}: interrupted" + (f" ({e})" if str(e) else "")
-              + (f"; {after}" if after else ""), file=sys.stderr)
-        return 130
+        return _interrupted(args.command, e)
     except BrokenPipeError:
         # the reader went away (`msf info demo | head`): stop quietly, as cat and grep do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+    except Exception as e:
+        if _SIGNALLED:
+            return _interrupted(args.command, e)
+        if isinstance(e, (ConfigError, ValueError, FileNotFoundError, FloatingPointError)):
+            print(f"msf {args.command}: error: {e}", file=sys.stderr)
+            return 2
+        raise
 
 
 if __name__ == "__main__":
