@@ -31,9 +31,9 @@ import torch.nn.functional as F
 from timing import interleaved, machine  # benchmarks/timing.py, beside this script
 
 from msf.config import AutoencoderConfig, ModelConfig, ScaleConfig, preset
-from msf.info import scale_infos
-from msf.models import DiT
-from msf.pipeline import autocast, build_scale_networks
+from msf.interfaces.info import scale_infos
+from msf.method.models import DiT
+from msf.method.pipeline import autocast, build_scale_networks
 from msf.speed import compile_for_inference, inference_copy
 
 CPU = torch.device("cpu")

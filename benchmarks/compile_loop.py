@@ -1,4 +1,5 @@
-"""The real training loop (``msf.train``) eager against ``train.compile=true``: images/s per log window.
+"""The real training loop (``msf.training.train``) eager against ``train.compile=true``:
+images/s per log window.
 
 A compiled run's first window carries the compilation (each scale's network once: seconds for the demo
 on a CPU, about half a minute per network at the paper's sizes on a GPU); the steady rate is the median
@@ -23,7 +24,7 @@ import torch
 from timing import machine  # benchmarks/timing.py, beside this script
 
 from msf.config import apply_overrides, preset
-from msf.train import train
+from msf.training.train import train
 
 # the paper's networks (144 and 256 tokens at patch 2) on demo-paper-ratio's 24 -> 32 px emoji
 PAPER_NETWORKS = ["model.scales.0.width=1152", "model.scales.0.depth=18", "model.scales.0.heads=16",

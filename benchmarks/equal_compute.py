@@ -33,12 +33,17 @@ import torch
 from timing import interleaved, machine  # benchmarks/timing.py, beside this script
 
 from msf.config import apply_overrides, preset
-from msf.data import load_builtin
-from msf.info import model_info
-from msf.metrics import compute_reference, evaluate, frechet_distance_from_features, load_feature_extractor
-from msf.sample_set import sample_set
-from msf.train import train
-from msf.viz import save_sample_grid
+from msf.evaluation.metrics import (
+    compute_reference,
+    evaluate,
+    frechet_distance_from_features,
+    load_feature_extractor,
+)
+from msf.evaluation.sample_set import sample_set
+from msf.interfaces.info import model_info
+from msf.interfaces.viz import save_sample_grid
+from msf.training.data import load_builtin
+from msf.training.train import train
 
 MODELS = {"MSF (demo, 2 scales)": "demo", "DiT (dit-demo, 1 scale)": "dit-demo"}
 

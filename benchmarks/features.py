@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from timing import machine  # benchmarks/timing.py, beside this script
 
-from msf.data import load_builtin
-from msf.metrics import frechet_distance_from_features, load_feature_extractor
+from msf.evaluation.metrics import frechet_distance_from_features, load_feature_extractor
+from msf.training.data import load_builtin
 
 
 def rate(extractor, images: np.ndarray, batch: int, repeats: int) -> float:

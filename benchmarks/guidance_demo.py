@@ -63,9 +63,9 @@ NUM, SAMPLE_SEED, BATCH = 1000, 0, 128
 
 
 def run(out: Path, family: str) -> None:
-    from msf.metrics import load_feature_extractor
-    from msf.pipeline import MSFPipeline
-    from msf.sweep import run_sweep, sweep_points
+    from msf.evaluation.metrics import load_feature_extractor
+    from msf.evaluation.sweep import run_sweep, sweep_points
+    from msf.method.pipeline import MSFPipeline
 
     fam = FAMILIES[family]
     out.mkdir(parents=True, exist_ok=True)
@@ -112,7 +112,7 @@ def report(out: Path, docs: Path, family: str) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from msf.intervals import paired_difference, seed_interval, verdict
+    from msf.evaluation.intervals import paired_difference, seed_interval, verdict
 
     fam = FAMILIES[family]
     default = fam["default"]

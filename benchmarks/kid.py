@@ -14,7 +14,7 @@ import time
 import numpy as np
 from timing import machine  # benchmarks/timing.py, beside this script
 
-import msf.distances as distances
+import msf.evaluation.distances as distances
 
 
 def timed(n1: int, n2: int, limit: int, repeats: int, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:

@@ -1,5 +1,5 @@
 """KID's subset block sums: m x m copies of each subset's kernel blocks (msf before 2026-11-30) against
-products with the subsets' indicator vectors (msf.distances.kid now), 1,000 samples against 935 and
+products with the subsets' indicator vectors (msf.evaluation.distances.kid now), 1,000 samples against 935 and
 1,870 references, d = 2048; alternating, the best of 2, in one run. The values must agree to rounding.
 
     python benchmarks/kid_block_sums.py     # ~15 s on 2 cores
@@ -10,7 +10,7 @@ import time
 import numpy as np
 from timing import machine  # benchmarks/timing.py, beside this script
 
-from msf.distances import kid, poly_kernel
+from msf.evaluation.distances import kid, poly_kernel
 
 
 def block_copies(f1, f2, subsets=100, m=1000, seed=2020):

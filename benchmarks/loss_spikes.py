@@ -25,11 +25,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import msf.pipeline
+import msf.method.pipeline
 from msf.config import config_from_json
-from msf.flow import interpolate
-from msf.pipeline import MSFPipeline, build_scale_networks
-from msf.train import train
+from msf.method.flow import interpolate
+from msf.method.pipeline import MSFPipeline, build_scale_networks
+from msf.training.train import train
 
 
 @torch.no_grad()
@@ -86,7 +86,7 @@ def main() -> None:
         shutil.copy(args.run / "checkpoints" / args.checkpoint, Path(tmp) / "checkpoints")
         cfg.train.out_dir, cfg.train.steps, cfg.train.ckpt_every = tmp, args.to, 0
         cfg.train.tensorboard, cfg.train.sample_every, cfg.train.eval_every = False, 0, 0
-        msf.pipeline.rectified_flow_loss = recording_loss  # training_losses calls it by this name
+        msf.method.pipeline.rectified_flow_loss = recording_loss  # training_losses calls it by this name
         train(cfg, progress=False, resume=True)
 
     raw = build_scale_networks(cfg.model)[args.scale]

@@ -36,10 +36,10 @@ import torch
 import torch.nn.functional as F
 from timing import machine  # benchmarks/timing.py, beside this script
 
-import msf.models
+import msf.method.models
 from msf.config import preset
-from msf.models import count_parameters
-from msf.pipeline import autocast, build_scale_networks
+from msf.method.models import count_parameters
+from msf.method.pipeline import autocast, build_scale_networks
 
 GiB = 1024**3
 STATE_BYTES = 20  # fp32 weights, gradients, two AdamW moments, EMA
@@ -54,8 +54,8 @@ def saved_bytes_per_image(net: torch.nn.Module, size: int, channels: int, prior:
         seen[s.data_ptr()] = s.nbytes()
         return t
 
-    old = msf.models.attention, msf.models.norm_input
-    msf.models.attention, msf.models.norm_input = F.scaled_dot_product_attention, lambda x: x
+    old = msf.method.models.attention, msf.method.models.norm_input
+    msf.method.models.attention, msf.method.models.norm_input = F.scaled_dot_product_attention, lambda x: x
     try:
         per = []
         for batch in (1, 2):  # the difference between batch 2 and 1 leaves out the weights' copies
@@ -66,7 +66,7 @@ def saved_bytes_per_image(net: torch.nn.Module, size: int, channels: int, prior:
                 net(x, torch.rand(batch), torch.zeros(batch, dtype=torch.long), p)
             per.append(sum(seen.values()))
     finally:
-        msf.models.attention, msf.models.norm_input = old
+        msf.method.models.attention, msf.method.models.norm_input = old
     return per[1] - per[0]
 
 

@@ -1,7 +1,7 @@
 """What each network option of issue 18 costs: a training step and a sampling evaluation, per preset.
 
 For each variant (the paper's DiT, then QK-norm, RMSNorm, SwiGLU, 2-D RoPE alone, then all four), every
-scale's network does a full training step as ``msf.train`` runs it (autocast at ``--precision``, by
+scale's network does a full training step as ``msf.training.train`` runs it (autocast at ``--precision``, by
 default auto: bf16 where the CPU runs it natively, else fp32; forward, loss, backward, clipping, AdamW)
 on random inputs of its sizes, and a sampling forward of an inference copy in that precision. Variants
 are interleaved round by round and the best of ``--repeats`` is kept, so the ratios to the paper's DiT
@@ -19,9 +19,9 @@ import torch
 from timing import machine  # benchmarks/timing.py, beside this script
 
 from msf.config import apply_overrides, preset
-from msf.flow import rectified_flow_loss
-from msf.info import model_info
-from msf.pipeline import autocast, build_scale_networks
+from msf.interfaces.info import model_info
+from msf.method.flow import rectified_flow_loss
+from msf.method.pipeline import autocast, build_scale_networks
 from msf.precision import resolve_precision
 from msf.speed import inference_copy
 

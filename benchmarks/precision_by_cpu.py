@@ -20,7 +20,7 @@ from timing import machine  # benchmarks/timing.py, beside this script
 
 from msf.config import apply_overrides, preset
 from msf.precision import native_bf16, resolve_precision
-from msf.train import train
+from msf.training.train import train
 
 
 def matmul_gflops(dtype: torch.dtype, n: int = 1024, seconds: float = 1.0) -> float:

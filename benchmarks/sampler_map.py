@@ -73,10 +73,10 @@ NUM, SEED, BATCH = 1000, 0, 128
 
 def run(out: Path, extractor) -> None:
     from msf.config import SamplerSettings
-    from msf.info import scale_infos
-    from msf.metrics import evaluate
-    from msf.pipeline import MSFPipeline
-    from msf.sample_set import sample_set
+    from msf.evaluation.metrics import evaluate
+    from msf.evaluation.sample_set import sample_set
+    from msf.interfaces.info import scale_infos
+    from msf.method.pipeline import MSFPipeline
 
     for model, settings in SETTINGS.items():
         pipe = MSFPipeline.from_pretrained(MODELS[model])
@@ -234,7 +234,7 @@ def main() -> None:
     ap.add_argument("--report", action="store_true")
     args = ap.parse_args()
     if not args.report:
-        from msf.features import load_feature_extractor
+        from msf.evaluation.features import load_feature_extractor
 
         run(Path(args.out), load_feature_extractor(precision="auto"))
     report(Path(args.out), Path(args.docs))

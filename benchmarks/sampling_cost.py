@@ -46,10 +46,10 @@ import time
 import torch
 from timing import interleaved, machine  # benchmarks/timing.py, beside this script
 
-from msf.autoencoder import IdentityAutoencoder
 from msf.config import ModelConfig, SamplerSettings, preset
-from msf.info import scale_infos
-from msf.pipeline import MSFPipeline, autocast
+from msf.interfaces.info import scale_infos
+from msf.method.autoencoder import IdentityAutoencoder
+from msf.method.pipeline import MSFPipeline, autocast
 from msf.speed import compile_for_inference, inference_copy
 
 # (label, sampler settings) for each setting compared: the pipeline's own SamplerSettings.
@@ -238,7 +238,7 @@ def main() -> None:
     ref_flops, _ = flops_per_image(dit_cfg, DIT_SETTINGS[0][1])
     print("\n## per image: counted FLOPs and extrapolated time; ratios to DiT-XL/2 at 100 steps\n")
     print("Time ratio: of the median times; in brackets the range of the ratio within each repeat.")
-    print("FLOPs: matrix products (msf.info), 1 multiply-add (MAC) = 2 FLOPs; per image, "
+    print("FLOPs: matrix products (msf.interfaces.info), 1 multiply-add (MAC) = 2 FLOPs; per image, "
           "CFG's two branches counted. Time: latent generation only, VAE decode excluded.\n")
     print("| model | setting | evaluations per scale | GFLOPs | GMACs | FLOPs ratio | "
           + " | ".join(f"s/image {p[0]} | ratio {p[0]}" for p in paths) + " |")

@@ -1,6 +1,6 @@
 """Training throughput of one scale's network: images/s in fp32 and bf16 autocast.
 
-A full training step as ``msf.train`` runs it for that scale (``--device cuda`` on a GPU):
+A full training step as ``msf.training.train`` runs it for that scale (``--device cuda`` on a GPU):
 forward, rectified-flow loss, backward, gradient clipping, AdamW, EMA. Random inputs of the scale's sizes
 (the factorization and data loading are not timed). fp32 and bf16 are interleaved
 and the best of ``--repeats`` steps is kept, after ``--warmup`` steps.
@@ -19,10 +19,10 @@ import torch
 from timing import machine  # benchmarks/timing.py, beside this script
 
 from msf.config import preset
-from msf.flow import rectified_flow_loss
-from msf.info import scale_infos
-from msf.pipeline import autocast, build_scale_networks
-from msf.train import ema_update
+from msf.interfaces.info import scale_infos
+from msf.method.flow import rectified_flow_loss
+from msf.method.pipeline import autocast, build_scale_networks
+from msf.training.train import ema_update
 
 
 def step_time(net, ema, opt, batch, n, channels, prior, precision, device) -> float:

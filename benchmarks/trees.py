@@ -5,7 +5,7 @@ Each measurement runs in a fresh process whose ``msf`` is imported from the give
 so that the machine's drift hits both alike. Inside the process only the timed call counts
 (imports and set-up are left out):
 
-* ``train``: ``msf.train.train`` on the built-in data for ``--steps`` steps of ``--preset``
+* ``train``: ``msf.training.train.train`` on the built-in data for ``--steps`` steps of ``--preset``
   (its data, factorization, per-scale losses, backward, AdamW, EMA, logging), seconds per step
   after the first ``--warmup`` steps;
 * ``sample``: ``MSFPipeline.sample`` of ``--batch`` images at the preset's sampler settings.
@@ -27,7 +27,7 @@ from timing import machine  # benchmarks/timing.py, beside this script
 TRAIN = """
 import sys, tempfile, time
 import torch
-import msf.train as mt
+import msf.training.train as mt
 from msf.config import apply_overrides, preset
 steps, warmup = int(sys.argv[2]), int(sys.argv[3])
 cfg = apply_overrides(preset(sys.argv[1]), [f"train.steps={steps}", "train.tensorboard=false",
@@ -48,7 +48,7 @@ SAMPLE = """
 import sys, time
 import torch
 from msf.config import preset
-from msf.pipeline import MSFPipeline
+from msf.method.pipeline import MSFPipeline
 torch.manual_seed(0)
 pipe = MSFPipeline(preset(sys.argv[1]).model)
 for p in pipe.parameters():

@@ -29,12 +29,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from msf.data import to_model_range, to_uint8
-from msf.factorize import up
-from msf.intervals import seed_interval
-from msf.metrics import evaluate, load_feature_extractor
-from msf.pipeline import MSFPipeline
-from msf.viz import save_figure
+from msf.evaluation.intervals import seed_interval
+from msf.evaluation.metrics import evaluate, load_feature_extractor
+from msf.interfaces.viz import save_figure
+from msf.method.factorize import up
+from msf.method.pipeline import MSFPipeline
+from msf.training.data import to_model_range, to_uint8
 
 MSF_PRESETS = ("demo", "demo-paper-ratio")
 ROWS = ("full", "base only", "true base + residual", "true base only", "real (floor)")

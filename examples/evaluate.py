@@ -6,10 +6,10 @@ floor, and class accuracy, against the built-in emoji (or --ref).
 
 import argparse
 
-from msf.load import load_pipeline
-from msf.metrics import evaluate, format_results
-from msf.reference import build_reference
-from msf.sample_set import sample_set
+from msf.evaluation.metrics import evaluate, format_results
+from msf.evaluation.reference import build_reference
+from msf.evaluation.sample_set import sample_set
+from msf.interfaces.load import load_pipeline
 
 p = argparse.ArgumentParser()
 p.add_argument("model")

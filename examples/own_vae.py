@@ -11,10 +11,10 @@ import argparse
 
 import torch.nn.functional as F
 
-from msf.autoencoder import Autoencoder
 from msf.config import apply_overrides, preset
-from msf.pipeline import MSFPipeline
-from msf.train import train
+from msf.method.autoencoder import Autoencoder
+from msf.method.pipeline import MSFPipeline
+from msf.training.train import train
 
 
 class AvgPoolAutoencoder(Autoencoder):

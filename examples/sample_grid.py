@@ -6,9 +6,9 @@ model's name or a hub id.
 
 import argparse
 
-from msf.load import load_pipeline
-from msf.pipeline import progress_bar
-from msf.viz import save_sample_grid
+from msf.interfaces.load import load_pipeline
+from msf.interfaces.viz import save_sample_grid
+from msf.method.pipeline import progress_bar
 
 p = argparse.ArgumentParser()
 p.add_argument("model")

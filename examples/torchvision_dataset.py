@@ -8,7 +8,7 @@ import argparse
 from torchvision import datasets
 
 from msf.config import apply_overrides, preset
-from msf.train import train
+from msf.training.train import train
 
 p = argparse.ArgumentParser()
 p.add_argument("folder")

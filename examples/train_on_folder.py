@@ -7,8 +7,8 @@ import argparse
 from pathlib import Path
 
 from msf.config import apply_overrides, preset
-from msf.train import train
-from msf.viz import save_sample_grid
+from msf.interfaces.viz import save_sample_grid
+from msf.training.train import train
 
 p = argparse.ArgumentParser()
 p.add_argument("folder")

@@ -28,7 +28,7 @@ def main() -> int:
 
     from playwright.sync_api import sync_playwright
 
-    from msf.app import serve
+    from msf.interfaces.app import serve
 
     app = serve(args.model, block=False)
     try:

@@ -116,8 +116,8 @@ def attention_kernels(dev: torch.device, toy: bool) -> None:
 
 def training_steps(dev: torch.device, toy: bool) -> None:
     from msf.config import preset
-    from msf.flow import rectified_flow_loss
-    from msf.pipeline import autocast, build_scale_networks
+    from msf.method.flow import rectified_flow_loss
+    from msf.method.pipeline import autocast, build_scale_networks
 
     names = ["tiny"] if toy else ["paper-imagenet256", "dit-xl2"]
     batch = 2 if toy else 32
@@ -157,7 +157,7 @@ def training_steps(dev: torch.device, toy: bool) -> None:
 
 def train_resume_sample(dev: torch.device) -> None:
     from msf.config import apply_overrides, preset
-    from msf.train import train
+    from msf.training.train import train
 
     base = ["train.tensorboard=false", "train.lr=3e-3", "train.precision=bf16", "train.lr_schedule=constant"]
     with tempfile.TemporaryDirectory() as d:
@@ -175,9 +175,10 @@ def train_resume_sample(dev: torch.device) -> None:
         images = resumed.pipeline.sample([0, 1, 2, 3], precision="bf16")
         say(f"- sample: {tuple(images.shape)}, finite {bool(torch.isfinite(images).all())}, "
             f"range [{images.min():.2f}, {images.max():.2f}]")
-        # sharded checkpoints (DCP) written on the GPU: resume, and read back whole by msf.load, whose
+        # sharded checkpoints (DCP) written on the GPU: resume, and read back whole by
+        # msf.interfaces.load, whose
         # unpickler admits DCP's own metadata classes only
-        from msf.load import load_pipeline
+        from msf.interfaces.load import load_pipeline
 
         sharded = [*base, "train.ckpt_format=sharded"]
         train(apply_overrides(preset("tiny"), [*sharded, "train.steps=3", f"train.out_dir={d}/c"]),
@@ -189,12 +190,12 @@ def train_resume_sample(dev: torch.device) -> None:
         loaded = load_pipeline(f"{d}/c", device=dev)
         same = all(torch.equal(a, b) for a, b in zip(loaded.parameters(), again.pipeline.parameters()))
         say(f"- sharded checkpoint, resumed at step 3 to 6: largest EMA weight difference {diff:.2e}; "
-            f"read back whole by msf.load: {'identical' if same else 'DIFFERENT'}")
+            f"read back whole by msf.interfaces.load: {'identical' if same else 'DIFFERENT'}")
 
 
 def determinism(dev: torch.device) -> None:
     from msf.config import apply_overrides, preset
-    from msf.train import train
+    from msf.training.train import train
 
     runs = []
     with tempfile.TemporaryDirectory() as d:

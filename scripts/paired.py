@@ -2,7 +2,7 @@
 
 `msf compare` judges each variant against its own root and a stack against its longest listed prefix;
 this prints any other pair of the same report with the same machinery (Student's t on the seed-by-seed
-differences, msf.intervals), e.g. a stack against another of its parts:
+differences, msf.evaluation.intervals), e.g. a stack against another of its parts:
 
     python scripts/paired.py docs/levers/levers_best/compare.json dit-demo+cosine+uniform dit-demo+uniform
 
@@ -17,7 +17,7 @@ import argparse
 import json
 from pathlib import Path
 
-from msf.intervals import paired_difference, verdict
+from msf.evaluation.intervals import paired_difference, verdict
 
 METRICS = (("fid", True), ("kid", True), ("cas", False))  # name, lower is better
 

@@ -22,7 +22,7 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from msf.compare import VARIABLE_SETTINGS, CompareSettings, budget_key
+from msf.evaluation.compare import VARIABLE_SETTINGS, CompareSettings, budget_key
 from msf.files import atomic_write_text
 
 # what a finished run's result depends on: the same in every report restored into one folder

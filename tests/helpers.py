@@ -4,8 +4,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from msf.metrics import FeatureExtractor, WeightsFile
-from msf.viz import labelled_grid
+from msf.evaluation.metrics import FeatureExtractor, WeightsFile
+from msf.interfaces.viz import labelled_grid
 
 # seconds: a subprocess's guard against a hang, not a speed limit (a slow CPU kind must never reach it;
 # the slowest subprocess test takes about 70 s on an AVX2-only CPU); CI's own limit is 90 minutes
@@ -55,7 +55,7 @@ def kill_after_checkpoint(cmd: list[str], checkpoints, step: int, timeout: float
     import subprocess
     import time
 
-    from msf.checkpoint import list_checkpoints
+    from msf.training.checkpoint import list_checkpoints
 
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + timeout

@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 from msf.config import ScaleConfig, apply_overrides
-from msf.data import load_builtin, prepare_data, to_model_range
-from msf.factorize import down, up
-from msf.pipeline import MSFPipeline
+from msf.method.factorize import down, up
+from msf.method.pipeline import MSFPipeline
+from msf.training.data import load_builtin, prepare_data, to_model_range
 
 STD = [0.5, 0.2, 0.1]  # distinct per-scale factors, so a factor used at the wrong scale shows
 

@@ -6,11 +6,11 @@ import torch
 from gradio_client import Client
 from PIL import Image
 
-from msf.app import build_app, stage_titles
 from msf.config import SamplerSettings, preset
-from msf.data import to_uint8
-from msf.pipeline import MSFPipeline
-from msf.scale_view import view_scales
+from msf.interfaces.app import build_app, stage_titles
+from msf.interfaces.scale_view import view_scales
+from msf.method.pipeline import MSFPipeline
+from msf.training.data import to_uint8
 
 
 def test_app_serves_each_scale_of_the_libraries_samples(tmp_path):
@@ -64,7 +64,7 @@ def test_app_without_gradio_says_how_to_install(monkeypatch):
 
 
 def test_serve_says_where_without_gradios_share_hint(tmp_path, capsys):
-    from msf.app import serve
+    from msf.interfaces.app import serve
 
     model = MSFPipeline(preset("tiny").model).save_pretrained(tmp_path / "m")
     app = serve(str(model), device="cpu", block=False)

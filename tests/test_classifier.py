@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-import msf.classifier as classifier
-from msf.classifier import Recipe, class_accuracy, labelled_images, real_classifier
-from msf.metrics import evaluate, format_results
+import msf.evaluation.classifier as classifier
+from msf.evaluation.classifier import Recipe, class_accuracy, labelled_images, real_classifier
+from msf.evaluation.metrics import evaluate, format_results
 
 QUICK = Recipe(width=8, stages=2, epochs=4, batch_size=32, lr=1e-2)
 

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 from helpers import grid_cells
 
-from msf.cli import main
 from msf.config import SamplerSettings, preset
-from msf.data import to_uint8
-from msf.pipeline import MSFPipeline
+from msf.interfaces.cli import main
+from msf.method.pipeline import MSFPipeline
+from msf.training.data import to_uint8
 
 
 def test_info_json_for_presets(capsys):
@@ -67,7 +67,7 @@ def test_bad_sampler_settings_fail_before_any_work(tmp_path, capsys, monkeypatch
 
 
 def test_sample_with_a_shifted_grid_and_a_guidance_interval(tmp_path):
-    from msf.sample_set import read_meta
+    from msf.evaluation.sample_set import read_meta
 
     model = MSFPipeline(preset("tiny").model).save_pretrained(tmp_path / "m")
     npz = tmp_path / "s.npz"
@@ -86,7 +86,7 @@ def test_sample_with_a_shifted_grid_and_a_guidance_interval(tmp_path):
 def test_warnings_read_as_one_line_of_the_command(monkeypatch, capsys):
     import warnings
 
-    import msf.cli
+    import msf.interfaces.cli
 
     def warn(args):
         warnings.warn("the EMA weights are young", stacklevel=2)
@@ -95,7 +95,7 @@ def test_warnings_read_as_one_line_of_the_command(monkeypatch, capsys):
     def shown(message, category, filename, lineno, file=None, line=None):  # as Python's default shows them
         print(warnings.formatwarning(message, category, filename, lineno, line), end="", file=sys.stderr)
 
-    monkeypatch.setattr(msf.cli, "cmd_info", warn)
+    monkeypatch.setattr(msf.interfaces.cli, "cmd_info", warn)
     default = warnings.formatwarning
     with warnings.catch_warnings():
         warnings.simplefilter("always")

@@ -9,10 +9,10 @@ import types
 import pytest
 from helpers import HANG
 
-from msf.cli import build_parser, main
 from msf.config import preset
-from msf.pipeline import MSFPipeline
-from msf.train import train
+from msf.interfaces.cli import build_parser, main
+from msf.method.pipeline import MSFPipeline
+from msf.training.train import train
 
 
 def test_version_and_a_closed_pipe(capsys):

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from helpers import MeanColour
 
-import msf.train
-from msf.compare import CompareSettings, budget_steps, compare, summarize
+import msf.training.train
 from msf.config import ConfigError, preset
-from msf.report import markdown
+from msf.evaluation.compare import CompareSettings, budget_steps, compare, summarize
+from msf.evaluation.report import markdown
 
 _spec = importlib.util.spec_from_file_location(
     "restore_runs", Path(__file__).resolve().parents[1] / "scripts" / "restore_runs.py")
@@ -32,14 +32,14 @@ def _settings(**kw):
 
 def test_compare_trains_each_run_once_resumes_and_writes_tables(tmp_path, monkeypatch):
     calls = []
-    real_train = msf.train.train
+    real_train = msf.training.train.train
 
     def counting(cfg, **kw):
         calls.append((cfg.preset, cfg.train.seed, cfg.train.steps, kw.get("resume", False),
                       cfg.train.out_dir, cfg.train.ckpt_every))
         return real_train(cfg, **kw)
 
-    monkeypatch.setattr(msf.train, "train", counting)
+    monkeypatch.setattr(msf.training.train, "train", counting)
     s = _settings()
     summary = compare(s, tmp_path, progress=False, extractor=MeanColour())
     saved = json.loads((tmp_path / "rates.json").read_text())
@@ -130,14 +130,14 @@ def test_compare_trains_each_run_once_resumes_and_writes_tables(tmp_path, monkey
 
 
 def test_a_study_stopped_part_way_has_equal_cost_samples_of_the_runs_it_finished(tmp_path, monkeypatch):
-    real_train = msf.train.train
+    real_train = msf.training.train.train
 
     def stopped(cfg, **kw):  # Ctrl-C during the last run of the level
         if cfg.preset == "tiny-dit" and cfg.train.seed == 1 and "calibration" not in cfg.train.out_dir:
             raise KeyboardInterrupt
         return real_train(cfg, **kw)
 
-    monkeypatch.setattr(msf.train, "train", stopped)
+    monkeypatch.setattr(msf.training.train, "train", stopped)
     with pytest.raises(KeyboardInterrupt):
         compare(_settings(budgets=[0.01], equal_cost=True), tmp_path, progress=False, extractor=MeanColour())
     for seed in (0, 1):  # tiny (two scales) is the costlier: each finished run sampled again at equal cost
@@ -149,7 +149,7 @@ def test_equal_flops_budgets_give_each_preset_the_first_ones_flops():
     s = _settings(budget_kind="flops", budgets=[1.0])
     cfgs = {p: preset(p) for p in s.presets}
     steps = budget_steps(s, {"tiny": 10.0, "tiny-dit": 99.0}, cfgs)
-    from msf.compare import _train_flops_per_step
+    from msf.evaluation.compare import _train_flops_per_step
 
     flops = {p: steps[p][1.0] * _train_flops_per_step(cfgs[p]) for p in s.presets}
     assert steps["tiny"][1.0] == 600
@@ -192,7 +192,7 @@ def test_one_seed_each_reports_the_bootstrap_intervals_on_their_own_sides():
 
 
 def test_a_variant_is_judged_against_its_own_preset_and_others_against_the_first():
-    from msf.compare import baseline
+    from msf.evaluation.compare import baseline
 
     presets = ["tiny", "tiny+qk", "tiny-dit", "tiny-dit+qk", "tiny-dit-x+qk"]
     assert [baseline(p, presets) for p in presets] == ["tiny", "tiny", "tiny", "tiny-dit", "tiny"]
@@ -289,7 +289,7 @@ def test_bad_settings_are_named():
 
 
 def test_the_cli_names_bad_presets_and_stray_overrides(capsys):
-    from msf.cli import main
+    from msf.interfaces.cli import main
 
     assert main(["compare", "--presets", "tiny,nope", "--out", "unused"]) == 2
     assert "nope" in capsys.readouterr().err
@@ -300,7 +300,7 @@ def test_the_cli_names_bad_presets_and_stray_overrides(capsys):
 
 
 def test_equal_cost_rows_never_stand_in_a_costlier_presets_default_run():
-    from msf.compare import _groups
+    from msf.evaluation.compare import _groups
 
     def rec(preset, seed, flops, sampling="defaults"):
         return {"preset": preset, "seed": seed, "budget_minutes": 5.0, "sample_flops_per_image": flops,
@@ -314,7 +314,7 @@ def test_equal_cost_rows_never_stand_in_a_costlier_presets_default_run():
 
 
 def test_a_variant_is_its_preset_with_its_own_overrides():
-    from msf.compare import _config, base_preset
+    from msf.evaluation.compare import _config, base_preset
 
     s = _settings(presets=["tiny", "tiny+qk"], preset_overrides={"tiny+qk": ["model.scales.*.qk_norm=true"]})
     s.check()
@@ -328,7 +328,7 @@ def test_a_variant_is_its_preset_with_its_own_overrides():
 
 
 def test_an_interrupted_run_is_not_recorded_and_resumes(tmp_path, monkeypatch):
-    real_train = msf.train.train
+    real_train = msf.training.train.train
     stop = {"now": True}
 
     def interrupted_once(cfg, **kw):
@@ -338,7 +338,7 @@ def test_an_interrupted_run_is_not_recorded_and_resumes(tmp_path, monkeypatch):
             res.interrupted = True  # as after Ctrl-C: the loop saved a checkpoint and returned
         return res
 
-    monkeypatch.setattr(msf.train, "train", interrupted_once)
+    monkeypatch.setattr(msf.training.train, "train", interrupted_once)
     s = _settings(seeds=[0], budgets=[0.01])
     with pytest.raises(KeyboardInterrupt, match="tiny seed 0 stopped at step"):
         compare(s, tmp_path, progress=False, extractor=MeanColour())
@@ -348,8 +348,8 @@ def test_an_interrupted_run_is_not_recorded_and_resumes(tmp_path, monkeypatch):
 
 
 def test_a_named_sampler_becomes_every_runs_default_and_old_settings_files_still_match(tmp_path):
-    from msf.compare import _config
     from msf.config import SamplerSettings
+    from msf.evaluation.compare import _config
 
     s = _settings(sampler="paper", overrides=["model.scales.*.steps=2", "model.scales.0.solver=ab2"])
     cfg = _config(s, "tiny", tmp_path, 5, 0)
@@ -369,8 +369,8 @@ def test_a_named_sampler_becomes_every_runs_default_and_old_settings_files_still
 
 
 def test_presets_of_the_same_work_share_one_rate_and_old_rate_files_are_pooled(tmp_path):
-    from msf.compare import _config, step_rates, work_keys
-    from msf.data import load_dataset
+    from msf.evaluation.compare import _config, step_rates, work_keys
+    from msf.training.data import load_dataset
 
     variants = {"tiny+lr": ["train.lr=3e-3", "train.ema_decay=0.9", "model.prior_noise=0.2",
                             "train.cosine_loss_weight=0.1"],
@@ -404,21 +404,21 @@ def test_presets_of_the_same_work_share_one_rate_and_old_rate_files_are_pooled(t
 
 
 def test_a_preset_added_later_takes_its_works_rate_or_is_measured_beside_a_kept_one(tmp_path, monkeypatch):
-    from msf.compare import _config, step_rates
-    from msf.data import load_dataset
+    from msf.evaluation.compare import _config, step_rates
+    from msf.training.data import load_dataset
 
     s = _settings(presets=["tiny", "tiny+deep"], preset_overrides={"tiny+deep": ["model.scales.0.depth=3"]})
     data = load_dataset("emoji", _config(s, "tiny", tmp_path, 1, 0).model.image_size)
     first = step_rates(s, tmp_path, data, progress=False)
 
     measured = []
-    real_train = msf.train.train
+    real_train = msf.training.train.train
 
     def counting(cfg, **kw):
         measured.append(cfg.model.scales[0].depth)
         return real_train(cfg, **kw)
 
-    monkeypatch.setattr(msf.train, "train", counting)
+    monkeypatch.setattr(msf.training.train, "train", counting)
     more = {"tiny+deep": ["model.scales.0.depth=3"], "tiny+lr": ["train.lr=3e-3"],
             "tiny+deeper": ["model.scales.0.depth=4"]}
     later = step_rates(_settings(presets=["tiny", "tiny+lr", "tiny+deeper"], preset_overrides=more), tmp_path,
@@ -452,7 +452,7 @@ def np_median(v):
 
 
 def test_some_presets_of_a_folder_can_run_alone_but_never_with_changed_overrides(tmp_path):
-    from msf.compare import _record_settings
+    from msf.evaluation.compare import _record_settings
 
     variants = {"tiny+a": ["train.lr=3e-3"], "tiny+b": ["model.prior_noise=0.2"]}
     _record_settings(_settings(presets=["tiny", "tiny+a", "tiny+b"], preset_overrides=variants), tmp_path)
@@ -484,8 +484,8 @@ def test_some_presets_of_a_folder_can_run_alone_but_never_with_changed_overrides
 
 
 def test_per_scale_step_counts_are_proportions_under_a_budget(tmp_path, monkeypatch):
-    from msf.compare import _config, _train_flops_per_step, work_keys
-    from msf.info import model_info
+    from msf.evaluation.compare import _config, _train_flops_per_step, work_keys
+    from msf.interfaces.info import model_info
 
     split = {"tiny+split": ["train.scale_steps=[400, 250]"], "tiny+split2": ["train.scale_steps=[8, 5]"],
              "tiny+even": ["train.scale_steps=[3, 3]"]}
@@ -499,14 +499,14 @@ def test_per_scale_step_counts_are_proportions_under_a_budget(tmp_path, monkeypa
     assert keys["tiny+split"] == keys["tiny+split2"] != keys["tiny"] == keys["tiny+even"]
 
     trained = []
-    real_train = msf.train.train
+    real_train = msf.training.train.train
 
     def recording(cfg, **kw):
         if "calibration" not in cfg.train.out_dir:
             trained.append((cfg.preset, cfg.train.scale_steps, kw.get("resume", False)))
         return real_train(cfg, **kw)
 
-    monkeypatch.setattr(msf.train, "train", recording)
+    monkeypatch.setattr(msf.training.train, "train", recording)
     s = _settings(presets=["tiny", "tiny+split"], preset_overrides={"tiny+split": split["tiny+split"]},
                   seeds=[0], budgets=[0.01, 0.02])
     summary = compare(s, tmp_path, progress=False, extractor=MeanColour())
@@ -520,8 +520,8 @@ def test_per_scale_step_counts_are_proportions_under_a_budget(tmp_path, monkeypa
 def test_calibration_bursts_last_about_calib_seconds_whatever_the_machine(tmp_path, monkeypatch):
     from types import SimpleNamespace
 
-    from msf.compare import _config, _measure
-    from msf.data import load_dataset
+    from msf.evaluation.compare import _config, _measure
+    from msf.training.data import load_dataset
 
     lengths = []
 
@@ -529,7 +529,7 @@ def test_calibration_bursts_last_about_calib_seconds_whatever_the_machine(tmp_pa
         lengths.append(cfg.train.steps)
         return SimpleNamespace(seconds=cfg.train.steps / 100, interrupted=False)
 
-    monkeypatch.setattr(msf.train, "train", fake)
+    monkeypatch.setattr(msf.training.train, "train", fake)
     s = _settings(presets=["tiny"], calib_seconds=1.0)
     data = load_dataset("emoji", _config(s, "tiny", tmp_path, 1, 0).model.image_size)
     steps, _ = _measure(s, tmp_path, data, ["tiny"], progress=False)
@@ -540,7 +540,7 @@ def test_calibration_bursts_last_about_calib_seconds_whatever_the_machine(tmp_pa
     assert lengths == [2, 4]
     # a start-up of a second and steps of 10 microseconds: the marginal rate is lost in the noise (once
     # 52,000 steps/s, a test budget of 62,833 steps), so the longer burst's plain rate stands in
-    monkeypatch.setattr(msf.train, "train",
+    monkeypatch.setattr(msf.training.train, "train",
                         lambda cfg, **kw: SimpleNamespace(seconds=1 + cfg.train.steps * 1e-5,
                                                           interrupted=False))
     steps, _ = _measure(_settings(presets=["tiny"], calib_seconds=0), tmp_path, data, ["tiny"],

@@ -1,4 +1,5 @@
-"""msf.convert: DiT and SiT checkpoints become msf model directories computing their network in msf's time.
+"""msf.interfaces.convert: DiT and SiT checkpoints become msf model directories computing
+their network in msf's time.
 
 The reference is a small SiT written out here after willisma/SiT's ``models.py`` (the same module
 names, so its ``state_dict`` is the released checkpoints' layout; tanh GELU; t embedded as is;
@@ -19,10 +20,10 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
-from msf.autoencoder import IdentityAutoencoder
 from msf.config import ModelConfig, SamplerSettings, from_dict
-from msf.convert import CheckpointError, convert_checkpoint
-from msf.pipeline import MSFPipeline
+from msf.interfaces.convert import CheckpointError, convert_checkpoint
+from msf.method.autoencoder import IdentityAutoencoder
+from msf.method.pipeline import MSFPipeline
 
 C = 4  # SD VAE latent channels
 
@@ -265,7 +266,7 @@ def test_a_config_without_the_new_fields_loads_as_msfs_convention():
 
 
 def test_cli_convert(tmp_path, ref, capsys):
-    from msf.cli import main
+    from msf.interfaces.cli import main
 
     sit, dit = tmp_path / "SiT-S-2.pt", tmp_path / "DiT-S-2.pt"
     torch.save(ref.state_dict(), sit)

@@ -2,7 +2,14 @@ import numpy as np
 import pytest
 import torch
 
-from msf.data import IndexStream, iterate_batches, load_builtin, load_dataset, to_model_range, to_uint8
+from msf.training.data import (
+    IndexStream,
+    iterate_batches,
+    load_builtin,
+    load_dataset,
+    to_model_range,
+    to_uint8,
+)
 
 
 def test_builtin_emoji_dataset():
@@ -89,8 +96,8 @@ def test_npz_dataset_and_bad_data(tmp_path):
 def test_training_data_gives_the_same_batches_from_memory_and_from_an_image_folder(tmp_path):
     from PIL import Image
 
-    from msf.data import ImageDataset, TrainingData
-    from msf.imagefolder import ImageFolder
+    from msf.training.data import ImageDataset, TrainingData
+    from msf.training.imagefolder import ImageFolder
 
     d = load_builtin()
     pick = torch.cat([(d.labels == c).nonzero().flatten()[:6] for c in (0, 1)])
@@ -114,7 +121,7 @@ def test_prefetching_gives_the_same_batches_raises_errors_and_stops_with_its_con
     import threading
     import time
 
-    from msf.data import prefetched
+    from msf.training.data import prefetched
 
     d = load_builtin()
     s = IndexStream(d.labels, 8, seed=3)

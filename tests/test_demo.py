@@ -5,9 +5,9 @@ import numpy as np
 from helpers import grid_cells
 from PIL import Image
 
-from msf.data import to_uint8
-from msf.demo import run_demo
-from msf.pipeline import MSFPipeline
+from msf.interfaces.demo import run_demo
+from msf.method.pipeline import MSFPipeline
+from msf.training.data import to_uint8
 
 SMALL = ["model.scales.0.depth=1", "model.scales.0.width=32", "model.scales.0.heads=2",
          "model.scales.1.depth=1", "model.scales.1.width=32", "model.scales.1.heads=2",
@@ -55,7 +55,7 @@ def test_a_short_demo_samples_its_raw_weights_and_says_so(tmp_path, capsys):
     import pytest
     import torch
 
-    from msf.load import from_checkpoint
+    from msf.interfaces.load import from_checkpoint
 
     with pytest.warns(UserWarning, match="EMA weights .* still hold 99.0% of their random start after 2 up"):
         paths = run_demo(tmp_path / "demo", minutes=1.0, per_class=1, progress=False,
@@ -74,7 +74,7 @@ def test_a_short_demo_samples_its_raw_weights_and_says_so(tmp_path, capsys):
 def test_the_next_commands_survive_a_shell_whatever_the_class_and_folder_names(tmp_path):
     import shlex
 
-    from msf.demo import next_steps
+    from msf.interfaces.demo import next_steps
 
     out = tmp_path / "my runs" / "demo"
     text = next_steps(out, out / "model", ["Smileys & Emotion", "Flags"])
@@ -90,7 +90,7 @@ def test_the_suggested_comparison_pits_the_demos_own_recipe_against_the_dit():
     import shlex
 
     from msf.config import preset
-    from msf.demo import next_steps
+    from msf.interfaces.demo import next_steps
 
     line = next(x for x in next_steps(Path("d"), Path("d/model"), []).splitlines() if "msf compare" in x)
     argv = shlex.split(line.split(":", 1)[1])

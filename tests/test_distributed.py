@@ -6,7 +6,7 @@ import sys
 import torch
 from helpers import HANG
 
-from msf.checkpoint import load_latest
+from msf.training.checkpoint import load_latest
 
 ARGS = ["--preset", "tiny", "--quiet", "train.tensorboard=false", "train.steps=2",
         "train.batch_size=16", "train.log_every=1", "train.lr=3e-3", "model.prior_noise=0.1"]
@@ -57,7 +57,7 @@ def test_fsdp_two_processes_match_one_and_checkpoints_interchange(tmp_path):
             torch.testing.assert_close(fsdp["emas"][k][name], w, atol=2e-6, rtol=1e-5)
     assert (tmp_path / "fsdp" / "samples" / "step_000000002.png").is_file()
     # The sampling model gathered from the shards equals the single process's.
-    from msf.pipeline import MSFPipeline
+    from msf.method.pipeline import MSFPipeline
 
     a = MSFPipeline.from_pretrained(tmp_path / "fsdp" / "model")
     b = MSFPipeline.from_pretrained(tmp_path / "one" / "model")
@@ -73,7 +73,7 @@ LEAK_CHECK = """
 import gc, os, sys
 from torch.distributed.tensor import DTensor
 from msf.config import apply_overrides, preset
-from msf.train import train
+from msf.training.train import train
 cfg = apply_overrides(preset("tiny"), ["train.tensorboard=false", "train.steps=2", "train.batch_size=16",
                                        "train.fsdp=true", "train.out_dir=" + sys.argv[1]])
 result = train(cfg, progress=False, device="cpu")
@@ -101,8 +101,8 @@ def test_fsdp_under_bf16_gathers_weights_in_bf16_and_reduces_gradients_in_fp32(t
     import torch.distributed as dist
 
     from msf.config import preset
-    from msf.models import DiT
-    from msf.train import shard
+    from msf.method.models import DiT
+    from msf.training.train import shard
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:

@@ -9,7 +9,7 @@ import pytest
 from helpers import HANG
 from PIL import Image
 
-from msf.data import load_builtin
+from msf.training.data import load_builtin
 
 ROOT = Path(__file__).resolve().parents[1]
 

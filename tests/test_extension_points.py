@@ -8,11 +8,11 @@ from torch import nn
 from torchvision import datasets
 
 from msf.config import preset
-from msf.data import TorchvisionData, TrainingData
-from msf.imagefolder import ImageFolder
-from msf.models import DiT
-from msf.pipeline import MSFPipeline
-from msf.train import train
+from msf.method.models import DiT
+from msf.method.pipeline import MSFPipeline
+from msf.training.data import TorchvisionData, TrainingData
+from msf.training.imagefolder import ImageFolder
+from msf.training.train import train
 
 
 def test_a_torchvision_dataset_reads_as_msfs_own_loader(tmp_path):

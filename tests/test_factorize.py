@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from msf.factorize import (
+from msf.method.factorize import (
     accumulate_sample,
     check_sizes,
     compose,

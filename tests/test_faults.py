@@ -6,12 +6,19 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from msf.checkpoint import VERSION, CheckpointError, list_checkpoints, load_checkpoint, prune, save_checkpoint
-from msf.cli import main
 from msf.config import ConfigError, apply_overrides, config_from_json, config_to_json, preset
 from msf.files import atomic_write, atomic_write_text
-from msf.pipeline import ModelDirError, MSFPipeline
-from msf.train import train
+from msf.interfaces.cli import main
+from msf.method.pipeline import ModelDirError, MSFPipeline
+from msf.training.checkpoint import (
+    VERSION,
+    CheckpointError,
+    list_checkpoints,
+    load_checkpoint,
+    prune,
+    save_checkpoint,
+)
+from msf.training.train import train
 
 QUICK = ["train.steps=2", "train.tensorboard=false"]
 
@@ -154,7 +161,7 @@ def test_cuda_asked_for_without_cuda_is_one_line(tmp_path, capsys, monkeypatch):
 
 
 def test_loader_workers_default_to_what_the_machine_has(monkeypatch):
-    import msf.train as mt
+    import msf.training.train as mt
 
     assert preset("tiny").train.num_workers is None
     monkeypatch.setattr(mt.os, "sched_getaffinity", lambda pid: {0, 1})
@@ -164,7 +171,7 @@ def test_loader_workers_default_to_what_the_machine_has(monkeypatch):
 
 
 def test_a_finished_sample_set_is_not_replaced_by_one_with_other_settings(tmp_path):
-    from msf.sample_set import read_meta, sample_set
+    from msf.evaluation.sample_set import read_meta, sample_set
 
     pipe = MSFPipeline(preset("tiny").model)
     out = tmp_path / "s.npz"
@@ -183,7 +190,7 @@ def test_symlinks_in_class_folders_count_each_image_once_in_its_own_class(tmp_pa
 
     from PIL import Image
 
-    from msf.imagefolder import ImageFolder
+    from msf.training.imagefolder import ImageFolder
 
     root = tmp_path / "train"
     for name in ("cat", "dog"):
@@ -241,7 +248,7 @@ def _short_png(path, width=400, height=300):
 def test_a_png_whose_data_ends_early_is_damaged_not_black(tmp_path):
     from PIL import Image
 
-    from msf.imagefolder import load_image
+    from msf.training.imagefolder import load_image
 
     _short_png(tmp_path / "short.png")
     with pytest.raises(ValueError, match=r"PNG image data ends early: 1201 of 360300 bytes \(400 x 300"):
@@ -273,9 +280,9 @@ def test_unreadable_images_are_listed_once_each_with_the_reason(tmp_path):
 
 
 def test_extract_into_a_cache_made_with_other_settings_is_refused(tmp_path):
-    from msf.data import load_builtin
-    from msf.extract import extract
-    from msf.latent_cache import CacheError
+    from msf.training.data import load_builtin
+    from msf.training.extract import extract
+    from msf.training.latent_cache import CacheError
 
     small = load_builtin()
     small.images, small.labels = small.images[:18], torch.arange(18) % 9
@@ -291,7 +298,7 @@ def test_extract_into_a_cache_made_with_other_settings_is_refused(tmp_path):
 
 
 def test_a_busy_machine_with_several_threads_per_process_is_named(tmp_path, monkeypatch):
-    import msf.train as mt
+    import msf.training.train as mt
 
     cfg = apply_overrides(preset("tiny"), [*QUICK, "train.steps=1"])
     monkeypatch.setattr(mt.os, "sched_getaffinity", lambda pid: {0, 1})
@@ -309,7 +316,7 @@ def test_a_busy_machine_with_several_threads_per_process_is_named(tmp_path, monk
 
 
 def test_a_gpu_that_cuda_cannot_use_stops_the_run_and_the_device_is_named(tmp_path, monkeypatch, capsys):
-    import msf.distributed as md
+    import msf.training.distributed as md
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(md, "gpu_present", lambda: "/dev/nvidia0")
@@ -323,7 +330,7 @@ def test_a_gpu_that_cuda_cannot_use_stops_the_run_and_the_device_is_named(tmp_pa
 
 
 def test_busy_cpus_counts_other_processes_not_this_one():
-    import msf.train as mt
+    import msf.training.train as mt
 
     # (all ticks, idle + iowait ticks, this process's ticks) before and after, on 2 CPUs
     assert mt._others_busy((1000, 500, 10), (1100, 550, 10), 2) == pytest.approx(1.0)  # one core busy
@@ -337,8 +344,8 @@ def test_a_loss_that_stays_above_twice_its_first_value_is_named_once():
     import warnings
     from types import SimpleNamespace
 
-    from msf.distributed import World
-    from msf.train import _LossLog
+    from msf.training.distributed import World
+    from msf.training.train import _LossLog
 
     state = SimpleNamespace(history={0: [], 1: []})
     quiet = SimpleNamespace(scalars=lambda step, values: None)

@@ -6,17 +6,17 @@ import pytest
 import torch
 from helpers import MeanColour
 
-import msf.cli
-import msf.metrics
-import msf.train
-from msf.classifier import Recipe, real_classifier
-from msf.cli import main
+import msf.evaluation.metrics
+import msf.interfaces.cli
+import msf.training.train
 from msf.config import preset
-from msf.data import load_builtin
-from msf.distributed import describe
-from msf.features import Pace
-from msf.metrics import evaluate
-from msf.train import train
+from msf.evaluation.classifier import Recipe, real_classifier
+from msf.evaluation.features import Pace
+from msf.evaluation.metrics import evaluate
+from msf.interfaces.cli import main
+from msf.training.data import load_builtin
+from msf.training.distributed import describe
+from msf.training.train import train
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +74,7 @@ def test_the_classifiers_first_training_is_said_up_front_and_then_cached(tmp_pat
 
 
 def test_eval_refuses_missing_inputs_before_inception_loads(tmp_path, emoji, monkeypatch, capsys):
-    monkeypatch.setattr(msf.metrics, "load_feature_extractor",
+    monkeypatch.setattr(msf.evaluation.metrics, "load_feature_extractor",
                         lambda *a, **k: pytest.fail("the feature network was loaded"))
     assert main(["eval", "--samples", str(tmp_path / "nothere.npz"), "--ref", "emoji"]) == 2
     err = capsys.readouterr().err
@@ -85,7 +85,8 @@ def test_eval_refuses_missing_inputs_before_inception_loads(tmp_path, emoji, mon
                  "--class-data", str(tmp_path / "nodata")]) == 2
     assert "msf eval: error: --class-data" in capsys.readouterr().err
     # with --model: before any model is loaded and sampled
-    monkeypatch.setattr(msf.cli, "_sample_set", lambda *a, **k: pytest.fail("the model was sampled"))
+    monkeypatch.setattr(msf.interfaces.cli, "_sample_set",
+                        lambda *a, **k: pytest.fail("the model was sampled"))
     assert main(["eval", "--model", "m", "--ref", "emoji", "--metrics", "cas",
                  "--class-data", str(tmp_path / "nodata")]) == 2
     assert "msf eval: error: --class-data" in capsys.readouterr().err
@@ -122,12 +123,12 @@ class _Bar:
 @pytest.mark.filterwarnings("ignore:the EMA weights")  # a few steps of training, as meant
 def test_the_training_bar_never_counts_past_its_total(tmp_path, monkeypatch):
     _Bar.made = []
-    monkeypatch.setattr(msf.train, "tqdm", _Bar)
+    monkeypatch.setattr(msf.training.train, "tqdm", _Bar)
 
     def short(bar, step, *_):  # a time cap's estimate of the last step that always falls one short
         bar.total = step + 1
 
-    monkeypatch.setattr(msf.train, "_honour_cap", short)
+    monkeypatch.setattr(msf.training.train, "_honour_cap", short)
     cfg = preset("tiny")
     cfg.train.steps, cfg.train.log_every, cfg.train.out_dir = 8, 3, str(tmp_path / "a")
     train(cfg, progress=True, max_seconds=1e6)
@@ -136,7 +137,7 @@ def test_the_training_bar_never_counts_past_its_total(tmp_path, monkeypatch):
     assert bar.closed[:2] == (8, 8)
 
     monkeypatch.undo()
-    monkeypatch.setattr(msf.train, "tqdm", _Bar)
+    monkeypatch.setattr(msf.training.train, "tqdm", _Bar)
     cfg.train.steps, cfg.train.out_dir = 50, str(tmp_path / "b")
     with pytest.warns(UserWarning, match="time cap"):
         result = train(cfg, progress=True, max_seconds=0.0)

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from msf.config import apply_overrides, preset
-from msf.flow import StepNoise
-from msf.pipeline import MSFPipeline
-from msf.train import train
+from msf.method.flow import StepNoise
+from msf.method.pipeline import MSFPipeline
+from msf.training.train import train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="needs a GPU; run with MSF_TEST_DEVICE=cuda")

@@ -20,4 +20,4 @@ def test_gpu_check_runs_every_section_at_toy_sizes(tmp_path):
         assert f"## {title}" in report
     assert "FAILED" not in report and "(bit for bit)" in report and "| MATH |" in report
     assert "seconds per network evaluation" in report  # the sampling-cost benchmark ran
-    assert "read back whole by msf.load: identical" in report  # the sharded checkpoint section
+    assert "read back whole by msf.interfaces.load: identical" in report  # the sharded checkpoint section

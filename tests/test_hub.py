@@ -15,12 +15,12 @@ import pytest
 import torch
 from helpers import grid_cells
 
-import msf.hub
-from msf.cli import main
+import msf.interfaces.hub
 from msf.config import preset, to_dict
-from msf.data import to_uint8
-from msf.hub import parse_hub_id, push_to_hub
-from msf.pipeline import ModelDirError, MSFPipeline, load_model_config
+from msf.interfaces.cli import main
+from msf.interfaces.hub import parse_hub_id, push_to_hub
+from msf.method.pipeline import ModelDirError, MSFPipeline, load_model_config
+from msf.training.data import to_uint8
 
 COMMIT_A, COMMIT_B = "a" * 40, "b" * 40
 
@@ -102,7 +102,7 @@ def test_hf_home_is_honoured_when_hf_hub_cache_is_unset(hub_cache, models, tmp_p
     _snapshot(home / "hub", "org/elsewhere", COMMIT_A, tmp_path / "model_a", refs=("main",))
     monkeypatch.delenv("HF_HUB_CACHE")
     monkeypatch.setenv("HF_HOME", str(home))  # read when called, not when huggingface_hub was imported
-    assert msf.hub.cache_dir() == home / "hub"
+    assert msf.interfaces.hub.cache_dir() == home / "hub"
     got = MSFPipeline.from_pretrained("org/elsewhere").sample([0], seed=0)
     assert torch.equal(got, a.sample([0], seed=0))
 
@@ -160,7 +160,8 @@ def test_hub_answers_become_one_line_naming_the_id(monkeypatch):
                                              r"disk on fire\)"),
     ]:
         def fail(*args, error=error, **kwargs):
-            assert kwargs["local_files_only"] is False and kwargs["allow_patterns"] == msf.hub.MODEL_FILES
+            assert kwargs["local_files_only"] is False
+            assert kwargs["allow_patterns"] == msf.interfaces.hub.MODEL_FILES
             raise error
 
         monkeypatch.setattr(huggingface_hub, "snapshot_download", fail)
@@ -286,7 +287,7 @@ def test_push_refuses_a_broken_directory_before_any_call(tmp_path):
 
 
 def test_cli_push_offline_is_one_line(models, tmp_path, capsys):
-    from msf.cli import main
+    from msf.interfaces.cli import main
 
     assert main(["push", str(tmp_path / "model_a"), "org/x"]) == 2
     err = capsys.readouterr().err
@@ -294,8 +295,10 @@ def test_cli_push_offline_is_one_line(models, tmp_path, capsys):
 
 
 def test_a_missing_local_path_is_answered_at_once_without_the_hub(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(msf.hub, "download", lambda *a, **k: pytest.fail(f"looked up on the hub: {a}"))
-    monkeypatch.setattr(msf.hub, "_huggingface_hub", lambda *a: pytest.fail("huggingface_hub imported"))
+    monkeypatch.setattr(msf.interfaces.hub, "download",
+                        lambda *a, **k: pytest.fail(f"looked up on the hub: {a}"))
+    monkeypatch.setattr(msf.interfaces.hub, "_huggingface_hub",
+                        lambda *a: pytest.fail("huggingface_hub imported"))
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs").mkdir()  # ./runs exists: runs/nothere is a path here, not the hub's owner "runs"
     for spec in ("runs/nothere", "runs/nothere@v1", "./nothere", "runs/a/b", str(tmp_path / "nothere"),

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
-from msf.imagefolder import ImageFolder, center_crop_arr, scan_bad_files, to_rgb
+from msf.training.imagefolder import ImageFolder, center_crop_arr, scan_bad_files, to_rgb
 
 S = 16
 
@@ -274,7 +274,7 @@ def test_picklable_and_dataloader(folder):
 
 def test_training_reads_an_image_folder_end_to_end(tmp_path):
     from msf.config import apply_overrides, preset
-    from msf.train import train
+    from msf.training.train import train
 
     rng = np.random.default_rng(0)
     for c, colour in enumerate([(255, 0, 0), (0, 0, 255)]):

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from helpers import MeanColour
 
-import msf.intervals as intervals
-from msf.distances import frechet_distance, frechet_distance_from_features, kid
-from msf.intervals import (
+import msf.evaluation.intervals as intervals
+from msf.evaluation.distances import frechet_distance, frechet_distance_from_features, kid
+from msf.evaluation.intervals import (
     Interval,
     bootstrap_fid,
     difference,
@@ -18,7 +18,7 @@ from msf.intervals import (
     seed_interval,
     verdict,
 )
-from msf.metrics import evaluate, format_results
+from msf.evaluation.metrics import evaluate, format_results
 
 
 @pytest.fixture
@@ -98,7 +98,7 @@ def test_differences_and_verdicts():
 
 
 def test_a_paired_difference_is_students_t_on_the_differences():
-    from msf.intervals import paired_difference
+    from msf.evaluation.intervals import paired_difference
 
     # seeds move both runs alike (50, 60, 70): paired, the differences -1.5, -2, -2.5 give mean -2, sd 0.5
     d = paired_difference([48.5, 58.0, 67.5], [50.0, 60.0, 70.0])
@@ -154,7 +154,7 @@ def test_the_interval_is_recentred_on_the_estimate_where_the_bootstrap_is_biased
 
 
 def test_wilsons_interval_for_an_accuracy():
-    from msf.intervals import proportion_interval
+    from msf.evaluation.intervals import proportion_interval
 
     iv = proportion_interval(50, 100)  # 0.5 -/+ 1.96 sqrt(0.25 / 100 + ...) / (1 + 1.96^2 / 100)
     assert (iv.low, iv.high) == pytest.approx((0.4038, 0.5962), abs=1e-4)

@@ -8,11 +8,11 @@ import torch
 from helpers import HANG
 
 from msf.config import apply_overrides, preset
-from msf.data import load_builtin, load_dataset, prepare_data, to_model_range
-from msf.extract import extract
-from msf.latent_cache import CacheError, LatentCache
-from msf.pipeline import MSFPipeline
-from msf.train import train
+from msf.method.pipeline import MSFPipeline
+from msf.training.data import load_builtin, load_dataset, prepare_data, to_model_range
+from msf.training.extract import extract
+from msf.training.latent_cache import CacheError, LatentCache
+from msf.training.train import train
 
 
 def _tiny(tmp_path, *extra):

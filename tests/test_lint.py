@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -20,3 +22,12 @@ def test_the_code_carries_no_issue_numbers():
     found = [f"{f.name}:{i}" for f in sorted((ROOT / "src" / "msf").rglob("*.py"))
              for i, line in enumerate(f.read_text().splitlines(), 1) if re.search(r"\bissues? \d+", line)]
     assert not found, found
+
+
+def test_the_public_names_import_from_msf():
+    import msf
+
+    for name in msf.__all__:
+        assert getattr(msf, name) is not None, name
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        msf.nothing  # noqa: B018

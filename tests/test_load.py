@@ -5,17 +5,17 @@ import json
 import pytest
 import torch
 
-from msf.checkpoint import CheckpointError
-from msf.cli import main
 from msf.config import preset
-from msf.load import load_config, load_pipeline, resolve, source
-from msf.pipeline import ModelDirError, MSFPipeline
-from msf.sample_set import read_meta
+from msf.evaluation.sample_set import read_meta
+from msf.interfaces.cli import main
+from msf.interfaces.load import load_config, load_pipeline, resolve, source
+from msf.method.pipeline import ModelDirError, MSFPipeline
+from msf.training.checkpoint import CheckpointError
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    from msf.train import train
+    from msf.training.train import train
 
     out = tmp_path_factory.mktemp("load") / "run"
     cfg = preset("tiny")
@@ -123,8 +123,8 @@ def test_sample_says_which_weights_it_loaded_and_records_them(run, tmp_path, cap
 def test_a_young_ema_is_passed_over_for_the_raw_weights_and_said(tmp_path, capsys):
     from PIL import Image
 
-    from msf.load import load_with_source
-    from msf.train import train
+    from msf.interfaces.load import load_with_source
+    from msf.training.train import train
 
     young, settled = tmp_path / "young", tmp_path / "settled"
     for out, decay in ((young, 0.995), (settled, 0.1)):

@@ -13,8 +13,7 @@ import torch
 from helpers import MeanColour
 from PIL import Image
 
-from msf.data import load_builtin
-from msf.metrics import (
+from msf.evaluation.metrics import (
     TORCH_FIDELITY_URL,
     TORCH_FIDELITY_WEIGHTS,
     compute_reference,
@@ -27,6 +26,7 @@ from msf.metrics import (
     load_images,
     precision_recall,
 )
+from msf.training.data import load_builtin
 
 
 @pytest.fixture(scope="module")
@@ -127,10 +127,10 @@ def test_kid_self_shifted_and_subset_clipping():
 def test_kid_matches_torch_fidelity(limit, monkeypatch):
     from torch_fidelity.metric_kid import kid_features_to_metric
 
-    import msf.distances
+    import msf.evaluation.distances
 
     if limit is not None:  # sets too large to hold their kernel matrices: three products per subset
-        monkeypatch.setattr(msf.distances, "KERNEL_LIMIT", limit)
+        monkeypatch.setattr(msf.evaluation.distances, "KERNEL_LIMIT", limit)
     rng = np.random.default_rng(2)
     x, y = rng.normal(size=(80, 32)), rng.normal(0.3, 1.0, size=(70, 32))
     ours = kid(x, y, subsets=10, subset_size=50, seed=7)
@@ -202,7 +202,7 @@ def test_precision_recall_use_the_k_they_are_given():
 def test_fid_square_root_matches_scipys_sqrtm_and_a_closed_form():
     import scipy.linalg
 
-    from msf.metrics import frechet_distance_from_features
+    from msf.evaluation.metrics import frechet_distance_from_features
 
     rng = np.random.default_rng(5)
     d = 6
@@ -272,8 +272,8 @@ def test_load_images_errors(tmp_path, emoji):
 
 
 def test_eval_reads_a_folder_as_training_does(tmp_path, emoji):
-    from msf.imagefolder import ImageFolder
-    from msf.metrics import image_size_of
+    from msf.evaluation.metrics import image_size_of
+    from msf.training.imagefolder import ImageFolder
 
     folder = tmp_path / "ref" / "cls"
     folder.mkdir(parents=True)
@@ -300,8 +300,8 @@ def test_eval_reads_a_folder_as_training_does(tmp_path, emoji):
 
 
 def test_reference_from_training_data(tmp_path, emoji, capsys):
-    from msf.cli import main
-    from msf.data import load_dataset, prepare_data
+    from msf.interfaces.cli import main
+    from msf.training.data import load_dataset, prepare_data
 
     assert main(["reference", "emoji", "--image-size", "16", "--num-images", "50", "--out",
                  str(tmp_path / "ref.npz"), "--quiet"]) == 0
@@ -315,7 +315,7 @@ def test_reference_from_training_data(tmp_path, emoji, capsys):
     assert all(rows[im.tobytes()] == y for im, y in zip(images, labels))
     assert names == list(data.class_names)
     with pytest.raises(ValueError, match="num_images must be >= 1"):
-        from msf.reference import build_reference
+        from msf.evaluation.reference import build_reference
 
         build_reference("emoji", tmp_path / "x.npz", 16, num_images=0)
 
@@ -332,7 +332,7 @@ def test_fallback_network_is_found_offline(extractor, emoji):
 
 def test_no_weights_error_says_where_to_get_them(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
-    monkeypatch.setattr("msf.features._fid_helper_file", lambda: None)
+    monkeypatch.setattr("msf.evaluation.features._fid_helper_file", lambda: None)
     with pytest.raises(FileNotFoundError) as err:
         load_feature_extractor()
     msg = str(err.value)
@@ -423,7 +423,7 @@ def test_reference_cache_reused_and_invalidated(tmp_path, emoji):
 
 
 def test_builtin_set_by_name_as_reference(tmp_path, emoji):
-    from msf.reference import build_reference
+    from msf.evaluation.reference import build_reference
 
     cache = tmp_path / "cache"
     np.savez(tmp_path / "s.npz", arr_0=emoji[:20, ::2, ::2])  # 16 px samples: the reference is made at 16
@@ -442,7 +442,7 @@ def test_builtin_set_by_name_as_reference(tmp_path, emoji):
 
 
 def test_missing_reference_is_refused_before_anything_slow(tmp_path, emoji, monkeypatch):
-    import msf.metrics as m
+    import msf.evaluation.metrics as m
 
     monkeypatch.setattr(m, "load_feature_extractor", lambda *a, **k: pytest.fail("the network was loaded"))
     np.savez(tmp_path / "s.npz", arr_0=emoji[:4])
@@ -546,7 +546,7 @@ def test_end_to_end_with_fallback_network(tmp_path, emoji, extractor, monkeypatc
 
 
 def test_frechet_distance_from_features_equals_the_moment_formula():
-    from msf.metrics import frechet_distance_from_features
+    from msf.evaluation.metrics import frechet_distance_from_features
 
     rng = np.random.default_rng(0)
     for n1, n2, d in [(7, 12, 30), (50, 40, 6)]:  # fewer samples than dimensions, and more

@@ -3,9 +3,9 @@ import pytest
 import torch
 
 from msf.config import preset
-from msf.info import _dit_parameters
-from msf.models import DiT, count_parameters, sincos_pos_embed_2d
-from msf.pipeline import build_scale_networks
+from msf.interfaces.info import _dit_parameters
+from msf.method.models import DiT, count_parameters, sincos_pos_embed_2d
+from msf.method.pipeline import build_scale_networks
 from msf.speed import attention
 
 

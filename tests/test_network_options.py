@@ -12,11 +12,11 @@ import torch
 from helpers import measured_flops
 
 from msf.config import ConfigError, apply_overrides, preset
-from msf.info import scale_infos
-from msf.models import DiT, apply_rope, count_parameters, rope_2d
-from msf.pipeline import MSFPipeline
+from msf.interfaces.info import scale_infos
+from msf.method.models import DiT, apply_rope, count_parameters, rope_2d
+from msf.method.pipeline import MSFPipeline
 from msf.speed import inference_copy
-from msf.train import train
+from msf.training.train import train
 
 OPTIONS = {
     "qk_norm": ["model.scales.*.qk_norm=true"],
@@ -167,7 +167,7 @@ def test_all_options_train_in_bf16_sample_in_bf16_and_survive_save_and_load(tmp_
 
 
 def test_msf_info_sizes_a_variant_from_overrides(capsys):
-    from msf.cli import main
+    from msf.interfaces.cli import main
 
     assert main(["info", "tiny", "model.scales.*.mlp=swiglu", "model.scales.1.qk_norm=true", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
@@ -197,7 +197,7 @@ def _attention_by_hand(attn, x, rope=None):
 
 @pytest.mark.parametrize("qk_norm", [False, True])
 def test_attention_rotates_queries_and_keys_not_values_and_norms_each_with_its_own_scale(qk_norm):
-    from msf.models import Attention
+    from msf.method.models import Attention
 
     grid, width, heads = 3, 16, 2
     attn = Attention(width, heads, qk_norm=qk_norm)

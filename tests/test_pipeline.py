@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from msf.config import ConfigError, apply_overrides
-from msf.data import load_builtin, prepare_data, to_model_range
-from msf.factorize import compose
-from msf.pipeline import ModelDirError, MSFPipeline, load_model_config
-from msf.train import train
+from msf.method.factorize import compose
+from msf.method.pipeline import ModelDirError, MSFPipeline, load_model_config
+from msf.training.data import load_builtin, prepare_data, to_model_range
+from msf.training.train import train
 
 
 def _images(n=8, size=16):
@@ -141,11 +141,11 @@ def test_both_base_modes_train_and_sample(tiny_cfg, base_mode, tmp_path):
     x, _ = _images(2)
     comps = result.pipeline.components(x)
     if base_mode == "latent":
-        from msf.factorize import down
+        from msf.method.factorize import down
 
         torch.testing.assert_close(comps[0], down(x, 8))
     else:
-        from msf.factorize import resize_image
+        from msf.method.factorize import resize_image
 
         torch.testing.assert_close(comps[0], resize_image(x, 8))
     assert result.pipeline.sample([0, 1]).shape == (2, 3, 16, 16)
@@ -230,7 +230,7 @@ def test_prior_modes_and_conditioning_augmentation(tiny_cfg):
 @pytest.mark.parametrize("sizes", [[16], [4, 8, 16]])
 def test_one_and_three_scale_pipelines(sizes, tiny_cfg, tmp_path):
     from msf.config import ScaleConfig
-    from msf.sampler import guided_velocity, solve
+    from msf.method.sampler import guided_velocity, solve
 
     cfg = tiny_cfg
     cfg.model.scales = [ScaleConfig(image_size=s, depth=1, width=32, heads=2, steps=2)

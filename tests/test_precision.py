@@ -10,11 +10,11 @@ import torch
 from PIL import Image
 
 import msf.precision as precision
-from msf.cli import main
 from msf.config import apply_overrides, preset
+from msf.evaluation.sample_set import read_meta
+from msf.interfaces.cli import main
 from msf.precision import cpu_native_bf16, resolve_precision
-from msf.sample_set import read_meta
-from msf.train import train
+from msf.training.train import train
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "msf"
 
@@ -100,13 +100,13 @@ def _string_defaults(tree: ast.AST):
 
 
 def test_no_default_names_bf16_outside_the_resolver():
-    found = [f"{f.name}:{line}" for f in sorted(SRC.glob("*.py")) if f.name != "precision.py"
+    found = [f"{f.name}:{line}" for f in sorted(SRC.rglob("*.py")) if f.name != "precision.py"
              for line, value in _string_defaults(ast.parse(f.read_text())) if value.startswith("bf16")]
     assert not found, f"a bf16 default outside msf.precision: {found}"
 
 
 def test_the_defaults_ask_for_auto():
-    from msf.compare import CompareSettings
+    from msf.evaluation.compare import CompareSettings
 
     assert preset("demo").train.precision == "auto"
     assert preset("paper-imagenet256").train.precision == "auto"
@@ -163,7 +163,7 @@ def test_eval_of_a_model_and_sample_run_in_fp32_on_a_cpu_without_native_bf16(cpu
 def test_compare_runs_in_fp32_on_a_cpu_without_native_bf16_and_records_it(cpu_kind, tmp_path, capsys):
     from helpers import MeanColour
 
-    from msf.compare import CompareSettings, compare
+    from msf.evaluation.compare import CompareSettings, compare
 
     cpu_kind(native=False, capability="AVX2")
     s = CompareSettings(presets=["tiny"], budgets=[0.01], num_samples=8, calib_steps=2, calib_repeats=1,
@@ -179,7 +179,7 @@ def test_compare_runs_in_fp32_on_a_cpu_without_native_bf16_and_records_it(cpu_ki
 
 
 def test_the_demo_trains_and_samples_in_fp32_on_a_cpu_without_native_bf16(cpu_kind, tmp_path, capsys):
-    from msf.demo import run_demo
+    from msf.interfaces.demo import run_demo
 
     cpu_kind(native=False, capability="AVX2")
     sizes = (("depth", 1), ("width", 32), ("heads", 2), ("steps", 2))

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-import msf.pretrained
-from msf.cli import main
+import msf.interfaces.pretrained
 from msf.config import preset
-from msf.pipeline import ModelDirError, MSFPipeline
+from msf.interfaces.cli import main
+from msf.method.pipeline import ModelDirError, MSFPipeline
 
 
 @pytest.fixture
@@ -17,12 +17,12 @@ def shipped(tmp_path, monkeypatch):
     for p in pipe.parameters():  # adaLN-Zero starts at zero output: give the model something to say
         p.data.normal_(0, 0.05)
     pipe.save_pretrained(root / "emoji-test")
-    monkeypatch.setattr(msf.pretrained, "pretrained_dir", lambda: root)
+    monkeypatch.setattr(msf.interfaces.pretrained, "pretrained_dir", lambda: root)
     return pipe
 
 
 def test_a_shipped_model_loads_by_name_and_samples_as_its_directory(shipped, tmp_path, monkeypatch):
-    assert msf.pretrained.available() == ["emoji-test"]
+    assert msf.interfaces.pretrained.available() == ["emoji-test"]
     pipe = MSFPipeline.from_pretrained("emoji-test")
     a = pipe.sample([0, 1], seed=3)
     assert torch.equal(a, shipped.sample([0, 1], seed=3))
@@ -48,10 +48,10 @@ def test_a_local_directory_wins_over_a_shipped_name_and_unknown_names_list_the_s
 
 def test_every_model_shipped_in_the_package_loads_and_samples():
     # the real package directory, not a stand-in: what `pip install msf` puts on a user's machine
-    names = msf.pretrained.available()
+    names = msf.interfaces.pretrained.available()
     assert names, "msf ships at least one model (src/msf/pretrained/<name>/)"
     for name in names:
-        folder = msf.pretrained.pretrained_dir() / name
+        folder = msf.interfaces.pretrained.pretrained_dir() / name
         assert sum(f.stat().st_size for f in folder.iterdir()) < 20e6, f"{name}: over 20 MB"
         assert "FID" in (folder / "README.md").read_text(), f"{name}: README.md gives no scores"
         pipe = MSFPipeline.from_pretrained(name)

@@ -7,11 +7,11 @@ import pytest
 import torch
 from helpers import MeanColour
 
-import msf.metrics as metrics
+import msf.evaluation.metrics as metrics
 from msf.config import ConfigError, apply_overrides, preset, validate
-from msf.data import load_builtin, prepare_data, to_uint8
-from msf.metrics import evaluate
-from msf.train import train
+from msf.evaluation.metrics import evaluate
+from msf.training.data import load_builtin, prepare_data, to_uint8
+from msf.training.train import train
 
 
 def test_quality_is_checked_every_n_steps_against_the_training_data(tmp_path, monkeypatch):
@@ -48,7 +48,7 @@ def test_eval_metrics_are_checked():
 
 
 def test_quality_checks_need_a_reference_when_the_data_has_no_images_to_build_one(tmp_path):
-    from msf.data import load_builtin
+    from msf.training.data import load_builtin
 
     cfg = apply_overrides(preset("tiny"), ["train.steps=2", "train.eval_every=1",
                                            f"train.out_dir={tmp_path / 'run'}"])

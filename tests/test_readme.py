@@ -7,10 +7,10 @@ from pathlib import Path
 
 from helpers import MeanColour
 
-import msf.metrics
-from msf.cli import main
+import msf.evaluation.metrics
 from msf.config import apply_overrides, preset
-from msf.train import train
+from msf.interfaces.cli import main
+from msf.training.train import train
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 RUN = ("sample", "eval", "reference", "sweep", "info")
@@ -44,7 +44,7 @@ def test_the_readme_names_the_commands_this_test_runs():
 def test_the_readmes_sample_eval_reference_sweep_and_info_lines_run_as_written(tmp_path, monkeypatch,
                                                                              capsys):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(msf.metrics, "load_feature_extractor", lambda *a, **k: MeanColour())
+    monkeypatch.setattr(msf.evaluation.metrics, "load_feature_extractor", lambda *a, **k: MeanColour())
     cfg = apply_overrides(preset("tiny"), ["train.steps=2", "train.tensorboard=false",
                                            "train.out_dir=runs/demo"])
     checkpoint = train(cfg, progress=False).checkpoint

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from msf.config import apply_overrides, preset
-from msf.train import train
+from msf.training.train import train
 
 FIXTURE = Path(__file__).parent / "fixtures" / "reference_run.safetensors"
 OVERRIDES = [

@@ -1,4 +1,5 @@
-"""REPA (train.repa_encoder, msf.repa) with a tiny randomly initialised timm encoder in a local folder.
+"""REPA (train.repa_encoder, msf.training.repa) with a tiny randomly initialised timm
+encoder in a local folder.
 
 It adds exactly its term and nothing else (weight 0 trains the networks bit for bit as without it),
 its projectors resume exactly and stay out of the model directory, and every way it cannot run is
@@ -12,10 +13,10 @@ from helpers import HANG
 from safetensors.torch import load_file
 
 from msf.config import ConfigError, apply_overrides, preset
-from msf.models import DiT
-from msf.pipeline import MSFPipeline
-from msf.repa import AlignedNet, Projector, alignment_loss, load_encoder, pooled
-from msf.train import train
+from msf.method.models import DiT
+from msf.method.pipeline import MSFPipeline
+from msf.training.repa import AlignedNet, Projector, alignment_loss, load_encoder, pooled
+from msf.training.train import train
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +122,7 @@ def test_what_repa_cannot_do_is_refused_before_training(tmp_path, encoder_dir):
         _cfg(tmp_path, encoder_dir, extra=["train.fsdp=true"])
     with pytest.raises(ConfigError, match="train.repa_encoder: .*full checkpoints only"):
         _cfg(tmp_path, encoder_dir, extra=["train.ckpt_format=sharded"])
-    from msf.extract import extract
+    from msf.training.extract import extract
 
     cache = extract(_cfg(tmp_path / "x"), tmp_path / "cache", dtype="float32", progress=False)
     with pytest.raises(ConfigError, match=r"train.data=.*is a latent cache; REPA's encoder needs the images"):

@@ -13,11 +13,11 @@ import torch
 from helpers import HANG, grid_cells, kill_after_checkpoint
 from safetensors.torch import load_file
 
-from msf.checkpoint import CheckpointError, list_checkpoints, load_latest, prune, save_checkpoint
 from msf.config import apply_overrides, preset
-from msf.data import to_uint8
-from msf.pipeline import MSFPipeline
-from msf.train import learning_rate, train
+from msf.method.pipeline import MSFPipeline
+from msf.training.checkpoint import CheckpointError, list_checkpoints, load_latest, prune, save_checkpoint
+from msf.training.data import to_uint8
+from msf.training.train import learning_rate, train
 
 BASE = ["train.tensorboard=false", "train.log_every=5", "train.lr=3e-3", "train.warmup_steps=5",
         "train.lr_schedule=cosine", "model.prior_noise=0.1", "train.class_dropout=0.2"]

@@ -8,11 +8,11 @@ import pytest
 import torch
 from helpers import HANG
 
-import msf.sample_set as ss
-from msf.cli import main
-from msf.distributed import World
-from msf.pipeline import MSFPipeline
-from msf.sample_set import balanced_labels, parts_dir, read_meta, sample_set
+import msf.evaluation.sample_set as ss
+from msf.evaluation.sample_set import balanced_labels, parts_dir, read_meta, sample_set
+from msf.interfaces.cli import main
+from msf.method.pipeline import MSFPipeline
+from msf.training.distributed import World
 
 KW = dict(batch_size=4, steps=2, precision="fp32", progress=False)
 
@@ -52,7 +52,7 @@ def test_sample_set_is_adm_format_and_matches_the_pipeline(pipe, tmp_path):
     # The third chunk (samples 8, 9) is the pipeline's output for its labels and seed.
     gen = torch.Generator().manual_seed(ss.chunk_seed(5, 2))
     direct = pipe.sample(torch.from_numpy(labels[8:]), steps=2, generator=gen, precision="fp32")
-    from msf.data import to_uint8
+    from msf.training.data import to_uint8
 
     np.testing.assert_array_equal(images[8:], to_uint8(direct).numpy())
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from msf.flow import StepNoise, drop_labels, interpolate, rectified_flow_loss, sample_time
-from msf.sampler import guided_velocity, solve
+from msf.method.flow import StepNoise, drop_labels, interpolate, rectified_flow_loss, sample_time
+from msf.method.sampler import guided_velocity, solve
 
 
 class Counting:
@@ -149,18 +149,18 @@ def test_step_noise_is_a_function_of_seed_step_key_and_slices_the_global_batch()
 
 
 def test_each_scale_draws_its_training_noise_under_its_own_key(tiny_cfg, monkeypatch):
-    import msf.pipeline
+    import msf.method.pipeline
     from msf.config import apply_overrides
-    from msf.pipeline import MSFPipeline
+    from msf.method.pipeline import MSFPipeline
 
     drawn = []  # (scale, t, noise, prior) as each scale's loss gets them
-    real_flow = msf.pipeline.rectified_flow_loss
+    real_flow = msf.method.pipeline.rectified_flow_loss
 
     def flow(net, c, y, t, prior=None, noise=None, **kw):
         drawn.append((0 if prior is None else 1, t, noise, prior))
         return real_flow(net, c, y, t, prior, noise, **kw)
 
-    monkeypatch.setattr(msf.pipeline, "rectified_flow_loss", flow)
+    monkeypatch.setattr(msf.method.pipeline, "rectified_flow_loss", flow)
     pipe = MSFPipeline(apply_overrides(tiny_cfg, ["model.prior_noise=0.5"]).model)
     n = tiny_cfg.model.image_size
     x, y = torch.rand(4, 3, n, n) * 2 - 1, torch.tensor([0, 1, 2, 3])
@@ -228,7 +228,7 @@ def test_sampler_settings_defaults_overrides_and_evaluations(tiny_cfg):
 
 @pytest.mark.parametrize("solver", ["euler", "heun", "midpoint", "ab2"])
 def test_shifted_grids_keep_the_order_and_spend_steps_near_the_noise(solver):
-    from msf.sampler import evaluation_times, time_grid
+    from msf.method.sampler import evaluation_times, time_grid
 
     grid = time_grid(8, 3.0)
     assert grid[0] == 1.0 and grid[-1] == 0.0 and all(a > b for a, b in zip(grid, grid[1:]))
@@ -243,7 +243,7 @@ def test_shifted_grids_keep_the_order_and_spend_steps_near_the_noise(solver):
 
 
 def test_ab2_and_midpoint_evaluate_at_the_right_times():
-    from msf.sampler import evaluation_times, time_grid
+    from msf.method.sampler import evaluation_times, time_grid
 
     ts = time_grid(4)
     assert evaluation_times(4, "ab2") == pytest.approx(ts[:-1])  # one evaluation per interval, at its start
@@ -290,9 +290,9 @@ def test_named_samplers_paper_reproduces_todays_samples_and_survives_new_default
 
     import torch
 
-    from msf.cli import main
     from msf.config import ConfigError, SamplerSettings, apply_overrides, config_from_json, preset, to_dict
-    from msf.pipeline import MSFPipeline
+    from msf.interfaces.cli import main
+    from msf.method.pipeline import MSFPipeline
 
     cfg = preset("tiny")
     assert SamplerSettings.named(cfg.model, "paper") == SamplerSettings.named(cfg.model)
@@ -337,7 +337,7 @@ def _two_branch_net(calls):
 
 
 def test_guidance_applies_at_the_intervals_ends_and_not_just_outside():
-    from msf.sampler import guided
+    from msf.method.sampler import guided
 
     calls = []
     v = guided_velocity(_two_branch_net(calls), torch.tensor([0, 0]), None, 3.0, 1, interval=(0.25, 0.75))

@@ -5,13 +5,13 @@ import pytest
 import torch
 from PIL import Image
 
-from msf.cli import main
 from msf.config import preset
-from msf.data import to_uint8
-from msf.factorize import up
-from msf.pipeline import MSFPipeline
-from msf.scale_view import scales_figure, view_columns, view_scales
-from msf.train import _honour_cap, train
+from msf.interfaces.cli import main
+from msf.interfaces.scale_view import scales_figure, view_columns, view_scales
+from msf.method.factorize import up
+from msf.method.pipeline import MSFPipeline
+from msf.training.data import to_uint8
+from msf.training.train import _honour_cap, train
 
 
 def _pipe():

@@ -7,8 +7,8 @@ import torch
 from diffusers import AutoencoderKL
 
 from msf.config import ConfigError, apply_overrides, preset
-from msf.factorize import compose
-from msf.pipeline import MSFPipeline
+from msf.method.factorize import compose
+from msf.method.pipeline import MSFPipeline
 
 SIZES = ["model.scales.0.image_size=48", "model.scales.1.image_size=64",
          "model.scales.0.patch_size=2", "model.scales.1.patch_size=2"]
@@ -57,7 +57,7 @@ def test_encode_factorize_compose_decode(vae_dir, base_mode):
 
 
 def test_pipeline_trains_samples_saves_and_loads(vae_dir, tmp_path):
-    from msf.train import train
+    from msf.training.train import train
 
     cfg = _cfg(vae_dir, "train.steps=2", "train.batch_size=4", "train.tensorboard=false",
                f"train.out_dir={tmp_path}", "model.scales.0.steps=2", "model.scales.1.steps=2")
@@ -80,11 +80,11 @@ def test_pipeline_trains_samples_saves_and_loads(vae_dir, tmp_path):
 
 
 def test_latent_cache_with_the_vae(vae_dir, tmp_path):
-    from msf.extract import extract
-    from msf.latent_cache import LatentCache
+    from msf.training.extract import extract
+    from msf.training.latent_cache import LatentCache
 
     cfg = _cfg(vae_dir, "model.autoencoder.dtype=bf16")
-    from msf.data import load_builtin
+    from msf.training.data import load_builtin
 
     small = load_builtin()
     small.images, small.labels = small.images[:40], small.labels[:40]
@@ -121,7 +121,7 @@ def test_hub_id_offline_says_how_to_pass_a_folder(monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("name,tokens", [("paper-imagenet512", [576, 1024]), ("dit-xl2-512", [1024])])
 def test_512_presets(name, tokens):
-    from msf.info import model_info
+    from msf.interfaces.info import model_info
 
     info = model_info(preset(name).model)
     assert [s["tokens"] for s in info["scales"]] == tokens

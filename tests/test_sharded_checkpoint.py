@@ -22,12 +22,12 @@ import pytest
 import torch
 from helpers import HANG, kill_after_checkpoint
 
-import msf.checkpoint
-from msf.checkpoint import CheckpointError, list_checkpoints, load_latest, prune, read_sharded
+import msf.training.checkpoint
 from msf.config import ConfigError, apply_overrides, preset
-from msf.load import load_pipeline, resolve
-from msf.pipeline import MSFPipeline
-from msf.train import train
+from msf.interfaces.load import load_pipeline, resolve
+from msf.method.pipeline import MSFPipeline
+from msf.training.checkpoint import CheckpointError, list_checkpoints, load_latest, prune, read_sharded
+from msf.training.train import train
 
 OVERRIDES = ["train.tensorboard=false", "train.batch_size=16", "train.log_every=1", "train.lr=3e-3",
              "model.prior_noise=0.1"]
@@ -181,7 +181,7 @@ def test_atomic_saves_pruning_and_damaged_directories(tmp_path, monkeypatch):
     def crash(*a, **kw):
         raise OSError("no space left on device")
 
-    monkeypatch.setattr(msf.checkpoint, "atomic_write_text", crash)
+    monkeypatch.setattr(msf.training.checkpoint, "atomic_write_text", crash)
     with pytest.raises(OSError, match="no space left"):
         train(apply_overrides(cfg, ["train.steps=6"]), progress=False, resume=True)
     monkeypatch.undo()

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from msf.config import preset
-from msf.models import DiT
-from msf.pipeline import MSFPipeline
+from msf.method.models import DiT
+from msf.method.pipeline import MSFPipeline
 from msf.speed import compile_for_inference, inference_copy
 
 

@@ -9,14 +9,14 @@ import torch
 from helpers import MeanColour
 from PIL import Image
 
-import msf.metrics as metrics
-import msf.sample_set as ss
-import msf.sweep as sweep
-from msf.cli import build_parser, cmd_sweep, main
+import msf.evaluation.metrics as metrics
+import msf.evaluation.sample_set as ss
+import msf.evaluation.sweep as sweep
 from msf.config import ConfigError
-from msf.data import load_builtin, prepare_data
-from msf.pipeline import MSFPipeline
-from msf.sweep import nfe_per_image, sweep_points
+from msf.evaluation.sweep import nfe_per_image, sweep_points
+from msf.interfaces.cli import build_parser, cmd_sweep, main
+from msf.method.pipeline import MSFPipeline
+from msf.training.data import load_builtin, prepare_data
 
 
 @pytest.fixture

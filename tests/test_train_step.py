@@ -1,13 +1,13 @@
-"""One training step's details, through ``msf.train.train``: the EMA's value and the label dropout."""
+"""One training step's details, through ``train``: the EMA's value and the label dropout."""
 
 import pytest
 import torch
 
-import msf.pipeline
-from msf.checkpoint import list_checkpoints
+import msf.method.pipeline
 from msf.config import apply_overrides
-from msf.pipeline import MSFPipeline
-from msf.train import train
+from msf.method.pipeline import MSFPipeline
+from msf.training.checkpoint import list_checkpoints
+from msf.training.train import train
 
 
 def _cfg(tiny_cfg, out, *extra):
@@ -40,7 +40,7 @@ def test_ema_after_each_step_is_the_decayed_average(tiny_cfg, tmp_path):
 @pytest.mark.parametrize("rate", [0.0, 0.3])
 def test_labels_drop_to_the_null_class_at_the_configured_rate(tiny_cfg, tmp_path, monkeypatch, rate):
     seen = []  # (labels given to the step, labels the network got, scale)
-    real_losses, real_flow = MSFPipeline.training_losses, msf.pipeline.rectified_flow_loss
+    real_losses, real_flow = MSFPipeline.training_losses, msf.method.pipeline.rectified_flow_loss
 
     def losses(self, images, labels, *a, **kw):
         seen.append(("batch", labels.clone()))
@@ -51,7 +51,7 @@ def test_labels_drop_to_the_null_class_at_the_configured_rate(tiny_cfg, tmp_path
         return real_flow(net, c, y, t, prior, noise, **kw)
 
     monkeypatch.setattr(MSFPipeline, "training_losses", losses)
-    monkeypatch.setattr(msf.pipeline, "rectified_flow_loss", flow)
+    monkeypatch.setattr(msf.method.pipeline, "rectified_flow_loss", flow)
     cfg = _cfg(tiny_cfg, tmp_path, "train.steps=8", "train.batch_size=64", f"train.class_dropout={rate}")
     train(cfg, progress=False, save=False)
     null = cfg.model.num_classes
@@ -70,7 +70,7 @@ def test_labels_drop_to_the_null_class_at_the_configured_rate(tiny_cfg, tmp_path
 
 
 def test_each_update_uses_the_scheduled_lr_and_clipped_gradients(tiny_cfg, tmp_path, monkeypatch):
-    from msf.train import learning_rate
+    from msf.training.train import learning_rate
 
     seen = []  # (lr, gradient norm) at each optimizer step
     real_step = torch.optim.AdamW.step
@@ -94,13 +94,13 @@ def test_each_update_uses_the_scheduled_lr_and_clipped_gradients(tiny_cfg, tmp_p
 
 def test_training_times_follow_the_configured_sampler(tiny_cfg, tmp_path, monkeypatch):
     times = {0: [], 1: []}
-    real_flow = msf.pipeline.rectified_flow_loss
+    real_flow = msf.method.pipeline.rectified_flow_loss
 
     def flow(net, c, y, t, prior=None, noise=None, **kw):
         times[0 if prior is None else 1].append(t.clone())
         return real_flow(net, c, y, t, prior, noise, **kw)
 
-    monkeypatch.setattr(msf.pipeline, "rectified_flow_loss", flow)
+    monkeypatch.setattr(msf.method.pipeline, "rectified_flow_loss", flow)
     cfg = _cfg(tiny_cfg, tmp_path, "train.steps=8", "train.batch_size=64", "train.time_sampler=logit-normal",
                "train.logit_mean=1.0", "train.logit_std=0.5")
     train(cfg, progress=False, save=False)
@@ -112,7 +112,7 @@ def test_training_times_follow_the_configured_sampler(tiny_cfg, tmp_path, monkey
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(tiny_cfg):
-    from msf.data import load_builtin, prepare_data, to_model_range
+    from msf.training.data import load_builtin, prepare_data, to_model_range
 
     data = prepare_data(load_builtin(), 16)
     x, y = to_model_range(data.images[:8]), data.labels[:8]
@@ -132,7 +132,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_cfg):
 
 
 def test_std_normalisation_gives_unit_variance_components(tiny_cfg, tmp_path):
-    from msf.data import load_builtin, prepare_data, to_model_range
+    from msf.training.data import load_builtin, prepare_data, to_model_range
 
     cfg = _cfg(tiny_cfg, tmp_path, "model.normalize=std", "train.steps=1")
     pipe = train(cfg, progress=False, save=False).pipeline
@@ -150,9 +150,9 @@ def test_a_step_of_train_is_the_method_written_out(tiny_cfg, tmp_path, flip):
     # Step 2 of train(), redone by hand from step 1's checkpoint: the step's batch (IndexStream),
     # its randomness (StepNoise), the per-scale losses (eq. 5), backward, clipping, the scheduled
     # lr, AdamW, and the EMA. Any missing zero_grad, wrong key, lr or clip shows as a difference.
-    from msf.data import IndexStream, iterate_batches, load_dataset, prepare_data
-    from msf.flow import StepNoise
-    from msf.train import ema_update, learning_rate
+    from msf.method.flow import StepNoise
+    from msf.training.data import IndexStream, iterate_batches, load_dataset, prepare_data
+    from msf.training.train import ema_update, learning_rate
 
     cfg = _cfg(tiny_cfg, tmp_path, "train.steps=2", "train.ckpt_every=1", "train.keep_last=5",
                "train.lr=1e-2", "train.warmup_steps=2", "train.grad_clip=0.5", "train.class_dropout=0.3",
@@ -221,7 +221,7 @@ def test_time_shift_and_cosine_loss_are_off_by_default_and_do_what_they_say():
     import torch
 
     from msf.config import ConfigError, preset, validate
-    from msf.flow import rectified_flow_loss, shift_time
+    from msf.method.flow import rectified_flow_loss, shift_time
 
     t = torch.tensor([0.0, 0.25, 0.5, 1.0])
     assert torch.equal(shift_time(t, 1.0), t)
@@ -251,22 +251,22 @@ def test_time_shift_and_cosine_loss_are_off_by_default_and_do_what_they_say():
 def test_each_scale_trains_at_its_shifted_times(tiny_cfg, monkeypatch):
     import torch
 
-    import msf.pipeline
-    from msf.flow import Noise
-    from msf.pipeline import MSFPipeline
+    import msf.method.pipeline
+    from msf.method.flow import Noise
+    from msf.method.pipeline import MSFPipeline
 
     class Half(Noise):
         def uniform(self, key, n, device="cpu"):
             return torch.full((n,), 0.5, device=device)
 
     seen = {}
-    real = msf.pipeline.rectified_flow_loss
+    real = msf.method.pipeline.rectified_flow_loss
 
     def flow(net, c, y, t, prior=None, noise=None, **kw):
         seen[0 if prior is None else 1] = (t.clone(), kw)
         return real(net, c, y, t, prior, noise, **kw)
 
-    monkeypatch.setattr(msf.pipeline, "rectified_flow_loss", flow)
+    monkeypatch.setattr(msf.method.pipeline, "rectified_flow_loss", flow)
     pipe = MSFPipeline(tiny_cfg.model)
     images, labels = torch.rand(4, 3, 16, 16) * 2 - 1, torch.tensor([0, 1, 2, 3])
     pipe.training_losses(images, labels, noise=Half(), time_shift=[3.0, 1.0], cosine_weight=0.25)
@@ -279,8 +279,8 @@ def test_sd3_rule_derives_each_scales_shift_from_its_size_and_training_uses_it(t
     import math
 
     from msf.config import ConfigError, apply_overrides, preset, time_shifts
-    from msf.pipeline import MSFPipeline
-    from msf.train import train
+    from msf.method.pipeline import MSFPipeline
+    from msf.training.train import train
 
     paper = apply_overrides(preset("paper-imagenet256"), ["train.time_shift_rule=sd3"])
     assert time_shifts(paper.train, paper.model) == [0.75, 1.0]  # 24x24x4 and 32x32x4 latents, ref 32x32x4
@@ -338,9 +338,9 @@ def test_the_logged_rate_is_the_windows_not_the_runs_since_the_start(tiny_cfg, t
     import re
     import time
 
-    import msf.train
+    import msf.training.train
 
-    real, calls = msf.train.train_step, []
+    real, calls = msf.training.train.train_step, []
 
     def first_slow(*args, **kwargs):
         calls.append(1)
@@ -348,7 +348,7 @@ def test_the_logged_rate_is_the_windows_not_the_runs_since_the_start(tiny_cfg, t
             time.sleep(2.0)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(msf.train, "train_step", first_slow)
+    monkeypatch.setattr(msf.training.train, "train_step", first_slow)
     cfg = _cfg(tiny_cfg, tmp_path, "train.steps=6", "train.log_every=2", "train.batch_size=16")
     train(cfg, progress=False)
     log = (tmp_path / "log.txt").read_text()
@@ -376,7 +376,7 @@ def _record_adamw_steps(monkeypatch):
 
 
 def test_training_reads_the_data_in_its_seeds_order(tiny_cfg, tmp_path, monkeypatch):
-    from msf.data import IndexStream, iterate_batches, load_dataset, prepare_data
+    from msf.training.data import IndexStream, iterate_batches, load_dataset, prepare_data
 
     seen = []
     real = MSFPipeline.training_losses

@@ -1,5 +1,5 @@
 import sys
 
-from msf.cli import main
+from msf.interfaces.cli import main
 
 sys.exit(main())

@@ -23,14 +23,14 @@ from typing import Any
 BASE_MODES = ("image", "latent")
 PRIOR_MODES = ("concat", "none")
 NORMALIZE_MODES = ("none", "std")
-SOLVERS = ("euler", "heun", "midpoint", "ab2")  # msf.sampler
+SOLVERS = ("euler", "heun", "midpoint", "ab2")  # msf.method.sampler
 TIME_SAMPLERS = ("uniform", "logit-normal")
 # training: autocast dtype of the forward pass; "auto": bf16 where the hardware has it (msf.precision)
 PRECISIONS = ("auto", "bf16", "fp32")
 # sampling adds bf16 weight copies (msf.speed.inference_copy) to the autocast choices
 SAMPLING_PRECISIONS = ("auto", "fp32", "bf16", "bf16-weights")
-FEATURE_PRECISIONS = ("fp32", "bf16", "auto")  # the Inception network's (msf.features); fp32 is the reference
-TIME_CONVENTIONS = ("msf", "sit", "ddpm")  # how a scale's weights read time (msf.models, msf.convert)
+FEATURE_PRECISIONS = ("fp32", "bf16", "auto")  # the Inception network's; fp32 is the reference
+TIME_CONVENTIONS = ("msf", "sit", "ddpm")  # how a scale's weights read time (models, convert)
 GELUS = ("exact", "tanh")
 NORMS = ("layernorm", "rmsnorm")
 # A scale's sampler defaults: they change how a model samples, not how it trains
@@ -66,14 +66,14 @@ class ScaleConfig:
     steps: int = 50  # network evaluations per CFG branch
     cfg_scale: float = 1.0
     solver: str = "euler"
-    shift: float = 1.0  # time grid: 1 uniform (the paper's); > 1 more steps near the noise (msf.sampler)
+    shift: float = 1.0  # time grid: 1 uniform (the paper's); > 1 more steps near the noise
     guidance_interval: list[float] = field(default_factory=lambda: [0.0, 1.0])  # guide only at t in [a, b]
-    # For weights imported from SiT or DiT (msf.convert): "sit" feeds the network 1 - t and negates
-    # its output; "ddpm" runs DiT's noise prediction at DDPM timesteps (msf.models.ddpm_inputs).
+    # For weights imported from SiT or DiT (msf.interfaces.convert): "sit" feeds the network 1 - t and negates
+    # its output; "ddpm" runs DiT's noise prediction at DDPM timesteps (msf.method.models.ddpm_inputs).
     # Either way the network still gives msf's velocity at t.
     time_convention: str = "msf"
     gelu: str = "exact"  # "tanh": the GELU approximation DiT and SiT were trained with
-    # Later DiT-family network options (msf.models); the defaults are the paper's DiT.
+    # Later DiT-family network options (msf.method.models); the defaults are the paper's DiT.
     qk_norm: bool = False  # RMSNorm on each head's queries and keys
     norm: str = "layernorm"  # or "rmsnorm"
     mlp: str = "gelu"  # or "swiglu" (hidden width 2/3 of mlp_ratio x width)
@@ -89,7 +89,7 @@ def evaluations(steps: int, cfg_scale: float, solver: str = "euler", shift: floa
         return steps
     if tuple(interval) == (0.0, 1.0):
         return 2 * steps
-    from msf.sampler import evaluation_times, guided
+    from msf.method.sampler import evaluation_times, guided
 
     lo, hi = interval
     return steps + sum(guided(t, (lo, hi)) for t in evaluation_times(steps, solver, shift))
@@ -307,12 +307,12 @@ class TrainConfig:
     time_shift_rule: str = "none"
     time_shift_ref: int = 4096  # elements where the rule gives 1: a 256-px SD-VAE latent, 32 x 32 x 4
     cosine_loss_weight: float = 0.0  # weight of a velocity-direction term, mean(1 - cos(v, e - c)), in eq. 5
-    # REPA (msf.repa): align early tokens with a frozen timm encoder's patch features ("": off)
+    # REPA (msf.training.repa): align early tokens with a frozen timm encoder's patch features ("": off)
     repa_encoder: str = ""  # a local folder (timm's save_for_hf layout) or a hub id
     repa_weight: float = 0.5
     repa_depth: list[int] | None = None  # per scale: the block aligned (1-based; 0: none); None: a third
     repa_projector: int = 2048  # hidden width of the projection MLP
-    eval_every: int = 0  # steps between quality checks of the EMA model (FID, KID; msf.quality_log); 0: off
+    eval_every: int = 0  # steps between quality checks of the EMA model (FID, KID); 0: off
     eval_samples: int = 500  # samples per quality check, class-balanced
     eval_ref: str = ""  # reference for them: .npz, folder or statistics file ("": train.data, built once)
     eval_metrics: str = "fid,kid"  # any of fid,kid,pr,cas

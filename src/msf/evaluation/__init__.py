@@ -1,0 +1,2 @@
+"""Evaluation: sample sets, Inception features, references, FID/KID with
+intervals, sweeps, compare, reports."""

@@ -1,0 +1,352 @@
+"""Models on the Hugging Face Hub: download one by its id, upload one with a model card.
+
+Anywhere msf takes a model directory it also takes a Hub id, ``owner/name`` or ``owner/name@revision``
+(a branch, tag or commit). :func:`.pretrained.model_path` tries, in order: an existing local path,
+a model shipped with msf, then the Hub. :func:`download` fetches only the files a model directory
+needs into the usual Hugging Face cache (``HF_HOME``, ``HF_HUB_CACHE``); with ``HF_HUB_OFFLINE=1``
+it reads that cache and nothing else.
+
+:func:`push_to_hub` uploads a model directory with a generated model card (``README.md``): the
+recipe, the training steps, the metrics of ``metrics.json`` (what ``msf eval --json`` writes, or a
+list of such results, each with an optional ``"name"``) and a sample grid, ``samples.png``.
+
+``huggingface_hub`` is optional (``pip install 'msf[hub]'``): it is imported here, when needed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import msf
+from msf.interfaces.pretrained import model_path
+from msf.method.pipeline import ModelDirError, MSFPipeline, load_model_config
+
+MODEL_FILES = ["config.json", "scale_*.safetensors", "README.md"]  # what a download fetches
+METRICS_FILE = "metrics.json"
+SAMPLES_FILE = "samples.png"
+TAGS = ["msf", "diffusion", "image-generation", "class-conditional"]
+GRID_MAX_CLASSES = 10  # a sample grid of a 1000-class model shows this many classes, evenly spaced
+
+# owner/name, optionally @revision; \w is letters, digits and "_", as Hub names allow
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*(@\S+)?")
+
+
+def parse_hub_id(text: str) -> tuple[str, str | None] | None:
+    """``(repo_id, revision)`` when ``text`` has the form ``owner/name[@revision]`` and does not look
+    local, else None. ``runs/missing`` where ``./runs`` is a directory is a local path that does not
+    exist: answered at once as such, not after a network round trip blamed on the network."""
+    if not _HUB_ID.fullmatch(text) or looks_local(text):
+        return None
+    repo_id, _, revision = text.partition("@")
+    return repo_id, revision or None
+
+
+def looks_local(text: str) -> bool:
+    """Whether ``text`` reads as a local path: it starts with ``.``, ``/`` or ``~``, holds a path
+    separator other than one ``owner/name`` slash, or its first part names an existing directory."""
+    if text.startswith((".", "/", "~")) or (os.sep != "/" and os.sep in text):
+        return True
+    parts = text.partition("@")[0].split("/")  # a revision may hold slashes: refs/pr/1
+    if len(parts) > 2:
+        return True
+    return len(parts) == 2 and Path(parts[0]).expanduser().is_dir()
+
+
+# ----------------------------------------------------------------------------------------- download
+
+
+def cache_dir() -> Path:
+    """The Hugging Face cache, read from the environment now: huggingface_hub reads it once, at import."""
+    env = os.environ
+    hub_cache = env.get("HF_HUB_CACHE") or env.get("HUGGINGFACE_HUB_CACHE")
+    if hub_cache:
+        return Path(os.path.expandvars(hub_cache)).expanduser()
+    home = env.get("HF_HOME") or os.path.join(env.get("XDG_CACHE_HOME") or "~/.cache", "huggingface")
+    return Path(os.path.expandvars(home)).expanduser() / "hub"
+
+
+def offline() -> bool:
+    """Whether ``HF_HUB_OFFLINE`` forbids the network, read now (huggingface_hub reads it at import)."""
+    flags = (os.environ.get(v, "") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return any(f.strip().upper() in {"1", "ON", "YES", "TRUE"} for f in flags)
+
+
+def _huggingface_hub(purpose: str):
+    try:
+        import huggingface_hub
+    except ImportError:
+        raise ModelDirError(f"{purpose} needs huggingface_hub: pip install 'msf[hub]'") from None
+    return huggingface_hub
+
+
+def download(repo_id: str, revision: str | None = None) -> Path:
+    """The local copy of the Hub model ``repo_id`` at ``revision`` (default ``main``), downloaded if
+    need be; any failure is one :class:`~msf.method.pipeline.ModelDirError` naming the id and what to do."""
+    hf = _huggingface_hub(f"{repo_id}: no such local directory or model shipped with msf; loading it "
+                          "from the Hugging Face Hub")
+    from huggingface_hub import errors
+
+    where = f"{repo_id} (revision {revision or 'main'})"
+    cache, no_network = cache_dir(), offline()
+    try:
+        # local_files_only: HF_HUB_OFFLINE as it is now, not as it was when huggingface_hub was imported
+        folder = hf.snapshot_download(repo_id, revision=revision, cache_dir=cache, allow_patterns=MODEL_FILES,
+                                      local_files_only=no_network, library_name="msf",
+                                      library_version=msf.__version__)
+    except errors.LocalEntryNotFoundError as e:
+        # IncompleteSnapshotError: huggingface_hub 1.x on; a partial snapshot reads as absent before
+        incomplete = getattr(errors, "IncompleteSnapshotError", ())
+        state = "is incomplete" if isinstance(e, incomplete) else "is not"
+        if no_network:
+            raise ModelDirError(
+                f"{where}: no local directory of that name, and the model {state} in the Hugging Face cache "
+                f"{cache}; HF_HUB_OFFLINE=1 forbids downloading it. Set HF_HUB_OFFLINE=0 on a machine with "
+                "network (or copy the model directory here and pass its path), and check the id and revision"
+            ) from None
+        raise ModelDirError(f"{where}: the Hugging Face Hub could not be reached and the model {state} in "
+                            f"the cache {cache}; check the network, or pass a local model directory"
+                            ) from None
+    except errors.RevisionNotFoundError:
+        raise ModelDirError(f"{where}: the repo has no such revision; check the branch, tag or commit"
+                            ) from None
+    except errors.GatedRepoError:
+        raise ModelDirError(f"{where}: the repo is gated; accept its terms on huggingface.co and log in "
+                            "(`hf auth login`, or set HF_TOKEN)") from None
+    except errors.RepositoryNotFoundError:
+        raise ModelDirError(f"{where}: no such model repo on the Hugging Face Hub, nor a local directory "
+                            "of that name; check the id (a private repo needs `hf auth login` or HF_TOKEN)"
+                            ) from None
+    except errors.HFValidationError as e:
+        raise ModelDirError(f"{repo_id!r} is neither a local path nor a valid Hugging Face Hub id ({e})"
+                            ) from None
+    except Exception as e:  # anything else the network or the disk does: still one line naming the id
+        raise ModelDirError(f"{where}: download from the Hugging Face Hub failed "
+                            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+    path = Path(folder)
+    _check_complete(path, where, no_network)
+    return path
+
+
+def _check_complete(path: Path, where: str, no_network: bool) -> None:
+    """A missing file named with the id, not as a path deep inside the cache."""
+    hint = " (or not in the cached copy: HF_HUB_OFFLINE=1 kept it from being fetched)" if no_network else ""
+    if not (path / "config.json").is_file():
+        raise ModelDirError(f"{where}: config.json is not in the repo{hint}; an msf model repo holds "
+                            "config.json and scale_K.safetensors, as push_to_hub uploads them")
+    try:
+        scales = len(json.loads((path / "config.json").read_text())["model"]["scales"])
+    except (ValueError, KeyError, TypeError):
+        return  # load_model_config says what is wrong with it
+    missing = [f for f in (f"scale_{k}.safetensors" for k in range(scales)) if not (path / f).is_file()]
+    if missing:
+        raise ModelDirError(f"{where}: config.json has {scales} scales but {', '.join(missing)} is not in "
+                            f"the repo{hint}")
+
+
+# ------------------------------------------------------------------------------------------- upload
+
+
+def push_to_hub(
+    model_dir: str | os.PathLike,
+    repo_id: str,
+    *,
+    revision: str | None = None,
+    private: bool = False,
+    token: str | None = None,
+    api: Any = None,
+    commit_message: str = "Upload msf model",
+    samples: str | os.PathLike | None = None,
+    classes: Sequence[int] | None = None,
+    per_class: int = 4,
+    seed: int = 0,
+    device: str | None = None,
+    license: str = "mit",
+) -> Any:
+    """Upload ``model_dir`` to the Hub repo ``repo_id`` (created if need be; ``revision``: a branch,
+    created if need be) with a model card and a sample grid; returns ``upload_folder``'s answer.
+
+    The grid is ``samples`` (an existing image) or, by default, ``per_class`` samples of each of
+    ``classes`` (all, or up to :data:`GRID_MAX_CLASSES` evenly spaced) drawn with the model's own
+    sampler settings on ``device``. ``api`` replaces ``huggingface_hub.HfApi(token=token)``.
+    """
+    # everything that can fail without the network fails here, before minutes of sampling
+    if api is None:
+        if offline():
+            raise ValueError(f"{repo_id}: uploading needs the network, and HF_HUB_OFFLINE=1 forbids it; "
+                             "set HF_HUB_OFFLINE=0")
+        api = _huggingface_hub("msf.interfaces.hub.push_to_hub").HfApi(token=token)
+    source = model_path(model_dir)
+    model = load_model_config(source)
+    meta = json.loads((source / "config.json").read_text())
+    metrics = read_metrics(source / METRICS_FILE)
+    with tempfile.TemporaryDirectory(prefix="msf-push-") as tmp:
+        stage = Path(tmp)
+        weights = [f"scale_{k}.safetensors" for k in range(model.num_scales)]
+        for name in ["config.json", *weights, METRICS_FILE]:
+            if (source / name).is_file():
+                _link_or_copy(source / name, stage / name)
+            elif name != METRICS_FILE:
+                raise ModelDirError(f"{source / name}: missing (the config has {model.num_scales} scales)")
+        if samples is not None:
+            shutil.copyfile(samples, stage / SAMPLES_FILE)
+            grid_note = "Samples supplied with the upload."
+        else:
+            grid_note = sample_grid(source, stage / SAMPLES_FILE, classes=classes, per_class=per_class,
+                                    seed=seed, device=device)
+        card = model_card(meta, repo_id, metrics=metrics, samples_note=grid_note, license=license)
+        (stage / "README.md").write_text(card, encoding="utf-8")
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        if revision not in (None, "main"):
+            api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
+        # delete_patterns: a model pushed again with fewer scales leaves no stale weights behind
+        return api.upload_folder(repo_id=repo_id, folder_path=str(stage), repo_type="model",
+                                 revision=revision, commit_message=commit_message,
+                                 delete_patterns=["scale_*.safetensors"])
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    # weights can be gigabytes: a symlink (followed by the upload) spares a copy where links work
+    try:
+        dst.symlink_to(src.resolve())
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def sample_grid(
+    model_dir: str | os.PathLike, path: str | os.PathLike, *, classes: Sequence[int] | None = None,
+    per_class: int = 4, seed: int = 0, device: str | None = None,
+) -> str:
+    """Draw ``per_class`` samples of each class into a labelled grid at ``path``; returns its caption."""
+    import torch
+
+    from msf.config import SamplerSettings
+    from msf.interfaces.viz import save_sample_grid
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pipe = MSFPipeline.from_pretrained(model_dir, device=device)
+    cfg = pipe.config
+    if classes is None:
+        n = min(cfg.num_classes, GRID_MAX_CLASSES)
+        classes = [i * cfg.num_classes // n for i in range(n)]
+    labels = [c for c in classes for _ in range(per_class)]
+    settings = SamplerSettings.of(cfg)
+    images = pipe.sample(labels, settings=settings, seed=seed)
+    caption = f"seed {seed}  {settings.describe()}"
+    save_sample_grid(images, labels, cfg.class_names, path, caption=caption,
+                     meta={"seed": seed, "labels": labels, **settings.to_dict()})
+    return (f"{per_class} samples per class for classes {', '.join(map(str, classes))}, seed {seed}, the "
+            f"model's own sampler settings: {settings.describe()}.")
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    """The evaluations in ``metrics.json``: one ``msf eval --json`` result or a list of them; [] if absent."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelDirError(f"{path}: not valid JSON ({e})") from None
+    entries = data if isinstance(data, list) else [data]
+    if not all(isinstance(e, dict) for e in entries):
+        raise ModelDirError(f"{path}: must hold an `msf eval --json` result or a list of them")
+    return entries
+
+
+# ---------------------------------------------------------------------------------------- model card
+
+_METRIC_ROWS = [("fid", "FID", ".3f"), ("kid", "KID", ".5f"), ("is", "Inception Score", ".2f"),
+                ("precision", "precision", ".3f"), ("recall", "recall", ".3f")]
+
+
+def model_card(meta: dict, repo_id: str, *, metrics: Sequence[dict] = (), samples_note: str | None = None,
+               license: str = "mit") -> str:
+    """The README.md of a Hub model: YAML front matter, usage, samples, recipe, training and metrics."""
+    from msf.config import ModelConfig, from_dict
+    from msf.interfaces.info import format_info, model_info
+
+    model = from_dict(ModelConfig, meta["model"], "model")
+    info = model_info(model, repo_id)
+    lines = ["---", "library_name: msf", f"license: {license}", "tags:", *(f"- {t}" for t in TAGS), "---", "",
+             f"# {repo_id}", "",
+             f"A class-conditional [MSF](https://arxiv.org/abs/2501.13349) diffusion model "
+             f"(multi-scale latent factorization: one DiT per scale, each adding the detail its scale "
+             f"holds): {model.num_scales} scale(s), {model.num_classes} classes, "
+             f"{model.image_size} x {model.image_size} images, {info['parameters'] / 1e6:,.2f}M parameters.",
+             "", "## Use", "", "```python", "from msf import MSFPipeline", "",
+             f'pipe = MSFPipeline.from_pretrained("{repo_id}")',
+             "images = pipe.sample([0, 1, 2], seed=0)  # (3, 3, H, W) in [-1, 1]", "```", "",
+             f"or `msf sample {repo_id} --classes 0,1,2 --out grid.png` (`pip install 'msf[hub]'`).", ""]
+    if samples_note is not None:
+        lines += ["## Samples", "", f"![samples]({SAMPLES_FILE})", "", samples_note, ""]
+    names = model.class_names or [f"class {i}" for i in range(model.num_classes)]
+    lines += ["## Recipe", "", format_info(info), "",
+              "Classes: " + ", ".join(f"{i} {n}" for i, n in enumerate(names[:GRID_MAX_CLASSES * 3]))
+              + (", ..." if len(names) > GRID_MAX_CLASSES * 3 else "") + ".", "",
+              *_details("model config (config.json's \"model\")", meta["model"]), ""]
+    lines += ["## Training", "", *_training(meta.get("train"), model.num_scales), ""]
+    lines += ["## Metrics", "", *_metrics(metrics), ""]
+    return "\n".join(lines)
+
+
+def _details(summary: str, data: dict) -> list[str]:
+    return ["<details>", f"<summary>{summary}</summary>", "", "```json", json.dumps(data, indent=2), "```",
+            "", "</details>"]
+
+
+def _training(train: dict | None, num_scales: int) -> list[str]:
+    if not isinstance(train, dict):
+        return ["config.json holds no training record (no \"train\" entry): the recipe above is all "
+                "there is."]
+    steps = train.get("scale_steps") or [train.get("steps", "?")] * num_scales
+    out = [f"- optimizer steps per scale: {', '.join(map(str, steps))}",
+           f"- batch {train.get('batch_size', '?')}, learning rate {train.get('lr', '?')} "
+           f"({train.get('lr_schedule', 'constant')} after {train.get('warmup_steps', 0)} warm-up steps), "
+           f"EMA decay {train.get('ema_decay', '?')}, class dropout {train.get('class_dropout', '?')}, "
+           f"time sampler {train.get('time_sampler', '?')}, precision {train.get('precision', '?')}",
+           f"- data: {train.get('data', '?')}; seed {train.get('seed', '?')}"]
+    if str(train.get("scale", "all")) != "all":
+        out.append(f"- this run trained scale {train['scale']} only; the other scales' weights came from "
+                   f"{train.get('other_scales_from') or 'another run'}")
+    return [*out, "", *_details("train config (config.json's \"train\")", train)]
+
+
+def _metrics(entries: Sequence[dict]) -> list[str]:
+    if not entries:
+        return [f"None recorded: `msf eval ... --json {METRICS_FILE}` in the model directory before the "
+                "upload puts them here."]
+    rows = ["| evaluation | metric | value | samples | reference images |", "|---|---|---|---|---|"]
+    networks = []
+    for i, e in enumerate(entries):
+        name = str(e.get("name", i + 1 if len(entries) > 1 else "-"))
+        n, ref = e.get("num_samples", "?"), e.get("num_ref", "?")
+        for key, label, fmt in _METRIC_ROWS:
+            if key not in e:
+                continue
+            value = f"{e[key]:{fmt}}"
+            if key == "is" and "is_std" in e:
+                value += f" ± {e['is_std']:.2f}"
+            if f"{key}_ci" in e:
+                lo, hi = e[f"{key}_ci"]
+                value += f" [{lo:{fmt}}, {hi:{fmt}}]"
+            rows.append(f"| {name} | {label} | {value} | {n} | {ref} |")
+        if isinstance(e.get("cas"), dict) and "accuracy" in e["cas"]:
+            rows.append(f"| {name} | class accuracy | {e['cas']['accuracy']:.3f} | {n} | - |")
+        if isinstance(e.get("floor"), dict):
+            f = e["floor"]
+            rows.append(f"| {name} | FID floor (real against real) | {f.get('fid', float('nan')):.3f} "
+                        f"| {f.get('n', '?')} | {f.get('num_ref', '?')} |")
+        if e.get("feature_network"):
+            sha = str(e.get("weights_sha256", "?"))[:12]
+            networks.append(f"{e['feature_network']} (weights sha256 {sha})")
+    has_ci = any(k.endswith("_ci") for e in entries for k in e)
+    notes = ["", "Bracketed: 95% bootstrap intervals over the samples."] if has_ci else []
+    features = ["", "Features: " + "; ".join(dict.fromkeys(networks)) + "."] if networks else []
+    return [*rows, *notes, *features]

@@ -1,0 +1,446 @@
+"""The MSF pipeline: autoencoder + one DiT per scale + sampler settings.
+
+``MSFPipeline`` is what users hold: it factorizes images into training targets
+(Algorithms 1-2), computes the per-scale losses (eq. 5), samples (Algorithm 3),
+and saves to / loads from a model directory:
+
+    model_dir/
+      config.json            # {"format": "msf-pipeline", "version": 1, "model": {...}}
+      scale_0.safetensors    # weights of scale 0's network (EMA weights after training)
+      scale_1.safetensors
+      ...
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from msf.config import Config, ConfigError, ModelConfig, SamplerSettings, from_dict, to_dict, validate
+from msf.files import atomic_write, atomic_write_text
+from msf.interfaces.pretrained import available, model_path
+from msf.method.autoencoder import Autoencoder, build_autoencoder
+from msf.method.factorize import accumulate_sample, compose, factorize, input_priors, resize_image
+from msf.method.flow import Noise, drop_labels, rectified_flow_loss, sample_time, shift_time
+from msf.method.models import DiT
+from msf.method.sampler import guided_velocity, solve
+from msf.precision import resolve_precision
+
+FORMAT = "msf-pipeline"
+FORMAT_VERSION = 1
+
+
+class ModelDirError(ValueError):
+    """A model directory is missing, incomplete or corrupted; the message names the file."""
+
+
+def autocast(device: torch.device | str, precision: str) -> AbstractContextManager:
+    """bf16 autocast on CPU or CUDA; a no-op for fp32 ("auto": :func:`msf.precision.resolve_precision`)."""
+    if resolve_precision(precision, device) == "fp32":
+        return nullcontext()
+    device_type = torch.device(device).type
+    return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
+
+
+def build_scale_networks(config: ModelConfig) -> nn.ModuleList:
+    """One DiT per scale, sized by the config; scale k > 0 takes its prior as extra channels."""
+    ch = config.autoencoder.channels
+    return nn.ModuleList(
+        DiT(
+            input_size=n,
+            channels=ch,
+            width=s.width,
+            depth=s.depth,
+            heads=s.heads,
+            num_classes=config.num_classes,
+            patch_size=s.patch_size,
+            mlp_ratio=s.mlp_ratio,
+            prior_channels=ch if (k > 0 and config.prior == "concat") else 0,
+            time_convention=s.time_convention,
+            gelu=s.gelu,
+            qk_norm=s.qk_norm,
+            norm=s.norm,
+            mlp=s.mlp,
+            pos_embed=s.pos_embed,
+        )
+        for k, (s, n) in enumerate(zip(config.scales, config.latent_sizes))
+    )
+
+
+class MSFPipeline(nn.Module):
+    def __init__(self, config: ModelConfig, autoencoder: Autoencoder | None = None,
+                 networks: Sequence[nn.Module] | None = None):
+        """``autoencoder`` and ``networks`` replace the config's (an :class:`Autoencoder`; one module per
+        scale called as ``net(x_t, t, y, prior)``, with ``prior=None`` at scale 0, returning the
+        velocity in ``x_t``'s shape); by default they are built from ``config``."""
+        super().__init__()
+        validate(Config(model=config))
+        self.config = config
+        self.autoencoder = autoencoder if autoencoder is not None else build_autoencoder(
+            config.autoencoder
+        )
+        have = getattr(self.autoencoder, "channels", None)
+        if have != config.autoencoder.channels:  # what every scale's network takes in
+            raise ValueError(f"autoencoder: {type(self.autoencoder).__name__} has {have} latent channels, "
+                             f"the config {config.autoencoder.channels}: set model.autoencoder.channels "
+                             "(and model.autoencoder.factor, its downsampling) to match it")
+        if networks is not None and len(networks) != config.num_scales:
+            raise ValueError(f"networks: {len(networks)} given, the config has {config.num_scales} scales")
+        # one DiT per scale, unless the caller brings its own
+        self.networks = nn.ModuleList(networks) if networks is not None else build_scale_networks(config)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.networks.parameters()).device
+
+    @property
+    def num_scales(self) -> int:
+        return len(self.networks)
+
+    # ----------------------------------------------------------------- targets
+
+    def _std(self, k: int) -> float:
+        if self.config.normalize == "std" and self.config.component_std is not None:
+            return self.config.component_std[k]
+        return 1.0
+
+    @torch.no_grad()
+    def encode(self, images: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Images in [-1, 1] -> ``(z, base)``: the target ``E(x)`` and, in the ``image``
+        base mode, the base ``E(resize_image(x, s_0))`` (None otherwise).
+
+        This is what the latent cache (``msf extract``) stores.
+        """
+        cfg = self.config
+        if images.dim() != 4 or images.shape[-1] != cfg.image_size:
+            raise ValueError(
+                f"images must be (B, 3, {cfg.image_size}, {cfg.image_size}), "
+                f"got {tuple(images.shape)}"
+            )
+        z = self.autoencoder.encode(images)
+        base = None
+        if cfg.base_mode == "image" and self.num_scales > 1:
+            base = self.autoencoder.encode(resize_image(images, cfg.image_sizes[0]))
+        return z, base
+
+    @torch.no_grad()
+    def components(
+        self, images: Tensor | None = None, *, latents: tuple[Tensor, Tensor | None] | None = None
+    ) -> list[Tensor]:
+        """Algorithm 1: the unnormalised components ``c_0 .. c_{K-1}`` of images in [-1, 1],
+        or of ``latents = (z, base)`` already encoded."""
+        z, base = self.encode(images) if latents is None else latents
+        if self.config.base_mode != "image":
+            base = None
+        return factorize(z.float(), self.config.latent_sizes,
+                         base=None if base is None else base.float())
+
+    @torch.no_grad()
+    def measure_component_std(
+        self, images: Tensor | None = None, *, latents: tuple[Tensor, Tensor | None] | None = None
+    ) -> list[float]:
+        """Per-scale standard deviation of the components of ``images`` (or ``latents``)."""
+        return [c.float().std().item() for c in self.components(images, latents=latents)]
+
+    def _net_prior(
+        self, k: int, prior: Tensor | None, generator: torch.Generator | None = None,
+        noise: Noise | None = None,
+    ) -> Tensor | None:
+        """A prior as scale k's network sees it: scaled like the base, optionally noised.
+
+        The noise (conditioning augmentation, Ho et al. 2022) is added in training and
+        in sampling alike, so the network sees the same kind of prior in both.
+        """
+        if k == 0 or self.config.prior == "none" or prior is None:
+            return None
+        prior = prior / self._std(0)
+        if self.config.prior_noise > 0:
+            if noise is not None:
+                n = noise.normal(f"prior{k}", tuple(prior.shape), prior.device)
+            else:
+                n = torch.randn(prior.shape, generator=generator).to(prior.device)
+            prior = prior + self.config.prior_noise * n
+        return prior
+
+    # ----------------------------------------------------------------- training
+
+    def training_losses(
+        self,
+        images: Tensor | None,
+        labels: Tensor,
+        scales: Sequence[int] | None = None,
+        *,
+        class_dropout: float = 0.1,
+        time_sampler: str = "uniform",
+        logit_mean: float = 0.0,
+        logit_std: float = 1.0,
+        noise: Noise | None = None,
+        nets: Mapping[int, nn.Module] | None = None,
+        latents: tuple[Tensor, Tensor | None] | None = None,
+        time_shift: Sequence[float] | None = None,
+        cosine_weight: float = 0.0,
+        align: Mapping[int, Callable[[Tensor], Tensor]] | None = None,
+    ) -> dict[int, Tensor]:
+        """Eq. 5 for each scale in ``scales``, under teacher forcing (Algorithm 2 priors).
+
+        ``noise`` is the source of times, noise and label dropout (the global RNG by
+        default); ``nets`` replaces scale k's network by a wrapper (DDP, compiled);
+        ``latents = (z, base)`` replaces ``images`` when they come from the latent cache.
+        ``time_shift`` (one per scale) moves each scale's training times towards the noise
+        (:func:`msf.method.flow.shift_time`); ``cosine_weight`` adds a velocity-direction term to eq. 5.
+        ``align[k]`` adds REPA's term to scale k's loss (:mod:`msf.training.repa`; ``nets[k]`` is then the
+        network with its projector).
+        """
+        self.check_labels(labels)
+        scales = range(self.num_scales) if scales is None else scales
+        noise = noise or Noise()
+        comps = self.components(images, latents=latents)
+        priors = input_priors(comps)
+        y = drop_labels(labels, class_dropout, self.config.num_classes, noise)
+        losses = {}
+        for k in scales:
+            c = comps[k] / self._std(k)
+            t = sample_time(c.shape[0], time_sampler, mean=logit_mean, std=logit_std,
+                            device=c.device, noise=noise, key=f"t{k}")
+            t = shift_time(t, 1.0 if time_shift is None else time_shift[k])
+            e = noise.normal(f"e{k}", tuple(c.shape), c.device)
+            prior = self._net_prior(k, priors[k], noise=noise)
+            net = self.networks[k] if nets is None or k not in nets else nets[k]
+            losses[k] = rectified_flow_loss(net, c, y, t, prior, noise=e, cosine_weight=cosine_weight,
+                                            align=None if align is None else align.get(k))
+        return losses
+
+    # ----------------------------------------------------------------- sampling
+
+    def check_labels(self, labels: Tensor) -> None:
+        n = self.config.num_classes
+        if labels.dtype not in (torch.int64, torch.int32) or labels.dim() != 1:
+            raise ValueError(f"labels must be a 1-D integer tensor, got {labels.dtype} {labels.shape}")
+        if labels.numel() and (labels.min() < 0 or labels.max() >= n):
+            bad = labels[(labels < 0) | (labels >= n)][0].item()
+            raise ValueError(f"class label {bad} is out of range: this model has classes 0..{n - 1}")
+
+    @torch.no_grad()
+    def sample(
+        self,
+        labels: Tensor | Sequence[int],
+        *,
+        settings: SamplerSettings | None = None,
+        steps: int | Sequence[int] | None = None,
+        cfg_scale: float | Sequence[float] | None = None,
+        solver: str | Sequence[str] | None = None,
+        seed: int | None = 0,
+        generator: torch.Generator | None = None,
+        precision: str = "fp32",
+        return_components: bool = False,
+        nets: Mapping[int, nn.Module] | None = None,
+        batch_size: int | None = None,
+        callback: Callable[[int, int, int], None] | None = None,
+        given: Mapping[int, Tensor] | None = None,
+    ) -> Tensor | tuple[Tensor, list[Tensor]]:
+        """Algorithm 3: generate images in [-1, 1] for ``labels``.
+
+        ``settings`` (:class:`msf.config.SamplerSettings`; by default the config's per-scale
+        steps, guidance and solver) says how each scale is sampled; ``steps``, ``cfg_scale``
+        and ``solver`` replace its values, each one value for all scales or a list with one
+        per scale. The initial
+        noise of every scale comes from ``generator`` (or a fresh one seeded ``seed``,
+        on the CPU so that results do not depend on the device). ``nets`` replaces scale
+        k's network, e.g. by ``msf.speed.compile_for_inference(pipe.networks[k])``.
+
+        ``batch_size`` bounds the images per network call; every scale's noise is still drawn
+        for all images at once, so the samples do not depend on it. ``callback(k, done,
+        total)`` is called after each network evaluation of scale k (``total`` counts the
+        evaluations of every batch), e.g. to drive a progress bar (:func:`progress_bar`).
+
+        ``given`` fixes components instead of sampling them: ``{0: c_0}`` (unnormalised, as
+        :meth:`components` returns them) samples only the later scales on those bases, e.g. the bases
+        of real images (super-resolution; or the exposure gap between true and generated priors).
+        Their noise is still drawn, so the other scales see the same random numbers as without.
+        """
+        device = self.device
+        labels = torch.as_tensor(labels, dtype=torch.int64)
+        self.check_labels(labels)
+        labels = labels.to(device)
+        cfg = self.config
+        settings = SamplerSettings.of(cfg, steps, cfg_scale, solver, base=settings)
+        if generator is None:
+            generator = torch.Generator().manual_seed(0 if seed is None else seed)
+        B, C, N = labels.shape[0], cfg.autoencoder.channels, cfg.latent_sizes[-1]
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        per_call = batch_size or max(B, 1)
+        chunks = [slice(i, i + per_call) for i in range(0, max(B, 1), per_call)]
+        was_training = self.training
+        self.eval()
+
+        for k, c in (given or {}).items():
+            n = cfg.latent_sizes[k]
+            if tuple(c.shape) != (B, C, n, n):
+                raise ValueError(f"given[{k}]: expected shape {(B, C, n, n)}, got {tuple(c.shape)}")
+
+        def generate(k: int, prior: Tensor | None) -> Tensor:  # Algorithm 3, one scale
+            n = cfg.latent_sizes[k]
+            noise = torch.randn(B, C, n, n, generator=generator).to(device)
+            net = self.networks[k] if nets is None or k not in nets else nets[k]
+            net_prior = self._net_prior(k, prior, generator)
+            if given is not None and k in given:
+                return given[k].to(device).float()
+            total, out = settings.steps[k] * len(chunks), []
+            for b in chunks:
+                velocity = guided_velocity(net, labels[b], None if net_prior is None else net_prior[b],
+                                           settings.cfg_scale[k], cfg.num_classes,
+                                           settings.guidance_interval[k])
+                if callback is not None:
+                    velocity = _counted(velocity, lambda done: callback(k, done, total),
+                                        start=settings.steps[k] * len(out))
+                with autocast(device, precision):
+                    out.append(solve(velocity, noise[b], settings.steps[k], settings.solver[k],
+                                     settings.shift[k]))
+            return torch.cat(out).float() * self._std(k)
+
+        like = torch.zeros(B, C, N, N, device=device)
+        comps = accumulate_sample(generate, cfg.latent_sizes, like)
+        z = compose(comps)
+        images = self.autoencoder.decode(z)  # in chunks of its own (SDAutoencoder.decode_batch)
+        self.train(was_training)
+        return (images, comps) if return_components else images
+
+    # ----------------------------------------------------------------- save / load
+
+    def save_pretrained(self, path: str | os.PathLike, extra: dict | None = None) -> Path:
+        """Write ``config.json`` and one ``scale_k.safetensors`` per scale (atomically each)."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        for k, net in enumerate(self.networks):
+            state = {n: p.detach().contiguous().cpu() for n, p in net.state_dict().items()}
+            atomic_write(path / f"scale_{k}.safetensors", lambda p, s=state: save_file(s, str(p)))
+        meta = {"format": FORMAT, "version": FORMAT_VERSION, "model": to_dict(self.config)}
+        meta.update(extra or {})
+        atomic_write_text(path / "config.json", json.dumps(meta, indent=2))
+        return path
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        autoencoder: Autoencoder | None = None,
+        device: torch.device | str = "cpu",
+        *,
+        revision: str | None = None,
+        networks: Sequence[nn.Module] | None = None,
+    ) -> MSFPipeline:
+        """Load a model directory written by :meth:`save_pretrained`, a model shipped with msf by its
+        name (:mod:`msf.interfaces.pretrained`), or a Hugging Face Hub model, ``owner/name`` at ``revision``
+        (:mod:`msf.interfaces.hub`). Never unpickles. A model trained with networks of your own loads into
+        ``networks`` (fresh modules of the same architecture)."""
+        path = model_path(path, revision)
+        config = load_model_config(path)
+        pipe = cls(config, autoencoder=autoencoder, networks=networks)
+        for k, net in enumerate(pipe.networks):
+            file = Path(path) / f"scale_{k}.safetensors"
+            if not file.is_file():
+                raise ModelDirError(f"{file}: missing (the config has {config.num_scales} scales)")
+            try:
+                state = load_file(str(file))
+            except (SafetensorError, OSError, ValueError) as e:
+                raise ModelDirError(f"{file}: not a readable safetensors file ({e})") from None
+            expected = net.state_dict()
+            missing = sorted(set(expected) - set(state))
+            unexpected = sorted(set(state) - set(expected))
+            if missing or unexpected:
+                raise ModelDirError(
+                    f"{file}: weights do not match config.json's scale {k} "
+                    f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+                )
+            for name, t in state.items():
+                if t.shape != expected[name].shape:
+                    raise ModelDirError(
+                        f"{file}: {name} has shape {tuple(t.shape)}, config.json's scale {k} "
+                        f"needs {tuple(expected[name].shape)}"
+                    )
+                # a NaN or Inf anywhere makes the sum non-finite: one reduction per tensor,
+                # confirmed element-wise only then
+                if t.is_floating_point() and not torch.isfinite(t.sum()) and not torch.isfinite(t).all():
+                    raise ModelDirError(f"{file}: {name} holds NaN or Inf values; the weights are "
+                                        "damaged (or training diverged before they were saved)")
+            net.load_state_dict(state)
+        return pipe.to(device)
+
+    def push_to_hub(self, repo_id: str, **kwargs) -> object:
+        """Save to a temporary directory and upload it with :func:`hub.push_to_hub` (same keywords)."""
+        import tempfile
+
+        from msf.interfaces.hub import push_to_hub
+
+        with tempfile.TemporaryDirectory(prefix="msf-save-") as tmp:
+            return push_to_hub(self.save_pretrained(tmp), repo_id, **kwargs)
+
+
+def _counted(velocity, after: Callable[[int], None], start: int = 0):
+    """``velocity`` that calls ``after(evaluations done)`` once each evaluation is done."""
+    done = start
+
+    def counted(x: Tensor, t: float) -> Tensor:
+        nonlocal done
+        v = velocity(x, t)
+        done += 1
+        after(done)
+        return v
+
+    return counted
+
+
+def progress_bar(enabled: bool = True, desc: str = "sample") -> Callable[[int, int, int], None]:
+    """A ``callback`` for :meth:`MSFPipeline.sample`: one tqdm bar per scale, one tick per evaluation."""
+    from tqdm.auto import tqdm
+
+    bars: dict[int, tqdm] = {}
+
+    def update(k: int, done: int, total: int) -> None:
+        if k not in bars:
+            bars[k] = tqdm(total=total, desc=f"{desc} scale {k}", unit="eval", disable=not enabled,
+                           leave=False, dynamic_ncols=True)
+        bars[k].update(1)
+        if done >= total:
+            bars.pop(k).close()
+
+    return update
+
+
+def load_model_config(path: str | os.PathLike, revision: str | None = None) -> ModelConfig:
+    """Read and validate ``config.json`` of a model directory (or of a shipped or Hub model, by name)."""
+    path = model_path(path, revision)
+    if not path.is_dir():
+        shipped = available()
+        raise ModelDirError(f"{path}: model directory does not exist"
+                            + (f" (models shipped with msf: {', '.join(shipped)})" if shipped else ""))
+    file = path / "config.json"
+    if not file.is_file():
+        raise ModelDirError(f"{file}: missing; is {path} a model directory written by msf?")
+    try:
+        meta = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelDirError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ModelDirError(f"{file}: field 'format' must be {FORMAT!r}")
+    if meta.get("version") != FORMAT_VERSION:
+        raise ModelDirError(
+            f"{file}: field 'version' is {meta.get('version')!r}; this msf reads {FORMAT_VERSION}"
+        )
+    if "model" not in meta:
+        raise ModelDirError(f"{file}: field 'model' is missing")
+    try:
+        model = from_dict(ModelConfig, meta["model"], "model")
+        validate(Config(model=model))
+    except ConfigError as e:
+        raise ModelDirError(f"{file}: {e}") from None
+    return model

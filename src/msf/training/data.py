@@ -1,0 +1,423 @@
+"""Datasets: the built-in emoji set, and in-memory batching for small data.
+
+The built-in set ships with the package (``msf/data/emoji32.npz``): 1,870 emoji
+from Noto Color Emoji at 32 x 32, labelled by their 9 Unicode groups; see
+``msf/data/README.md`` for how it was made and its licences.
+
+**The dataset protocol** (what ``train(cfg, data=...)`` takes besides msf's own sets): an object
+with ``labels`` (int64 tensor, one per example, classes 0..C-1), ``class_names`` (C strings),
+``__len__``, and ``__getitem__(i) -> (image, label, bad_file)``, the image uint8 (H, W, 3) at the
+model's size and ``bad_file`` "" (or the path of a file that could not be read and was replaced).
+:class:`msf.training.imagefolder.ImageFolder` is one. A torchvision-style dataset, whose items are ``(image,
+label)`` with a PIL image or a float (3, H, W) tensor in [0, 1], is adapted by :class:`TorchvisionData`
+(done for you by ``train``).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from msf.method.factorize import resize_image
+
+if TYPE_CHECKING:
+    from msf.training.imagefolder import ImageFolder
+    from msf.training.latent_cache import LatentCache
+
+T = TypeVar("T")
+
+
+@dataclass
+class ImageDataset:
+    images: Tensor  # uint8 (N, H, W, 3)
+    labels: Tensor  # int64 (N,)
+    class_names: list[str]
+    names_given: bool = True  # False: a .npz without class names, named "0", "1", ... here
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    @property
+    def image_size(self) -> int:
+        return self.images.shape[1]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+BUILTIN_NAMES = ("emoji", "emoji32")  # what train.data (and --ref) take for the built-in set
+
+
+def builtin_path(name: str = "emoji32") -> Path:
+    return Path(str(resources.files("msf") / "data" / f"{name}.npz"))
+
+
+def load_builtin(name: str = "emoji32") -> ImageDataset:
+    """The built-in labelled colour dataset (offline, shipped with the package)."""
+    path = builtin_path(name)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: the built-in dataset {name!r} is missing from the install")
+    with np.load(path, allow_pickle=False) as d:
+        return ImageDataset(
+            images=torch.from_numpy(d["images"]),
+            labels=torch.from_numpy(d["labels"]).long(),
+            class_names=[str(c) for c in d["class_names"]],
+        )
+
+
+def load_dataset(spec: str, image_size: int | None = None, strict: bool = False
+                 ) -> ImageDataset | ImageFolder | LatentCache:
+    """The training data a config names.
+
+    ``"emoji"``: the built-in set. A ``.npz`` with ``images`` (N, H, W, 3 uint8) and
+    ``labels``: loaded into memory. A latent cache made by ``msf extract``
+    (:mod:`msf.training.latent_cache`). A directory with one sub-folder per class (the
+    ImageNet train layout): read lazily with ADM's centre crop to ``image_size``
+    (:mod:`msf.training.imagefolder`).
+    """
+    if spec in BUILTIN_NAMES:
+        return load_builtin("emoji32")
+    path = Path(spec)
+    if path.is_dir() and (path / "manifest.json").is_file():
+        from msf.training.latent_cache import LatentCache
+
+        return LatentCache(path)
+    if path.is_dir():
+        from msf.training.imagefolder import ImageFolder
+
+        if image_size is None:
+            raise ValueError(f"data {spec!r}: an image folder needs the model's image size")
+        return ImageFolder(path, image_size, strict=strict)
+    if path.suffix == ".npz" and path.is_file():
+        with np.load(path, allow_pickle=False) as d:
+            for key in ("images", "labels"):
+                if key not in d:
+                    raise ValueError(f"{path}: missing array {key!r}")
+            images, labels = d["images"], d["labels"]
+            names = [str(c) for c in d["class_names"]] if "class_names" in d else None
+        if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+            raise ValueError(f"{path}: 'images' must be uint8 (N, H, W, 3), got {images.shape}")
+        n_cls = int(labels.max()) + 1
+        return ImageDataset(
+            torch.from_numpy(images), torch.from_numpy(labels).long(),
+            names or [str(i) for i in range(n_cls)], names_given=names is not None,
+        )
+    raise ValueError(
+        f"data {spec!r}: expected 'emoji' (built-in), an existing .npz file, or a directory "
+        "with one sub-folder of images per class"
+    )
+
+
+def to_model_range(images: Tensor) -> Tensor:
+    """uint8 (B, H, W, 3) -> float (B, 3, H, W) in [-1, 1]."""
+    return images.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def to_uint8(images: Tensor) -> Tensor:
+    """float (B, 3, H, W) in [-1, 1] -> uint8 (B, H, W, 3)."""
+    x = images.detach().float().clamp(-1, 1).add(1).mul(127.5).round()
+    return x.to(torch.uint8).permute(0, 2, 3, 1).cpu()
+
+
+def prepare_data(data: ImageDataset, image_size: int) -> ImageDataset:
+    """Resize an in-memory dataset once to the model's image size (antialiased), if it differs."""
+    if data.image_size == image_size:
+        return data
+    x = resize_image(to_model_range(data.images), image_size)
+    return ImageDataset(to_uint8(x), data.labels, data.class_names, data.names_given)
+
+
+def _generator(*keys: int) -> torch.Generator:
+    """A generator seeded by a tuple of integers (seed, step, purpose ...)."""
+    seed = 0
+    for k in keys:
+        seed = (seed * 1_000_003 + int(k) + 1) % (2**63 - 1)
+    return torch.Generator().manual_seed(seed)
+
+
+class IndexStream:
+    """Which examples, flipped or not, make the global batch of each step.
+
+    Stateless: step s's batch is a pure function of (seed, s), so resuming at step s
+    needs nothing but s, every process of a torchrun job computes the same global
+    batch and takes its own slice, and the global batch does not depend on how many
+    processes share it.
+
+    ``balance_classes`` draws examples with probability ``1 / count(class)`` (with
+    replacement), so every class is seen equally often; otherwise the data is read
+    in a fresh random order each epoch.
+    """
+
+    def __init__(
+        self, labels: Tensor, global_batch: int, *, seed: int = 0, balance_classes: bool = True,
+        flip: bool = True,
+    ):
+        self.n = len(labels)
+        self.global_batch = global_batch
+        self.seed = seed
+        self.balance = balance_classes
+        self.flip = flip
+        counts = torch.bincount(labels).float()
+        self.weights = 1.0 / counts[labels]
+        self._perm_epoch, self._perm = -1, torch.empty(0, dtype=torch.long)
+
+    def _permutation(self, epoch: int) -> Tensor:
+        if epoch != self._perm_epoch:
+            self._perm = torch.randperm(self.n, generator=_generator(self.seed, epoch, 1))
+            self._perm_epoch = epoch
+        return self._perm
+
+    def batch(self, step: int) -> tuple[Tensor, Tensor]:
+        """(indices, flips) of the global batch of ``step`` (1-based)."""
+        g = _generator(self.seed, step, 2)
+        if self.balance:
+            idx = torch.multinomial(self.weights, self.global_batch, replacement=True, generator=g)
+        else:
+            pos = torch.arange((step - 1) * self.global_batch, step * self.global_batch)
+            idx = torch.empty_like(pos)
+            for epoch in (pos // self.n).unique().tolist():
+                sel = pos // self.n == epoch
+                idx[sel] = self._permutation(epoch)[pos[sel] % self.n]
+        flips = torch.rand(self.global_batch, generator=g) < 0.5
+        return idx, flips & self.flip
+
+    def rank_slice(self, step: int, rank: int, world: int) -> tuple[Tensor, Tensor]:
+        idx, flips = self.batch(step)
+        per = self.global_batch // world
+        return idx[rank * per:(rank + 1) * per], flips[rank * per:(rank + 1) * per]
+
+
+def apply_flips(x: Tensor, flips: Tensor) -> Tensor:
+    """Horizontally flip the images of a (B, C, H, W) batch where ``flips`` is True."""
+    return torch.where(flips.to(x.device)[:, None, None, None], x.flip(-1), x)
+
+
+class _StepBatches(torch.utils.data.Sampler):
+    """Yields this process's index list for each step in [start, end]."""
+
+    def __init__(self, stream: IndexStream, start: int, end: int, rank: int, world: int):
+        self.stream, self.start, self.end, self.rank, self.world = stream, start, end, rank, world
+
+    def __iter__(self):
+        for step in range(self.start, self.end + 1):
+            yield self.stream.rank_slice(step, self.rank, self.world)[0].tolist()
+
+    def __len__(self) -> int:
+        return max(0, self.end - self.start + 1)
+
+
+def _collate(items):
+    images = torch.stack([it[0] for it in items])
+    labels = torch.tensor([it[1] for it in items], dtype=torch.long)
+    bad = [it[2] for it in items if it[2]]
+    return images, labels, bad
+
+
+class TorchvisionData:
+    """A torchvision-style dataset (items ``(image, label)``) in msf's dataset protocol.
+
+    Images are converted as msf's own image folders are (:func:`msf.training.imagefolder.to_rgb`, ADM's centre
+    crop to ``image_size``; the files of a torchvision ``DatasetFolder`` without a transform are read by
+    msf's own loader); a float tensor image (3, H, W) in [0, 1], as ``ToTensor`` gives, is
+    taken as it is and must already have the model's size. Labels come from ``targets`` (torchvision's
+    ImageFolder, CIFAR, ...) or, failing that, from one pass over the dataset; class names from
+    ``classes``, else ``class_names``, else "0", "1", ...
+    """
+
+    def __init__(self, dataset, image_size: int, class_names: list[str] | None = None):
+        self.dataset, self.image_size = dataset, image_size
+        targets = getattr(dataset, "targets", None)
+        if targets is None:
+            targets = [int(dataset[i][1]) for i in range(len(dataset))]
+        self.labels = torch.as_tensor(list(targets), dtype=torch.int64)
+        if len(self.labels) == 0:
+            raise ValueError(f"{type(dataset).__name__}: the dataset is empty")
+        names = class_names or getattr(dataset, "classes", None) or getattr(dataset, "class_names", None)
+        self.names_given = names is not None
+        self.class_names = [str(c) for c in names] if names else [
+            str(i) for i in range(int(self.labels.max()) + 1)]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int, str]:
+        from PIL import Image
+
+        from msf.training.imagefolder import center_crop_arr, to_rgb
+
+        ds = self.dataset
+        files = getattr(ds, "samples", None)
+        if files is not None and getattr(ds, "transform", None) is None and hasattr(ds, "loader"):
+            # a torchvision DatasetFolder: read the file with msf's own loader (its pil_loader would drop
+            # transparency to black before we could composite it on white)
+            from msf.training.imagefolder import load_image
+
+            path, label = files[index][:2]
+            return torch.from_numpy(load_image(path, self.image_size)), int(label), ""
+        image, label = self.dataset[index][:2]
+        if isinstance(image, Image.Image):
+            return torch.from_numpy(center_crop_arr(to_rgb(image), self.image_size)), int(label), ""
+        x = torch.as_tensor(image)
+        if x.dim() != 3 or x.shape[0] != 3 or x.shape[1:] != (self.image_size, self.image_size):
+            raise ValueError(f"{type(self.dataset).__name__}[{index}]: an image tensor must be (3, "
+                             f"{self.image_size}, {self.image_size}), got {tuple(x.shape)}")
+        if x.is_floating_point():
+            x = (x.clamp(0, 1) * 255).round()
+        return x.to(torch.uint8).permute(1, 2, 0).contiguous(), int(label), ""
+
+
+def is_torchvision_style(source: object) -> bool:
+    """A map-style dataset without msf's ``labels`` and ``class_names``."""
+    return (hasattr(source, "__getitem__") and hasattr(source, "__len__")
+            and not (hasattr(source, "labels") and hasattr(source, "class_names")))
+
+
+class TrainingData:
+    """The one interface the training loop (and ``msf extract``) sees, whatever holds the data.
+
+    ``labels``, ``class_names`` and ``len`` describe it; :meth:`batch` reads given examples,
+    :meth:`batches` the batches of a run's steps. Inputs are images in [-1, 1] (B, 3, H, W), or
+    ``(z, base)`` latents when a latent cache holds the data. Behind it:
+
+    * ``"memory"``: the built-in set or a ``.npz`` (:class:`ImageDataset`), resized once to the model;
+    * ``"files"``: an image folder (:class:`msf.training.imagefolder.ImageFolder`), decoded lazily, in
+      DataLoader worker processes during training;
+    * ``"latents"``: a latent cache (:class:`msf.training.latent_cache.LatentCache`), memory-mapped; mirrored
+      examples are stored, not computed.
+    """
+
+    def __init__(self, source, image_size: int | None = None):
+        if isinstance(source, TrainingData):
+            source = source.source
+        if isinstance(source, ImageDataset) and image_size is not None:
+            source = prepare_data(source, image_size)
+        if is_torchvision_style(source) and not isinstance(source, ImageDataset):
+            if image_size is None:
+                raise ValueError("a torchvision-style dataset needs the model's image size")
+            source = TorchvisionData(source, image_size)
+        self.source = source
+        self.kind = ("latents" if hasattr(source, "get") else
+                     "memory" if isinstance(source, ImageDataset) else "files")
+        self.labels: Tensor = source.labels
+        self.class_names: list[str] = list(source.class_names)
+        self.names_given: bool = getattr(source, "names_given", True)  # False: numbered by msf
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def batch(self, indices: Tensor, flips: Tensor) -> tuple[Tensor | tuple[Tensor, Tensor | None], Tensor,
+                                                              list[str]]:
+        """``(inputs, labels, bad_files)`` of the examples at ``indices``, mirrored where ``flips``.
+
+        ``bad_files``: files that could not be decoded and were replaced by their neighbours.
+        """
+        if self.kind == "latents":
+            return self.source.get(indices, flips), self.labels[indices], []
+        if self.kind == "memory":
+            return apply_flips(to_model_range(self.source.images[indices]), flips), self.labels[indices], []
+        images, labels, bad = _collate([self.source[int(i)] for i in indices])
+        return apply_flips(to_model_range(images), flips), labels, bad
+
+    def batches(self, stream: IndexStream, start: int, end: int, *, rank: int = 0, world: int = 1,
+                num_workers: int = 0):
+        """Yield ``(step, inputs, labels, bad_files)`` for steps start..end, this process's share."""
+        if self.kind != "files":
+            for step in range(start, end + 1):
+                yield step, *self.batch(*stream.rank_slice(step, rank, world))
+            return
+        loader = torch.utils.data.DataLoader(
+            self.source, batch_sampler=_StepBatches(stream, start, end, rank, world),
+            num_workers=num_workers, collate_fn=_collate, persistent_workers=False,
+            prefetch_factor=4 if num_workers > 0 else None,
+        )
+        try:
+            for step, (images, labels, bad) in enumerate(loader, start=start):
+                _, flips = stream.rank_slice(step, rank, world)
+                yield step, apply_flips(to_model_range(images), flips), labels, bad
+        except ValueError as e:  # a loader process's error arrives inside its whole traceback
+            text = str(e).strip()
+            if "DataLoader worker process" not in text:
+                raise
+            raise ValueError(text.splitlines()[-1].removeprefix("ValueError: ")) from None
+
+
+def iterate_batches(
+    data: TrainingData | ImageDataset | ImageFolder | LatentCache, stream: IndexStream, start: int, end: int,
+    *, rank: int = 0, world: int = 1, num_workers: int = 0, prefetch: int = 0, pin_memory: bool = False,
+) -> Iterator[tuple]:
+    """:meth:`TrainingData.batches` of ``data`` (a :class:`TrainingData` or what it wraps).
+
+    ``prefetch`` > 0 reads that many batches ahead in a background thread (the next batch is
+    gathered while the step runs: what a GPU run wants); ``pin_memory`` pins them there, so that
+    ``.to(device, non_blocking=True)`` overlaps with compute. The batches are the same either way.
+    """
+    data = data if isinstance(data, TrainingData) else TrainingData(data)
+    batches = data.batches(stream, start, end, rank=rank, world=world, num_workers=num_workers)
+    if pin_memory:
+        batches = (_pinned(item) for item in batches)
+    yield from prefetched(batches, prefetch) if prefetch > 0 else batches
+
+
+def _pin(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.pin_memory()
+
+
+def _pinned(item):
+    step, x, y, bad = item
+    return step, tuple(_pin(v) for v in x) if isinstance(x, tuple) else _pin(x), _pin(y), bad
+
+
+def prefetched(items: Iterable[T], depth: int) -> Iterator[T]:
+    """``items``, produced ``depth`` ahead by a background thread; its errors are raised here, and it
+    stops when the consumer does (an early ``break`` leaves no thread behind)."""
+    done, q = threading.Event(), queue.Queue(maxsize=depth)
+    end = object()
+
+    def put(item) -> bool:
+        """Wait for room, but give up once the consumer has stopped; True if the item went in."""
+        while not done.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put(item):
+                    return
+            put(end)
+        except BaseException as e:  # handed to the consumer, raised there
+            put(_Failure(e))
+
+    worker = threading.Thread(target=produce, name="msf-prefetch", daemon=True)
+    worker.start()
+    try:
+        while (item := q.get()) is not end:
+            if isinstance(item, _Failure):
+                raise item.error
+            yield item
+    finally:
+        done.set()
+        worker.join(timeout=5)
+
+
+class _Failure:
+    def __init__(self, error: BaseException):
+        self.error = error
