@@ -30,10 +30,11 @@ import torch
 import torch.nn.functional as F
 from timing import interleaved, machine  # benchmarks/timing.py, beside this script
 
-from msf.config import AutoencoderConfig, ModelConfig, ScaleConfig, preset
+from msf.config import AutoencoderConfig, ModelConfig, ScaleConfig
 from msf.interfaces.info import scale_infos
 from msf.method.models import DiT
 from msf.method.pipeline import autocast, build_scale_networks
+from msf.presets import preset
 from msf.speed import compile_for_inference, inference_copy
 
 CPU = torch.device("cpu")
@@ -197,7 +198,7 @@ def diffusers_table(repeats: int, batch: int, xl_blocks: int, quick: bool, compi
     print("|---|---|---|---|---|---|---|")
     for name, depth, width, heads in configs:
         torch.manual_seed(0)
-        ours = DiT(size, channels, width, depth, heads, classes).to(device)
+        ours = DiT(ScaleConfig(size, depth, width, heads), size, channels, classes).to(device)
         theirs = diffusers_dit(depth, width, heads, size, channels, classes).to(device)
         randomize(ours)
         randomize(theirs)

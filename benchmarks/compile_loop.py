@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 from timing import machine  # benchmarks/timing.py, beside this script
 
-from msf.config import apply_overrides, preset
+from msf.config import apply_overrides
+from msf.presets import preset
 from msf.training.train import train
 
 # the paper's networks (144 and 256 tokens at patch 2) on demo-paper-ratio's 24 -> 32 px emoji

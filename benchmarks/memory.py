@@ -37,9 +37,9 @@ import torch.nn.functional as F
 from timing import machine  # benchmarks/timing.py, beside this script
 
 import msf.method.models
-from msf.config import preset
 from msf.method.models import count_parameters
 from msf.method.pipeline import autocast, build_scale_networks
+from msf.presets import preset
 
 GiB = 1024**3
 STATE_BYTES = 20  # fp32 weights, gradients, two AdamW moments, EMA

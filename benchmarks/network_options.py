@@ -18,11 +18,12 @@ import time
 import torch
 from timing import machine  # benchmarks/timing.py, beside this script
 
-from msf.config import apply_overrides, preset
+from msf.config import apply_overrides
 from msf.interfaces.info import model_info
 from msf.method.flow import rectified_flow_loss
 from msf.method.pipeline import autocast, build_scale_networks
 from msf.precision import resolve_precision
+from msf.presets import preset
 from msf.speed import inference_copy
 
 VARIANTS = {

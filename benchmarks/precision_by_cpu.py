@@ -18,8 +18,9 @@ import warnings
 import torch
 from timing import machine  # benchmarks/timing.py, beside this script
 
-from msf.config import apply_overrides, preset
+from msf.config import apply_overrides
 from msf.precision import native_bf16, resolve_precision
+from msf.presets import preset
 from msf.training.train import train
 
 

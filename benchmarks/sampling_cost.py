@@ -46,10 +46,11 @@ import time
 import torch
 from timing import interleaved, machine  # benchmarks/timing.py, beside this script
 
-from msf.config import ModelConfig, SamplerSettings, preset
+from msf.config import ModelConfig, SamplerSettings
 from msf.interfaces.info import scale_infos
 from msf.method.autoencoder import IdentityAutoencoder
 from msf.method.pipeline import MSFPipeline, autocast
+from msf.presets import preset
 from msf.speed import compile_for_inference, inference_copy
 
 # (label, sampler settings) for each setting compared: the pipeline's own SamplerSettings.

@@ -18,10 +18,10 @@ import time
 import torch
 from timing import machine  # benchmarks/timing.py, beside this script
 
-from msf.config import preset
 from msf.interfaces.info import scale_infos
 from msf.method.flow import rectified_flow_loss
 from msf.method.pipeline import autocast, build_scale_networks
+from msf.presets import preset
 from msf.training.train import ema_update
 
 

@@ -28,7 +28,8 @@ TRAIN = """
 import sys, tempfile, time
 import torch
 import msf.training.train as mt
-from msf.config import apply_overrides, preset
+from msf.config import apply_overrides
+from msf.presets import preset
 steps, warmup = int(sys.argv[2]), int(sys.argv[3])
 cfg = apply_overrides(preset(sys.argv[1]), [f"train.steps={steps}", "train.tensorboard=false",
                       "train.log_every=10", "train.out_dir=" + tempfile.mkdtemp()])
@@ -47,7 +48,7 @@ print((times[-1] - times[warmup]) / (steps - warmup))
 SAMPLE = """
 import sys, time
 import torch
-from msf.config import preset
+from msf.presets import preset
 from msf.method.pipeline import MSFPipeline
 torch.manual_seed(0)
 pipe = MSFPipeline(preset(sys.argv[1]).model)

@@ -11,9 +11,10 @@ import argparse
 
 import torch.nn.functional as F
 
-from msf.config import apply_overrides, preset
+from msf.config import apply_overrides
 from msf.method.autoencoder import Autoencoder
 from msf.method.pipeline import MSFPipeline
+from msf.presets import preset
 from msf.training.train import train
 
 

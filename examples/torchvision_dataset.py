@@ -7,7 +7,8 @@ import argparse
 
 from torchvision import datasets
 
-from msf.config import apply_overrides, preset
+from msf.config import apply_overrides
+from msf.presets import preset
 from msf.training.train import train
 
 p = argparse.ArgumentParser()

@@ -6,8 +6,9 @@
 import argparse
 from pathlib import Path
 
-from msf.config import apply_overrides, preset
+from msf.config import apply_overrides
 from msf.interfaces.viz import save_sample_grid
+from msf.presets import preset
 from msf.training.train import train
 
 p = argparse.ArgumentParser()

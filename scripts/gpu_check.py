@@ -115,9 +115,9 @@ def attention_kernels(dev: torch.device, toy: bool) -> None:
 
 
 def training_steps(dev: torch.device, toy: bool) -> None:
-    from msf.config import preset
     from msf.method.flow import rectified_flow_loss
     from msf.method.pipeline import autocast, build_scale_networks
+    from msf.presets import preset
 
     names = ["tiny"] if toy else ["paper-imagenet256", "dit-xl2"]
     batch = 2 if toy else 32
@@ -156,7 +156,8 @@ def training_steps(dev: torch.device, toy: bool) -> None:
 
 
 def train_resume_sample(dev: torch.device) -> None:
-    from msf.config import apply_overrides, preset
+    from msf.config import apply_overrides
+    from msf.presets import preset
     from msf.training.train import train
 
     base = ["train.tensorboard=false", "train.lr=3e-3", "train.precision=bf16", "train.lr_schedule=constant"]
@@ -194,7 +195,8 @@ def train_resume_sample(dev: torch.device) -> None:
 
 
 def determinism(dev: torch.device) -> None:
-    from msf.config import apply_overrides, preset
+    from msf.config import apply_overrides
+    from msf.presets import preset
     from msf.training.train import train
 
     runs = []

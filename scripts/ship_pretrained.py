@@ -41,7 +41,8 @@ def main() -> None:
     out.mkdir(parents=True)
     meta = json.loads((run / "model" / "config.json").read_text())
     # sampled with its preset's current defaults (issue 17's cheaper sampler), the paper's one flag away
-    from msf.config import SAMPLING_FIELDS, preset, to_dict
+    from msf.config import SAMPLING_FIELDS, to_dict
+    from msf.presets import preset
 
     now = to_dict(preset(rec["preset"]).model)
     for scale, current in zip(meta["model"]["scales"], now["scales"]):

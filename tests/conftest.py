@@ -33,7 +33,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import msf  # noqa: E402
-from msf.config import preset  # noqa: E402
+from msf.presets import preset  # noqa: E402
 
 torch.set_num_threads(int(_threads))
 _SRC = Path(__file__).resolve().parents[1] / "src" / "msf"

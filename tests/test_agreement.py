@@ -17,6 +17,7 @@ from torch import nn
 
 from msf.config import ScaleConfig, apply_overrides
 from msf.method.factorize import down, up
+from msf.method.flow import LossSettings
 from msf.method.pipeline import MSFPipeline
 from msf.training.data import load_builtin, prepare_data, to_model_range
 
@@ -74,7 +75,7 @@ def _sample_with_oracles(pipe, comps, labels, **kw):
 
 def _train_with_oracles(pipe, x, labels, comps):
     oracles = {k: Oracle(c / STD[k]) for k, c in enumerate(comps)}
-    losses = pipe.training_losses(x, labels, nets=oracles, class_dropout=0.0)
+    losses = pipe.training_losses(x, labels, nets=oracles, settings=LossSettings(class_dropout=0.0))
     # training regresses onto the normalised components the sampler un-normalises: the oracle is exact
     assert all(v.item() < 1e-8 for v in losses.values()), losses
     return oracles

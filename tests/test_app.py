@@ -6,10 +6,11 @@ import torch
 from gradio_client import Client
 from PIL import Image
 
-from msf.config import SamplerSettings, preset
+from msf.config import SamplerSettings
 from msf.interfaces.app import build_app, stage_titles
 from msf.interfaces.scale_view import view_scales
 from msf.method.pipeline import MSFPipeline
+from msf.presets import preset
 from msf.training.data import to_uint8
 
 

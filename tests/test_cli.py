@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 from helpers import grid_cells
 
-from msf.config import SamplerSettings, preset
+from msf.config import SamplerSettings
 from msf.interfaces.cli import main
 from msf.method.pipeline import MSFPipeline
+from msf.presets import preset
 from msf.training.data import to_uint8
 
 

@@ -9,9 +9,9 @@ import types
 import pytest
 from helpers import HANG
 
-from msf.config import preset
 from msf.interfaces.cli import build_parser, main
 from msf.method.pipeline import MSFPipeline
+from msf.presets import preset
 from msf.training.train import train
 
 

@@ -11,9 +11,10 @@ import pytest
 from helpers import MeanColour
 
 import msf.training.train
-from msf.config import ConfigError, preset
+from msf.config import ConfigError
 from msf.evaluation.compare import CompareSettings, budget_steps, compare, summarize
 from msf.evaluation.report import markdown
+from msf.presets import preset
 
 _spec = importlib.util.spec_from_file_location(
     "restore_runs", Path(__file__).resolve().parents[1] / "scripts" / "restore_runs.py")

@@ -4,15 +4,23 @@ import json
 import pytest
 
 from msf.config import (
-    PRESETS,
+    COST_FREE_TRAIN,
+    RESUMABLE_FIELDS,
+    SAMPLING_FIELDS,
+    AutoencoderConfig,
     Config,
     ConfigError,
+    ModelConfig,
     SamplerSettings,
+    ScaleConfig,
+    TrainConfig,
     apply_overrides,
     config_from_json,
     config_to_json,
-    preset,
+    validate,
 )
+from msf.fields import check_declarations, setting
+from msf.presets import PRESETS, preset
 
 
 def _flat(d, prefix: str = "", lists: bool = False) -> dict:
@@ -51,7 +59,7 @@ def test_demo_plus_is_demo_with_its_recipe_changed_and_nothing_else():
 
 
 def test_dit_demo_plus_is_dit_demo_with_the_cosine_term_sampled_at_its_measured_guidance():
-    # its training is dit-demo+cosine's, so the runs of benchmarks/guidance_demo.py are its runs
+    # its training is dit-demo+cosine's, so the runs of studies/guidance_demo.py are its runs
     d, p = preset("dit-demo"), preset("dit-demo-plus")
     assert p.train == dataclasses.replace(d.train, out_dir="runs/dit-demo-plus", cosine_loss_weight=0.1)
     assert [s.cfg_scale for s in d.model.scales] == [3.0] and [s.cfg_scale for s in p.model.scales] == [5.0]
@@ -152,7 +160,7 @@ def test_paper_preset_matches_the_paper():
     m = preset("paper-imagenet256").model
     assert m.image_sizes == [192, 256] and m.latent_sizes == [24, 32]
     assert [(s.depth, s.width) for s in m.scales] == [(18, 1152), (10, 1280)]
-    paper = SamplerSettings.named(m, "paper")  # the defaults are msf's cheaper sampler (issue 17)
+    paper = SamplerSettings.named(m, "paper")  # the defaults are msf's cheaper sampler
     assert (paper.steps, paper.cfg_scale, paper.solver) == ((100, 50), (1.4, 1.0), ("euler", "euler"))
     assert paper.shift == (1.0, 1.0) and paper.guidance_interval == ((0.0, 1.0), (0.0, 1.0))
     assert m.autoencoder.scaling_factor == 0.18215 and m.autoencoder.factor == 8
@@ -184,3 +192,48 @@ def test_an_unknown_key_is_answered_with_the_setting_it_means(tiny_cfg, typed, m
 def test_an_unknown_key_with_nothing_near_still_ends_its_sentence(tiny_cfg):
     with pytest.raises(ConfigError, match=r"unknown config key 'train.zzz'\. Valid keys here: "):
         apply_overrides(tiny_cfg, ["train.zzz=1"])
+
+
+def test_every_config_field_is_declared_with_its_rule_and_a_bare_one_is_named():
+    for cls in (AutoencoderConfig, ScaleConfig, ModelConfig, TrainConfig):
+        check_declarations(cls)
+
+    @dataclasses.dataclass
+    class Grown(TrainConfig):
+        new_lever: float = 0.0  # no setting(...): nobody said whether --resume may change it
+
+    with pytest.raises(TypeError, match=r"Grown.new_lever: declare it with msf.fields.setting"):
+        check_declarations(Grown)
+
+
+def test_the_field_lists_follow_the_declarations():
+    @dataclasses.dataclass
+    class Grown(TrainConfig):
+        new_lever: float = setting(0.5, "(0, 1]", cost=False)
+
+    rule = next(f for f in dataclasses.fields(Grown) if f.name == "new_lever").metadata["rule"]
+    assert rule.within == (0.0, 1.0, False, True) and not rule.resume and not rule.cost
+    assert "lr" in COST_FREE_TRAIN and "lr" not in RESUMABLE_FIELDS and "batch_size" not in COST_FREE_TRAIN
+    assert "out_dir" in RESUMABLE_FIELDS and "seed" not in RESUMABLE_FIELDS
+    assert SAMPLING_FIELDS == ("steps", "cfg_scale", "solver", "shift", "guidance_interval")
+    assert TrainConfig().betas is not TrainConfig().betas  # a list default is a fresh copy each time
+
+
+@pytest.mark.parametrize("override,message", [
+    ("model.scales.0.depth=0", r"model.scales.0.depth must be an integer in \[1, inf\), got 0"),
+    ("model.autoencoder.factor=0", r"model.autoencoder.factor must be an integer in \[1, inf\), got 0"),
+    ("model.scales.1.solver=rk4", r"model.scales.1.solver must be one of \('euler', 'heun', 'midpoint', "),
+    ("model.component_std=[1, -1]", r"model.component_std\[1\] must be a number in \(0, inf\), got -1"),
+    ("model.component_std=[1]", r"model.component_std needs 2 values \(one per scale\), got \[1.0\]"),
+    ("train.time_shift=[1, 0]", r"train.time_shift\[1\] must be a number in \(0, 100\], got 0"),
+    ("train.lr_schedule=linear", r"train.lr_schedule must be one of \('constant', 'cosine'\), got 'linear'"),
+])
+def test_declared_ranges_and_choices_are_checked_with_the_field_named(override, message):
+    with pytest.raises(ConfigError, match=message):
+        apply_overrides(preset("tiny"), [override])
+
+
+def test_a_bool_field_set_to_a_number_in_python_is_refused(tiny_cfg):
+    tiny_cfg.train.compile = 1
+    with pytest.raises(ConfigError, match="train.compile must be true or false, got 1"):
+        validate(tiny_cfg)

@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from msf.config import ModelConfig, SamplerSettings, from_dict
-from msf.interfaces.convert import CheckpointError, convert_checkpoint
+from msf.interfaces.convert import ConversionError, convert_checkpoint
 from msf.method.autoencoder import IdentityAutoencoder
 from msf.method.pipeline import MSFPipeline
 
@@ -186,7 +186,7 @@ def test_training_checkpoint_takes_the_ema_weights_and_reads_its_args(tmp_path, 
 
     args.path_type = "GVP"
     torch.save({"ema": ref.state_dict(), "args": args}, ckpt)
-    with pytest.raises(CheckpointError, match=r"path_type=GVP.*only SiT's linear path"):
+    with pytest.raises(ConversionError, match=r"path_type=GVP.*only SiT's linear path"):
         convert_checkpoint(ckpt, tmp_path / "gvp")
 
 
@@ -195,7 +195,7 @@ def test_safetensors_without_sigma_channels(tmp_path):
     ref = RefSiT(learn_sigma=False).eval()
     ckpt = tmp_path / "weights.safetensors"
     save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(ckpt))
-    with pytest.raises(CheckpointError, match="same keys.*kind='sit'"):  # nothing says DiT or SiT
+    with pytest.raises(ConversionError, match="same keys.*kind='sit'"):  # nothing says DiT or SiT
         convert_checkpoint(ckpt, tmp_path / "model")
     pipe = _load(convert_checkpoint(ckpt, tmp_path / "model", kind="sit", learned_sigma="refuse",
                                     image_size=64))
@@ -207,22 +207,22 @@ def test_safetensors_without_sigma_channels(tmp_path):
 def test_refusals_say_why_and_what_works(tmp_path, ref):
     dit = tmp_path / "DiT-XL-2-256x256.pt"
     torch.save(ref.state_dict(), dit)
-    with pytest.raises(CheckpointError, match=r"learned-sigma.*DDPM sampler.*need none.*noise prediction"):
+    with pytest.raises(ConversionError, match=r"learned-sigma.*DDPM sampler.*need none.*noise prediction"):
         convert_checkpoint(dit, tmp_path / "a", learned_sigma="refuse")
     sit = tmp_path / "SiT-S-2.pt"
     torch.save(ref.state_dict(), sit)
-    with pytest.raises(CheckpointError, match="learned-sigma channels.*learned_sigma='drop'"):
+    with pytest.raises(ConversionError, match="learned-sigma channels.*learned_sigma='drop'"):
         convert_checkpoint(sit, tmp_path / "b", learned_sigma="refuse")
-    with pytest.raises(CheckpointError, match=r"a 64 px model; image_size=256"):
+    with pytest.raises(ConversionError, match=r"a 64 px model; image_size=256"):
         convert_checkpoint(sit, tmp_path / "c", image_size=256)
     convert_checkpoint(sit, tmp_path / "d")
-    with pytest.raises(CheckpointError, match="already a model directory.*overwrite"):
+    with pytest.raises(ConversionError, match="already a model directory.*overwrite"):
         convert_checkpoint(sit, tmp_path / "d")
     convert_checkpoint(sit, tmp_path / "d", overwrite=True)
 
     evil = tmp_path / "SiT-evil.pt"
     torch.save({"ema": ref.state_dict(), "extra": NotATensor()}, evil)
-    with pytest.raises(CheckpointError, match="SiT-evil.pt: not a weights-only PyTorch checkpoint"):
+    with pytest.raises(ConversionError, match="SiT-evil.pt: not a weights-only PyTorch checkpoint"):
         convert_checkpoint(evil, tmp_path / "e")
 
 
@@ -231,30 +231,30 @@ def test_wrong_shapes_and_keys_name_the_file_the_key_and_the_shapes(tmp_path, re
     ckpt = tmp_path / "SiT-S-2.pt"
     state["blocks.0.mlp.fc2.bias"] = torch.zeros(383)
     torch.save(state, ckpt)
-    with pytest.raises(CheckpointError, match=r"SiT-S-2.pt: blocks.0.mlp.fc2.bias has shape \(383,\), "
+    with pytest.raises(ConversionError, match=r"SiT-S-2.pt: blocks.0.mlp.fc2.bias has shape \(383,\), "
                                               r"expected \(384,\)"):
         convert_checkpoint(ckpt, tmp_path / "model")
     state = ref.state_dict()
     state["final_layer.linear.weight"] = torch.zeros(32, 380)
     torch.save(state, ckpt)
-    with pytest.raises(CheckpointError, match=r"final_layer.linear.weight has shape \(32, 380\), "
+    with pytest.raises(ConversionError, match=r"final_layer.linear.weight has shape \(32, 380\), "
                                               r"expected \(32, 384\)"):
         convert_checkpoint(ckpt, tmp_path / "model")
     state = ref.state_dict()
     del state["blocks.0.attn.proj.weight"]
     state["blocks.0.attn.extra"] = torch.zeros(1)
     torch.save(state, ckpt)
-    with pytest.raises(CheckpointError, match=r"missing \['blocks.0.attn.proj.weight'\], "
+    with pytest.raises(ConversionError, match=r"missing \['blocks.0.attn.proj.weight'\], "
                                               r"unexpected \['blocks.0.attn.extra'\]"):
         convert_checkpoint(ckpt, tmp_path / "model")
     del state["blocks.0.attn.extra"]  # a key missing, nothing else wrong
     torch.save(state, ckpt)
-    with pytest.raises(CheckpointError, match=r"missing \['blocks.0.attn.proj.weight'\], unexpected \[\]"):
+    with pytest.raises(ConversionError, match=r"missing \['blocks.0.attn.proj.weight'\], unexpected \[\]"):
         convert_checkpoint(ckpt, tmp_path / "model")
     state = ref.state_dict()
     state["pos_embed"] = state["pos_embed"] + 0.01
     torch.save(state, ckpt)
-    with pytest.raises(CheckpointError, match="pos_embed is not DiT's fixed 2-D sin-cos table"):
+    with pytest.raises(ConversionError, match="pos_embed is not DiT's fixed 2-D sin-cos table"):
         convert_checkpoint(ckpt, tmp_path / "model")
     assert not (tmp_path / "model").exists()  # nothing written on a refusal
 

@@ -89,8 +89,8 @@ def test_the_next_commands_survive_a_shell_whatever_the_class_and_folder_names(t
 def test_the_suggested_comparison_pits_the_demos_own_recipe_against_the_dit():
     import shlex
 
-    from msf.config import preset
     from msf.interfaces.demo import next_steps
+    from msf.presets import preset
 
     line = next(x for x in next_steps(Path("d"), Path("d/model"), []).splitlines() if "msf compare" in x)
     argv = shlex.split(line.split(":", 1)[1])

@@ -72,7 +72,8 @@ def test_fsdp_two_processes_match_one_and_checkpoints_interchange(tmp_path):
 LEAK_CHECK = """
 import gc, os, sys
 from torch.distributed.tensor import DTensor
-from msf.config import apply_overrides, preset
+from msf.config import apply_overrides
+from msf.presets import preset
 from msf.training.train import train
 cfg = apply_overrides(preset("tiny"), ["train.tensorboard=false", "train.steps=2", "train.batch_size=16",
                                        "train.fsdp=true", "train.out_dir=" + sys.argv[1]])
@@ -100,14 +101,14 @@ def test_fsdp_under_bf16_gathers_weights_in_bf16_and_reduces_gradients_in_fp32(t
     """Issue 16, item 7: FSDP's mixed-precision policy, in one gloo process."""
     import torch.distributed as dist
 
-    from msf.config import preset
     from msf.method.models import DiT
-    from msf.training.train import shard
+    from msf.presets import preset
+    from msf.training.distributed import shard
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
         m = preset("tiny").model.scales[0]
-        nets = {p: DiT(8, 3, m.width, m.depth, m.heads, 4) for p in ("fp32", "bf16")}
+        nets = {p: DiT(m, 8, 3, 4) for p in ("fp32", "bf16")}
         seen = {}
         for precision, net in nets.items():
             shard(net, precision)

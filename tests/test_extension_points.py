@@ -1,4 +1,5 @@
-"""Issue 19, item 5: train(cfg, data=, autoencoder=, networks=) and torchvision-style datasets."""
+"""train(cfg, data=, autoencoder=, networks=): data, an autoencoder and networks of one's own, and
+torchvision-style datasets."""
 
 import numpy as np
 import pytest
@@ -7,9 +8,10 @@ from PIL import Image
 from torch import nn
 from torchvision import datasets
 
-from msf.config import preset
+from msf.config import ScaleConfig
 from msf.method.models import DiT
 from msf.method.pipeline import MSFPipeline
+from msf.presets import preset
 from msf.training.data import TorchvisionData, TrainingData
 from msf.training.imagefolder import ImageFolder
 from msf.training.train import train
@@ -46,9 +48,9 @@ def test_a_torchvision_dataset_reads_as_msfs_own_loader(tmp_path):
 class Counting(nn.Module):
     """A network of one's own: a DiT behind a wrapper that counts its calls."""
 
-    def __init__(self, **kw):
+    def __init__(self, *args, **kw):
         super().__init__()
-        self.inner, self.calls = DiT(**kw), 0
+        self.inner, self.calls = DiT(*args, **kw), 0
 
     def forward(self, x, t, y, prior=None):
         self.calls += 1
@@ -61,7 +63,8 @@ def test_own_networks_and_autoencoder_are_trained_and_load_back(tmp_path):
     m = cfg.model
 
     def nets():
-        return [Counting(input_size=n, channels=3, width=16, depth=1, heads=2, num_classes=m.num_classes,
+        small = ScaleConfig(image_size=8, depth=1, width=16, heads=2)
+        return [Counting(small, input_size=n, channels=3, num_classes=m.num_classes,
                          prior_channels=3 if k else 0) for k, n in enumerate(m.latent_sizes)]
 
     mine = nets()

@@ -6,10 +6,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from msf.config import ConfigError, apply_overrides, config_from_json, config_to_json, preset
+from msf.config import ConfigError, apply_overrides, config_from_json, config_to_json
 from msf.files import atomic_write, atomic_write_text
 from msf.interfaces.cli import main
 from msf.method.pipeline import ModelDirError, MSFPipeline
+from msf.presets import preset
 from msf.training.checkpoint import (
     VERSION,
     CheckpointError,
@@ -161,13 +162,22 @@ def test_cuda_asked_for_without_cuda_is_one_line(tmp_path, capsys, monkeypatch):
 
 
 def test_loader_workers_default_to_what_the_machine_has(monkeypatch):
-    import msf.training.train as mt
+    import os
 
-    assert preset("tiny").train.num_workers is None
-    monkeypatch.setattr(mt.os, "sched_getaffinity", lambda pid: {0, 1})
-    assert mt._workers(None) == 1 and mt._workers(3) == 3
-    monkeypatch.setattr(mt.os, "sched_getaffinity", lambda pid: set(range(32)))
-    assert mt._workers(None) == 4
+    import msf.training.train as mt
+    from msf.training.distributed import World
+
+    tc = preset("tiny").train
+    assert tc.num_workers is None
+
+    def workers(configured):
+        tc.num_workers = configured
+        return mt._loading(tc, World())["num_workers"]
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    assert workers(None) == 1 and workers(3) == 3
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(32)))
+    assert workers(None) == 4
 
 
 def test_a_finished_sample_set_is_not_replaced_by_one_with_other_settings(tmp_path):
@@ -298,16 +308,18 @@ def test_extract_into_a_cache_made_with_other_settings_is_refused(tmp_path):
 
 
 def test_a_busy_machine_with_several_threads_per_process_is_named(tmp_path, monkeypatch):
-    import msf.training.train as mt
+    import os
+
+    import msf.training.run_log as run_log
 
     cfg = apply_overrides(preset("tiny"), [*QUICK, "train.steps=1"])
-    monkeypatch.setattr(mt.os, "sched_getaffinity", lambda pid: {0, 1})
-    monkeypatch.setattr(mt.torch, "get_num_threads", lambda: 2)
-    monkeypatch.setattr(mt, "_busy_cpus", lambda: 1.0)  # another process keeps one core busy
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(run_log, "busy_cpus", lambda: 1.0)  # another process keeps one core busy
     with pytest.warns(UserWarning, match=r"the machine is busy \(1.0 of 2 CPUs in use by other processes\) "
                                          r".* 2 threads.*OMP_NUM_THREADS=1"):
         train(cfg, progress=False, save=False)
-    monkeypatch.setattr(mt, "_busy_cpus", lambda: 0.1)  # idle: no word
+    monkeypatch.setattr(run_log, "busy_cpus", lambda: 0.1)  # idle: no word
     import warnings
 
     with warnings.catch_warnings():
@@ -330,14 +342,14 @@ def test_a_gpu_that_cuda_cannot_use_stops_the_run_and_the_device_is_named(tmp_pa
 
 
 def test_busy_cpus_counts_other_processes_not_this_one():
-    import msf.training.train as mt
+    from msf.training.run_log import busy_cpus, cpus, others_busy
 
     # (all ticks, idle + iowait ticks, this process's ticks) before and after, on 2 CPUs
-    assert mt._others_busy((1000, 500, 10), (1100, 550, 10), 2) == pytest.approx(1.0)  # one core busy
-    assert mt._others_busy((1000, 500, 10), (1100, 550, 60), 2) == pytest.approx(0.0)  # busy: ourselves
-    assert mt._others_busy((1000, 500, 0), (1000, 500, 0), 2) is None
-    measured = mt._busy_cpus(0.05)  # reads /proc on Linux
-    assert measured is None or 0.0 <= measured <= mt._cpus() + 0.01
+    assert others_busy((1000, 500, 10), (1100, 550, 10), 2) == pytest.approx(1.0)  # one core busy
+    assert others_busy((1000, 500, 10), (1100, 550, 60), 2) == pytest.approx(0.0)  # busy: ourselves
+    assert others_busy((1000, 500, 0), (1000, 500, 0), 2) is None
+    measured = busy_cpus(0.05)  # reads /proc on Linux
+    assert measured is None or 0.0 <= measured <= cpus() + 0.01
 
 
 def test_a_loss_that_stays_above_twice_its_first_value_is_named_once():
@@ -345,15 +357,15 @@ def test_a_loss_that_stays_above_twice_its_first_value_is_named_once():
     from types import SimpleNamespace
 
     from msf.training.distributed import World
-    from msf.training.train import _LossLog
+    from msf.training.run_log import RunLog
 
-    state = SimpleNamespace(history={0: [], 1: []})
-    quiet = SimpleNamespace(scalars=lambda step, values: None)
-    log = _LossLog(state, [0, 1], preset("tiny").train, World(), quiet)
+    history = {0: [], 1: []}
+    opts = {k: SimpleNamespace(param_groups=[{"lr": 1e-4}]) for k in history}
+    log = RunLog(preset("tiny"), World(), history, opts, enabled=False)
 
     def logged(step, *losses):
         log.running, log.count = torch.tensor(losses, dtype=torch.float64), 1
-        return log.write(step, [0, 1], rate=1.0)
+        return log.write(step, [0, 1])
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -369,4 +381,4 @@ def test_a_loss_that_stays_above_twice_its_first_value_is_named_once():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         logged(70, 675.0, 0.8)  # once per scale, not at every log
-    assert state.history[0][-1] == (70, 675.0)
+    assert history[0][-1] == (70, 675.0)

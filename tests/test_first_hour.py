@@ -8,12 +8,12 @@ from helpers import MeanColour
 
 import msf.evaluation.metrics
 import msf.interfaces.cli
-import msf.training.train
-from msf.config import preset
+import msf.training.run_log
 from msf.evaluation.classifier import Recipe, real_classifier
 from msf.evaluation.features import Pace
 from msf.evaluation.metrics import evaluate
 from msf.interfaces.cli import main
+from msf.presets import preset
 from msf.training.data import load_builtin
 from msf.training.distributed import describe
 from msf.training.train import train
@@ -123,12 +123,12 @@ class _Bar:
 @pytest.mark.filterwarnings("ignore:the EMA weights")  # a few steps of training, as meant
 def test_the_training_bar_never_counts_past_its_total(tmp_path, monkeypatch):
     _Bar.made = []
-    monkeypatch.setattr(msf.training.train, "tqdm", _Bar)
+    monkeypatch.setattr(msf.training.run_log, "tqdm", _Bar)
 
     def short(bar, step, *_):  # a time cap's estimate of the last step that always falls one short
         bar.total = step + 1
 
-    monkeypatch.setattr(msf.training.train, "_honour_cap", short)
+    monkeypatch.setattr(msf.training.run_log, "honour_cap", short)
     cfg = preset("tiny")
     cfg.train.steps, cfg.train.log_every, cfg.train.out_dir = 8, 3, str(tmp_path / "a")
     train(cfg, progress=True, max_seconds=1e6)
@@ -137,7 +137,7 @@ def test_the_training_bar_never_counts_past_its_total(tmp_path, monkeypatch):
     assert bar.closed[:2] == (8, 8)
 
     monkeypatch.undo()
-    monkeypatch.setattr(msf.training.train, "tqdm", _Bar)
+    monkeypatch.setattr(msf.training.run_log, "tqdm", _Bar)
     cfg.train.steps, cfg.train.out_dir = 50, str(tmp_path / "b")
     with pytest.warns(UserWarning, match="time cap"):
         result = train(cfg, progress=True, max_seconds=0.0)

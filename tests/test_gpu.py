@@ -8,9 +8,10 @@ without one they are skipped: there is nothing to install that would run them.
 import pytest
 import torch
 
-from msf.config import apply_overrides, preset
+from msf.config import apply_overrides
 from msf.method.flow import StepNoise
 from msf.method.pipeline import MSFPipeline
+from msf.presets import preset
 from msf.training.train import train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),

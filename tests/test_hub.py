@@ -15,11 +15,13 @@ import pytest
 import torch
 from helpers import grid_cells
 
-import msf.interfaces.hub
-from msf.config import preset, to_dict
+import msf.interfaces.hub_download
+from msf.config import to_dict
 from msf.interfaces.cli import main
-from msf.interfaces.hub import parse_hub_id, push_to_hub
+from msf.interfaces.hub import push_to_hub
+from msf.interfaces.hub_download import parse_hub_id
 from msf.method.pipeline import ModelDirError, MSFPipeline, load_model_config
+from msf.presets import preset
 from msf.training.data import to_uint8
 
 COMMIT_A, COMMIT_B = "a" * 40, "b" * 40
@@ -102,7 +104,7 @@ def test_hf_home_is_honoured_when_hf_hub_cache_is_unset(hub_cache, models, tmp_p
     _snapshot(home / "hub", "org/elsewhere", COMMIT_A, tmp_path / "model_a", refs=("main",))
     monkeypatch.delenv("HF_HUB_CACHE")
     monkeypatch.setenv("HF_HOME", str(home))  # read when called, not when huggingface_hub was imported
-    assert msf.interfaces.hub.cache_dir() == home / "hub"
+    assert msf.interfaces.hub_download.cache_dir() == home / "hub"
     got = MSFPipeline.from_pretrained("org/elsewhere").sample([0], seed=0)
     assert torch.equal(got, a.sample([0], seed=0))
 
@@ -161,7 +163,7 @@ def test_hub_answers_become_one_line_naming_the_id(monkeypatch):
     ]:
         def fail(*args, error=error, **kwargs):
             assert kwargs["local_files_only"] is False
-            assert kwargs["allow_patterns"] == msf.interfaces.hub.MODEL_FILES
+            assert kwargs["allow_patterns"] == msf.interfaces.hub_download.MODEL_FILES
             raise error
 
         monkeypatch.setattr(huggingface_hub, "snapshot_download", fail)
@@ -255,7 +257,7 @@ def test_push_uploads_the_model_a_card_and_a_sample_grid(models, tmp_path):
     assert "inception-v3 (test) (weights sha256 ffffffffffff)" in card
 
 
-def test_push_with_a_given_grid_samples_nothing_and_the_method_saves_first(models, tmp_path, monkeypatch):
+def test_push_with_a_given_grid_samples_nothing_and_a_pipeline_is_saved_first(models, tmp_path, monkeypatch):
     a, _ = models
     grid = tmp_path / "mine.png"
     grid.write_bytes(b"\x89PNG not really")
@@ -265,11 +267,13 @@ def test_push_with_a_given_grid_samples_nothing_and_the_method_saves_first(model
 
     monkeypatch.setattr(MSFPipeline, "sample", no_sampling)
     api = FakeApi(tmp_path / "uploaded")
-    a.push_to_hub("org/plain", api=api, samples=grid, license="apache-2.0")
+    push_to_hub(a, "org/plain", api=api, samples=grid, license="apache-2.0")
     assert [c[0] for c in api.calls] == ["create_repo", "upload_folder"]  # main: no branch to create
     assert api.calls[1][2]["revision"] is None
     up = tmp_path / "uploaded"
     assert (up / "samples.png").read_bytes() == grid.read_bytes()
+    ours, uploaded = a.networks.state_dict(), MSFPipeline.from_pretrained(up).networks.state_dict()
+    assert ours.keys() == uploaded.keys() and all(torch.equal(ours[k], uploaded[k]) for k in ours)
     assert not (up / "metrics.json").exists()
     card = (up / "README.md").read_text()
     assert "license: apache-2.0" in card and "Samples supplied with the upload." in card
@@ -295,9 +299,9 @@ def test_cli_push_offline_is_one_line(models, tmp_path, capsys):
 
 
 def test_a_missing_local_path_is_answered_at_once_without_the_hub(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(msf.interfaces.hub, "download",
+    monkeypatch.setattr(msf.interfaces.hub_download, "download",
                         lambda *a, **k: pytest.fail(f"looked up on the hub: {a}"))
-    monkeypatch.setattr(msf.interfaces.hub, "_huggingface_hub",
+    monkeypatch.setattr(msf.interfaces.hub_download, "import_huggingface_hub",
                         lambda *a: pytest.fail("huggingface_hub imported"))
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs").mkdir()  # ./runs exists: runs/nothere is a path here, not the hub's owner "runs"

@@ -273,7 +273,8 @@ def test_picklable_and_dataloader(folder):
 
 
 def test_training_reads_an_image_folder_end_to_end(tmp_path):
-    from msf.config import apply_overrides, preset
+    from msf.config import apply_overrides
+    from msf.presets import preset
     from msf.training.train import train
 
     rng = np.random.default_rng(0)

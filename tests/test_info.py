@@ -1,9 +1,10 @@
 import pytest
 from helpers import measured_flops
 
-from msf.config import SamplerSettings, apply_overrides, preset
+from msf.config import SamplerSettings, apply_overrides
 from msf.interfaces.info import model_info, scale_infos
 from msf.method.pipeline import MSFPipeline
+from msf.presets import preset
 
 
 @pytest.mark.parametrize("overrides", [[], ["model.scales.1.patch_size=4", "model.prior=none"]])

@@ -7,8 +7,9 @@ import pytest
 import torch
 from helpers import HANG
 
-from msf.config import apply_overrides, preset
+from msf.config import apply_overrides
 from msf.method.pipeline import MSFPipeline
+from msf.presets import preset
 from msf.training.data import load_builtin, load_dataset, prepare_data, to_model_range
 from msf.training.extract import extract
 from msf.training.latent_cache import CacheError, LatentCache

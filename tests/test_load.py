@@ -1,15 +1,15 @@
-"""Issue 19, item 1: sample, sweep, app and info take a run directory, a checkpoint or a model directory."""
+"""sample, sweep, app and info take a run directory, a checkpoint or a model directory."""
 
 import json
 
 import pytest
 import torch
 
-from msf.config import preset
 from msf.evaluation.sample_set import read_meta
 from msf.interfaces.cli import main
 from msf.interfaces.load import load_config, load_pipeline, resolve, source
 from msf.method.pipeline import ModelDirError, MSFPipeline
+from msf.presets import preset
 from msf.training.checkpoint import CheckpointError
 
 

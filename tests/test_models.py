@@ -2,10 +2,11 @@ import numpy as np
 import pytest
 import torch
 
-from msf.config import preset
+from msf.config import ScaleConfig
 from msf.interfaces.info import _dit_parameters
 from msf.method.models import DiT, count_parameters, sincos_pos_embed_2d
 from msf.method.pipeline import build_scale_networks
+from msf.presets import preset
 from msf.speed import attention
 
 
@@ -57,9 +58,13 @@ def test_analytic_parameter_count_matches_modules(name):
         assert _dit_parameters(s, n, ch, prior, cfg.num_classes) == count_parameters(net)
 
 
+def _scale(**kw):
+    """A small scale's architecture (its image size is not the network's)."""
+    return ScaleConfig(**{"image_size": 8, "depth": 2, "width": 32, "heads": 2, **kw})
+
+
 def test_forward_shapes_zero_init_and_prior_required():
-    net = DiT(input_size=12, channels=4, width=32, depth=2, heads=2, num_classes=5,
-              prior_channels=4)
+    net = DiT(_scale(depth=2), input_size=12, channels=4, num_classes=5, prior_channels=4)
     x, prior = torch.randn(3, 4, 12, 12), torch.randn(3, 4, 12, 12)
     out = net(x, torch.rand(3), torch.tensor([0, 4, 5]), prior)
     assert out.shape == x.shape
@@ -67,7 +72,7 @@ def test_forward_shapes_zero_init_and_prior_required():
     with pytest.raises(ValueError, match="prior"):
         net(x, torch.rand(3), torch.tensor([0, 1, 2]))
     with pytest.raises(ValueError, match="divisible"):
-        DiT(input_size=7, channels=4, width=32, depth=1, heads=2, num_classes=5)
+        DiT(_scale(depth=1), input_size=7, channels=4, num_classes=5)
 
 
 def _reference_forward(net, x, t, y, prior):
@@ -119,7 +124,7 @@ def _reference_forward(net, x, t, y, prior):
 
 def test_forward_equals_dit_written_out():
     torch.manual_seed(0)
-    net = DiT(input_size=8, channels=3, width=32, depth=2, heads=2, num_classes=4, prior_channels=3)
+    net = DiT(_scale(depth=2), input_size=8, channels=3, num_classes=4, prior_channels=3)
     for prm in net.parameters():  # leave the zero init so that every gate and branch carries signal
         torch.nn.init.normal_(prm, std=0.1)
     x, prior, t, y = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8), torch.rand(2), torch.tensor([1, 4])

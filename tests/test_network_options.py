@@ -1,4 +1,4 @@
-"""The later DiT-family network options (issue 18): QK-norm, RMSNorm, SwiGLU, 2-D RoPE.
+"""The later DiT-family network options: QK-norm, RMSNorm, SwiGLU, 2-D RoPE.
 
 Off by default (tests/test_regression.py proves the paper presets still train bit for bit); here
 each option does what it says, `msf info` counts it exactly, and it trains, samples in bf16 and
@@ -11,10 +11,11 @@ import pytest
 import torch
 from helpers import measured_flops
 
-from msf.config import ConfigError, apply_overrides, preset
+from msf.config import ConfigError, ScaleConfig, apply_overrides
 from msf.interfaces.info import scale_infos
 from msf.method.models import DiT, apply_rope, count_parameters, rope_2d
 from msf.method.pipeline import MSFPipeline
+from msf.presets import preset
 from msf.speed import inference_copy
 from msf.training.train import train
 
@@ -31,7 +32,8 @@ OPTIONS = {
 
 def _net(**kw):
     torch.manual_seed(0)
-    return DiT(input_size=8, channels=3, width=32, depth=2, heads=2, num_classes=4, **kw)
+    return DiT(ScaleConfig(image_size=8, depth=2, width=32, heads=2, **kw), input_size=8, channels=3,
+               num_classes=4)
 
 
 def _perturb(net):

@@ -5,6 +5,7 @@ import torch
 
 from msf.config import ConfigError, apply_overrides
 from msf.method.factorize import compose
+from msf.method.flow import LossSettings
 from msf.method.pipeline import ModelDirError, MSFPipeline, load_model_config
 from msf.training.data import load_builtin, prepare_data, to_model_range
 from msf.training.train import train
@@ -25,7 +26,8 @@ def test_tiny_model_loss_falls_when_overfitting(tiny_cfg):
     def eval_loss():
         torch.manual_seed(123)  # same noise and times each time
         with torch.no_grad():
-            return {k: v.item() for k, v in pipe.training_losses(x, y, class_dropout=0).items()}
+            losses = pipe.training_losses(x, y, settings=LossSettings(class_dropout=0))
+            return {k: v.item() for k, v in losses.items()}
 
     before = eval_loss()
     for _ in range(150):

@@ -10,10 +10,11 @@ import torch
 from PIL import Image
 
 import msf.precision as precision
-from msf.config import apply_overrides, preset
+from msf.config import apply_overrides
 from msf.evaluation.sample_set import read_meta
 from msf.interfaces.cli import main
 from msf.precision import cpu_native_bf16, resolve_precision
+from msf.presets import preset
 from msf.training.train import train
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "msf"

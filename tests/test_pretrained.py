@@ -5,9 +5,9 @@ import pytest
 import torch
 
 import msf.interfaces.pretrained
-from msf.config import preset
 from msf.interfaces.cli import main
 from msf.method.pipeline import ModelDirError, MSFPipeline
+from msf.presets import preset
 
 
 @pytest.fixture

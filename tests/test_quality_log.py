@@ -8,8 +8,9 @@ import torch
 from helpers import MeanColour
 
 import msf.evaluation.metrics as metrics
-from msf.config import ConfigError, apply_overrides, preset, validate
+from msf.config import ConfigError, apply_overrides, validate
 from msf.evaluation.metrics import evaluate
+from msf.presets import preset
 from msf.training.data import load_builtin, prepare_data, to_uint8
 from msf.training.train import train
 

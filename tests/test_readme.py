@@ -8,8 +8,9 @@ from pathlib import Path
 from helpers import MeanColour
 
 import msf.evaluation.metrics
-from msf.config import apply_overrides, preset
+from msf.config import apply_overrides
 from msf.interfaces.cli import main
+from msf.presets import preset
 from msf.training.train import train
 
 README = Path(__file__).resolve().parents[1] / "README.md"

@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from msf.config import apply_overrides, preset
+from msf.config import apply_overrides
+from msf.presets import preset
 from msf.training.train import train
 
 FIXTURE = Path(__file__).parent / "fixtures" / "reference_run.safetensors"

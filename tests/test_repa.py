@@ -12,9 +12,10 @@ import torch
 from helpers import HANG
 from safetensors.torch import load_file
 
-from msf.config import ConfigError, apply_overrides, preset
+from msf.config import ConfigError, ScaleConfig, apply_overrides
 from msf.method.models import DiT
 from msf.method.pipeline import MSFPipeline
+from msf.presets import preset
 from msf.training.repa import AlignedNet, Projector, alignment_loss, load_encoder, pooled
 from msf.training.train import train
 
@@ -69,7 +70,7 @@ def test_pooling_and_the_alignment_loss():
 
 def test_aligned_net_returns_the_velocity_and_the_projected_tokens_of_its_block():
     torch.manual_seed(0)
-    net = DiT(input_size=8, channels=3, width=32, depth=3, heads=2, num_classes=4)
+    net = DiT(ScaleConfig(image_size=8, depth=3, width=32, heads=2), input_size=8, channels=3, num_classes=4)
     with torch.no_grad():  # adaLN-Zero starts every block as the identity
         for p in net.parameters():
             p.add_(0.05 * torch.randn_like(p))

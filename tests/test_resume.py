@@ -13,8 +13,9 @@ import torch
 from helpers import HANG, grid_cells, kill_after_checkpoint
 from safetensors.torch import load_file
 
-from msf.config import apply_overrides, preset
+from msf.config import apply_overrides
 from msf.method.pipeline import MSFPipeline
+from msf.presets import preset
 from msf.training.checkpoint import CheckpointError, list_checkpoints, load_latest, prune, save_checkpoint
 from msf.training.data import to_uint8
 from msf.training.train import learning_rate, train

@@ -260,7 +260,8 @@ def test_ab2_and_midpoint_evaluate_at_the_right_times():
 
 
 def test_guidance_interval_guides_only_inside_it_and_counts_its_evaluations():
-    from msf.config import SamplerSettings, preset
+    from msf.config import SamplerSettings
+    from msf.presets import preset
 
     calls = []
 
@@ -290,9 +291,10 @@ def test_named_samplers_paper_reproduces_todays_samples_and_survives_new_default
 
     import torch
 
-    from msf.config import ConfigError, SamplerSettings, apply_overrides, config_from_json, preset, to_dict
+    from msf.config import ConfigError, SamplerSettings, apply_overrides, config_from_json, to_dict
     from msf.interfaces.cli import main
     from msf.method.pipeline import MSFPipeline
+    from msf.presets import preset
 
     cfg = preset("tiny")
     assert SamplerSettings.named(cfg.model, "paper") == SamplerSettings.named(cfg.model)

@@ -5,13 +5,14 @@ import pytest
 import torch
 from PIL import Image
 
-from msf.config import preset
 from msf.interfaces.cli import main
 from msf.interfaces.scale_view import scales_figure, view_columns, view_scales
 from msf.method.factorize import up
 from msf.method.pipeline import MSFPipeline
+from msf.presets import preset
 from msf.training.data import to_uint8
-from msf.training.train import _honour_cap, train
+from msf.training.run_log import honour_cap
+from msf.training.train import train
 
 
 def _pipe():
@@ -92,10 +93,10 @@ def test_time_cap_warns_and_the_bar_counts_to_the_cap(tmp_path):
             pass
 
     bar = Bar()
-    _honour_cap(bar, step=150, start_step=100, total_steps=1000, elapsed=60.0, max_seconds=300.0)
+    honour_cap(bar, step=150, start_step=100, total_steps=1000, elapsed=60.0, max_seconds=300.0)
     assert bar.total == 350 and "time cap: ~350 of 1000" in bar.desc  # 50 steps a minute, 5 minutes
     bar = Bar()
-    _honour_cap(bar, step=150, start_step=100, total_steps=1000, elapsed=1.0, max_seconds=300.0)
+    honour_cap(bar, step=150, start_step=100, total_steps=1000, elapsed=1.0, max_seconds=300.0)
     assert bar.total == 1000 and bar.desc == ""  # the cap is not in reach: nothing changes
 
 

@@ -6,9 +6,10 @@ import pytest
 import torch
 from diffusers import AutoencoderKL
 
-from msf.config import ConfigError, apply_overrides, preset
+from msf.config import ConfigError, apply_overrides
 from msf.method.factorize import compose
 from msf.method.pipeline import MSFPipeline
+from msf.presets import preset
 
 SIZES = ["model.scales.0.image_size=48", "model.scales.1.image_size=64",
          "model.scales.0.patch_size=2", "model.scales.1.patch_size=2"]

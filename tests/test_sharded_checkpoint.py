@@ -23,9 +23,10 @@ import torch
 from helpers import HANG, kill_after_checkpoint
 
 import msf.training.checkpoint
-from msf.config import ConfigError, apply_overrides, preset
+from msf.config import ConfigError, apply_overrides
 from msf.interfaces.load import load_pipeline, resolve
 from msf.method.pipeline import MSFPipeline
+from msf.presets import preset
 from msf.training.checkpoint import CheckpointError, list_checkpoints, load_latest, prune, read_sharded
 from msf.training.train import train
 

@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 from helpers import HANG
 
-from msf.config import apply_overrides, preset
+from msf.config import apply_overrides
 from msf.evaluation.sample_set import parts_dir, read_meta
 from msf.interfaces import cli
+from msf.presets import preset
 from msf.training.train import train
 
 STOP_WITHIN = 20.0  # seconds from the signal to the exit: a step or a batch in flight finishes first

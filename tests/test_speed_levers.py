@@ -5,15 +5,16 @@ import os
 import pytest
 import torch
 
-from msf.config import preset
+from msf.config import ScaleConfig
 from msf.method.models import DiT
 from msf.method.pipeline import MSFPipeline
+from msf.presets import preset
 from msf.speed import compile_for_inference, inference_copy
 
 
 def _net(prior_channels: int = 0) -> DiT:
     torch.manual_seed(0)
-    net = DiT(input_size=8, channels=3, width=64, depth=2, heads=2, num_classes=4,
+    net = DiT(ScaleConfig(image_size=8, depth=2, width=64, heads=2), input_size=8, channels=3, num_classes=4,
               prior_channels=prior_channels)
     with torch.no_grad():  # leave the zero init so the comparison carries signal
         for p in net.parameters():

@@ -150,7 +150,7 @@ def test_a_step_of_train_is_the_method_written_out(tiny_cfg, tmp_path, flip):
     # Step 2 of train(), redone by hand from step 1's checkpoint: the step's batch (IndexStream),
     # its randomness (StepNoise), the per-scale losses (eq. 5), backward, clipping, the scheduled
     # lr, AdamW, and the EMA. Any missing zero_grad, wrong key, lr or clip shows as a difference.
-    from msf.method.flow import StepNoise
+    from msf.method.flow import LossSettings, StepNoise
     from msf.training.data import IndexStream, iterate_batches, load_dataset, prepare_data
     from msf.training.train import ema_update, learning_rate
 
@@ -175,8 +175,8 @@ def test_a_step_of_train_is_the_method_written_out(tiny_cfg, tmp_path, flip):
     stream = IndexStream(data.labels, t.batch_size, seed=t.seed, balance_classes=t.balance_classes,
                          flip=t.random_flip)
     ((step, x, y, _),) = list(iterate_batches(data, stream, 2, 2))
-    losses = pipe.training_losses(x, y, class_dropout=t.class_dropout, time_sampler=t.time_sampler,
-                                  noise=StepNoise(t.seed, 2))
+    settings = LossSettings(class_dropout=t.class_dropout, time_sampler=t.time_sampler)
+    losses = pipe.training_losses(x, y, settings=settings, noise=StepNoise(t.seed, 2))
     sum(losses.values()).backward()
     for k in (0, 1):
         torch.nn.utils.clip_grad_norm_(pipe.networks[k].parameters(), t.grad_clip)
@@ -220,8 +220,9 @@ def test_deterministic_mode_trains_the_same_and_is_switched_back_off(tiny_cfg, t
 def test_time_shift_and_cosine_loss_are_off_by_default_and_do_what_they_say():
     import torch
 
-    from msf.config import ConfigError, preset, validate
+    from msf.config import ConfigError, validate
     from msf.method.flow import rectified_flow_loss, shift_time
+    from msf.presets import preset
 
     t = torch.tensor([0.0, 0.25, 0.5, 1.0])
     assert torch.equal(shift_time(t, 1.0), t)
@@ -252,7 +253,7 @@ def test_each_scale_trains_at_its_shifted_times(tiny_cfg, monkeypatch):
     import torch
 
     import msf.method.pipeline
-    from msf.method.flow import Noise
+    from msf.method.flow import LossSettings, Noise
     from msf.method.pipeline import MSFPipeline
 
     class Half(Noise):
@@ -269,7 +270,8 @@ def test_each_scale_trains_at_its_shifted_times(tiny_cfg, monkeypatch):
     monkeypatch.setattr(msf.method.pipeline, "rectified_flow_loss", flow)
     pipe = MSFPipeline(tiny_cfg.model)
     images, labels = torch.rand(4, 3, 16, 16) * 2 - 1, torch.tensor([0, 1, 2, 3])
-    pipe.training_losses(images, labels, noise=Half(), time_shift=[3.0, 1.0], cosine_weight=0.25)
+    pipe.training_losses(images, labels, noise=Half(),
+                         settings=LossSettings(time_shift=[3.0, 1.0], cosine_weight=0.25))
     torch.testing.assert_close(seen[0][0], torch.full((4,), 0.75))  # 3 * 0.5 / (1 + 2 * 0.5)
     torch.testing.assert_close(seen[1][0], torch.full((4,), 0.5))
     assert seen[0][1] == seen[1][1] == {"cosine_weight": 0.25, "align": None}
@@ -278,8 +280,9 @@ def test_each_scale_trains_at_its_shifted_times(tiny_cfg, monkeypatch):
 def test_sd3_rule_derives_each_scales_shift_from_its_size_and_training_uses_it(tmp_path, monkeypatch):
     import math
 
-    from msf.config import ConfigError, apply_overrides, preset, time_shifts
+    from msf.config import ConfigError, apply_overrides, time_shifts
     from msf.method.pipeline import MSFPipeline
+    from msf.presets import preset
     from msf.training.train import train
 
     paper = apply_overrides(preset("paper-imagenet256"), ["train.time_shift_rule=sd3"])
@@ -293,7 +296,7 @@ def test_sd3_rule_derives_each_scales_shift_from_its_size_and_training_uses_it(t
     real = MSFPipeline.training_losses
 
     def spy(self, *args, **kw):
-        seen.append(kw["time_shift"])
+        seen.append(kw["settings"].time_shift)
         return real(self, *args, **kw)
 
     monkeypatch.setattr(MSFPipeline, "training_losses", spy)

@@ -7,10 +7,11 @@ pipeline), ``msf.training``, ``msf.evaluation`` and ``msf.interfaces`` (CLI, app
 
 import importlib
 
-from msf.config import Config, ModelConfig, ScaleConfig, TrainConfig, apply_overrides, preset
+from msf.config import Config, ModelConfig, ScaleConfig, TrainConfig, apply_overrides
 from msf.method.factorize import compose, down, factorize, input_priors, up
 from msf.method.models import DiT
 from msf.method.pipeline import MSFPipeline
+from msf.presets import preset
 
 # Imported on first use, so that `import msf` stays light
 _LAZY = {

@@ -36,12 +36,21 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from msf.config import SAMPLING_FIELDS, Config, ConfigError, SamplerSettings, apply_overrides, preset
+from msf.config import (
+    COST_FREE_MODEL,
+    COST_FREE_TRAIN,
+    SAMPLING_FIELDS,
+    Config,
+    ConfigError,
+    SamplerSettings,
+    apply_overrides,
+)
 from msf.evaluation.intervals import Interval, difference, paired_difference, seed_interval, verdict
 from msf.evaluation.report import METRICS, markdown, plots
 from msf.files import atomic_write_text
 from msf.interfaces.info import model_info, scale_infos
 from msf.precision import resolve_precision
+from msf.presets import preset
 
 if TYPE_CHECKING:
     from msf.evaluation.features import FeatureExtractor
@@ -125,30 +134,22 @@ def _train_flops_per_step(cfg: Config) -> float:
                                      for k, sc in enumerate(info["scales"]))
 
 
-# What does not change the work of a training step (optimizer constants and schedules, the laws of
-# the times, labels and prior noise, a per-scale scaling, the cosine term: a reduction over the
-# network's output, well under 1% of a step) or of sampling (training fields). Presets
-# that differ only in these share one rate: the median of all their measurements, not each its own
-# median, whose scatter on a busy machine (about 10% between rounds) would hand one of two identical
-# steps more training.
-_FREE_TRAIN = ("lr", "weight_decay", "betas", "warmup_steps", "lr_schedule", "min_lr_ratio", "ema_decay",
-               "class_dropout", "time_sampler", "logit_mean", "logit_std", "time_shift", "time_shift_rule",
-               "time_shift_ref", "cosine_loss_weight", "random_flip", "seed", "steps", "out_dir",
-               "log_every")
-_FREE_MODEL = ("prior_noise", "normalize", "component_std", "class_names", "samplers")
-
-
+# Presets whose steps do the same computation share one rate: the median of all their measurements, not each
+# its own median, whose scatter on a busy machine (about 10% between rounds) would hand one of two identical
+# steps more training. The fields that leave a step's work as it is are declared cost=False in msf.config
+# (optimizer constants and schedules, the laws of the times, labels and prior noise, a per-scale scaling,
+# the cosine term: a reduction over the network's output); sampling does no training fields' work.
 def work_keys(cfg: Config) -> tuple[str, str]:
     """Two strings, equal for two configs whose training steps (first) or sampling runs (second) do the
     same computation."""
     model = asdict(cfg.model)
-    for k in _FREE_MODEL:
+    for k in COST_FREE_MODEL:
         model.pop(k)
     sample_key = json.dumps(model, sort_keys=True)
     for sc in model["scales"]:
         for k in SAMPLING_FIELDS:
             sc.pop(k)
-    train = {k: v for k, v in asdict(cfg.train).items() if k not in _FREE_TRAIN}
+    train = {k: v for k, v in asdict(cfg.train).items() if k not in COST_FREE_TRAIN}
     if train["scale_steps"] is not None:  # the same proportions are the same work
         most = max(train["scale_steps"])
         train["scale_steps"] = [round(n / most, 3) for n in train["scale_steps"]]
@@ -191,7 +192,7 @@ def _measure(s: CompareSettings, out: Path, data, presets: list[str], progress: 
                                                      progress=False, save=False)).seconds for k in (n, 2 * n)]
             extra = seconds[1] - seconds[0]
             # n more steps that add under a quarter of the time are lost in the timing noise (a tiny model's
-            # short bursts; 2 steps once gave 52,000 steps/s): then the longer burst's plain rate
+            # short bursts): then the longer burst's plain rate
             steps[p].append(n / extra if extra > 0.25 * seconds[0] else 2 * n / seconds[1])
             t0 = time.perf_counter()
             pipes[p].sample(labels, seed=r, precision=SAMPLE_PRECISION)

@@ -131,9 +131,9 @@ def kid(feats1: np.ndarray, feats2: np.ndarray, subsets: int = 100, subset_size:
         raise ValueError(
             f"KID: need two (N >= 2, d) feature sets of one d, got {feats1.shape} and {feats2.shape}"
         )
-    # small sets (1,000 samples): the three kernel matrices once, not three m x m x d products per
-    # subset (100 subsets of 1,000 cost ~20 s on 2 cores); a subset's block sums are then products with
-    # its indicator vectors, not m x m copies of the blocks (7-14x faster: benchmarks/kid_block_sums.py)
+    # small sets: the three kernel matrices once, not three m x m x d products per subset; a subset's
+    # block sums are then products with its indicator vectors, not m x m copies of the blocks (both
+    # timed in docs/benchmarks.md)
     whole = n1 * n1 + n2 * n2 + n1 * n2 <= KERNEL_LIMIT
     if whole:
         k11, k22, k12 = poly_kernel(feats1, feats1), poly_kernel(feats2, feats2), poly_kernel(feats1, feats2)

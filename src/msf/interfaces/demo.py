@@ -18,11 +18,12 @@ from pathlib import Path
 
 import torch
 
-from msf.config import Config, SamplerSettings, apply_overrides, preset
+from msf.config import Config, SamplerSettings, apply_overrides
 from msf.interfaces.load import from_checkpoint
 from msf.interfaces.viz import factorization_figure, loss_plot, save_sample_grid
 from msf.method.factorize import compose
 from msf.method.pipeline import MSFPipeline, progress_bar
+from msf.presets import preset
 from msf.training.data import load_builtin, prepare_data, to_model_range
 from msf.training.train import YOUNG_EMA, ema_start_share, train
 

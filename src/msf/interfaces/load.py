@@ -22,7 +22,8 @@ import torch
 
 from msf.config import Config, ConfigError, ModelConfig, from_dict, validate
 from msf.interfaces.pretrained import model_path
-from msf.method.pipeline import ModelDirError, MSFPipeline, load_model_config
+from msf.method.model_dir import ModelDirError
+from msf.method.pipeline import MSFPipeline, load_model_config
 from msf.training.checkpoint import (
     CheckpointError,
     is_sharded_checkpoint,

@@ -1,10 +1,10 @@
 """Models shipped inside the package: ``msf sample <name>`` works right after install, offline.
 
 A shipped model is an ordinary model directory (``config.json`` + one safetensors file per
-scale, as :meth:`msf.method.pipeline.MSFPipeline.save_pretrained` writes it) under
-``msf/pretrained/<name>/``, with a ``README.md`` that gives its recipe, training time and scores.
-Anywhere msf takes a model directory, it also takes such a name, or a Hugging Face Hub id
-``owner/name[@revision]`` (:mod:`msf.interfaces.hub`): a local path wins, then a shipped name, then the Hub.
+scale, :mod:`msf.method.model_dir`) under ``msf/pretrained/<name>/``, with a ``README.md``
+that gives its recipe, training time and scores. Anywhere msf takes a model directory, it also
+takes such a name, or a Hugging Face Hub id ``owner/name[@revision]``
+(:mod:`msf.interfaces.hub_download`): a local path wins, then a shipped name, then the Hub.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from __future__ import annotations
 import os
 from importlib import resources
 from pathlib import Path
+
+from msf.interfaces import hub_download
 
 
 def pretrained_dir() -> Path:
@@ -37,9 +39,7 @@ def model_path(name_or_path: str | os.PathLike, revision: str | None = None) -> 
     text = str(name_or_path)
     hub_id = None
     if isinstance(name_or_path, str) and not path.exists():  # a Path object is always local
-        from msf.interfaces.hub import parse_hub_id
-
-        hub_id = parse_hub_id(text)
+        hub_id = hub_download.parse_hub_id(text)
     if hub_id is None:
         if revision is not None:
             raise ValueError(f"{text}: revision={revision!r} pins a Hugging Face Hub model (owner/name); "
@@ -51,6 +51,4 @@ def model_path(name_or_path: str | os.PathLike, revision: str | None = None) -> 
     repo_id, pinned = hub_id
     if pinned is not None and revision is not None and pinned != revision:
         raise ValueError(f"{text}: two revisions given, {pinned!r} in the id and revision={revision!r}")
-    from msf.interfaces.hub import download
-
-    return download(repo_id, pinned or revision)
+    return hub_download.download(repo_id, pinned or revision)

@@ -7,11 +7,14 @@ velocity ``dx_t/dt = e - c``. ``t = 0`` is data, ``t = 1`` is noise.
 from __future__ import annotations
 
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from msf.config import ModelConfig, TrainConfig, time_shifts
 
 
 class Noise:
@@ -56,6 +59,26 @@ class StepNoise(Noise):
         gen = self._generator(key, device)
         full = torch.randn((shape[0] * self.world, *shape[1:]), generator=gen, device=device)
         return self._slice(full, shape[0])
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    """How eq. 5 is trained, at every scale: the labels dropped to the null class (which trains the
+    CFG branch), the distribution of training times and the extra loss terms."""
+
+    class_dropout: float = 0.1
+    time_sampler: str = "uniform"  # or "logit-normal" (:func:`sample_time`)
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    time_shift: Sequence[float] | None = None  # one per scale (:func:`shift_time`); None: unshifted
+    cosine_weight: float = 0.0  # weight of the velocity-direction term of :func:`rectified_flow_loss`
+
+    @classmethod
+    def of(cls, train: TrainConfig, model: ModelConfig) -> LossSettings:
+        """The settings a training config asks for (``time_shift`` as :func:`msf.config.time_shifts`)."""
+        return cls(class_dropout=train.class_dropout, time_sampler=train.time_sampler,
+                   logit_mean=train.logit_mean, logit_std=train.logit_std,
+                   time_shift=time_shifts(train, model), cosine_weight=train.cosine_loss_weight)
 
 
 def sample_time(

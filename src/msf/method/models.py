@@ -10,22 +10,18 @@ initialisation, so parameter counts match it) with three differences:
   patchify (``prior_channels``);
 * attention is ``scaled_dot_product_attention`` (fused kernels, no N x N copy).
 
-Time ``t`` is in [0, 1] (1 = noise); it is multiplied by 1000 before the
-sinusoidal embedding so the frequencies match DiT's.
+Time ``t`` is msf's, in [0, 1] (1 = noise); it is multiplied by 1000 before the
+sinusoidal embedding so the frequencies match DiT's. Weights trained in SiT's or DDPM's
+time are read in msf's by the subclasses in :mod:`msf.interfaces.convert`.
 
-Two options serve weights imported from SiT and DiT (:mod:`msf.interfaces.convert`), both off by default:
-``time_convention="sit"`` runs the network in SiT's time (``1 - t``, embedded unscaled) and
-negates its output (SiT predicts data - noise); ``time_convention="ddpm"`` runs a DiT trained as
-a 1000-step DDPM predicting the noise (see :func:`ddpm_inputs`). Either way the module still
-returns msf's velocity at msf's ``t``. ``gelu="tanh"`` is the GELU approximation DiT and SiT
-were trained with.
-
-Four later DiT-family options (LightningDiT's set), each off by default, so that the
-paper's presets build the network above, bit for bit: ``qk_norm`` (RMSNorm on each head's queries
-and keys, learned scale), ``norm="rmsnorm"`` (the blocks' parameter-free norms), ``mlp="swiglu"``
-(a gated feed-forward with 2/3 of the hidden width, so about the same parameters) and
-``pos_embed="rope"`` (2-D rotary embedding of queries and keys instead of the added sin-cos
-table; ``"sincos+rope"`` keeps both).
+The architecture comes from the scale's :class:`msf.config.ScaleConfig`: depth, width, heads,
+patch and MLP ratio as DiT's; ``gelu="tanh"``, the GELU approximation DiT and SiT were trained
+with; and four later DiT-family options (LightningDiT's set), off by default so that the paper's
+presets build the network above bit for bit: ``qk_norm`` (RMSNorm on each head's queries and keys,
+learned scale), ``norm="rmsnorm"`` (the blocks' parameter-free norms), ``mlp="swiglu"`` (a gated
+feed-forward with 2/3 of the hidden width, so about the same parameters) and ``pos_embed="rope"``
+(2-D rotary embedding of queries and keys instead of the added sin-cos table; ``"sincos+rope"``
+keeps both).
 
 ``Linear``, ``norm_input`` and ``attention`` come from :mod:`msf.speed`: an
 ``nn.Linear``, the identity and SDPA as far as results go (up to bf16 rounding), faster on
@@ -41,36 +37,12 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
+from msf.config import ScaleConfig
 from msf.speed import Linear, attention, norm_input
 
-# DiT's DDPM: 1000 timesteps, betas linear from 1e-4 to 0.02 (diffusion/gaussian_diffusion.py).
-DDPM_STEPS = 1000
-_DDPM_ALPHA_BAR = torch.cumprod(1 - torch.linspace(1e-4, 0.02, DDPM_STEPS, dtype=torch.float64), 0)
-_DDPM_LOG_SNR = (_DDPM_ALPHA_BAR / (1 - _DDPM_ALPHA_BAR)).log()  # falls with the timestep
-# msf's flow time of DiT's last timestep: beyond it (only t = 1) the network is run there, as DiT
-# starts its own chain at timestep 999 from pure noise.
-DDPM_T_MAX = float(1 / (1 + (_DDPM_ALPHA_BAR[-1] / (1 - _DDPM_ALPHA_BAR[-1])).sqrt()))
-
-
-def ddpm_inputs(x: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """msf's state ``x`` at flow time ``t`` as DiT's DDPM sees it: ``(x_vp, timestep, t_eff)``.
-
-    Both are Gaussian paths: msf's ``x = (1 - t) x0 + t e`` is DiT's ``sqrt(a) x0 + sqrt(1 - a) e``
-    divided by ``sqrt(a) + sqrt(1 - a)``, where ``a = (1 - t)^2 / ((1 - t)^2 + t^2)`` (equal
-    signal-to-noise ratios). The DDPM timestep with that ``a`` is interpolated in log-SNR between
-    DiT's integer ones (exact at them). The noise DiT predicts there gives msf's velocity
-    ``e - x0``, with ``x0 = (x - t e) / (1 - t)``; Euler steps on it are DDIM's (eta = 0) steps.
-    """
-    t_eff = t.double().clamp(min=1e-12, max=DDPM_T_MAX)
-    log_snr = 2 * ((1 - t_eff) / t_eff).log()
-    table = _DDPM_LOG_SNR.to(t.device)
-    # searchsorted wants a rising table: -log-SNR rises with the timestep
-    i = torch.searchsorted(-table, -log_snr).clamp(1, DDPM_STEPS - 1)
-    lo, hi = table[i - 1], table[i]
-    timestep = ((i - 1) + (lo - log_snr) / (lo - hi)).clamp(0, DDPM_STEPS - 1)
-    r = ((1 - t_eff) ** 2 + t_eff ** 2).sqrt()
-    return x / r.to(x.dtype).view(-1, 1, 1, 1), timestep.float(), t_eff.to(x.dtype)
-
+# the values of the ScaleConfig fields that choose among the network's options
+OPTIONS = {"gelu": ("exact", "tanh"), "norm": ("layernorm", "rmsnorm"), "mlp": ("gelu", "swiglu"),
+           "pos_embed": ("sincos", "rope", "sincos+rope")}
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     return torch.addcmul(shift.unsqueeze(1), x, 1 + scale.unsqueeze(1))
@@ -82,7 +54,7 @@ class TimestepEmbedder(nn.Module):
     def __init__(self, width: int, freq_dim: int = 256, scale: float = 1000.0):
         super().__init__()
         self.freq_dim = freq_dim
-        self.scale = scale  # msf's t in [0, 1] times 1000: DiT's frequencies; SiT and DDPM timesteps as is
+        self.scale = scale  # what t is multiplied by before the sinusoids
         self.mlp = nn.Sequential(
             nn.Linear(freq_dim, width), nn.SiLU(), nn.Linear(width, width)
         )
@@ -243,48 +215,28 @@ def sincos_pos_embed_2d(width: int, grid: int) -> Tensor:
 
 
 class DiT(nn.Module):
-    """One scale's diffusion transformer: ``v = net(x_t, t, y, prior)``.
+    """One scale's diffusion transformer: ``v = net(x_t, t, y, prior)``, in msf's time.
 
-    ``input_size`` is the component's spatial size ``n_k``; ``channels`` its channel
-    count; ``prior_channels`` the extra input channels of the prior (0 for the base
-    scale or when the prior is not used). ``time_convention`` and ``gelu``: see the
-    module docstring (``"msf"`` and ``"exact"`` unless the weights come from SiT), as for
-    ``qk_norm``, ``norm``, ``mlp`` and ``pos_embed`` (the later DiT-family options).
+    ``scale`` gives the architecture (depth, width, heads, patch, MLP ratio and the options of the
+    module docstring; its image size and sampler settings are not the network's). The rest is
+    the model's: ``input_size``, the component's spatial size ``n_k``; ``channels``, its channel
+    count; ``num_classes`` (the null class is one more); ``prior_channels``, the prior's extra
+    input channels (0 at the base scale or without the prior).
     """
 
-    def __init__(
-        self,
-        input_size: int,
-        channels: int,
-        width: int,
-        depth: int,
-        heads: int,
-        num_classes: int,
-        patch_size: int = 2,
-        mlp_ratio: float = 4.0,
-        prior_channels: int = 0,
-        time_convention: str = "msf",
-        gelu: str = "exact",
-        qk_norm: bool = False,
-        norm: str = "layernorm",
-        mlp: str = "gelu",
-        pos_embed: str = "sincos",
-    ):
+    time_scale = 1000.0  # msf's t in [0, 1] times 1000: DiT's embedding frequencies
+
+    def __init__(self, scale: ScaleConfig, input_size: int, channels: int, num_classes: int,
+                 prior_channels: int = 0):
         super().__init__()
+        width, heads, patch_size = scale.width, scale.heads, scale.patch_size
         if input_size % patch_size:
             raise ValueError(f"input size {input_size} is not divisible by patch {patch_size}")
-        if time_convention not in ("msf", "sit", "ddpm") or gelu not in ("exact", "tanh"):
-            raise ValueError(f"time_convention must be 'msf', 'sit' or 'ddpm' and gelu 'exact' or 'tanh', "
-                             f"got {time_convention!r}, {gelu!r}")
-        if norm not in ("layernorm", "rmsnorm") or mlp not in ("gelu", "swiglu") \
-                or pos_embed not in ("sincos", "rope", "sincos+rope"):
-            raise ValueError(f"norm must be 'layernorm' or 'rmsnorm', mlp 'gelu' or 'swiglu', pos_embed "
-                             f"'sincos', 'rope' or 'sincos+rope'; got {norm!r}, {mlp!r}, {pos_embed!r}")
-        if time_convention == "ddpm" and prior_channels:
-            raise ValueError("time_convention 'ddpm' (a converted DiT) is for a scale without a prior")
-        if "rope" in pos_embed and (width // heads) % 4:
+        for name, allowed in OPTIONS.items():
+            if getattr(scale, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(scale, name)!r}")
+        if "rope" in scale.pos_embed and (width // heads) % 4:
             raise ValueError(f"2-D RoPE needs a head dim divisible by 4, got {width // heads}")
-        self.time_convention = time_convention
         self.input_size = input_size
         self.channels = channels
         self.prior_channels = prior_channels
@@ -295,18 +247,20 @@ class DiT(nn.Module):
         self.x_embedder = nn.Conv2d(
             channels + prior_channels, width, kernel_size=patch_size, stride=patch_size
         )
-        self.t_embedder = TimestepEmbedder(width, scale=1000.0 if time_convention == "msf" else 1.0)
+        self.t_embedder = TimestepEmbedder(width, scale=self.time_scale)
         self.y_embedder = LabelEmbedder(num_classes, width)
         self.register_buffer(
-            "pos_embed", sincos_pos_embed_2d(width, self.grid)[None] if "sincos" in pos_embed else None,
+            "pos_embed", sincos_pos_embed_2d(width, self.grid)[None] if "sincos" in scale.pos_embed else None,
             persistent=False,
         )
-        self.register_buffer("rope", rope_2d(width // heads, self.grid) if "rope" in pos_embed else None,
-                             persistent=False)
-        approximate = "tanh" if gelu == "tanh" else "none"
-        self.blocks = nn.ModuleList([DiTBlock(width, heads, mlp_ratio, approximate, qk_norm, norm, mlp)
-                                     for _ in range(depth)])
-        self.final_layer = FinalLayer(width, patch_size, channels, norm)
+        rope = rope_2d(width // heads, self.grid) if "rope" in scale.pos_embed else None
+        self.register_buffer("rope", rope, persistent=False)
+        approximate = "tanh" if scale.gelu == "tanh" else "none"
+        self.blocks = nn.ModuleList([
+            DiTBlock(width, heads, scale.mlp_ratio, approximate, scale.qk_norm, scale.norm, scale.mlp)
+            for _ in range(scale.depth)
+        ])
+        self.final_layer = FinalLayer(width, patch_size, channels, scale.norm)
         self.grad_checkpointing = False  # recompute each block's activations in backward
         self.initialize_weights()
 
@@ -346,11 +300,6 @@ class DiT(nn.Module):
             if prior is None:
                 raise ValueError("this scale's network needs its prior, got None")
             x = torch.cat([x, prior.to(x.dtype)], dim=1)
-        state, sit, ddpm = x, self.time_convention == "sit", self.time_convention == "ddpm"
-        if sit:  # SiT's time runs the other way: 0 is noise, 1 is data
-            t = 1 - t
-        elif ddpm:
-            x, t, t_eff = ddpm_inputs(x, t)
         x = x.to(self.x_embedder.weight.dtype)  # the sampler's fp32 state into bf16 weights
         # contiguous: else the residual stream keeps the conv's (B, D, N) layout through
         # every block, and each LayerNorm and Linear copies it (10% of an XL forward)
@@ -367,11 +316,6 @@ class DiT(nn.Module):
             if i == tokens_at:
                 tokens = x
         out = self.unpatchify(self.final_layer(x, c))
-        if sit:
-            out = -out  # SiT predicts data - noise, msf noise - data
-        elif ddpm:  # the predicted noise -> velocity, in the state's precision
-            eps, t_eff = out.to(state.dtype), t_eff.view(-1, 1, 1, 1)
-            out = eps - (state - t_eff * eps) / (1 - t_eff)
         return out if tokens_at is None else (out, tokens)
 
 

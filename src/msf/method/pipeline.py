@@ -2,44 +2,29 @@
 
 ``MSFPipeline`` is what users hold: it factorizes images into training targets
 (Algorithms 1-2), computes the per-scale losses (eq. 5), samples (Algorithm 3),
-and saves to / loads from a model directory:
-
-    model_dir/
-      config.json            # {"format": "msf-pipeline", "version": 1, "model": {...}}
-      scale_0.safetensors    # weights of scale 0's network (EMA weights after training)
-      scale_1.safetensors
-      ...
+and saves to / loads from a model directory (``config.json`` + ``scale_k.safetensors``,
+:mod:`msf.method.model_dir`).
 """
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from msf.config import Config, ConfigError, ModelConfig, SamplerSettings, from_dict, to_dict, validate
-from msf.files import atomic_write, atomic_write_text
+from msf.config import Config, ModelConfig, validate
+from msf.interfaces.convert import network_class
 from msf.interfaces.pretrained import available, model_path
 from msf.method.autoencoder import Autoencoder, build_autoencoder
 from msf.method.factorize import accumulate_sample, compose, factorize, input_priors, resize_image
-from msf.method.flow import Noise, drop_labels, rectified_flow_loss, sample_time, shift_time
-from msf.method.models import DiT
-from msf.method.sampler import guided_velocity, solve
+from msf.method.flow import LossSettings, Noise, drop_labels, rectified_flow_loss, sample_time, shift_time
+from msf.method.model_dir import ModelDirError, load_weights, read_model_config, save_model_dir
+from msf.method.sampler import SamplerSettings, guided_velocity, solve
 from msf.precision import resolve_precision
-
-FORMAT = "msf-pipeline"
-FORMAT_VERSION = 1
-
-
-class ModelDirError(ValueError):
-    """A model directory is missing, incomplete or corrupted; the message names the file."""
 
 
 def autocast(device: torch.device | str, precision: str) -> AbstractContextManager:
@@ -51,26 +36,12 @@ def autocast(device: torch.device | str, precision: str) -> AbstractContextManag
 
 
 def build_scale_networks(config: ModelConfig) -> nn.ModuleList:
-    """One DiT per scale, sized by the config; scale k > 0 takes its prior as extra channels."""
+    """One DiT per scale, sized by the config; scale k > 0 takes its prior as extra channels. A scale
+    of converted weights is built as the subclass that reads them in msf's time (``time_convention``)."""
     ch = config.autoencoder.channels
     return nn.ModuleList(
-        DiT(
-            input_size=n,
-            channels=ch,
-            width=s.width,
-            depth=s.depth,
-            heads=s.heads,
-            num_classes=config.num_classes,
-            patch_size=s.patch_size,
-            mlp_ratio=s.mlp_ratio,
-            prior_channels=ch if (k > 0 and config.prior == "concat") else 0,
-            time_convention=s.time_convention,
-            gelu=s.gelu,
-            qk_norm=s.qk_norm,
-            norm=s.norm,
-            mlp=s.mlp,
-            pos_embed=s.pos_embed,
-        )
+        network_class(s.time_convention)(s, n, ch, config.num_classes,
+                                         prior_channels=ch if (k > 0 and config.prior == "concat") else 0)
         for k, (s, n) in enumerate(zip(config.scales, config.latent_sizes))
     )
 
@@ -178,43 +149,39 @@ class MSFPipeline(nn.Module):
         labels: Tensor,
         scales: Sequence[int] | None = None,
         *,
-        class_dropout: float = 0.1,
-        time_sampler: str = "uniform",
-        logit_mean: float = 0.0,
-        logit_std: float = 1.0,
+        settings: LossSettings | None = None,
         noise: Noise | None = None,
         nets: Mapping[int, nn.Module] | None = None,
         latents: tuple[Tensor, Tensor | None] | None = None,
-        time_shift: Sequence[float] | None = None,
-        cosine_weight: float = 0.0,
         align: Mapping[int, Callable[[Tensor], Tensor]] | None = None,
     ) -> dict[int, Tensor]:
         """Eq. 5 for each scale in ``scales``, under teacher forcing (Algorithm 2 priors).
 
-        ``noise`` is the source of times, noise and label dropout (the global RNG by
-        default); ``nets`` replaces scale k's network by a wrapper (DDP, compiled);
-        ``latents = (z, base)`` replaces ``images`` when they come from the latent cache.
-        ``time_shift`` (one per scale) moves each scale's training times towards the noise
-        (:func:`msf.method.flow.shift_time`); ``cosine_weight`` adds a velocity-direction term to eq. 5.
-        ``align[k]`` adds REPA's term to scale k's loss (:mod:`msf.training.repa`; ``nets[k]`` is then the
-        network with its projector).
+        ``settings`` (:class:`msf.method.flow.LossSettings`; its defaults by default) says how: label
+        dropout, training times, extra terms. ``noise`` is the source of times, noise and label
+        dropout (the global RNG by default); ``nets`` replaces scale k's network by a wrapper (DDP,
+        compiled); ``latents = (z, base)`` replaces ``images`` when they come from the latent cache.
+        ``align[k]`` adds REPA's term to scale k's loss (:mod:`msf.training.repa`; ``nets[k]`` is then
+        the network with its projector).
         """
         self.check_labels(labels)
+        settings = settings or LossSettings()
         scales = range(self.num_scales) if scales is None else scales
         noise = noise or Noise()
         comps = self.components(images, latents=latents)
         priors = input_priors(comps)
-        y = drop_labels(labels, class_dropout, self.config.num_classes, noise)
+        y = drop_labels(labels, settings.class_dropout, self.config.num_classes, noise)
         losses = {}
         for k in scales:
             c = comps[k] / self._std(k)
-            t = sample_time(c.shape[0], time_sampler, mean=logit_mean, std=logit_std,
-                            device=c.device, noise=noise, key=f"t{k}")
-            t = shift_time(t, 1.0 if time_shift is None else time_shift[k])
+            t = sample_time(c.shape[0], settings.time_sampler, mean=settings.logit_mean,
+                            std=settings.logit_std, device=c.device, noise=noise, key=f"t{k}")
+            t = shift_time(t, 1.0 if settings.time_shift is None else settings.time_shift[k])
             e = noise.normal(f"e{k}", tuple(c.shape), c.device)
             prior = self._net_prior(k, priors[k], noise=noise)
             net = self.networks[k] if nets is None or k not in nets else nets[k]
-            losses[k] = rectified_flow_loss(net, c, y, t, prior, noise=e, cosine_weight=cosine_weight,
+            losses[k] = rectified_flow_loss(net, c, y, t, prior, noise=e,
+                                            cosine_weight=settings.cosine_weight,
                                             align=None if align is None else align.get(k))
         return losses
 
@@ -248,13 +215,12 @@ class MSFPipeline(nn.Module):
     ) -> Tensor | tuple[Tensor, list[Tensor]]:
         """Algorithm 3: generate images in [-1, 1] for ``labels``.
 
-        ``settings`` (:class:`msf.config.SamplerSettings`; by default the config's per-scale
+        ``settings`` (:class:`msf.method.sampler.SamplerSettings`; by default the config's per-scale
         steps, guidance and solver) says how each scale is sampled; ``steps``, ``cfg_scale``
         and ``solver`` replace its values, each one value for all scales or a list with one
-        per scale. The initial
-        noise of every scale comes from ``generator`` (or a fresh one seeded ``seed``,
-        on the CPU so that results do not depend on the device). ``nets`` replaces scale
-        k's network, e.g. by ``msf.speed.compile_for_inference(pipe.networks[k])``.
+        per scale. The initial noise of every scale comes from ``generator`` (or a fresh one
+        seeded ``seed``, on the CPU so that results do not depend on the device). ``nets``
+        replaces scale k's network, e.g. by ``msf.speed.compile_for_inference(pipe.networks[k])``.
 
         ``batch_size`` bounds the images per network call; every scale's noise is still drawn
         for all images at once, so the samples do not depend on it. ``callback(k, done,
@@ -266,67 +232,67 @@ class MSFPipeline(nn.Module):
         of real images (super-resolution; or the exposure gap between true and generated priors).
         Their noise is still drawn, so the other scales see the same random numbers as without.
         """
-        device = self.device
+        cfg, device = self.config, self.device
         labels = torch.as_tensor(labels, dtype=torch.int64)
         self.check_labels(labels)
         labels = labels.to(device)
-        cfg = self.config
         settings = SamplerSettings.of(cfg, steps, cfg_scale, solver, base=settings)
         if generator is None:
             generator = torch.Generator().manual_seed(0 if seed is None else seed)
         B, C, N = labels.shape[0], cfg.autoencoder.channels, cfg.latent_sizes[-1]
-        if batch_size is not None and batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        per_call = batch_size or max(B, 1)
-        chunks = [slice(i, i + per_call) for i in range(0, max(B, 1), per_call)]
+        chunks = _batches(B, batch_size)
+        given = self._check_given(given or {}, B)
         was_training = self.training
         self.eval()
 
-        for k, c in (given or {}).items():
+        # Algorithm 3: each scale's component from its noise, on the prior of the coarser ones
+        def generate(k: int, prior: Tensor | None) -> Tensor:
             n = cfg.latent_sizes[k]
-            if tuple(c.shape) != (B, C, n, n):
-                raise ValueError(f"given[{k}]: expected shape {(B, C, n, n)}, got {tuple(c.shape)}")
-
-        def generate(k: int, prior: Tensor | None) -> Tensor:  # Algorithm 3, one scale
-            n = cfg.latent_sizes[k]
-            noise = torch.randn(B, C, n, n, generator=generator).to(device)
-            net = self.networks[k] if nets is None or k not in nets else nets[k]
+            noise = torch.randn(B, C, n, n, generator=generator).to(device)  # drawn even where given
             net_prior = self._net_prior(k, prior, generator)
-            if given is not None and k in given:
+            if k in given:
                 return given[k].to(device).float()
-            total, out = settings.steps[k] * len(chunks), []
-            for b in chunks:
-                velocity = guided_velocity(net, labels[b], None if net_prior is None else net_prior[b],
-                                           settings.cfg_scale[k], cfg.num_classes,
-                                           settings.guidance_interval[k])
-                if callback is not None:
-                    velocity = _counted(velocity, lambda done: callback(k, done, total),
-                                        start=settings.steps[k] * len(out))
-                with autocast(device, precision):
-                    out.append(solve(velocity, noise[b], settings.steps[k], settings.solver[k],
-                                     settings.shift[k]))
-            return torch.cat(out).float() * self._std(k)
+            net = self.networks[k] if nets is None or k not in nets else nets[k]
+            return self._solve_scale(k, net, labels, noise, net_prior, settings, chunks, precision, callback)
 
-        like = torch.zeros(B, C, N, N, device=device)
-        comps = accumulate_sample(generate, cfg.latent_sizes, like)
-        z = compose(comps)
-        images = self.autoencoder.decode(z)  # in chunks of its own (SDAutoencoder.decode_batch)
+        comps = accumulate_sample(generate, cfg.latent_sizes, torch.zeros(B, C, N, N, device=device))
+        images = self.autoencoder.decode(compose(comps))  # in chunks of its own (SDAutoencoder.decode_batch)
         self.train(was_training)
         return (images, comps) if return_components else images
+
+    def _check_given(self, given: Mapping[int, Tensor], batch: int) -> Mapping[int, Tensor]:
+        """``given`` (of :meth:`sample`), each component checked to have its scale's shape."""
+        for k, c in given.items():
+            n = self.config.latent_sizes[k]
+            want = (batch, self.config.autoencoder.channels, n, n)
+            if tuple(c.shape) != want:
+                raise ValueError(f"given[{k}]: expected shape {want}, got {tuple(c.shape)}")
+        return given
+
+    def _solve_scale(self, k: int, net: nn.Module, labels: Tensor, noise: Tensor, net_prior: Tensor | None,
+                     settings: SamplerSettings, chunks: list[slice], precision: str,
+                     callback: Callable[[int, int, int], None] | None) -> Tensor:
+        """Scale k's flow ODE with guidance, from ``noise`` at t = 1 to its component at t = 0
+        (unnormalised), one chunk of the batch at a time."""
+        total, out = settings.steps[k] * len(chunks), []
+        for b in chunks:
+            velocity = guided_velocity(net, labels[b], None if net_prior is None else net_prior[b],
+                                       settings.cfg_scale[k], self.config.num_classes,
+                                       settings.guidance_interval[k])
+            if callback is not None:
+                velocity = _counted(velocity, lambda done: callback(k, done, total),
+                                    start=settings.steps[k] * len(out))
+            with autocast(noise.device, precision):
+                out.append(solve(velocity, noise[b], settings.steps[k], settings.solver[k],
+                                 settings.shift[k]))
+        return torch.cat(out).float() * self._std(k)
 
     # ----------------------------------------------------------------- save / load
 
     def save_pretrained(self, path: str | os.PathLike, extra: dict | None = None) -> Path:
-        """Write ``config.json`` and one ``scale_k.safetensors`` per scale (atomically each)."""
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        for k, net in enumerate(self.networks):
-            state = {n: p.detach().contiguous().cpu() for n, p in net.state_dict().items()}
-            atomic_write(path / f"scale_{k}.safetensors", lambda p, s=state: save_file(s, str(p)))
-        meta = {"format": FORMAT, "version": FORMAT_VERSION, "model": to_dict(self.config)}
-        meta.update(extra or {})
-        atomic_write_text(path / "config.json", json.dumps(meta, indent=2))
-        return path
+        """Write ``config.json`` and one ``scale_k.safetensors`` per scale (atomically each); ``extra``
+        adds top-level entries to ``config.json``."""
+        return save_model_dir(path, self.config, self.networks, extra)
 
     @classmethod
     def from_pretrained(
@@ -339,50 +305,22 @@ class MSFPipeline(nn.Module):
         networks: Sequence[nn.Module] | None = None,
     ) -> MSFPipeline:
         """Load a model directory written by :meth:`save_pretrained`, a model shipped with msf by its
-        name (:mod:`msf.interfaces.pretrained`), or a Hugging Face Hub model, ``owner/name`` at ``revision``
-        (:mod:`msf.interfaces.hub`). Never unpickles. A model trained with networks of your own loads into
-        ``networks`` (fresh modules of the same architecture)."""
+        name (:mod:`msf.interfaces.pretrained`), or a Hugging Face Hub model, ``owner/name`` at
+        ``revision`` (:mod:`msf.interfaces.hub_download`). Never unpickles. A model trained with networks
+        of your own loads into ``networks`` (fresh modules of the same architecture). To upload one:
+        :func:`msf.interfaces.hub.push_to_hub`."""
         path = model_path(path, revision)
-        config = load_model_config(path)
-        pipe = cls(config, autoencoder=autoencoder, networks=networks)
-        for k, net in enumerate(pipe.networks):
-            file = Path(path) / f"scale_{k}.safetensors"
-            if not file.is_file():
-                raise ModelDirError(f"{file}: missing (the config has {config.num_scales} scales)")
-            try:
-                state = load_file(str(file))
-            except (SafetensorError, OSError, ValueError) as e:
-                raise ModelDirError(f"{file}: not a readable safetensors file ({e})") from None
-            expected = net.state_dict()
-            missing = sorted(set(expected) - set(state))
-            unexpected = sorted(set(state) - set(expected))
-            if missing or unexpected:
-                raise ModelDirError(
-                    f"{file}: weights do not match config.json's scale {k} "
-                    f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
-                )
-            for name, t in state.items():
-                if t.shape != expected[name].shape:
-                    raise ModelDirError(
-                        f"{file}: {name} has shape {tuple(t.shape)}, config.json's scale {k} "
-                        f"needs {tuple(expected[name].shape)}"
-                    )
-                # a NaN or Inf anywhere makes the sum non-finite: one reduction per tensor,
-                # confirmed element-wise only then
-                if t.is_floating_point() and not torch.isfinite(t.sum()) and not torch.isfinite(t).all():
-                    raise ModelDirError(f"{file}: {name} holds NaN or Inf values; the weights are "
-                                        "damaged (or training diverged before they were saved)")
-            net.load_state_dict(state)
+        pipe = cls(load_model_config(path), autoencoder=autoencoder, networks=networks)
+        load_weights(path, pipe.networks)
         return pipe.to(device)
 
-    def push_to_hub(self, repo_id: str, **kwargs) -> object:
-        """Save to a temporary directory and upload it with :func:`hub.push_to_hub` (same keywords)."""
-        import tempfile
 
-        from msf.interfaces.hub import push_to_hub
-
-        with tempfile.TemporaryDirectory(prefix="msf-save-") as tmp:
-            return push_to_hub(self.save_pretrained(tmp), repo_id, **kwargs)
+def _batches(size: int, batch_size: int | None) -> list[slice]:
+    """Slices of at most ``batch_size`` (default: all) of ``size`` images; one (empty) for none."""
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    per_call = batch_size or max(size, 1)
+    return [slice(i, i + per_call) for i in range(0, max(size, 1), per_call)]
 
 
 def _counted(velocity, after: Callable[[int], None], start: int = 0):
@@ -423,24 +361,4 @@ def load_model_config(path: str | os.PathLike, revision: str | None = None) -> M
         shipped = available()
         raise ModelDirError(f"{path}: model directory does not exist"
                             + (f" (models shipped with msf: {', '.join(shipped)})" if shipped else ""))
-    file = path / "config.json"
-    if not file.is_file():
-        raise ModelDirError(f"{file}: missing; is {path} a model directory written by msf?")
-    try:
-        meta = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ModelDirError(f"{file}: not valid JSON ({e})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise ModelDirError(f"{file}: field 'format' must be {FORMAT!r}")
-    if meta.get("version") != FORMAT_VERSION:
-        raise ModelDirError(
-            f"{file}: field 'version' is {meta.get('version')!r}; this msf reads {FORMAT_VERSION}"
-        )
-    if "model" not in meta:
-        raise ModelDirError(f"{file}: field 'model' is missing")
-    try:
-        model = from_dict(ModelConfig, meta["model"], "model")
-        validate(Config(model=model))
-    except ConfigError as e:
-        raise ModelDirError(f"{file}: {e}") from None
-    return model
+    return read_model_config(path)

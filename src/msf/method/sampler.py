@@ -17,20 +17,25 @@ number of network evaluations per CFG branch, whatever the solver:
 
 Guidance may be limited to an interval of times (Kynkaanniemi et al., 2024): outside it only the
 conditional branch runs, which also saves its evaluations.
+
+:class:`SamplerSettings` holds these choices for every scale of a model, checked when made.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
 
-from msf.config import SOLVERS
+from msf.fields import ConfigError
 
 Velocity = Callable[[Tensor, float], Tensor]
 
-
+SOLVERS = ("euler", "heun", "midpoint", "ab2")
+CFG_RANGE = (0.0, 100.0)  # guidance scales accepted (0: unconditional, 1: no guidance)
 FULL_INTERVAL = (0.0, 1.0)
 
 
@@ -124,3 +129,155 @@ def solve(velocity: Velocity, x: Tensor, steps: int, solver: str = "euler", shif
             v_prev, dt_prev = v, dt
         return x
     raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
+
+
+def evaluations(steps: int, cfg_scale: float, solver: str = "euler", shift: float = 1.0,
+                interval: tuple[float, float] | list[float] = FULL_INTERVAL) -> int:
+    """Network evaluations per image of one scale's sampler: ``steps`` per CFG branch, and two
+    branches unless ``cfg_scale`` is 1 (the conditional pass alone), or at times outside the
+    guidance ``interval``."""
+    if cfg_scale == 1.0:
+        return steps
+    if tuple(interval) == FULL_INTERVAL:
+        return 2 * steps
+    lo, hi = interval
+    return steps + sum(guided(t, (lo, hi)) for t in evaluation_times(steps, solver, shift))
+
+
+class SampledModel(Protocol):
+    """What :class:`SamplerSettings` reads of a model's config (an ``msf.config.ModelConfig``)."""
+
+    scales: list[Any]  # each with steps, cfg_scale, solver, shift and guidance_interval
+    samplers: dict[str, dict[str, Any]]  # named settings besides the scales' own
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    """How each scale of Algorithm 3 is sampled, one value per scale: ``steps`` (network
+    evaluations per CFG branch), ``cfg_scale`` (guidance; 1 is none), ``solver``, ``shift`` (of the
+    time grid) and ``guidance_interval``.
+
+    The pipeline, ``msf sample``, sample sets and sweeps share it; it is checked when made, so
+    that a bad value fails before any sampling work, with the allowed range in the message.
+    """
+
+    steps: tuple[int, ...]
+    cfg_scale: tuple[float, ...]
+    solver: tuple[str, ...]
+    shift: tuple[float, ...] | None = None  # None: 1 (uniform) at every scale
+    guidance_interval: tuple[tuple[float, float], ...] | None = None  # None: (0, 1) at every scale
+
+    def __post_init__(self) -> None:
+        k = len(self.steps)
+        if self.shift is None:
+            object.__setattr__(self, "shift", (1.0,) * k)
+        if self.guidance_interval is None:
+            object.__setattr__(self, "guidance_interval", (FULL_INTERVAL,) * k)
+        object.__setattr__(self, "guidance_interval", tuple(tuple(float(v) for v in g)
+                                                            for g in self.guidance_interval))
+        if len(self.cfg_scale) != k or len(self.solver) != k or len(self.shift) != k \
+                or len(self.guidance_interval) != k:
+            raise ConfigError(f"sampler settings: one value per scale for steps, cfg_scale, solver, shift "
+                              f"and guidance_interval, got {list(self.steps)}, {list(self.cfg_scale)}, "
+                              f"{list(self.solver)}, {list(self.shift)}, {list(self.guidance_interval)}")
+        for i in range(k):
+            shift, (lo, hi) = self.shift[i], self.guidance_interval[i]
+            if not isinstance(shift, (int, float)) or isinstance(shift, bool) or not 0 < shift <= 100:
+                raise ConfigError(f"shift: {shift!r} for scale {i} must be a number in (0, 100] "
+                                  "(1 = uniform)")
+            if not 0.0 <= lo <= hi <= 1.0:
+                raise ConfigError(f"guidance_interval: [{lo:g}, {hi:g}] for scale {i} must satisfy "
+                                  "0 <= a <= b <= 1 (times: 0 data, 1 noise)")
+        for i in range(k):
+            steps, w, solver = self.steps[i], self.cfg_scale[i], self.solver[i]
+            if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+                raise ConfigError(f"steps: {steps!r} for scale {i} must be an integer >= 1")
+            number = isinstance(w, (int, float)) and not isinstance(w, bool)
+            if not number or not CFG_RANGE[0] <= w <= CFG_RANGE[1]:  # also NaN
+                raise ConfigError(f"cfg_scale: {w!r} for scale {i} must be a number in "
+                                  f"[{CFG_RANGE[0]:g}, {CFG_RANGE[1]:g}] (1 = no guidance)")
+            if solver not in SOLVERS:
+                raise ConfigError(f"solver: {solver!r} for scale {i} must be one of {SOLVERS}")
+
+    @classmethod
+    def named(cls, model: SampledModel, name: str = "default") -> SamplerSettings:
+        """The model's per-scale defaults (``"default"``), or one of its named settings
+        (``model.samplers``). ``"paper"``, the paper's sampler (Euler on a uniform grid, guidance
+        throughout), also names the defaults of a model that has no named settings and samples so."""
+        defaults = cls(tuple(s.steps for s in model.scales), tuple(float(s.cfg_scale) for s in model.scales),
+                       tuple(s.solver for s in model.scales), tuple(float(s.shift) for s in model.scales),
+                       tuple(tuple(s.guidance_interval) for s in model.scales))
+        if name == "default":
+            return defaults
+        if name in model.samplers:
+            return cls.of(model, base=defaults, **model.samplers[name])
+        plain = all(s == "euler" for s in defaults.solver) and all(v == 1.0 for v in defaults.shift) \
+            and all(g == FULL_INTERVAL for g in defaults.guidance_interval)
+        if name == "paper" and not model.samplers and plain:
+            return defaults
+        raise ConfigError(f"sampler {name!r}: this model names {['default', *model.samplers]}")
+
+    @classmethod
+    def of(cls, model: SampledModel, steps: Any = None, cfg_scale: Any = None, solver: Any = None,
+           base: SamplerSettings | None = None, shift: Any = None, guidance_interval: Any = None,
+           name: str | None = None) -> SamplerSettings:
+        """``base`` (by default the model's named settings ``name``, else its per-scale defaults) with
+        the given values replacing its own: each one value for every scale, or a list with one per scale
+        (``guidance_interval``: one ``(a, b)`` pair, or a list of pairs)."""
+        base = base or cls.named(model, name or "default")
+        k = len(model.scales)
+
+        def per_scale(name: str, value: Any, default: tuple) -> tuple:
+            if value is None:
+                return default
+            if isinstance(value, (list, tuple)):
+                if len(value) != k:
+                    raise ConfigError(f"{name}: need one value per scale ({k}), got {list(value)}")
+                return tuple(value)
+            return (value,) * k
+
+        if guidance_interval is not None and len(guidance_interval) == 2 \
+                and all(isinstance(v, (int, float)) for v in guidance_interval):
+            guidance_interval = [tuple(guidance_interval)] * k  # one pair for every scale
+        return cls(per_scale("steps", steps, base.steps),
+                   per_scale("cfg_scale", cfg_scale, base.cfg_scale),
+                   per_scale("solver", solver, base.solver),
+                   per_scale("shift", shift, base.shift),
+                   per_scale("guidance_interval", guidance_interval, base.guidance_interval))
+
+    def make_defaults(self, model: SampledModel) -> None:
+        """Write these settings into ``model``'s scales as their defaults."""
+        for k, s in enumerate(model.scales):
+            s.steps, s.cfg_scale, s.solver = self.steps[k], self.cfg_scale[k], self.solver[k]
+            s.shift, s.guidance_interval = self.shift[k], list(self.guidance_interval[k])
+
+    def scale_evaluations(self, k: int) -> int:
+        """Network evaluations per image of scale k, CFG branches counted."""
+        return evaluations(self.steps[k], self.cfg_scale[k], self.solver[k], self.shift[k],
+                           self.guidance_interval[k])
+
+    @property
+    def evaluations(self) -> int:
+        """Network evaluations per image, every scale and CFG branch counted."""
+        return sum(self.scale_evaluations(k) for k in range(len(self.steps)))
+
+    def to_dict(self) -> dict[str, list]:
+        """The settings; the shift and the guidance interval only where one differs from the paper's
+        (uniform grid, guidance everywhere), so that records written without them still match."""
+        out = {"steps": list(self.steps), "cfg_scale": list(self.cfg_scale), "solver": list(self.solver)}
+        if any(v != 1.0 for v in self.shift):
+            out["shift"] = list(self.shift)
+        if any(g != FULL_INTERVAL for g in self.guidance_interval):
+            out["guidance_interval"] = [list(g) for g in self.guidance_interval]
+        return out
+
+    def describe(self) -> str:
+        """One line for captions: ``steps 100,50  cfg 1.4,1  euler  (300 evaluations/image)``."""
+        solvers = self.solver[0] if len(set(self.solver)) == 1 else ",".join(self.solver)
+        extra = ""
+        if any(v != 1.0 for v in self.shift):
+            extra += f"  shift {','.join(f'{v:g}' for v in self.shift)}"
+        if any(g != FULL_INTERVAL for g in self.guidance_interval):
+            extra += "  guided t in " + ",".join(f"[{a:g},{b:g}]" for a, b in self.guidance_interval)
+        return (f"steps {','.join(map(str, self.steps))}  cfg {','.join(f'{w:g}' for w in self.cfg_scale)}  "
+                f"{solvers}{extra}  ({self.evaluations} evaluations/image)")

@@ -19,6 +19,9 @@ It loads into any number of processes (DCP reshards), or whole into one (:func:`
 Its ``.metadata`` is read with an unpickler that admits DCP's own metadata classes only.
 
 (Model directories for sampling are safetensors + JSON, see ``msf.method.pipeline``.)
+
+Also here, a run's bookkeeping: :class:`Checkpoints` (the newest to resume from; saving, then
+pruning), claiming the run directory, and taking the scales a job does not train from another run.
 """
 
 from __future__ import annotations
@@ -35,11 +38,18 @@ import warnings
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
+from msf.config import RESUMABLE_FIELDS, SAMPLING_FIELDS, Config, ConfigError, from_dict, to_dict
 from msf.files import atomic_write, atomic_write_text
+from msf.training.distributed import World, barrier, full_state
+
+if TYPE_CHECKING:
+    from msf.method.pipeline import MSFPipeline
 
 FORMAT = "msf-train-checkpoint"
 VERSION = 1
@@ -373,3 +383,188 @@ def _set(root: dict, where: Sequence, value) -> None:
     if isinstance(node, list):
         node.extend([None] * (where[-1] + 1 - len(node)))
     node[where[-1]] = value
+
+
+# ---------------------------------------------------------------------- a run's checkpoints and directory
+
+
+def network_states(networks: Sequence[nn.Module], emas: Sequence[nn.Module],
+                   opts: dict[int, torch.optim.Optimizer], sharded: bool = False) -> dict:
+    """Every scale's raw and EMA weights and its optimizer's state (``models``, ``emas``, ``optimizers``):
+    whole, on the CPU (collective under FSDP: every process calls it), or with ``sharded`` this process's
+    own tensors, nothing gathered or copied, for DCP to save or to load into in place."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    opt, scales = StateDictOptions() if sharded else full_state(), range(len(networks))
+    return {
+        "models": {str(k): get_model_state_dict(networks[k], options=opt) for k in scales},
+        "emas": {str(k): get_model_state_dict(emas[k], options=opt) for k in scales},
+        "optimizers": {str(k): get_optimizer_state_dict(networks[k], o, options=opt)
+                       for k, o in opts.items()},
+    }
+
+
+def load_network_states(networks: Sequence[nn.Module], emas: Sequence[nn.Module],
+                        opts: dict[int, torch.optim.Optimizer], state: dict) -> None:
+    """The weights and optimizer states of :func:`network_states` back in place, from a checkpoint file's
+    state or a sharded checkpoint's ``msf.json`` (its ``"dcp"`` directory is read here, each process its
+    own shards, resharded from any process count); collective: every process calls it."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    load = StateDictOptions(full_state_dict=True)
+    if "dcp" in state:
+        tensors = network_states(networks, emas, opts, sharded=True)
+        load_sharded_into(state["dcp"], tensors)
+        state, load = {**state, **tensors}, StateDictOptions()
+    for k in range(len(networks)):
+        set_model_state_dict(networks[k], state["models"][str(k)], options=load)
+        set_model_state_dict(emas[k], state["emas"][str(k)], options=load)
+    for k, opt in opts.items():
+        set_optimizer_state_dict(networks[k], opt, state["optimizers"][str(k)], options=load)
+
+
+class _Saveable(Protocol):
+    """What the run's checkpoints save: ``msf.training.train.TrainState``."""
+
+    step: int
+
+    def state_dict(self, sharded: bool = False) -> dict: ...
+
+
+class Checkpoints:
+    """A run's checkpoints (``<out_dir>/checkpoints``): the newest to resume from, and saving (atomic,
+    then pruned); also the run's ``config.json``."""
+
+    def __init__(self, directory: Path, cfg: Config, world: World, enabled: bool):
+        self.directory, self.cfg, self.world, self.enabled = directory, cfg, world, enabled
+        self.last: Path | None = None  # the newest good checkpoint, for error messages and the result
+        self.saved_step = -1
+
+    def latest(self) -> tuple[dict, Path] | None:
+        """The newest good checkpoint and its path, checked against this run's config."""
+        found = load_latest(self.directory)
+        if found is None and self.world.is_main:
+            print(f"[msf] no checkpoint in {self.directory}: starting from scratch", flush=True)
+        if found is not None:
+            check_resume(self.cfg, found)
+            self.last, self.saved_step = found[1], int(found[0]["step"])
+        return found
+
+    def save_config(self, precision_asked: str) -> None:
+        """``<out_dir>/config.json``: the run's resolved config, with the precision as asked ("auto" stays
+        "auto", so that a resume on another machine resolves it anew)."""
+        if self.enabled and self.world.is_main:
+            out = self.directory.parent
+            out.mkdir(parents=True, exist_ok=True)
+            asked = to_dict(self.cfg)
+            asked["train"]["precision"] = precision_asked
+            (out / "config.json").write_text(json.dumps(asked, indent=2))
+
+    def save(self, state: _Saveable) -> None:
+        """Collective: every process calls it (FSDP gathers, or each process writes its shards)."""
+        if not self.enabled:
+            return
+        if self.cfg.train.ckpt_format == "sharded":  # every process writes its own shards, none gathers
+            meta = state.state_dict(sharded=True)
+            tensors = {key: meta.pop(key) for key in ("models", "emas", "optimizers")}
+            self.last = save_sharded_checkpoint(self.directory, state.step, tensors, {
+                "config": to_dict(self.cfg), **meta, "world_size": self.world.size})
+        else:
+            full = state.state_dict()  # collective under FSDP: every process takes part
+            if self.world.is_main:
+                self.last = save_checkpoint(self.directory, state.step, {
+                    "config": to_dict(self.cfg), **full, "world_size": self.world.size})
+        if self.world.is_main:
+            prune(self.directory, self.cfg.train.keep_last, self.cfg.train.keep_every)
+        self.saved_step = state.step
+        barrier(self.world)
+
+
+def check_resume(cfg: Config, found: tuple[dict, Path]) -> None:
+    """A checkpoint must belong to this model; train changes that alter the run are warned about.
+
+    The run then takes the checkpoint's measured ``model.component_std``.
+    """
+    saved, path = from_dict(Config, found[0]["config"], "checkpoint config"), found[1]
+    a, b = to_dict(cfg.model), to_dict(saved.model)
+    for d in (a, b):  # the measured std, and how the model samples: neither changes what training computes
+        d["component_std"], d["samplers"] = None, {}
+        for s in d["scales"]:
+            for key in SAMPLING_FIELDS:
+                s.pop(key)
+    if a != b:
+        diff = [k for k in a if a[k] != b[k]]
+        raise CheckpointError(
+            f"{path}: the checkpoint's model config differs from this run's in {diff}; "
+            "resume with the config saved in the run directory (config.json)"
+        )
+    if cfg.train.scale != saved.train.scale:
+        raise CheckpointError(
+            f"{path}: the checkpoint trains scale {saved.train.scale!r}, this run {cfg.train.scale!r}"
+        )
+    ta, tb = to_dict(cfg.train), to_dict(saved.train)
+    changed = [k for k in ta if ta[k] != tb[k] and k not in RESUMABLE_FIELDS]
+    if ta["lr_schedule"] == "cosine" and (ta["steps"], ta["scale_steps"]) != (tb["steps"], tb["scale_steps"]):
+        changed.append("steps (the cosine schedule spans the total)")
+    if changed:
+        warnings.warn(
+            f"resuming with train settings changed from the checkpoint's: {changed}; "
+            "the run will not equal an uninterrupted one", stacklevel=4,
+        )
+    cfg.model.component_std = saved.model.component_std
+
+
+RUN_FILES = ("checkpoints", "model", "samples", "tb", "losses.json", "config.json", "unreadable_images.txt")
+
+
+def claim_run_directory(out: Path, world: World, overwrite: bool) -> None:
+    """A fresh run never mixes with an earlier one: refuse the directory, or delete that run first."""
+    found = [out / name for name in RUN_FILES if (out / name).exists()]
+    if not found:
+        return
+    if not overwrite:
+        raise ConfigError(
+            f"{out}: holds an earlier run ({', '.join(p.name for p in found)}). Continue it with --resume, "
+            "train into another train.out_dir, or pass --overwrite to delete that run first"
+        )
+    if world.is_main:
+        for p in found:
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    barrier(world)
+
+
+def take_other_scales(pipe: MSFPipeline, cfg: Config, scales: list[int], src: Path) -> None:
+    """Take the scales this job does not train from another run's model directory.
+
+    This is how per-scale jobs meet: train scale 0 in one job, then scale 1 with
+    ``train.other_scales_from=<scale-0 run>/model``, and the second run's model
+    directory holds both.
+    """
+    from msf.method.pipeline import MSFPipeline
+
+    other = MSFPipeline.from_pretrained(src, autoencoder=pipe.autoencoder)
+    a, b = to_dict(cfg.model), to_dict(other.config)
+    for key in ("num_classes", "autoencoder", "base_mode", "prior", "normalize"):
+        if a[key] != b[key]:
+            raise ConfigError(f"train.other_scales_from={src}: model.{key} is {b[key]!r} there, "
+                              f"{a[key]!r} here")
+    if [s["image_size"] for s in a["scales"]] != [s["image_size"] for s in b["scales"]]:
+        raise ConfigError(f"train.other_scales_from={src}: its scale sizes differ from this run's")
+    for k in range(pipe.num_scales):
+        if k not in scales:
+            if a["scales"][k] != b["scales"][k]:
+                raise ConfigError(f"train.other_scales_from={src}: scale {k} differs "
+                                  f"({b['scales'][k]} there, {a['scales'][k]} here)")
+            pipe.networks[k].load_state_dict(other.networks[k].state_dict())
+    if cfg.model.normalize == "std" and other.config.component_std != cfg.model.component_std:
+        raise ConfigError(f"train.other_scales_from={src}: its component_std "
+                          f"{other.config.component_std} differs from this run's "
+                          f"{cfg.model.component_std} (different data or seed?)")

@@ -2,19 +2,34 @@
 
 torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; we start the process group (NCCL
 on CUDA, gloo on the CPU) and give each process its device. A plain ``python``
-run is a world of one and touches nothing in torch.distributed.
+run is a world of one and touches nothing in torch.distributed. Also here: what
+training runs its networks as (DDP or FSDP2, compiled), gathering FSDP's shards, and
+turning Ctrl-C / SIGTERM into a stop at a step boundary.
 """
 
 from __future__ import annotations
 
 import gc
 import os
-from collections.abc import Sequence
+import signal
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
+from torch import nn
+
+from msf.config import ConfigError
+
+if TYPE_CHECKING:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    from msf.config import Config, TrainConfig
+    from msf.method.pipeline import MSFPipeline
 
 
 @dataclass
@@ -112,3 +127,104 @@ def any_rank(flags: Sequence[bool | torch.Tensor], world: World) -> list[bool]:
     if world.distributed:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return [v > 0 for v in t.tolist()]
+
+
+class StopRequest:
+    """Turns the first Ctrl-C / SIGTERM into a request to stop at the next step boundary.
+
+    A second Ctrl-C interrupts at once (the last checkpoint stays intact). Each process sees its own
+    signals; the training step agrees on a stop over all of them (:func:`any_rank`).
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old: dict[int, object] = {}
+
+    def _handler(self, signum, frame) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        name = signal.Signals(signum).name
+        print(f"\n[msf] {name}: saving a checkpoint at the end of this step, then stopping "
+              "(Ctrl-C again to abort now)", flush=True)
+
+    @contextmanager
+    def installed(self) -> Iterator[StopRequest]:
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._old[sig] = signal.signal(sig, self._handler)
+        try:
+            yield self
+        finally:
+            for sig, old in self._old.items():
+                signal.signal(sig, old)
+
+
+def full_state() -> StateDictOptions:
+    """Options for whole (unsharded) state dicts on the CPU, gathered from FSDP's shards: what a
+    checkpoint file and the model directory hold. (Imported here on use: torch's module takes 0.5 s.)"""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def shard(net: nn.Module, precision: str = "fp32") -> None:
+    """FSDP2: shard each transformer block, then the rest of the network.
+
+    With ``precision="bf16"`` the weights are gathered in bf16 (half the traffic; autocast
+    would round them to bf16 for its matrix products anyway) and the gradients are reduced
+    in fp32. Inputs are not cast, so the times and the residual stream stay as autocast
+    leaves them.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy()
+    if precision == "bf16":
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                                  cast_forward_inputs=False)
+    for block in net.blocks:
+        fully_shard(block, mp_policy=mp)
+    fully_shard(net, mp_policy=mp)
+
+
+def shard_scales(networks: Sequence[nn.Module], emas: Sequence[nn.Module], scales: list[int], precision: str,
+                 world: World) -> None:
+    """FSDP2 over the trained scales' networks and their EMA copies (``train.fsdp``)."""
+    if not world.distributed:
+        raise ConfigError("train.fsdp=true needs several processes: launch with torchrun")
+    for k in scales:
+        shard(networks[k], precision)
+        shard(emas[k])  # never runs forward: its weights stay fp32
+
+
+def wrap(net: nn.Module, tc: TrainConfig, world: World) -> nn.Module:
+    """What the step calls for a scale's network: DDP across processes (FSDP shards in place), compiled."""
+    if world.distributed and not tc.fsdp:
+        net = nn.parallel.DistributedDataParallel(
+            net, device_ids=[world.device.index] if world.device.type == "cuda" else None,
+            gradient_as_bucket_view=True)  # the gradients live in the buckets: one copy, not two
+    # static shapes: the scales' networks share DiT.forward, so the second scale's other token grid would
+    # otherwise recompile it with symbolic sizes; this way each scale compiles once, for its own sizes
+    return torch.compile(net, dynamic=False) if tc.compile else net
+
+
+def gathered(ema: MSFPipeline, cfg: Config, world: World) -> MSFPipeline | None:
+    """The EMA pipeline with whole (unsharded) weights, on the main process; None elsewhere.
+
+    Without FSDP that is ``ema`` itself; with FSDP the shards are gathered (collective).
+    """
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    from msf.method.pipeline import MSFPipeline
+
+    if not cfg.train.fsdp:
+        return ema if world.is_main else None
+    states = [get_model_state_dict(s, options=full_state()) for s in ema.networks]
+    if not world.is_main:
+        return None
+    plain = MSFPipeline(cfg.model, autoencoder=ema.autoencoder)
+    for net, st in zip(plain.networks, states):
+        net.load_state_dict(st)
+    return plain.to(world.device).requires_grad_(False).eval()

@@ -20,13 +20,19 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from msf.config import ConfigError
+from msf.method.models import DiT
+
+if TYPE_CHECKING:
+    from msf.config import Config
 
 
 class Encoder(nn.Module):
@@ -134,3 +140,47 @@ def pooled(features: Tensor, grid: int) -> Tensor:
 def alignment_loss(z: Tensor, target: Tensor) -> Tensor:
     """Mean over tokens and images of ``1 - cos(z, target)`` (REPA's negative cosine, offset to 0)."""
     return (1 - F.cosine_similarity(z.float(), target.float(), dim=-1)).mean()
+
+
+# --------------------------------------------------------------------------- wiring into training
+
+
+def depth_for(cfg: Config, k: int) -> int:
+    """The block whose tokens scale k aligns (``train.repa_depth``, or a third of the blocks; 0: none)."""
+    d = cfg.train.repa_depth
+    return default_depth(cfg.model.scales[k].depth) if d is None else d[k]
+
+
+def encoder_and_projectors(cfg: Config, networks: Sequence[nn.Module], scales: list[int], device: torch.device
+                           ) -> tuple[Encoder, dict[int, Projector]]:
+    """REPA's frozen encoder, and a projector for each trained scale with a block to align."""
+    encoder = load_encoder(cfg.train.repa_encoder).to(device)
+    projectors = {}
+    for k in scales:
+        if not depth_for(cfg, k):
+            continue
+        if not isinstance(networks[k], DiT):
+            raise ConfigError(f"train.repa_encoder: scale {k}'s network is not msf's DiT, which REPA reads "
+                              "its tokens from; set train.repa_depth to 0 for that scale")
+        projectors[k] = Projector(cfg.model.scales[k].width, cfg.train.repa_projector, encoder.dim).to(device)
+    return encoder, projectors
+
+
+def with_projector(net: nn.Module, projector: Projector | None, cfg: Config, k: int) -> nn.Module:
+    """What the training step calls for scale k: the network, with its projector when the scale aligns."""
+    return net if projector is None else AlignedNet(net, projector, depth_for(cfg, k))
+
+
+def alignment_terms(encoder: Encoder | None, images: Tensor | None, grids: dict[int, int], weight: float
+                    ) -> dict[int, Callable[[Tensor], Tensor]] | None:
+    """Per aligned scale (``grids``: its token grid), REPA's weighted term as a function of its projected
+    tokens; None without REPA. The encoder reads the batch's images once for all scales."""
+    if encoder is None:
+        return None
+    feats = encoder(images)
+
+    def term(grid: int) -> Callable[[Tensor], Tensor]:
+        target = pooled(feats, grid)
+        return lambda z: weight * alignment_loss(z, target)
+
+    return {k: term(g) for k, g in grids.items()}

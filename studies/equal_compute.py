@@ -16,8 +16,8 @@ FID of one half of the data against the other half is printed as about the floor
 data allows at this sample size. Inception runs at ~0.4 s per image on 2 CPU cores, so
 the default is 1,000 samples per model.
 
-    python benchmarks/equal_compute.py                 # 6 min of training per model
-    python benchmarks/equal_compute.py --quick         # smoke run, a few minutes
+    python studies/equal_compute.py                 # 6 min of training per model
+    python studies/equal_compute.py --quick         # smoke run, a few minutes
 """
 
 from __future__ import annotations
@@ -25,14 +25,17 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from timing import interleaved, machine  # benchmarks/timing.py, beside this script
 
-from msf.config import apply_overrides, preset
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from timing import interleaved, machine  # benchmarks/timing.py
+
+from msf.config import apply_overrides
 from msf.evaluation.metrics import (
     compute_reference,
     evaluate,
@@ -42,6 +45,7 @@ from msf.evaluation.metrics import (
 from msf.evaluation.sample_set import sample_set
 from msf.interfaces.info import model_info
 from msf.interfaces.viz import save_sample_grid
+from msf.presets import preset
 from msf.training.data import load_builtin
 from msf.training.train import train
 

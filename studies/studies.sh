@@ -21,7 +21,7 @@
 #   5. recipe_emoji.sh   the demo's recipe: seeds 1-2 of the single-seed variants (drop20, wide; ema999
 #                        and lr8e-3, which diverged at seed 0) remain      (issue 21, item 6) ~1.2 h
 #   demo_plus_emoji.sh   `make demo` before and after                     (issue 21)  done
-# benchmarks/guidance_demo.py (the demo's guidance, issue 21 item 6) is done and not rerun here.
+# studies/guidance_demo.py (the demo's guidance, issue 21 item 6) is done and not rerun here.
 # All but compare_emoji.sh share runs/emoji_studies: one set of rates, and demo and dit-demo run once,
 # by the first.
 # The hours are for a 2-core CPU (about 7 minutes a run: 5 of training, 2 to sample and score).
@@ -30,19 +30,19 @@
 # same SEEDS) writes its tables and plots from the finished runs, for docs/ (runs/emoji_studies/<study>/).
 set -e
 cd "$(dirname "$0")/.."
-SEEDS=0,1,2 sh benchmarks/knobs_emoji.sh
-FAMILIES=dit-demo SEEDS=0 sh benchmarks/levers_emoji.sh
-SEEDS=1 sh benchmarks/levers_emoji.sh
-sh benchmarks/levers_best_emoji.sh
-SEEDS=2 sh benchmarks/levers_emoji.sh
-FAMILIES=demo SEEDS=0 sh benchmarks/levers_emoji.sh
+SEEDS=0,1,2 sh studies/knobs_emoji.sh
+FAMILIES=dit-demo SEEDS=0 sh studies/levers_emoji.sh
+SEEDS=1 sh studies/levers_emoji.sh
+sh studies/levers_best_emoji.sh
+SEEDS=2 sh studies/levers_emoji.sh
+FAMILIES=demo SEEDS=0 sh studies/levers_emoji.sh
 .venv/bin/msf compare --data emoji --budgets 15 --seeds 0,1,2 --num-samples 1000 --out runs/emoji_studies \
     --report-to runs/emoji_studies/knobs15 --presets demo,demo+lightres,demo+priornoise \
     "demo+lightres:model.scales.1.depth=2" "demo+priornoise:model.prior_noise=0.2"
-sh benchmarks/compare_emoji.sh
-sh benchmarks/recipe_3x_emoji.sh
+sh studies/compare_emoji.sh
+sh studies/recipe_3x_emoji.sh
 .venv/bin/msf compare --data emoji --budgets 45 --seeds 0,1,2 --num-samples 1000 --out runs/compare_emoji \
     --sampler paper --report-to runs/compare_emoji/priornoise45 \
     --presets demo-paper-ratio,demo-paper-ratio+priornoise "demo-paper-ratio+priornoise:model.prior_noise=0.2"
-SEEDS=0,1,2 sh benchmarks/demo_plus_emoji.sh
-SEEDS=0,1,2 sh benchmarks/recipe_emoji.sh
+SEEDS=0,1,2 sh studies/demo_plus_emoji.sh
+SEEDS=0,1,2 sh studies/recipe_emoji.sh

@@ -1,6 +1,6 @@
 #!/bin/sh
 # Issue 21, item 5 (guidance against diversity, where MSF is behind): the base's guidance of the three
-# 45-minute `demo` models of the emoji comparison (benchmarks/compare_emoji.sh), 2 against the paper's
+# 45-minute `demo` models of the emoji comparison (studies/compare_emoji.sh), 2 against the paper's
 # 3, at the paper's sampler otherwise (the models carry it), 1,000 class-balanced samples each, the
 # same labels and noise at both values. Writes runs/compare_emoji/sweep45/demo_seed<s>/ (sweep.md,
 # .csv); docs/compare_emoji.md has the table. About 8 minutes a model on one core.

@@ -1,6 +1,6 @@
 """Issue 21, item 5: where MSF's quality comes from and goes, from the emoji comparison's own models.
 
-For each MSF run of a finished `msf compare` (benchmarks/compare_emoji.sh) at one budget, the same
+For each MSF run of a finished `msf compare` (studies/compare_emoji.sh) at one budget, the same
 sample count of each of these is scored against one half of the real images (B); the other half (A)
 gives the real bases:
 
@@ -15,7 +15,7 @@ recall, class accuracy (its classifier learned from all real images, A included:
 rows are flattered by it). The exposure gap is what the residual adds on a true base against what it
 adds on a generated one. Also the per-scale training losses of every run (losses.json) against step.
 
-    .venv/bin/python benchmarks/why_emoji.py --compare runs/compare_emoji --budget 5 --out docs/compare_emoji
+    .venv/bin/python studies/why_emoji.py --compare runs/compare_emoji --budget 5 --out docs/compare_emoji
 
 Writes <out>/why.json, why.md and why_losses.png.
 """

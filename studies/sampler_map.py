@@ -1,13 +1,13 @@
 """Issue 17, item 2: quality against sampling cost, per sampler, for MSF (`demo`) and its K = 1 DiT
-(`dit-demo`), both trained 15 minutes on the built-in emoji (seed 0 of benchmarks/compare_emoji.sh).
+(`dit-demo`), both trained 15 minutes on the built-in emoji (seed 0 of studies/compare_emoji.sh).
 
 Every setting draws the same 1,000 class-balanced samples (same labels, same initial noise: seed 0)
 and is scored against the emoji reference with FID, KID (bootstrap intervals) and class accuracy.
 Cost per image: network evaluations, FLOPs (msf info's count) and seconds measured here, one setting
 at a time on an otherwise idle machine. Resumable: a finished setting is read back.
 
-    .venv/bin/python benchmarks/sampler_map.py            # runs/sampler_map/, then docs/sampler_map/
-    .venv/bin/python benchmarks/sampler_map.py --report   # tables and plots from the finished settings
+    .venv/bin/python studies/sampler_map.py            # runs/sampler_map/, then docs/sampler_map/
+    .venv/bin/python studies/sampler_map.py --report   # tables and plots from the finished settings
 """
 
 from __future__ import annotations
@@ -15,10 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
-from timing import machine  # benchmarks/timing.py, beside this script
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from timing import machine  # benchmarks/timing.py
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = {  # name: (model directory, the paper's sampler at this preset: the default)

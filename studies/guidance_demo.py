@@ -10,10 +10,10 @@ overall and per class. Each value is judged against the paper's (CFG 3 on the ba
 paired by training seed, as `msf compare` judges presets: "ahead" or "behind" only when the interval
 excludes zero.
 
-    .venv/bin/python benchmarks/guidance_demo.py                     # runs/guidance_demo/demo-plus/
-    .venv/bin/python benchmarks/guidance_demo.py --family dit-demo   # the same for its K = 1 DiT
-    .venv/bin/python benchmarks/guidance_demo.py --family dit-demo+cosine   # that DiT with the cosine term
-    .venv/bin/python benchmarks/guidance_demo.py --report            # tables and plot, docs/guidance_demo/
+    .venv/bin/python studies/guidance_demo.py                     # runs/guidance_demo/demo-plus/
+    .venv/bin/python studies/guidance_demo.py --family dit-demo   # the same for its K = 1 DiT
+    .venv/bin/python studies/guidance_demo.py --family dit-demo+cosine   # that DiT with the cosine term
+    .venv/bin/python studies/guidance_demo.py --report            # tables and plot, docs/guidance_demo/
 
 Resumable: a finished sample set is reused (`run_sweep` keeps them).
 """
@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
-from timing import machine  # benchmarks/timing.py, beside this script
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from timing import machine  # benchmarks/timing.py
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDY = ROOT / "runs/emoji_studies"

@@ -6,7 +6,7 @@ the network put out, and the time and class of the batch's worst sample. At the 
 raw network and sweeps the time: the largest adaLN modulation of any block, for t from 0 to 1 (the time
 embedding's effect on the network), and the same for the run's final EMA weights (what is sampled).
 
-    .venv/bin/python benchmarks/loss_spikes.py runs/compare_emoji/runs/demo/seed0/train \\
+    .venv/bin/python studies/loss_spikes.py runs/compare_emoji/runs/demo/seed0/train \\
         --checkpoint step_000015232.pt --to 16400 --scale 1 --out docs/compare_emoji/spikes_45min
 
 Writes <out>.json and <out>.md.
