@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from msf.config import Config, ConfigError
 from msf.method.factorize import resize_image
 
 if TYPE_CHECKING:
@@ -353,6 +354,45 @@ class TrainingData:
             if "DataLoader worker process" not in text:
                 raise
             raise ValueError(text.splitlines()[-1].removeprefix("ValueError: ")) from None
+
+
+def open_training_data(cfg: Config, data: object = None) -> TrainingData:
+    """The training data (``train.data`` unless given); fills in ``model.class_names`` from it
+    when the config has none and the class counts agree. What the data rules out is said here."""
+    tc, given = cfg.train, data is not None
+    data = TrainingData(load_dataset(tc.data, cfg.model.image_size, tc.strict_data) if data is None else data,
+                        cfg.model.image_size)
+    m, names = cfg.model, data.class_names
+    shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+    if data.num_classes != m.num_classes:
+        raise ConfigError(
+            f"train.data={tc.data}: {data.num_classes} classes ({shown}), but model.num_classes="
+            f"{m.num_classes}: set model.num_classes={data.num_classes} (and model.class_names=null)"
+        )
+    if m.class_names is None:
+        m.class_names = list(names)
+    elif data.names_given and list(m.class_names) != list(names):
+        raise ConfigError(
+            f"train.data={tc.data}: its classes are {shown}, but model.class_names are "
+            f"{', '.join(m.class_names[:3])}, ...: set model.class_names=null to take the data's names"
+        )
+    if tc.eval_every and not tc.eval_ref and (given or data.kind == "latents"):
+        what = "a dataset object was passed" if given else f"train.data={tc.data} is a latent cache"
+        raise ConfigError(f"train.eval_every={tc.eval_every}: {what}, not images msf can build a reference "
+                          "from; set train.eval_ref (an .npz, a folder, or msf reference --stats output)")
+    if tc.repa_encoder and data.kind == "latents":
+        raise ConfigError(f"train.repa_encoder: train.data={tc.data} is a latent cache; REPA's encoder needs "
+                          "the images (train on the image data, or turn REPA off)")
+    if data.kind == "latents":
+        data.source.check_model(cfg)
+    return data
+
+
+def on_device(x, y: torch.Tensor, dev: torch.device) -> tuple:
+    """A batch (images, or (z, base) latents; labels) on the device, copied without waiting."""
+    x = tuple(None if v is None else v.to(dev, non_blocking=True) for v in x) if isinstance(x, tuple) \
+        else x.to(dev, non_blocking=True)
+    return x, y.to(dev)
 
 
 def iterate_batches(

@@ -47,7 +47,14 @@ from msf.training.checkpoint import (
     network_states,
     take_other_scales,
 )
-from msf.training.data import ImageDataset, IndexStream, TrainingData, iterate_batches, load_dataset
+from msf.training.data import (
+    ImageDataset,
+    IndexStream,
+    TrainingData,
+    iterate_batches,
+    on_device,
+    open_training_data,
+)
 from msf.training.distributed import (
     StopRequest,
     World,
@@ -338,7 +345,8 @@ def _run(cfg: Config, world: World, data, progress: bool, max_seconds: float | N
     run_log.warn_if_oversubscribed(world)
 
     # -- setup: the data (it completes the model config); networks, EMA, optimizers, or the checkpoint's
-    data, ckpts, bad_files = _open_data(cfg, data), Checkpoints(out / "checkpoints", cfg, world, save), []
+    data, bad_files = open_training_data(cfg, data), []
+    ckpts = Checkpoints(out / "checkpoints", cfg, world, save)
     found = ckpts.latest() if resume else None  # checked against this run's config
     state = TrainState.create(cfg, world, data, bad_files, load_other_scales=found is None,
                               autoencoder=autoencoder, networks=networks)
@@ -362,7 +370,7 @@ def _run(cfg: Config, world: World, data, progress: bool, max_seconds: float | N
                                                **_loading(tc, world)):
             run_log.report_bad_files(bad, bad_files, world)
             out_of_time = max_seconds is not None and time.perf_counter() - started > max_seconds
-            result = train_step(state, _on_device(x, y, dev), tc, nets, world, stop.requested or out_of_time)
+            result = train_step(state, on_device(x, y, dev), tc, nets, world, stop.requested or out_of_time)
             if not result.finite:
                 _nonfinite(result, step, tc, ckpts.last)
                 state.skipped += 1
@@ -404,13 +412,6 @@ def _run(cfg: Config, world: World, data, progress: bool, max_seconds: float | N
     return result
 
 
-def _on_device(x, y: torch.Tensor, dev: torch.device) -> tuple:
-    """A batch (images, or (z, base) latents; labels) on the device, copied without waiting."""
-    x = tuple(None if v is None else v.to(dev, non_blocking=True) for v in x) if isinstance(x, tuple) \
-        else x.to(dev, non_blocking=True)
-    return x, y.to(dev)
-
-
 def _warn_if_ema_young(cfg: Config, world: World, step: int, start_step: int, save: bool) -> None:
     """Say so when the EMA weights are still mostly their random start (a short run)."""
     tc, out = cfg.train, Path(cfg.train.out_dir)
@@ -432,38 +433,6 @@ def _nonfinite(result: StepResult, step: int, tc: TrainConfig, last_ckpt: Path |
             f"non-finite loss at step {step} (scale(s) {bad or 'on another process'}){where}. "
             f"Lower train.lr (now {tc.lr}), check the data, or set train.on_nonfinite=skip"
         )
-
-
-def _open_data(cfg: Config, data) -> TrainingData:
-    """The training data (``train.data`` unless given); fills in ``model.class_names`` from it
-    when the config has none and the class counts agree. What the data rules out is said here."""
-    tc, given = cfg.train, data is not None
-    data = TrainingData(load_dataset(tc.data, cfg.model.image_size, tc.strict_data) if data is None else data,
-                        cfg.model.image_size)
-    m, names = cfg.model, data.class_names
-    shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
-    if data.num_classes != m.num_classes:
-        raise ConfigError(
-            f"train.data={tc.data}: {data.num_classes} classes ({shown}), but model.num_classes="
-            f"{m.num_classes}: set model.num_classes={data.num_classes} (and model.class_names=null)"
-        )
-    if m.class_names is None:
-        m.class_names = list(names)
-    elif data.names_given and list(m.class_names) != list(names):
-        raise ConfigError(
-            f"train.data={tc.data}: its classes are {shown}, but model.class_names are "
-            f"{', '.join(m.class_names[:3])}, ...: set model.class_names=null to take the data's names"
-        )
-    if tc.eval_every and not tc.eval_ref and (given or data.kind == "latents"):
-        what = "a dataset object was passed" if given else f"train.data={tc.data} is a latent cache"
-        raise ConfigError(f"train.eval_every={tc.eval_every}: {what}, not images msf can build a reference "
-                          "from; set train.eval_ref (an .npz, a folder, or msf reference --stats output)")
-    if tc.repa_encoder and data.kind == "latents":
-        raise ConfigError(f"train.repa_encoder: train.data={tc.data} is a latent cache; REPA's encoder needs "
-                          "the images (train on the image data, or turn REPA off)")
-    if data.kind == "latents":
-        data.source.check_model(cfg)
-    return data
 
 
 def _loading(tc: TrainConfig, world: World) -> dict:
