@@ -407,6 +407,13 @@ MUTATIONS = [
      "        if _SIGNALLED:\n            return _interrupted(args.command, e)\n", "",
      "tests/test_signals.py"),
 
+    ("a trained autoencoder's folder without its measured shift", "training/autoencoder_training.py",
+     "vae.register_to_config(scaling_factor=scale, shift_factor=shift)",
+     "vae.register_to_config(scaling_factor=scale)", "tests/test_autoencoder_training.py"),
+    ("an autoencoder's resume restarts its optimizer", "training/autoencoder_training.py",
+     "        opt.load_state_dict(state[\"opt\"])\n", "", "tests/test_autoencoder_training.py"),
+    ("an autoencoder resumes under other settings", "training/autoencoder_training.py",
+     "        _check_same_run(cfg, state, found[1])\n", "", "tests/test_autoencoder_training.py"),
     # places that survived the suite until tests of their own pinned them (docs/testing.md)
     ("guidance not at the guidance interval's start", "method/sampler.py",
      "return interval[0] <= t <= interval[1]", "return interval[0] < t <= interval[1]",

@@ -470,7 +470,8 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
         except json.JSONDecodeError:
             value = raw
         _set(data, key.strip().split("."), 0, value)
-    return validate(from_dict(Config, data, "config"))
+    out = from_dict(type(cfg), data, "config")  # a Config, or another config class (the autoencoder's)
+    return validate(out) if isinstance(out, Config) else out
 
 
 def _set(node: Any, parts: list[str], i: int, value: Any) -> None:

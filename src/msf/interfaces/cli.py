@@ -238,6 +238,45 @@ def cmd_extract(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_train_autoencoder(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train-autoencoder", help="train a small KL autoencoder on your data: a latent space "
+                       "for model.autoencoder.path")
+    p.add_argument("--config", help="a JSON file of its settings (a run's config.json)")
+    p.add_argument("--resume", action="store_true", help="continue the newest checkpoint in out_dir exactly")
+    _shared(p, "device", quiet="no progress lines",
+            overrides="key=value: data, image_size, factor (2, 4, 8), channels, width, steps, batch_size, "
+                      "lr, "
+                      "kl_weight, loss (l1, mse), seed, precision, out_dir, ...")
+    p.set_defaults(func=cmd_train_autoencoder)
+
+
+def cmd_train_autoencoder(args: argparse.Namespace) -> int:
+    from msf.config import from_dict
+    from msf.training.autoencoder_training import (
+        AutoencoderTrainConfig,
+        autoencoder_config,
+        train_autoencoder,
+    )
+
+    base = None
+    if args.config:
+        path = Path(args.config)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file does not exist")
+        try:
+            base = from_dict(AutoencoderTrainConfig, json.loads(path.read_text()), str(path))
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: not JSON ({e})") from None
+    cfg = autoencoder_config(args.overrides, base)
+    result = train_autoencoder(cfg, device=args.device, progress=not args.quiet, resume=args.resume)
+    print(f"autoencoder: {result.path} ({result.steps} steps, {result.seconds:.0f} s): reconstruction PSNR "
+          f"{result.psnr:.2f} dB; latent scale {result.scaling_factor:.4g}, shift {result.shift_factor:.4g}")
+    print(f"train MSF in its latent space with: {result.overrides()} "
+          f"model.autoencoder.channels={cfg.channels} "
+          f"model.autoencoder.factor={cfg.factor}")
+    return 130 if result.interrupted else 0
+
+
 def _parse_classes(spec: str, names: list[str] | None, num_classes: int) -> list[int]:
     if spec == "all":
         return list(range(num_classes))
@@ -693,8 +732,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 "for diffusion (Jiang et al., 2025)")
     p.add_argument("--version", action="version", version=f"msf {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
-    for add in (_add_demo, _add_train, _add_extract, _add_sample, _add_eval, _add_reference, _add_sweep,
-                _add_compare, _add_app, _add_push, _add_convert, _add_info):
+    for add in (_add_demo, _add_train, _add_extract, _add_train_autoencoder, _add_sample, _add_eval,
+                _add_reference, _add_sweep, _add_compare, _add_app, _add_push, _add_convert, _add_info):
         add(sub)
     return p
 
@@ -707,6 +746,7 @@ _AFTER_STOP = {
     "sweep": "finished sample sets are kept: the same command continues",
     "compare": "finished runs are kept: the same command continues",
     "extract": "finished shards are kept: the same command continues",
+    "train-autoencoder": "its last checkpoint is kept: the same command with --resume continues",
     "reference": "the same command starts it again",
 }
 
