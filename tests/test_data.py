@@ -175,3 +175,14 @@ def test_balanced_batches_larger_than_the_smallest_class_draw_it_with_replacemen
     assert max(int((labels[b] == 0).sum()) for b in batches) > 2  # more of class 0 than it has examples
     small = seen[labels[seen] == 0]
     assert (torch.bincount(small, minlength=2)[:2].float() / len(small) - 0.5).abs().max() < 0.1
+
+
+def test_the_64px_set_is_the_32px_set_at_twice_the_size():
+    from msf.training.data import load_builtin, load_dataset, prepare_data
+
+    small, large = load_builtin("emoji32"), load_dataset("emoji64")
+    assert tuple(large.images.shape) == (len(small), 64, 64, 3) and large.images.dtype == torch.uint8
+    assert torch.equal(large.labels, small.labels) and large.class_names == small.class_names
+    down = prepare_data(large, 32).images.float()  # antialiased: the same glyphs, up to the two resizes
+    assert (down - small.images.float()).abs().mean() < 8
+    assert (down - small.images.float().roll(1, 0)).abs().mean() > 20  # and not any other glyph

@@ -217,9 +217,9 @@ def check_reference(spec: str | Path | np.ndarray, what: str = "ref") -> None:
 def builtin_reference(name: str, image_size: int | None, cache_dir: Path | None = None) -> Path:
     """The built-in set as a reference .npz at ``image_size`` (its own size when None), written once
     beside the statistics cache: a built-in name works wherever a reference path does."""
-    from msf.training.data import load_builtin
+    from msf.training.data import builtin_file, load_builtin
 
-    size = image_size or load_builtin().images.shape[1]
+    size = image_size or load_builtin(builtin_file(name)).images.shape[1]
     path = (cache_dir or default_cache_dir()) / f"builtin-{name}-{size}px.npz"
     if not path.is_file():
         build_reference(name, path, size, progress=False)

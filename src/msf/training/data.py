@@ -1,8 +1,9 @@
 """Datasets: the built-in emoji set, and in-memory batching for small data.
 
-The built-in set ships with the package (``msf/data/emoji32.npz``): 1,870 emoji
-from Noto Color Emoji at 32 x 32, labelled by their 9 Unicode groups; see
-``msf/data/README.md`` for how it was made and its licences.
+The built-in sets ship with the package: 1,870 emoji from Noto Color Emoji, labelled by their 9
+Unicode groups, at 32 x 32 (``msf/data/emoji32.npz``, the name ``emoji``) and the same glyphs at
+64 x 64 (``emoji64.npz``, for latent-space models); ``msf/data/README.md`` says how they were made,
+and their licences.
 
 **The dataset protocol** (what ``train(cfg, data=...)`` takes besides msf's own sets): an object
 with ``labels`` (int64 tensor, one per example, classes 0..C-1), ``class_names`` (C strings),
@@ -56,7 +57,12 @@ class ImageDataset:
         return len(self.class_names)
 
 
-BUILTIN_NAMES = ("emoji", "emoji32")  # what train.data (and --ref) take for the built-in set
+BUILTIN_NAMES = ("emoji", "emoji32", "emoji64")  # what train.data (and --ref) take for the built-in sets
+
+
+def builtin_file(name: str) -> str:
+    """The shipped file a built-in name reads: "emoji" is the 32 px set."""
+    return "emoji32" if name == "emoji" else name
 
 
 def builtin_path(name: str = "emoji32") -> Path:
@@ -87,7 +93,7 @@ def load_dataset(spec: str, image_size: int | None = None, strict: bool = False
     (:mod:`msf.training.imagefolder`).
     """
     if spec in BUILTIN_NAMES:
-        return load_builtin("emoji32")
+        return load_builtin(builtin_file(spec))
     path = Path(spec)
     if path.is_dir() and (path / "manifest.json").is_file():
         from msf.training.latent_cache import LatentCache
