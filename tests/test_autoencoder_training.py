@@ -88,3 +88,22 @@ def test_the_command_trains_and_says_how_to_use_the_result(tmp_path, capsys):
     out = capsys.readouterr().out
     assert rc == 0 and (tmp_path / "autoencoder" / "config.json").is_file()
     assert f"model.autoencoder.path={tmp_path / 'autoencoder'}" in out and "PSNR" in out
+
+
+def test_a_shipped_autoencoder_is_taken_by_name_and_a_local_folder_of_that_name_wins(trained, tmp_path,
+                                                                                      monkeypatch):
+    import shutil
+
+    import msf.method.autoencoder as autoencoder
+    from msf.config import AutoencoderConfig
+
+    shipped = tmp_path / "autoencoders"
+    shutil.copytree(trained.path, shipped / "my-ae")
+    monkeypatch.setattr(autoencoder, "shipped_autoencoders", lambda: shipped)
+    cfg = AutoencoderConfig(kind="sd-vae", path="my-ae", channels=4, factor=4,
+                            scaling_factor=trained.scaling_factor)
+    assert autoencoder.build_autoencoder(cfg).shift_factor == pytest.approx(trained.shift_factor)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "my-ae").mkdir()  # a local folder of that name, not an autoencoder: it wins, and says so
+    with pytest.raises(ValueError, match="my-ae: not a diffusers AutoencoderKL folder"):
+        autoencoder.build_autoencoder(cfg)

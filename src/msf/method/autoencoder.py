@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from contextlib import nullcontext
+from importlib import resources
 from pathlib import Path
 
 import torch
@@ -110,8 +111,14 @@ class SDAutoencoder(Autoencoder):
         return torch.cat(out).clamp(-1.0, 1.0)
 
 
+def shipped_autoencoders() -> Path:
+    """The autoencoders shipped inside the package: ``model.autoencoder.path`` takes their names."""
+    return Path(str(resources.files("msf") / "autoencoders"))
+
+
 def load_sd_vae(cfg: AutoencoderConfig) -> SDAutoencoder:
-    """Load ``AutoencoderKL`` from a local folder or, on a machine with network, a hub id."""
+    """Load ``AutoencoderKL`` from a local folder, a shipped one by name or, on a machine with network,
+    a hub id."""
     try:
         from diffusers import AutoencoderKL
     except ImportError:
@@ -121,6 +128,8 @@ def load_sd_vae(cfg: AutoencoderConfig) -> SDAutoencoder:
     if not cfg.path:
         raise ValueError("model.autoencoder.path: give a local folder or a hub id for the VAE")
     local = Path(cfg.path).expanduser()
+    if not local.exists() and (shipped_autoencoders() / cfg.path / "config.json").is_file():
+        local = shipped_autoencoders() / cfg.path
     if local.exists():
         if not (local / "config.json").is_file():
             raise ValueError(f"{local}: not a diffusers AutoencoderKL folder (no config.json)")
