@@ -3,6 +3,7 @@
     msf demo                       train a small MSF on the built-in emoji, write figures
     msf train --preset demo k=v    train from a preset (or --config file.json) with overrides
     msf extract --out DIR k=v      encode the training data once into a latent cache
+    msf train-autoencoder k=v      a small KL autoencoder on your data: a latent space to train in
     msf sample MODEL_DIR ...       class labels -> PNG grid, or --num-samples N --npz -> ADM sample set
     msf eval --samples A --ref B   FID and KID with 95% intervals, IS, precision/recall, class accuracy
     msf reference DATA --out R     training data as a reference .npz (decoded and cropped as in training)
