@@ -186,3 +186,22 @@ def test_the_64px_set_is_the_32px_set_at_twice_the_size():
     down = prepare_data(large, 32).images.float()  # antialiased: the same glyphs, up to the two resizes
     assert (down - small.images.float()).abs().mean() < 8
     assert (down - small.images.float().roll(1, 0)).abs().mean() > 20  # and not any other glyph
+
+
+def test_builtin_glyphs_dataset_loads_by_name():
+    from msf.training.data import BUILTIN_NAMES, builtin_file, builtin_path
+
+    assert "glyphs" in BUILTIN_NAMES and builtin_file("glyphs") == "glyphs32"
+    d = load_dataset("glyphs")
+    assert d.images.dtype == torch.uint8 and d.images.shape[1:] == (32, 32, 3)
+    assert d.num_classes >= 8 and len(d) == len(d.labels) >= 2000
+    assert d.class_names == [str(i) for i in range(10)]  # the digits
+    assert int(d.labels.min()) == 0 and int(d.labels.max()) == len(d.class_names) - 1
+    counts = torch.bincount(d.labels, minlength=d.num_classes)
+    assert counts.min() >= 200 and counts.max() <= 2 * counts.min()  # roughly balanced
+    assert len(torch.unique(d.images.reshape(len(d), -1), dim=0)) == len(d)  # no two images identical
+    x = d.images.float()
+    assert (x[..., 0] - x[..., 2]).abs().mean() > 10  # colour, not grey
+    assert torch.equal(load_dataset("glyphs32").images, d.images)
+    with np.load(builtin_path("glyphs32"), allow_pickle=False) as z:
+        assert len(z["names"]) == len(d)

@@ -1,9 +1,11 @@
-"""Datasets: the built-in emoji set, and in-memory batching for small data.
+"""Datasets: the built-in emoji and digit sets, and in-memory batching for small data.
 
 The built-in sets ship with the package: 1,870 emoji from Noto Color Emoji, labelled by their 9
 Unicode groups, at 32 x 32 (``msf/data/emoji32.npz``, the name ``emoji``) and the same glyphs at
-64 x 64 (``emoji64.npz``, for latent-space models); ``msf/data/README.md`` says how they were made,
-and their licences.
+64 x 64 (``emoji64.npz``, for latent-space models); and 6,568 renderings of the digits 0-9 from 977
+font files of Debian's font packages, 10 classes at 32 x 32 (``glyphs32.npz``, the name ``glyphs``:
+set ``train.random_flip=false`` for it, a mirrored digit is not a digit). ``msf/data/README.md``
+says how they were made, and their licences.
 
 **The dataset protocol** (what ``train(cfg, data=...)`` takes besides msf's own sets): an object
 with ``labels`` (int64 tensor, one per example, classes 0..C-1), ``class_names`` (C strings),
@@ -57,12 +59,12 @@ class ImageDataset:
         return len(self.class_names)
 
 
-BUILTIN_NAMES = ("emoji", "emoji32", "emoji64")  # what train.data (and --ref) take for the built-in sets
+BUILTIN_NAMES = ("emoji", "emoji32", "emoji64", "glyphs", "glyphs32")  # what train.data (and --ref) take
 
 
 def builtin_file(name: str) -> str:
-    """The shipped file a built-in name reads: "emoji" is the 32 px set."""
-    return "emoji32" if name == "emoji" else name
+    """The shipped file a built-in name reads: "emoji" and "glyphs" are the 32 px sets."""
+    return {"emoji": "emoji32", "glyphs": "glyphs32"}.get(name, name)
 
 
 def builtin_path(name: str = "emoji32") -> Path:
