@@ -211,7 +211,8 @@ def check_reference(spec: str | Path | np.ndarray, what: str = "ref") -> None:
         return
     if not Path(spec).expanduser().exists():
         raise FileNotFoundError(f"{what} {str(spec)!r}: no such file or folder (give an ADM-format .npz, "
-                                "an image folder, a statistics file from msf eval, or the built-in 'emoji')")
+                                "an image folder, a statistics file from msf eval, or a built-in set: "
+                                f"{', '.join(BUILTIN_NAMES)})")
 
 
 def builtin_reference(name: str, image_size: int | None, cache_dir: Path | None = None) -> Path:

@@ -122,8 +122,8 @@ def load_dataset(spec: str, image_size: int | None = None, strict: bool = False
             names or [str(i) for i in range(n_cls)], names_given=names is not None,
         )
     raise ValueError(
-        f"data {spec!r}: expected 'emoji' (built-in), an existing .npz file, or a directory "
-        "with one sub-folder of images per class"
+        f"data {spec!r}: expected a built-in set ({', '.join(BUILTIN_NAMES)}), an existing .npz file, or "
+        "a directory with one sub-folder of images per class"
     )
 
 
