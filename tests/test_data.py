@@ -205,3 +205,17 @@ def test_builtin_glyphs_dataset_loads_by_name():
     assert torch.equal(load_dataset("glyphs32").images, d.images)
     with np.load(builtin_path("glyphs32"), allow_pickle=False) as z:
         assert len(z["names"]) == len(d)
+
+
+def test_training_on_digits_with_mirroring_is_refused_and_says_what_to_set(tmp_path):
+    from msf.config import ConfigError, apply_overrides
+    from msf.presets import preset
+    from msf.training.train import train
+
+    glyphs = ["train.data=glyphs", "model.num_classes=10", "model.class_names=null", "train.steps=1",
+              "train.tensorboard=false", f"train.out_dir={tmp_path}"]
+    cfg = apply_overrides(preset("tiny"), glyphs)
+    with pytest.raises(ConfigError, match="train.data=glyphs: a mirrored image .* train.random_flip=false"):
+        train(cfg, progress=False)
+    result = train(apply_overrides(cfg, ["train.random_flip=false"]), progress=False)
+    assert result.steps == 1 and result.pipeline.config.class_names == [str(d) for d in range(10)]

@@ -46,6 +46,7 @@ class ImageDataset:
     labels: Tensor  # int64 (N,)
     class_names: list[str]
     names_given: bool = True  # False: a .npz without class names, named "0", "1", ... here
+    mirror_ok: bool = True  # False: a mirrored image is not of its class (digits, text)
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -81,6 +82,7 @@ def load_builtin(name: str = "emoji32") -> ImageDataset:
             images=torch.from_numpy(d["images"]),
             labels=torch.from_numpy(d["labels"]).long(),
             class_names=[str(c) for c in d["class_names"]],
+            mirror_ok=not name.startswith("glyphs"),
         )
 
 
@@ -143,7 +145,7 @@ def prepare_data(data: ImageDataset, image_size: int) -> ImageDataset:
     if data.image_size == image_size:
         return data
     x = resize_image(to_model_range(data.images), image_size)
-    return ImageDataset(to_uint8(x), data.labels, data.class_names, data.names_given)
+    return ImageDataset(to_uint8(x), data.labels, data.class_names, data.names_given, data.mirror_ok)
 
 
 def _generator(*keys: int) -> torch.Generator:
@@ -391,6 +393,9 @@ def open_training_data(cfg: Config, data: object = None) -> TrainingData:
     if tc.repa_encoder and data.kind == "latents":
         raise ConfigError(f"train.repa_encoder: train.data={tc.data} is a latent cache; REPA's encoder needs "
                           "the images (train on the image data, or turn REPA off)")
+    if tc.random_flip and not getattr(data.source, "mirror_ok", True):
+        raise ConfigError(f"train.data={tc.data}: a mirrored image is not of its class here (digits, text); "
+                          "set train.random_flip=false")
     if data.kind == "latents":
         data.source.check_model(cfg)
     return data
