@@ -398,6 +398,7 @@ def main() -> None:
         "labels": labels_arr,
         "class_names": np.asarray(list(DIGITS)),
         "names": np.asarray(names),
+        "mirror_ok": np.asarray(False),  # a mirrored digit is not a digit: msf refuses random flips on it
     })
     print(f"wrote {args.out}: {len(images_arr)} images of {args.size}x{args.size}; of {n_files} font files "
           f"{n_fonts} have all ten digits and {n_contributing} give at least one image; "

@@ -219,3 +219,13 @@ def test_training_on_digits_with_mirroring_is_refused_and_says_what_to_set(tmp_p
         train(cfg, progress=False)
     result = train(apply_overrides(cfg, ["train.random_flip=false"]), progress=False)
     assert result.steps == 1 and result.pipeline.config.class_names == [str(d) for d in range(10)]
+
+
+def test_any_npz_may_say_its_mirrored_images_are_not_of_their_class(tmp_path):
+    from msf.training.data import load_dataset
+
+    images, labels = np.zeros((4, 8, 8, 3), np.uint8), np.arange(4) % 2
+    np.savez(tmp_path / "a.npz", images=images, labels=labels, mirror_ok=np.asarray(False))
+    np.savez(tmp_path / "b.npz", images=images, labels=labels)
+    assert load_dataset(str(tmp_path / "a.npz")).mirror_ok is False
+    assert load_dataset(str(tmp_path / "b.npz")).mirror_ok is True

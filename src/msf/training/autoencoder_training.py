@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -202,13 +203,11 @@ def _finish(vae, data: TrainingData, cfg: AutoencoderTrainConfig, out: Path, ste
     vae.save_pretrained(str(tmp), safe_serialization=True)
     atomic_write_text(tmp / "quality.json", json.dumps({"psnr_db": psnr, "steps": step, "images": min(
         len(data), 1024)}, indent=2))
-    if folder.exists():
+    if folder.exists():  # the finished folder is swapped in whole: never half an old, half a new one
         old = out / f".{FOLDER}.old"
         folder.rename(old)
         tmp.rename(folder)
-        for f in old.iterdir():
-            f.unlink()
-        old.rmdir()
+        shutil.rmtree(old)
     else:
         tmp.rename(folder)
     return AutoencoderResult(folder, step, seconds, history, scale, shift, psnr, interrupted)

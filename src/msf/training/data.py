@@ -72,6 +72,11 @@ def builtin_path(name: str = "emoji32") -> Path:
     return Path(str(resources.files("msf") / "data" / f"{name}.npz"))
 
 
+def _mirror_ok(npz) -> bool:
+    """An .npz may say that a mirrored image is not of its class (``mirror_ok``: False, e.g. digits)."""
+    return bool(npz["mirror_ok"]) if "mirror_ok" in npz.files else True
+
+
 def load_builtin(name: str = "emoji32") -> ImageDataset:
     """The built-in labelled colour dataset (offline, shipped with the package)."""
     path = builtin_path(name)
@@ -82,7 +87,7 @@ def load_builtin(name: str = "emoji32") -> ImageDataset:
             images=torch.from_numpy(d["images"]),
             labels=torch.from_numpy(d["labels"]).long(),
             class_names=[str(c) for c in d["class_names"]],
-            mirror_ok=not name.startswith("glyphs"),
+            mirror_ok=_mirror_ok(d),
         )
 
 
@@ -116,12 +121,13 @@ def load_dataset(spec: str, image_size: int | None = None, strict: bool = False
                     raise ValueError(f"{path}: missing array {key!r}")
             images, labels = d["images"], d["labels"]
             names = [str(c) for c in d["class_names"]] if "class_names" in d else None
+            mirror_ok = _mirror_ok(d)
         if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
             raise ValueError(f"{path}: 'images' must be uint8 (N, H, W, 3), got {images.shape}")
         n_cls = int(labels.max()) + 1
         return ImageDataset(
             torch.from_numpy(images), torch.from_numpy(labels).long(),
-            names or [str(i) for i in range(n_cls)], names_given=names is not None,
+            names or [str(i) for i in range(n_cls)], names_given=names is not None, mirror_ok=mirror_ok,
         )
     raise ValueError(
         f"data {spec!r}: expected a built-in set ({', '.join(BUILTIN_NAMES)}), an existing .npz file, or "
