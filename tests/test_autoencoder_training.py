@@ -10,7 +10,7 @@ from msf.config import ConfigError, apply_overrides
 from msf.interfaces.cli import main
 from msf.method.pipeline import MSFPipeline
 from msf.presets import preset
-from msf.training.autoencoder_training import autoencoder_config, train_autoencoder
+from msf.training.autoencoder_training import autoencoder_config, learning_rate, train_autoencoder
 from msf.training.data import load_builtin, prepare_data, to_model_range
 from msf.training.train import train
 
@@ -67,6 +67,19 @@ def test_resume_continues_exactly(tmp_path):
     a = (tmp_path / "a" / "autoencoder" / "diffusion_pytorch_model.safetensors").read_bytes()
     b = (tmp_path / "b" / "autoencoder" / "diffusion_pytorch_model.safetensors").read_bytes()
     assert a == b and resumed.scaling_factor == straight.scaling_factor
+
+
+def test_the_learning_rate_holds_then_falls_linearly_and_a_resume_may_add_the_decay(tmp_path):
+    cfg = autoencoder_config(["lr=1e-3", "steps=10", "lr_decay_from=6"])
+    rates = [learning_rate(cfg, s) for s in range(1, 11)]
+    assert rates[:6] == [1e-3] * 6
+    assert rates[6:] == pytest.approx([8e-4, 6e-4, 4e-4, 2e-4])
+    assert learning_rate(autoencoder_config(["lr=1e-3", "steps=10"]), 10) == 1e-3
+    cut = autoencoder_config([*TINY, "steps=2", f"out_dir={tmp_path}"])
+    train_autoencoder(cut, progress=False)
+    resumed = train_autoencoder(autoencoder_config(["steps=3", "lr_decay_from=2"], cut), progress=False,
+                                resume=True)
+    assert resumed.steps == 3
 
 
 def test_resume_with_another_shape_is_refused_naming_the_setting(tmp_path):

@@ -12,16 +12,22 @@ Time convention (one, everywhere): ``t = 0`` is data, ``t = 1`` is noise,
 from __future__ import annotations
 
 import copy
-import dataclasses
-import difflib
 import json
 import math
-import types
-import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from msf.fields import ConfigError, check_declarations, check_fields, fields_where, in_range, setting
+from msf.fields import (  # re-exported: from_dict and to_dict
+    ConfigError,
+    check_declarations,
+    check_fields,
+    fields_where,
+    from_dict,
+    in_range,
+    setting,
+    to_dict,
+    unknown_key,
+)
 from msf.method.sampler import CFG_RANGE, SOLVERS, SamplerSettings
 from msf.method.sampler import evaluations as evaluations  # re-exported: a scale's sampling cost
 
@@ -273,7 +279,7 @@ def _check_samplers(m: ModelConfig) -> None:
                               "another name")
         bad = [key for key in given if key not in SAMPLING_FIELDS]
         if bad:
-            raise ConfigError(_unknown_key(f"model.samplers.{name}.{bad[0]}", bad[0], list(SAMPLING_FIELDS)))
+            raise ConfigError(unknown_key(f"model.samplers.{name}.{bad[0]}", bad[0], list(SAMPLING_FIELDS)))
         try:
             SamplerSettings.named(m, name)
         except ConfigError as e:
@@ -315,100 +321,6 @@ def _check_train(t: TrainConfig, m: ModelConfig) -> None:
 # --------------------------------------------------------------------------- (de)serialisation
 
 
-def to_dict(obj: Any) -> dict:
-    return dataclasses.asdict(obj)
-
-
-def from_dict(cls: type, data: Any, where: str = "") -> Any:
-    """Build dataclass ``cls`` from plain data, checking keys and types."""
-    return _coerce(cls, data, where or cls.__name__)
-
-
-def _coerce(tp: Any, value: Any, where: str) -> Any:
-    origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        return _coerce_object(tp, value, where)
-    if origin in (typing.Union, types.UnionType):
-        return _coerce_union(tp, value, where)
-    if tp is Any:
-        return value
-    if origin is dict:
-        _, item = typing.get_args(tp)
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected an object, got {value!r}")
-        return {str(k): _coerce(item, v, f"{where}.{k}") for k, v in value.items()}
-    if origin is list:
-        (item,) = typing.get_args(tp)
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        return [_coerce(item, v, f"{where}.{i}") for i, v in enumerate(value)]
-    return _coerce_scalar(tp, value, where)
-
-
-def _coerce_object(tp: type, value: Any, where: str) -> Any:
-    if not isinstance(value, dict):
-        raise ConfigError(f"{where}: expected an object, got {type(value).__name__}")
-    hints = typing.get_type_hints(tp)
-    fields = {f.name: f for f in dataclasses.fields(tp)}
-    unknown = [k for k in value if k not in fields]
-    if unknown:
-        raise ConfigError(_unknown_key(f"{where}.{unknown[0]}", unknown[0], list(fields)))
-    kwargs = {}
-    for name, f in fields.items():
-        if name in value:
-            kwargs[name] = _coerce(hints[name], value[name], f"{where}.{name}")
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"{where}.{name}: required field is missing")
-    return tp(**kwargs)
-
-
-def _coerce_union(tp: Any, value: Any, where: str) -> Any:
-    args = typing.get_args(tp)
-    if value is None:
-        if type(None) in args:
-            return None
-        raise ConfigError(f"{where}: may not be null")
-    errors = []
-    for a in args:
-        if a is type(None):
-            continue
-        try:
-            return _coerce(a, value, where)
-        except ConfigError as e:
-            errors.append(str(e))
-    raise ConfigError(errors[0])
-
-
-def _coerce_scalar(tp: type, value: Any, where: str) -> Any:
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-            return value.lower() in ("true", "1", "yes")
-        raise ConfigError(f"{where}: expected true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, (int, str)):
-            if isinstance(value, float) and value.is_integer():
-                return int(value)
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        try:
-            return int(value)
-        except ValueError:
-            raise ConfigError(f"{where}: expected an integer, got {value!r}") from None
-    if tp is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
-    if tp is str:
-        if isinstance(value, (dict, list)):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
-        return str(value)
-    raise ConfigError(f"{where}: unsupported type {tp}")  # pragma: no cover
-
-
 # Names DiT's, SiT's and diffusers' users type for the same setting: accepted in key=value overrides
 KEY_ALIASES = {
     "learning_rate": "lr", "base_lr": "lr", "max_steps": "steps", "max_train_steps": "steps",
@@ -420,26 +332,6 @@ KEY_ALIASES = {
     "hidden_size": "width", "num_heads": "heads", "guidance_scale": "cfg_scale",
     "num_sampling_steps": "steps", "num_inference_steps": "steps",
 }
-# Names close in meaning but not the same setting: suggested, with the difference, never accepted
-KEY_MEANINGS = {
-    "epochs": ("steps", "msf counts optimizer steps, not epochs"),
-    "num_epochs": ("steps", "msf counts optimizer steps, not epochs"),
-    "batch": ("batch_size", "the global batch, over all processes"),
-    "train_batch_size": ("batch_size", "msf's is the global batch, over all processes, not per device"),
-    "mixed_precision": ("precision", "auto, bf16 or fp32"),
-    "wd": ("weight_decay", ""), "ema": ("ema_decay", ""), "warmup": ("warmup_steps", ""),
-    "clip": ("grad_clip", ""), "dropout": ("class_dropout", "the label dropout for guidance"),
-}
-
-
-def _unknown_key(where: str, key: str, valid: list[str]) -> str:
-    meant = KEY_MEANINGS.get(key, (None, ""))
-    near = [meant[0]] if meant[0] in valid else difflib.get_close_matches(key, valid, n=1)
-    why = f" ({meant[1]})" if near and near[0] == meant[0] and meant[1] else ""
-    hint = f"; did you mean {near[0]!r}{why}?" if near else "."
-    return f"unknown config key {where!r}{hint} Valid keys here: {', '.join(valid)}"
-
-
 def config_to_json(cfg: Config) -> str:
     return json.dumps(to_dict(cfg), indent=2)
 
@@ -487,7 +379,7 @@ def _set(node: Any, parts: list[str], i: int, value: Any) -> None:
         if p not in node and KEY_ALIASES.get(p) in node:
             p = KEY_ALIASES[p]
         if p not in node:
-            raise ConfigError(_unknown_key(path, p, list(node)))
+            raise ConfigError(unknown_key(path, p, list(node)))
         keys = [p]
     else:
         raise ConfigError(f"{path}: {'.'.join(parts[:i])} has no sub-keys")

@@ -1,12 +1,14 @@
 """Config fields that carry their rules: :func:`setting` declares one (its range or choices, whether it
 is one value per scale or a sampler default, whether ``--resume`` may change it, whether it changes the
-work of a training step), :func:`check_fields` checks a config object against the declarations.
+work of a training step), :func:`check_fields` checks a config object against the declarations, and
+:func:`from_dict` builds one from plain data, naming the key and the expected type of a bad value.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 import functools
 import math
 import types
@@ -112,3 +114,120 @@ def in_range(name: str, value: Any, within: tuple[float, float, bool, bool], int
         interval = f"{'[' if lo_ok else '('}{lo:g}, {hi:g}{']' if hi_ok else ')'}"
         raise ConfigError(f"{name} must be {'an integer' if integer else 'a number'} in {interval}, "
                           f"got {value!r}")
+
+
+# --------------------------------------------------------------------------- (de)serialisation
+
+
+def to_dict(obj: Any) -> dict:
+    return dataclasses.asdict(obj)
+
+
+def from_dict(cls: type, data: Any, where: str = "") -> Any:
+    """Build dataclass ``cls`` from plain data, checking keys and types."""
+    return _coerce(cls, data, where or cls.__name__)
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _coerce_object(tp, value, where)
+    if origin in (typing.Union, types.UnionType):
+        return _coerce_union(tp, value, where)
+    if tp is Any:
+        return value
+    if origin is dict:
+        _, item = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected an object, got {value!r}")
+        return {str(k): _coerce(item, v, f"{where}.{k}") for k, v in value.items()}
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(item, v, f"{where}.{i}") for i, v in enumerate(value)]
+    return _coerce_scalar(tp, value, where)
+
+
+def _coerce_object(tp: type, value: Any, where: str) -> Any:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: expected an object, got {type(value).__name__}")
+    hints = typing.get_type_hints(tp)
+    fields = {f.name: f for f in dataclasses.fields(tp)}
+    unknown = [k for k in value if k not in fields]
+    if unknown:
+        raise ConfigError(unknown_key(f"{where}.{unknown[0]}", unknown[0], list(fields)))
+    kwargs = {}
+    for name, f in fields.items():
+        if name in value:
+            kwargs[name] = _coerce(hints[name], value[name], f"{where}.{name}")
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{where}.{name}: required field is missing")
+    return tp(**kwargs)
+
+
+def _coerce_union(tp: Any, value: Any, where: str) -> Any:
+    args = typing.get_args(tp)
+    if value is None:
+        if type(None) in args:
+            return None
+        raise ConfigError(f"{where}: may not be null")
+    errors = []
+    for a in args:
+        if a is type(None):
+            continue
+        try:
+            return _coerce(a, value, where)
+        except ConfigError as e:
+            errors.append(str(e))
+    raise ConfigError(errors[0])
+
+
+def _coerce_scalar(tp: type, value: Any, where: str) -> Any:
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        try:
+            return int(value)
+        except ValueError:
+            raise ConfigError(f"{where}: expected an integer, got {value!r}") from None
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return str(value)
+    raise ConfigError(f"{where}: unsupported type {tp}")  # pragma: no cover
+
+
+# Names close in meaning but not the same setting: suggested, with the difference, never accepted
+KEY_MEANINGS = {
+    "epochs": ("steps", "msf counts optimizer steps, not epochs"),
+    "num_epochs": ("steps", "msf counts optimizer steps, not epochs"),
+    "batch": ("batch_size", "the global batch, over all processes"),
+    "train_batch_size": ("batch_size", "msf's is the global batch, over all processes, not per device"),
+    "mixed_precision": ("precision", "auto, bf16 or fp32"),
+    "wd": ("weight_decay", ""), "ema": ("ema_decay", ""), "warmup": ("warmup_steps", ""),
+    "clip": ("grad_clip", ""), "dropout": ("class_dropout", "the label dropout for guidance"),
+}
+
+
+def unknown_key(where: str, key: str, valid: list[str]) -> str:
+    meant = KEY_MEANINGS.get(key, (None, ""))
+    near = [meant[0]] if meant[0] in valid else difflib.get_close_matches(key, valid, n=1)
+    why = f" ({meant[1]})" if near and near[0] == meant[0] and meant[1] else ""
+    hint = f"; did you mean {near[0]!r}{why}?" if near else "."
+    return f"unknown config key {where!r}{hint} Valid keys here: {', '.join(valid)}"

@@ -46,6 +46,7 @@ class AutoencoderTrainConfig:
     steps: int = setting(2000, "[0, inf)", resume=True)
     batch_size: int = setting(32, "[1, inf)")
     lr: float = setting(5e-4, "(0, inf)")
+    lr_decay_from: int = setting(0, "[0, inf)", resume=True)  # 0: constant; else linear to 0 at `steps`
     kl_weight: float = setting(1e-6, "[0, inf)")  # on the KL per latent element, against the per-pixel loss
     loss: str = setting("l1", choices=("l1", "mse"))
     random_flip: bool = setting(True)
@@ -144,6 +145,8 @@ def train_autoencoder(cfg: AutoencoderTrainConfig, *, device: str | None = None,
     with stop.installed():
         for s, x, _, _ in iterate_batches(data, stream, step + 1, cfg.steps):
             noise = torch.Generator().manual_seed(cfg.seed * 1_000_003 + s)  # a function of (seed, step)
+            for group in opt.param_groups:
+                group["lr"] = learning_rate(cfg, s)
             with torch.autocast(dev.type, torch.bfloat16, enabled=precision == "bf16"):
                 loss, rec = reconstruction_loss(vae, x.to(dev), cfg, noise)
             opt.zero_grad(set_to_none=True)
@@ -164,6 +167,13 @@ def train_autoencoder(cfg: AutoencoderTrainConfig, *, device: str | None = None,
     if found is None or step > int(found[0]["step"]):
         save()
     return _finish(vae.eval(), data, cfg, out, step, seconds, history, interrupted)
+
+
+def learning_rate(cfg: AutoencoderTrainConfig, step: int) -> float:
+    """``lr``, then after ``lr_decay_from`` falling linearly to ``lr / (steps - lr_decay_from + 1)``."""
+    if not cfg.lr_decay_from or step <= cfg.lr_decay_from or cfg.steps <= cfg.lr_decay_from:
+        return cfg.lr
+    return cfg.lr * (cfg.steps - step + 1) / (cfg.steps - cfg.lr_decay_from + 1)
 
 
 def _check_same_run(cfg: AutoencoderTrainConfig, state: dict, path: Path) -> None:
