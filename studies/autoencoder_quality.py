@@ -57,7 +57,7 @@ def main() -> None:
     result = {"folder": args.folder, "data": args.data, "images": len(psnr), "machine": machine(),
               "psnr_db": float(psnr.mean()), "psnr_ci": [float(np.percentile(boot, 2.5)),
                                                          float(np.percentile(boot, 97.5))],
-              "scores": {k: v for k, v in scores.items() if isinstance(v, (int, float, list, str))}}
+              "scores": {k: v for k, v in scores.items() if isinstance(v, (int, float, list, str, dict))}}
     Path(args.out).with_suffix(".json").write_text(json.dumps(result, indent=2))
     lines = [f"# Reconstructions of `{args.data}` through `{args.folder}`", "",
              f"{len(psnr)} images, {machine()}", "",

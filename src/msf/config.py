@@ -28,7 +28,7 @@ from msf.fields import (  # re-exported: from_dict and to_dict
     to_dict,
     unknown_key,
 )
-from msf.method.sampler import CFG_RANGE, SOLVERS, SamplerSettings
+from msf.method.sampler import CFG_RANGE, FLOW_SOLVERS, MEANFLOW_STEPS, SOLVERS, SamplerSettings
 from msf.method.sampler import evaluations as evaluations  # re-exported: a scale's sampling cost
 
 BASE_MODES = ("image", "latent")
@@ -45,6 +45,7 @@ GELUS = ("exact", "tanh")
 NORMS = ("layernorm", "rmsnorm")
 MLPS = ("gelu", "swiglu")
 POS_EMBEDS = ("sincos", "rope", "sincos+rope")
+OBJECTIVES = ("flow", "meanflow")
 EVAL_METRICS = ("fid", "kid", "pr", "cas")
 
 
@@ -86,6 +87,9 @@ class ScaleConfig:
     norm: str = setting("layernorm", choices=NORMS)
     mlp: str = setting("gelu", choices=MLPS)  # swiglu: hidden width 2/3 of mlp_ratio x width
     pos_embed: str = setting("sincos", choices=POS_EMBEDS)  # rope: 2-D rotary
+    # what the network learns: rectified flow's velocity (eq. 5), or MeanFlow's average velocity over
+    # [r, t] (msf.method.meanflow), sampled in 1-4 steps with solver "meanflow" at cfg_scale 1
+    objective: str = setting("flow", choices=OBJECTIVES)
 
 
 @dataclass
@@ -157,6 +161,11 @@ class TrainConfig:
     strict_data: bool = setting(False, resume=True)  # stop at an unreadable image instead of skipping it
     # data-loading processes for image folders; None: min(4, CPUs - 1)
     num_workers: int | None = setting(None, "[0, inf)", resume=True)
+    # latent models: "auto" encodes image data once into a cache under $MSF_CACHE_DIR and trains from it,
+    # "off" encodes every batch, or a folder for the cache (msf.training.latent_cache.training_cache).
+    # resume: only where the latents come from (train.data may switch to a cache too); cost: a cache
+    # takes the autoencoder's forward out of every step
+    latent_cache: str = setting("auto", resume=True, cost=True)
     out_dir: str = setting("runs/msf", resume=True, cost=False)
     ckpt_every: int = setting(0, "[0, inf)", resume=True)  # steps between checkpoints; 0: only at the end
     keep_last: int = setting(3, "[1, inf)", resume=True)  # checkpoints kept, newest first ...
@@ -180,6 +189,12 @@ class TrainConfig:
     time_shift_ref: int = setting(4096, "[1, inf)", cost=False)  # the rule's 1: a 256-px SD-VAE latent
     # weight of a velocity-direction term, mean(1 - cos(v, e - c)), in eq. 5
     cosine_loss_weight: float = setting(0.0, "[0, inf)", cost=False)
+    # MeanFlow scales (model.scales.k.objective=meanflow): the share of (r, t) pairs with r = t (plain
+    # flow matching), the power p of the adaptive weight 1 / (|error|^2 + 1e-3)^p, and per scale the
+    # guidance w trained into the network (None: 1; w != 1 adds an unconditional forward per step)
+    meanflow_flow_share: float = setting(0.75, "[0, 1]", cost=False)
+    meanflow_weight_power: float = setting(1.0, "[0, inf)", cost=False)
+    meanflow_guidance: list[float] | None = setting(None, CFG_RANGE, per_scale=True)
     # REPA (msf.training.repa): align early tokens with a frozen timm encoder's patch features ("": off)
     repa_encoder: str = setting("")  # a local folder (timm's save_for_hf layout) or a hub id
     repa_weight: float = setting(0.5, "[0, inf)")
@@ -265,10 +280,27 @@ def _check_scales(m: ModelConfig) -> None:
         if s.time_convention == "ddpm" and k > 0 and m.prior == "concat":
             raise ConfigError(f"{where}.time_convention='ddpm' (a converted DiT) is for a scale without a "
                               "prior: the base scale, or model.prior='none'")
+        _check_objective(s, where)
         g = s.guidance_interval
         if len(g) != 2 or not 0.0 <= g[0] <= g[1] <= 1.0:
             raise ConfigError(f"{where}.guidance_interval must be [a, b] with 0 <= a <= b <= 1 (times: "
                               f"0 data, 1 noise), got {g!r}")
+
+
+def _check_objective(s: ScaleConfig, where: str) -> None:
+    """A scale's sampler defaults against what its network predicts (a velocity, or a mean velocity)."""
+    lo, hi = MEANFLOW_STEPS
+    if s.objective == "flow" and s.solver == "meanflow":
+        raise ConfigError(f"{where}.solver='meanflow' is for a scale with objective=meanflow; this scale's "
+                          f"network predicts the velocity: pick one of {FLOW_SOLVERS}")
+    if s.objective == "meanflow" and (s.solver != "meanflow" or not lo <= s.steps <= hi or s.cfg_scale != 1):
+        raise ConfigError(f"{where}.objective='meanflow' samples in {lo} to {hi} jumps of its own solver at "
+                          "cfg_scale 1 (its guidance is trained in: train.meanflow_guidance): set "
+                          f"{where}.solver=meanflow, {where}.steps={lo}..{hi} and {where}.cfg_scale=1 (now "
+                          f"{s.solver!r}, {s.steps}, {s.cfg_scale:g})")
+    if s.objective == "meanflow" and s.time_convention != "msf":
+        raise ConfigError(f"{where}.objective='meanflow' trains msf's own network: time_convention must be "
+                          f"'msf', got {s.time_convention!r}")
 
 
 def _check_samplers(m: ModelConfig) -> None:
@@ -305,11 +337,20 @@ def _check_train(t: TrainConfig, m: ModelConfig) -> None:
     if t.repa_encoder and t.ckpt_format == "sharded":
         raise ConfigError("train.repa_encoder: REPA's projectors are saved in full checkpoints only; "
                           "set train.ckpt_format=full")
+    for k, (w, s) in enumerate(zip(t.meanflow_guidance or [], m.scales)):
+        if w != 1 and s.objective != "meanflow":
+            raise ConfigError(f"train.meanflow_guidance[{k}]={w:g}: scale {k} trains rectified flow, guided "
+                              f"when sampled (model.scales.{k}.cfg_scale); set 1 for it")
+        if w != 1 and t.class_dropout == 0:
+            raise ConfigError(f"train.meanflow_guidance[{k}]={w:g} needs the unconditional branch it guides "
+                              "with: set train.class_dropout > 0")
     if t.time_shift_rule != "none" and t.time_shift is not None:
         raise ConfigError(f"train.time_shift={t.time_shift} and train.time_shift_rule={t.time_shift_rule!r}: "
                           "set one of them")
     if len(t.betas) != 2:
         raise ConfigError(f"train.betas must be two numbers [beta1, beta2] (AdamW), got {t.betas!r}")
+    if not str(t.latent_cache).strip():
+        raise ConfigError("train.latent_cache must be auto, off or a folder, got an empty string")
     if not str(t.out_dir).strip():
         raise ConfigError("train.out_dir must name a directory, got an empty string")
     bad = [name for name in str(t.eval_metrics).split(",") if name.strip() not in EVAL_METRICS]

@@ -27,6 +27,12 @@ EMOJI_CLASSES = [
 SD_VAE = AutoencoderConfig(
     kind="sd-vae", path="stabilityai/sd-vae-ft-ema", channels=4, factor=8, scaling_factor=0.18215
 )
+# The autoencoder shipped in the package (msf/autoencoders/emoji64-kl-f4/README.md): trained by
+# `msf train-autoencoder` on emoji64; its scale is the one measured and stored in its folder, which a
+# model refuses to load against any other
+EMOJI64_VAE = AutoencoderConfig(
+    kind="sd-vae", path="emoji64-kl-f4", channels=4, factor=4, scaling_factor=0.17751580476760864
+)
 
 
 def _paper_sampler(steps: list[int] | None = None) -> dict[str, dict[str, Any]]:
@@ -208,6 +214,42 @@ def _dit_demo_plus() -> Config:
     return cfg
 
 
+def _latent_demo() -> Config:
+    """MSF in a latent space at our scale, with the paper's proportions: the shipped f = 4 autoencoder on
+    the built-in 64 x 64 emoji, a 48 px image base (12 x 12 latent, 36 tokens) under a 64 px residual
+    (16 x 16 latent, 64 tokens), the demo's two networks; its latents cached on first use."""
+    cfg = _demo_paper_ratio()
+    cfg.model.autoencoder = dataclasses.replace(EMOJI64_VAE)
+    cfg.model.scales[0].image_size, cfg.model.scales[1].image_size = 48, 64
+    for s in cfg.model.scales:
+        s.patch_size = 2
+    cfg.train.data = "emoji64"
+    cfg.preset, cfg.train.out_dir = "latent-demo", "runs/latent-demo"
+    return cfg
+
+
+def _dit_latent_demo() -> Config:
+    """The K = 1 case of ``latent-demo``: ``dit-demo``'s network on the whole 16 x 16 latent (64 tokens)."""
+    cfg = _dit_demo()
+    cfg.model.autoencoder = dataclasses.replace(EMOJI64_VAE)
+    cfg.model.scales[0].image_size, cfg.model.scales[0].patch_size = 64, 2
+    cfg.train.data = "emoji64"
+    cfg.preset, cfg.train.out_dir = "dit-latent-demo", "runs/dit-latent-demo"
+    return cfg
+
+
+def _demo64() -> Config:
+    """``latent-demo`` in pixel space: the same networks and token counts on 64 x 64 pixels (48 px base,
+    patch 8), to ask whether the latent is worth it at this scale."""
+    cfg = _demo_paper_ratio()
+    cfg.model.scales[0].image_size, cfg.model.scales[1].image_size = 48, 64
+    for s in cfg.model.scales:
+        s.patch_size = 8
+    cfg.train.data = "emoji64"
+    cfg.preset, cfg.train.out_dir = "demo64", "runs/demo64"
+    return cfg
+
+
 PRESETS = {
     "tiny": _tiny,
     "tiny-dit": _tiny_dit,
@@ -222,6 +264,9 @@ PRESETS = {
     "dit-xl2": _dit_xl2,
     "dit-xl2-plus": _dit_xl2_plus,
     "dit-xl2-512": _dit_xl2_512,
+    "latent-demo": _latent_demo,
+    "dit-latent-demo": _dit_latent_demo,
+    "demo64": _demo64,
 }
 
 

@@ -63,14 +63,16 @@ class Linear(nn.Linear):
     (``benchmarks/backbone.py``). oneDNN's own linear, the kernel inductor uses, adds
     the bias in the product's epilogue. It has no backward, so training, fp32 (where it
     is slower), other devices and ``torch.compile`` (which fuses on its own) take
-    ``F.linear``.
+    ``F.linear``; so does a forward-mode JVP (``torch.func.jvp``, MeanFlow's target), whose tangent
+    oneDNN's op would silently drop: it has no forward-mode rule.
     """
 
     def forward(self, x: Tensor) -> Tensor:
         if (_ONEDNN_BF16 and x.device.type == "cpu" and x.dtype == torch.bfloat16
                 and self.weight.dtype == torch.bfloat16
                 and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
-                and not torch.compiler.is_compiling()):
+                and not torch.compiler.is_compiling()
+                and not torch._C._functorch.is_functorch_wrapped_tensor(x)):
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
 

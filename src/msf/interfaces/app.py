@@ -18,8 +18,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image
 
-from msf.config import SOLVERS, ConfigError, SamplerSettings
+from msf.config import ConfigError, SamplerSettings
 from msf.interfaces.scale_view import view_columns, view_scales
+from msf.method.sampler import MEANFLOW_STEPS, solvers_for
 
 if TYPE_CHECKING:
     import gradio as gr
@@ -112,10 +113,12 @@ def build_app(pipe: MSFPipeline, title: str = "msf") -> gr.Blocks:
             with gr.Row():
                 what = "base" if k == 0 else "residual"
                 most = max(2 * max(ns.steps[k] for ns in named.values()), 100)
+                most = MEANFLOW_STEPS[1] if s.objective == "meanflow" else most
                 steps.append(gr.Slider(1, most, value=s.steps, step=1,
                                        label=f"scale {k} ({what}, {cfg.latent_sizes[k]}px latent): steps"))
                 cfgs.append(gr.Slider(1.0, 8.0, value=s.cfg_scale, step=0.1, label=f"scale {k}: guidance"))
-                solvers.append(gr.Dropdown(list(SOLVERS), value=s.solver, label=f"scale {k}: solver"))
+                solvers.append(gr.Dropdown(list(solvers_for(s.objective)), value=s.solver,
+                                           label=f"scale {k}: solver"))
                 shifts.append(gr.Slider(0.25, 6.0, value=s.shift, step=0.05,
                                         label=f"scale {k}: shift (> 1: more steps near the noise)"))
                 g_from.append(gr.Slider(0.0, 1.0, value=s.guidance_interval[0], step=0.05,

@@ -50,7 +50,7 @@ def _dit_parameters(s: ScaleConfig, n: int, channels: int, prior_channels: int, 
     block += D * 6 * D + 6 * D
     block += 2 * (D // s.heads) if s.qk_norm else 0  # the query and key norms' scales
     embed = (channels + prior_channels) * p * p * D + D
-    t_embed = 256 * D + D + D * D + D
+    t_embed = (256 * D + D + D * D + D) * (2 if s.objective == "meanflow" else 1)  # MeanFlow: t and t - r
     y_embed = (classes + 1) * D
     final = D * 2 * D + 2 * D + D * p * p * channels + p * p * channels
     pos = tokens * D if "sincos" in s.pos_embed else 0  # counted as DiT counts it; RoPE has none
@@ -69,7 +69,7 @@ def _dit_macs(s: ScaleConfig, n: int, channels: int, prior_channels: int) -> int
         + (gates + 1) * N * D * hidden  # MLP
     )
     embed = N * (channels + prior_channels) * p * p * D
-    t_embed = 256 * D + D * D
+    t_embed = (256 * D + D * D) * (2 if s.objective == "meanflow" else 1)
     final = D * 2 * D + N * D * p * p * channels
     return s.depth * per_block + embed + t_embed + final
 

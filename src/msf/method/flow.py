@@ -72,13 +72,21 @@ class LossSettings:
     logit_std: float = 1.0
     time_shift: Sequence[float] | None = None  # one per scale (:func:`shift_time`); None: unshifted
     cosine_weight: float = 0.0  # weight of the velocity-direction term of :func:`rectified_flow_loss`
+    # the scales trained with MeanFlow (msf.method.meanflow): share of pairs with r = t, the adaptive
+    # weight's power, and each scale's trained-in guidance (None: 1 everywhere)
+    meanflow_flow_share: float = 0.75
+    meanflow_weight_power: float = 1.0
+    meanflow_guidance: Sequence[float] | None = None
 
     @classmethod
     def of(cls, train: TrainConfig, model: ModelConfig) -> LossSettings:
         """The settings a training config asks for (``time_shift`` as :func:`msf.config.time_shifts`)."""
         return cls(class_dropout=train.class_dropout, time_sampler=train.time_sampler,
                    logit_mean=train.logit_mean, logit_std=train.logit_std,
-                   time_shift=time_shifts(train, model), cosine_weight=train.cosine_loss_weight)
+                   time_shift=time_shifts(train, model), cosine_weight=train.cosine_loss_weight,
+                   meanflow_flow_share=train.meanflow_flow_share,
+                   meanflow_weight_power=train.meanflow_weight_power,
+                   meanflow_guidance=train.meanflow_guidance)
 
 
 def sample_time(

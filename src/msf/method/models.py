@@ -21,7 +21,9 @@ presets build the network above bit for bit: ``qk_norm`` (RMSNorm on each head's
 learned scale), ``norm="rmsnorm"`` (the blocks' parameter-free norms), ``mlp="swiglu"`` (a gated
 feed-forward with 2/3 of the hidden width, so about the same parameters) and ``pos_embed="rope"``
 (2-D rotary embedding of queries and keys instead of the added sin-cos table; ``"sincos+rope"``
-keeps both).
+keeps both). A scale trained with MeanFlow (``objective="meanflow"``, :mod:`msf.method.meanflow`)
+predicts the average velocity over ``[r, t]``: its network embeds the interval ``t - r`` as a second
+time, added to the first; a ``flow`` network has no such input, its parameters unchanged.
 
 ``Linear``, ``norm_input`` and ``attention`` come from :mod:`msf.speed`: an
 ``nn.Linear``, the identity and SDPA as far as results go (up to bf16 rounding), faster on
@@ -42,7 +44,7 @@ from msf.speed import Linear, attention, norm_input
 
 # the values of the ScaleConfig fields that choose among the network's options
 OPTIONS = {"gelu": ("exact", "tanh"), "norm": ("layernorm", "rmsnorm"), "mlp": ("gelu", "swiglu"),
-           "pos_embed": ("sincos", "rope", "sincos+rope")}
+           "pos_embed": ("sincos", "rope", "sincos+rope"), "objective": ("flow", "meanflow")}
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     return torch.addcmul(shift.unsqueeze(1), x, 1 + scale.unsqueeze(1))
@@ -65,7 +67,8 @@ class TimestepEmbedder(nn.Module):
         freqs = torch.exp(
             -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half
         )
-        args = t.float()[:, None] * freqs[None]
+        # fp32 at least (float64 stays float64: the JVP tests compare with finite differences)
+        args = t.to(torch.promote_types(t.dtype, torch.float32))[:, None] * freqs[None]
         return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
     def forward(self, t: Tensor) -> Tensor:
@@ -248,6 +251,9 @@ class DiT(nn.Module):
             channels + prior_channels, width, kernel_size=patch_size, stride=patch_size
         )
         self.t_embedder = TimestepEmbedder(width, scale=self.time_scale)
+        self.objective = scale.objective
+        if self.objective == "meanflow":  # the interval t - r, MeanFlow's second time
+            self.interval_embedder = TimestepEmbedder(width, scale=self.time_scale)
         self.y_embedder = LabelEmbedder(num_classes, width)
         self.register_buffer(
             "pos_embed", sincos_pos_embed_2d(width, self.grid)[None] if "sincos" in scale.pos_embed else None,
@@ -278,6 +284,9 @@ class DiT(nn.Module):
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        if self.objective == "meanflow":
+            nn.init.normal_(self.interval_embedder.mlp[0].weight, std=0.02)
+            nn.init.normal_(self.interval_embedder.mlp[2].weight, std=0.02)
         # adaLN-Zero: every block starts as the identity, the output as zero.
         for block in self.blocks:
             nn.init.zeros_(block.adaLN_modulation[-1].weight)
@@ -294,8 +303,13 @@ class DiT(nn.Module):
         return x.reshape(B, c, g * p, g * p)
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor, prior: Tensor | None = None,
-                tokens_at: int | None = None) -> Tensor | tuple[Tensor, Tensor]:
-        """The velocity; with ``tokens_at=d``, also the tokens after block d (1-based), for REPA."""
+                tokens_at: int | None = None, r: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+        """The velocity; for a ``meanflow`` network the average velocity over ``[r, t]`` (``r = t``: the
+        velocity). With ``tokens_at=d``, also the tokens after block d (1-based), for REPA."""
+        if (r is None) != (self.objective == "flow"):
+            raise ValueError(f"this scale's network (objective {self.objective!r}) "
+                             + ("takes the start r of its interval, got None" if r is None else
+                                "predicts the velocity at t and takes no r"))
         if self.prior_channels:
             if prior is None:
                 raise ValueError("this scale's network needs its prior, got None")
@@ -307,6 +321,8 @@ class DiT(nn.Module):
         if self.pos_embed is not None:
             x = x + self.pos_embed
         c = self.t_embedder(t) + self.y_embedder(y)
+        if r is not None:
+            c = c + self.interval_embedder(t - r)
         tokens = None
         for i, block in enumerate(self.blocks, 1):
             if self.grad_checkpointing and torch.is_grad_enabled():

@@ -22,8 +22,9 @@ from msf.interfaces.pretrained import available, model_path
 from msf.method.autoencoder import Autoencoder, build_autoencoder
 from msf.method.factorize import accumulate_sample, compose, factorize, input_priors, resize_image
 from msf.method.flow import LossSettings, Noise, drop_labels, rectified_flow_loss, sample_time, shift_time
+from msf.method.meanflow import meanflow_loss, sample_interval
 from msf.method.model_dir import ModelDirError, load_weights, read_model_config, save_model_dir
-from msf.method.sampler import SamplerSettings, guided_velocity, solve
+from msf.method.sampler import SamplerSettings, guided_velocity, mean_velocity, solve, solve_meanflow
 from msf.precision import resolve_precision
 
 
@@ -155,7 +156,8 @@ class MSFPipeline(nn.Module):
         latents: tuple[Tensor, Tensor | None] | None = None,
         align: Mapping[int, Callable[[Tensor], Tensor]] | None = None,
     ) -> dict[int, Tensor]:
-        """Eq. 5 for each scale in ``scales``, under teacher forcing (Algorithm 2 priors).
+        """Eq. 5 for each scale in ``scales``, under teacher forcing (Algorithm 2 priors); MeanFlow's
+        objective (:func:`msf.method.meanflow.meanflow_loss`) for a scale with ``objective="meanflow"``.
 
         ``settings`` (:class:`msf.method.flow.LossSettings`; its defaults by default) says how: label
         dropout, training times, extra terms. ``noise`` is the source of times, noise and label
@@ -174,15 +176,25 @@ class MSFPipeline(nn.Module):
         losses = {}
         for k in scales:
             c = comps[k] / self._std(k)
-            t = sample_time(c.shape[0], settings.time_sampler, mean=settings.logit_mean,
-                            std=settings.logit_std, device=c.device, noise=noise, key=f"t{k}")
-            t = shift_time(t, 1.0 if settings.time_shift is None else settings.time_shift[k])
+            meanflow = self.config.scales[k].objective == "meanflow"
+            if meanflow:
+                r, t = sample_interval(c.shape[0], settings, k, noise, c.device)
+            else:
+                t = sample_time(c.shape[0], settings.time_sampler, mean=settings.logit_mean,
+                                std=settings.logit_std, device=c.device, noise=noise, key=f"t{k}")
+                t = shift_time(t, 1.0 if settings.time_shift is None else settings.time_shift[k])
             e = noise.normal(f"e{k}", tuple(c.shape), c.device)
             prior = self._net_prior(k, priors[k], noise=noise)
             net = self.networks[k] if nets is None or k not in nets else nets[k]
-            losses[k] = rectified_flow_loss(net, c, y, t, prior, noise=e,
-                                            cosine_weight=settings.cosine_weight,
-                                            align=None if align is None else align.get(k))
+            term = None if align is None else align.get(k)
+            if meanflow:  # the same target, prior and labels; the JVP differentiates the bare network
+                w = 1.0 if settings.meanflow_guidance is None else settings.meanflow_guidance[k]
+                losses[k] = meanflow_loss(net, c, y, t, r, prior, noise=e, field=self.networks[k], guidance=w,
+                                          null_class=self.config.num_classes,
+                                          weight_power=settings.meanflow_weight_power, align=term)
+            else:
+                losses[k] = rectified_flow_loss(net, c, y, t, prior, noise=e,
+                                                cosine_weight=settings.cosine_weight, align=term)
         return losses
 
     # ----------------------------------------------------------------- sampling
@@ -272,19 +284,23 @@ class MSFPipeline(nn.Module):
     def _solve_scale(self, k: int, net: nn.Module, labels: Tensor, noise: Tensor, net_prior: Tensor | None,
                      settings: SamplerSettings, chunks: list[slice], precision: str,
                      callback: Callable[[int, int, int], None] | None) -> Tensor:
-        """Scale k's flow ODE with guidance, from ``noise`` at t = 1 to its component at t = 0
-        (unnormalised), one chunk of the batch at a time."""
+        """Scale k's flow ODE with guidance (or its MeanFlow jumps), from ``noise`` at t = 1 to its
+        component at t = 0 (unnormalised), one chunk of the batch at a time."""
         total, out = settings.steps[k] * len(chunks), []
+        steps, solver, shift = settings.steps[k], settings.solver[k], settings.shift[k]
+        meanflow = solver == "meanflow"  # SamplerSettings checked it against the scale's network
         for b in chunks:
-            velocity = guided_velocity(net, labels[b], None if net_prior is None else net_prior[b],
-                                       settings.cfg_scale[k], self.config.num_classes,
-                                       settings.guidance_interval[k])
+            prior = None if net_prior is None else net_prior[b]
+            if meanflow:
+                field = mean_velocity(net, labels[b], prior)
+            else:
+                field = guided_velocity(net, labels[b], prior, settings.cfg_scale[k], self.config.num_classes,
+                                        settings.guidance_interval[k])
             if callback is not None:
-                velocity = _counted(velocity, lambda done: callback(k, done, total),
-                                    start=settings.steps[k] * len(out))
+                field = _counted(field, lambda done: callback(k, done, total), start=steps * len(out))
             with autocast(noise.device, precision):
-                out.append(solve(velocity, noise[b], settings.steps[k], settings.solver[k],
-                                 settings.shift[k]))
+                out.append(solve_meanflow(field, noise[b], steps, shift) if meanflow
+                           else solve(field, noise[b], steps, solver, shift))
         return torch.cat(out).float() * self._std(k)
 
     # ----------------------------------------------------------------- save / load
@@ -324,12 +340,12 @@ def _batches(size: int, batch_size: int | None) -> list[slice]:
 
 
 def _counted(velocity, after: Callable[[int], None], start: int = 0):
-    """``velocity`` that calls ``after(evaluations done)`` once each evaluation is done."""
+    """``velocity`` (or a mean velocity) that calls ``after(evaluations done)`` after each evaluation."""
     done = start
 
-    def counted(x: Tensor, t: float) -> Tensor:
+    def counted(x: Tensor, *times: float) -> Tensor:
         nonlocal done
-        v = velocity(x, t)
+        v = velocity(x, *times)
         done += 1
         after(done)
         return v

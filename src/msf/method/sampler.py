@@ -18,6 +18,11 @@ number of network evaluations per CFG branch, whatever the solver:
 Guidance may be limited to an interval of times (Kynkaanniemi et al., 2024): outside it only the
 conditional branch runs, which also saves its evaluations.
 
+A MeanFlow scale (``objective="meanflow"``, :mod:`msf.method.meanflow`) predicts the average velocity
+``u(x, r, t)`` over ``[r, t]`` instead, and takes its own solver, ``meanflow``: 1 to 4 jumps
+``x_r = x_t - (t - r) u(x_t, r, t)`` on the same grid, one evaluation each, guidance trained in
+(``cfg_scale`` 1). Each kind of network takes only its own kind of solver.
+
 :class:`SamplerSettings` holds these choices for every scale of a model, checked when made.
 """
 
@@ -33,8 +38,11 @@ from torch import Tensor, nn
 from msf.fields import ConfigError
 
 Velocity = Callable[[Tensor, float], Tensor]
+MeanVelocity = Callable[[Tensor, float, float], Tensor]  # u(x, r, t)
 
-SOLVERS = ("euler", "heun", "midpoint", "ab2")
+FLOW_SOLVERS = ("euler", "heun", "midpoint", "ab2")  # for a velocity network (objective "flow")
+SOLVERS = (*FLOW_SOLVERS, "meanflow")  # "meanflow": for a mean-velocity network only
+MEANFLOW_STEPS = (1, 4)  # the jumps a meanflow scale takes: past 4 a flow scale is the better buy
 CFG_RANGE = (0.0, 100.0)  # guidance scales accepted (0: unconditional, 1: no guidance)
 FULL_INTERVAL = (0.0, 1.0)
 
@@ -78,6 +86,21 @@ def guided_velocity(
     return v_cfg
 
 
+def mean_velocity(net: nn.Module, y: Tensor, prior: Tensor | None) -> MeanVelocity:
+    """A MeanFlow network's average velocity ``u(x, r, t)``, conditional (its guidance is trained in)."""
+
+    def u(x: Tensor, r: float, t: float) -> Tensor:
+        n = x.shape[0]
+        return net(x, torch.full((n,), t, device=x.device), y, prior, r=torch.full((n,), r, device=x.device))
+
+    return u
+
+
+def solvers_for(objective: str) -> tuple[str, ...]:
+    """The solvers a scale's network of this objective (``flow`` or ``meanflow``) can be sampled with."""
+    return ("meanflow",) if objective == "meanflow" else FLOW_SOLVERS
+
+
 def time_grid(intervals: int, shift: float = 1.0) -> list[float]:
     """``intervals + 1`` times from 1 to 0: uniform, or shifted towards the noise (``shift`` > 1)."""
     ts = torch.linspace(1.0, 0.0, intervals + 1).tolist()
@@ -87,7 +110,9 @@ def time_grid(intervals: int, shift: float = 1.0) -> list[float]:
 
 
 def evaluation_times(steps: int, solver: str = "euler", shift: float = 1.0) -> list[float]:
-    """The times at which ``solve`` evaluates the field (one per network evaluation)."""
+    """The times at which ``solve`` (or ``solve_meanflow``) evaluates the field, one per evaluation."""
+    if solver == "meanflow":
+        return time_grid(steps, shift)[:-1]
     seen: list[float] = []
     solve(lambda x, t: seen.append(t) or x * 0, torch.zeros(1), steps, solver, shift)
     return seen
@@ -97,6 +122,8 @@ def solve(velocity: Velocity, x: Tensor, steps: int, solver: str = "euler", shif
     """Integrate ``dx/dt = velocity(x, t)`` from ``t = 1`` to ``t = 0`` with ``steps`` evaluations."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    if solver == "meanflow":
+        raise ValueError("solver 'meanflow' takes a mean velocity u(x, r, t): use solve_meanflow")
     if solver == "euler":
         ts = time_grid(steps, shift)
         for t, t_next in zip(ts[:-1], ts[1:]):
@@ -131,12 +158,23 @@ def solve(velocity: Velocity, x: Tensor, steps: int, solver: str = "euler", shif
     raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
 
 
+def solve_meanflow(u: MeanVelocity, x: Tensor, steps: int, shift: float = 1.0) -> Tensor:
+    """MeanFlow's sampler: from ``t = 1`` to ``t = 0`` in ``steps`` jumps ``x_r = x_t - (t - r) u(x_t, r, t)``
+    over the grid of :func:`time_grid`, one evaluation each; one step is ``x_0 = x_1 - u(x_1, 0, 1)``."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    ts = time_grid(steps, shift)
+    for t, r in zip(ts[:-1], ts[1:]):
+        x = x - (t - r) * u(x, r, t).to(x.dtype)
+    return x
+
+
 def evaluations(steps: int, cfg_scale: float, solver: str = "euler", shift: float = 1.0,
                 interval: tuple[float, float] | list[float] = FULL_INTERVAL) -> int:
     """Network evaluations per image of one scale's sampler: ``steps`` per CFG branch, and two
     branches unless ``cfg_scale`` is 1 (the conditional pass alone), or at times outside the
-    guidance ``interval``."""
-    if cfg_scale == 1.0:
+    guidance ``interval``. A ``meanflow`` step is one evaluation: its guidance is trained in."""
+    if cfg_scale == 1.0 or solver == "meanflow":
         return steps
     if tuple(interval) == FULL_INTERVAL:
         return 2 * steps
@@ -147,15 +185,21 @@ def evaluations(steps: int, cfg_scale: float, solver: str = "euler", shift: floa
 class SampledModel(Protocol):
     """What :class:`SamplerSettings` reads of a model's config (an ``msf.config.ModelConfig``)."""
 
-    scales: list[Any]  # each with steps, cfg_scale, solver, shift and guidance_interval
+    scales: list[Any]  # each with steps, cfg_scale, solver, shift, guidance_interval and objective
     samplers: dict[str, dict[str, Any]]  # named settings besides the scales' own
+
+
+def objectives(model: SampledModel) -> tuple[str, ...]:
+    """What each scale's network predicts: ``flow`` (the velocity) or ``meanflow`` (the average velocity)."""
+    return tuple(getattr(s, "objective", "flow") for s in model.scales)
 
 
 @dataclass(frozen=True)
 class SamplerSettings:
     """How each scale of Algorithm 3 is sampled, one value per scale: ``steps`` (network
     evaluations per CFG branch), ``cfg_scale`` (guidance; 1 is none), ``solver``, ``shift`` (of the
-    time grid) and ``guidance_interval``.
+    time grid) and ``guidance_interval``; ``objective``, the model's (what each network predicts),
+    says which solvers fit: :func:`solvers_for`.
 
     The pipeline, ``msf sample``, sample sets and sweeps share it; it is checked when made, so
     that a bad value fails before any sampling work, with the allowed range in the message.
@@ -166,17 +210,20 @@ class SamplerSettings:
     solver: tuple[str, ...]
     shift: tuple[float, ...] | None = None  # None: 1 (uniform) at every scale
     guidance_interval: tuple[tuple[float, float], ...] | None = None  # None: (0, 1) at every scale
+    objective: tuple[str, ...] | None = None  # None: "flow" at every scale
 
     def __post_init__(self) -> None:
         k = len(self.steps)
         if self.shift is None:
             object.__setattr__(self, "shift", (1.0,) * k)
+        if self.objective is None:
+            object.__setattr__(self, "objective", ("flow",) * k)
         if self.guidance_interval is None:
             object.__setattr__(self, "guidance_interval", (FULL_INTERVAL,) * k)
         object.__setattr__(self, "guidance_interval", tuple(tuple(float(v) for v in g)
                                                             for g in self.guidance_interval))
         if len(self.cfg_scale) != k or len(self.solver) != k or len(self.shift) != k \
-                or len(self.guidance_interval) != k:
+                or len(self.guidance_interval) != k or len(self.objective) != k:
             raise ConfigError(f"sampler settings: one value per scale for steps, cfg_scale, solver, shift "
                               f"and guidance_interval, got {list(self.steps)}, {list(self.cfg_scale)}, "
                               f"{list(self.solver)}, {list(self.shift)}, {list(self.guidance_interval)}")
@@ -197,7 +244,24 @@ class SamplerSettings:
                 raise ConfigError(f"cfg_scale: {w!r} for scale {i} must be a number in "
                                   f"[{CFG_RANGE[0]:g}, {CFG_RANGE[1]:g}] (1 = no guidance)")
             if solver not in SOLVERS:
-                raise ConfigError(f"solver: {solver!r} for scale {i} must be one of {SOLVERS}")
+                raise ConfigError(f"solver: {solver!r} for scale {i} must be one of "
+                                  f"{solvers_for(self.objective[i])}")
+            self._check_objective(i)
+
+    def _check_objective(self, i: int) -> None:
+        """Scale i's solver, steps and guidance against what its network predicts."""
+        kind, solver, steps, w = self.objective[i], self.solver[i], self.steps[i], self.cfg_scale[i]
+        if solver not in solvers_for(kind):
+            what = "the average velocity u(x, r, t)" if kind == "meanflow" else "the velocity v(x, t)"
+            raise ConfigError(f"solver: {solver!r} for scale {i}, whose network ({kind}) predicts {what}: "
+                              f"sample it with one of {solvers_for(kind)}")
+        lo, hi = MEANFLOW_STEPS
+        if kind == "meanflow" and not lo <= steps <= hi:
+            raise ConfigError(f"steps: {steps} for scale {i} (meanflow) must be {lo} to {hi}; more steps are "
+                              "a flow scale's work")
+        if kind == "meanflow" and w != 1.0:
+            raise ConfigError(f"cfg_scale: {w:g} for scale {i} (meanflow) must be 1: its guidance is trained "
+                              "in (train.meanflow_guidance), one evaluation per step")
 
     @classmethod
     def named(cls, model: SampledModel, name: str = "default") -> SamplerSettings:
@@ -206,7 +270,7 @@ class SamplerSettings:
         throughout), also names the defaults of a model that has no named settings and samples so."""
         defaults = cls(tuple(s.steps for s in model.scales), tuple(float(s.cfg_scale) for s in model.scales),
                        tuple(s.solver for s in model.scales), tuple(float(s.shift) for s in model.scales),
-                       tuple(tuple(s.guidance_interval) for s in model.scales))
+                       tuple(tuple(s.guidance_interval) for s in model.scales), objectives(model))
         if name == "default":
             return defaults
         if name in model.samplers:
@@ -223,9 +287,11 @@ class SamplerSettings:
            name: str | None = None) -> SamplerSettings:
         """``base`` (by default the model's named settings ``name``, else its per-scale defaults) with
         the given values replacing its own: each one value for every scale, or a list with one per scale
-        (``guidance_interval``: one ``(a, b)`` pair, or a list of pairs)."""
+        (``guidance_interval``: one ``(a, b)`` pair, or a list of pairs). One ``solver`` or ``cfg_scale``
+        for every scale sets the scales it fits (a flow solver or a guidance scale: the flow scales;
+        ``meanflow``: the meanflow scales), so that ``--solver heun`` leaves a meanflow base as it is."""
         base = base or cls.named(model, name or "default")
-        k = len(model.scales)
+        k, kinds = len(model.scales), objectives(model)
 
         def per_scale(name: str, value: Any, default: tuple) -> tuple:
             if value is None:
@@ -234,7 +300,13 @@ class SamplerSettings:
                 if len(value) != k:
                     raise ConfigError(f"{name}: need one value per scale ({k}), got {list(value)}")
                 return tuple(value)
-            return (value,) * k
+            if name not in ("solver", "cfg_scale") or (name == "solver" and value not in SOLVERS):
+                return (value,) * k
+            fits = [value in solvers_for(kind) if name == "solver" else kind == "flow" for kind in kinds]
+            if not any(fits) and value != default[0]:
+                raise ConfigError(f"{name}: {value!r} fits none of this model's scales ({', '.join(kinds)}); "
+                                  "a meanflow scale samples with solver 'meanflow' at cfg_scale 1")
+            return tuple(value if fit else d for fit, d in zip(fits, default))
 
         if guidance_interval is not None and len(guidance_interval) == 2 \
                 and all(isinstance(v, (int, float)) for v in guidance_interval):
@@ -243,7 +315,7 @@ class SamplerSettings:
                    per_scale("cfg_scale", cfg_scale, base.cfg_scale),
                    per_scale("solver", solver, base.solver),
                    per_scale("shift", shift, base.shift),
-                   per_scale("guidance_interval", guidance_interval, base.guidance_interval))
+                   per_scale("guidance_interval", guidance_interval, base.guidance_interval), kinds)
 
     def make_defaults(self, model: SampledModel) -> None:
         """Write these settings into ``model``'s scales as their defaults."""

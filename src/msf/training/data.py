@@ -18,6 +18,8 @@ label)`` with a PIL image or a float (3, H, W) tensor in [0, 1], is adapted by :
 
 from __future__ import annotations
 
+import hashlib
+import os
 import queue
 import threading
 from collections.abc import Iterable, Iterator
@@ -34,6 +36,7 @@ from msf.config import Config, ConfigError
 from msf.method.factorize import resize_image
 
 if TYPE_CHECKING:
+    from msf.training.distributed import World
     from msf.training.imagefolder import ImageFolder
     from msf.training.latent_cache import LatentCache
 
@@ -372,9 +375,15 @@ class TrainingData:
             raise ValueError(text.splitlines()[-1].removeprefix("ValueError: ")) from None
 
 
-def open_training_data(cfg: Config, data: object = None) -> TrainingData:
+def open_training_data(cfg: Config, data: object = None, *, world: World | None = None,
+                       progress: bool = False) -> TrainingData:
     """The training data (``train.data`` unless given); fills in ``model.class_names`` from it
-    when the config has none and the class counts agree. What the data rules out is said here."""
+    when the config has none and the class counts agree. What the data rules out is said here.
+
+    Images for a model with a trained autoencoder come back as the latent cache of ``train.latent_cache``
+    (:func:`msf.training.latent_cache.training_cache`), made here by every process of ``world`` (default:
+    the one this process is in) if it is not there yet; ``progress``: say which cache, and show the encoding.
+    """
     tc, given = cfg.train, data is not None
     data = TrainingData(load_dataset(tc.data, cfg.model.image_size, tc.strict_data) if data is None else data,
                         cfg.model.image_size)
@@ -404,7 +413,34 @@ def open_training_data(cfg: Config, data: object = None) -> TrainingData:
                           "set train.random_flip=false")
     if data.kind == "latents":
         data.source.check_model(cfg)
-    return data
+        return data
+    from msf.training.imagefolder import ImageFolder
+    from msf.training.latent_cache import training_cache
+
+    known = isinstance(data.source, (ImageDataset, ImageFolder))  # what a cache can be keyed by
+    cache = training_cache(cfg, data, world=world, progress=progress,
+                           identity=(lambda: data_identity(tc.data, data.source)) if known else None)
+    return data if cache is None else TrainingData(cache)
+
+
+def data_identity(spec: str, source: ImageDataset | ImageFolder) -> tuple[str, str]:
+    """A name for the data and a key that changes with its contents. Images in memory (a built-in set, an
+    ``.npz``, or passed as they are by ``msf compare``): the images and labels themselves, hashed in
+    milliseconds. An image folder: its path and each image's path, size and modification time."""
+    from msf.training.imagefolder import ImageFolder
+
+    key = hashlib.sha256()
+    if not isinstance(source, ImageFolder):
+        for t in (source.images, source.labels):
+            key.update(f"{tuple(t.shape)}".encode())
+            key.update(np.ascontiguousarray(t.numpy()).data)
+        key.update("\0".join(source.class_names).encode())
+        return (builtin_file(spec) if spec in BUILTIN_NAMES else Path(spec).stem) or "data", key.hexdigest()
+    key.update(source.root.encode())
+    for f, _ in source.samples:  # a million images: hashed as they come, never one long string
+        st = os.stat(f)
+        key.update(f"\0{f}\0{st.st_size}\0{st.st_mtime_ns}".encode())
+    return Path(source.root).name or "data", key.hexdigest()
 
 
 def on_device(x, y: torch.Tensor, dev: torch.device) -> tuple:

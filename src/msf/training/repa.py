@@ -116,8 +116,9 @@ class AlignedNet(nn.Module):
         super().__init__()
         self.net, self.projector, self.depth = net, projector, depth
 
-    def forward(self, x: Tensor, t: Tensor, y: Tensor, prior: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        v, h = self.net(x, t, y, prior, tokens_at=self.depth)
+    def forward(self, x: Tensor, t: Tensor, y: Tensor, prior: Tensor | None = None,
+                **times: Tensor) -> tuple[Tensor, Tensor]:  # times: a MeanFlow network's r
+        v, h = self.net(x, t, y, prior, tokens_at=self.depth, **times)
         return v, self.projector(h)
 
 

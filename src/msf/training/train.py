@@ -345,7 +345,7 @@ def _run(cfg: Config, world: World, data, progress: bool, max_seconds: float | N
     run_log.warn_if_oversubscribed(world)
 
     # -- setup: the data (it completes the model config); networks, EMA, optimizers, or the checkpoint's
-    data, bad_files = open_training_data(cfg, data), []
+    data, bad_files = open_training_data(cfg, data, world=world, progress=progress and world.is_main), []
     ckpts = Checkpoints(out / "checkpoints", cfg, world, save)
     found = ckpts.latest() if resume else None  # checked against this run's config
     state = TrainState.create(cfg, world, data, bad_files, load_other_scales=found is None,
