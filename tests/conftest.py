@@ -22,7 +22,7 @@ if os.environ.get("MSF_TEST_DEVICE", "cpu") == "cpu":
 os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = _threads
 _home = tempfile.mkdtemp(prefix="msf-tests-")
 for var, sub in (("XDG_CACHE_HOME", "cache"), ("TORCH_HOME", "cache/torch"), ("HF_HOME", "cache/huggingface"),
-                 ("MPLCONFIGDIR", "matplotlib")):
+                 ("MPLCONFIGDIR", "matplotlib"), ("MSF_CACHE_DIR", "cache/msf")):
     os.environ[var] = os.path.join(_home, sub)
     os.makedirs(os.environ[var], exist_ok=True)
 os.environ["HF_HUB_OFFLINE"] = "1"  # no test may reach the network
