@@ -29,7 +29,8 @@ MUTATIONS = [
      "x = x + (t_next - t) * velocity(x, t).to(x.dtype)",
      "x = x + (t_next - t) * velocity(x, t_next).to(x.dtype)", "tests/test_sampler.py"),
     ("sampler prior not normalised or noised", "method/pipeline.py",
-     "net_prior = self._net_prior(k, prior, generator)", "net_prior = prior", "tests/test_agreement.py"),
+     "net_prior = self._net_prior(k, prior, generator, level=level)", "net_prior = prior",
+     "tests/test_agreement.py"),
     ("prior normalised by its own scale's std", "method/pipeline.py",
      "prior = prior / self._std(0)", "prior = prior / self._std(k)", "tests/test_agreement.py"),
     ("accumulator keeps only the last component", "method/factorize.py",
@@ -42,7 +43,7 @@ MUTATIONS = [
      "if self.config.prior_noise > 0:", "if self.config.prior_noise > 0 and noise is not None:",
      "tests/test_agreement.py"),
     ("sampling's prior noise from the global RNG", "method/pipeline.py",
-     "n = torch.randn(prior.shape, generator=generator)", "n = torch.randn(prior.shape)",
+     "return torch.randn(prior.shape, generator=generator)", "return torch.randn(prior.shape)",
      "tests/test_pipeline.py"),
     ("compose drops the base", "method/factorize.py",
      "    for c in components:\n        acc = acc + up(c, n_full)\n    return acc",
@@ -597,6 +598,14 @@ MUTATIONS = [
     ("bf16 weights' oneDNN linear inside a JVP, dropping the tangent", "speed.py",
      "                and not torch._C._functorch.is_functorch_wrapped_tensor(x)):", "                ):",
      "tests/test_meanflow.py"),
+    ("the prior's noise level never reaches the network", "method/models.py",
+     "c = c + self.level_embedder(", "c = c + 0 * self.level_embedder(", "tests/test_prior_augmentation.py"),
+    ("training levels drawn in [0, 1] whatever prior_aug_max", "method/pipeline.py",
+     'return noise.uniform(f"level{k}", n, device) * self.config.prior_aug_max',
+     'return noise.uniform(f"level{k}", n, device)', "tests/test_prior_augmentation.py"),
+    ("sampling ignores the prior level asked for", "method/pipeline.py",
+     "level = settings.prior_level[k] if self._takes_level(k) else None",
+     "level = 0.0 if self._takes_level(k) else None", "tests/test_prior_augmentation.py"),
 ]
 
 

@@ -215,7 +215,7 @@ def test_the_field_lists_follow_the_declarations():
     assert rule.within == (0.0, 1.0, False, True) and not rule.resume and not rule.cost
     assert "lr" in COST_FREE_TRAIN and "lr" not in RESUMABLE_FIELDS and "batch_size" not in COST_FREE_TRAIN
     assert "out_dir" in RESUMABLE_FIELDS and "seed" not in RESUMABLE_FIELDS
-    assert SAMPLING_FIELDS == ("steps", "cfg_scale", "solver", "shift", "guidance_interval")
+    assert SAMPLING_FIELDS == ("steps", "cfg_scale", "solver", "shift", "guidance_interval", "prior_level")
     assert TrainConfig().betas is not TrainConfig().betas  # a list default is a fresh copy each time
 
 

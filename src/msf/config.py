@@ -77,6 +77,9 @@ class ScaleConfig:
     # time grid: 1 uniform (the paper's); > 1 more steps near the noise
     shift: float = setting(1.0, "(0, 100]", sampling=True)
     guidance_interval: list[float] = setting([0.0, 1.0], sampling=True)  # guide only at t in [a, b]
+    # std of the noise on the generated prior, told to the network (0..model.prior_aug_max; 0: the clean
+    # prior): a level to sweep like guidance, 0 until measured, the only value valid without augmentation
+    prior_level: float = setting(0.0, "[0, inf)", sampling=True)
     # For weights imported from SiT or DiT (msf.interfaces.convert): "sit" feeds the network 1 - t and
     # negates its output; "ddpm" runs DiT's noise prediction at DDPM timesteps (models.ddpm_inputs).
     # Either way the network still gives msf's velocity at t.
@@ -103,6 +106,10 @@ class ModelConfig:
     prior: str = setting("concat", choices=PRIOR_MODES)  # how scale k > 0 sees its prior
     # conditioning augmentation: std of noise added to priors
     prior_noise: float = setting(0.0, "[0, inf)", cost=False)
+    # conditioning augmentation with its level told (Ho et al. 2022; design.md): in training the prior is
+    # noised at a level s ~ U[0, prior_aug_max] per sample and each residual network embeds s; sampling
+    # noises the generated prior at model.scales.k.prior_level. Cost: one more embedder per residual scale
+    prior_aug_max: float = setting(0.0, "[0, inf)")
     normalize: str = setting("none", choices=NORMALIZE_MODES, cost=False)  # std: components at unit variance
     # per-scale std, measured on data ("std")
     component_std: list[float] | None = setting(None, "(0, inf)", per_scale=True, cost=False)
@@ -251,6 +258,7 @@ def validate(cfg: Config) -> Config:
     check_fields(m, "model", m.num_scales)
     check_fields(t, "train", m.num_scales)
     _check_scales(m)
+    _check_prior_augmentation(m)
     _check_samplers(m)
     _check_train(t, m)
     return cfg
@@ -301,6 +309,29 @@ def _check_objective(s: ScaleConfig, where: str) -> None:
     if s.objective == "meanflow" and s.time_convention != "msf":
         raise ConfigError(f"{where}.objective='meanflow' trains msf's own network: time_convention must be "
                           f"'msf', got {s.time_convention!r}")
+
+
+def _check_prior_augmentation(m: ModelConfig) -> None:
+    """``prior_aug_max`` against the other ways a prior is seen; each scale's ``prior_level`` within it."""
+    if m.prior_aug_max > 0:
+        if m.prior_noise > 0:
+            raise ConfigError(f"model.prior_noise={m.prior_noise:g} and model.prior_aug_max="
+                              f"{m.prior_aug_max:g}: set one of them (prior_noise: one fixed level the "
+                              "network is not told; prior_aug_max: a random level it is told), e.g. "
+                              "model.prior_noise=0")
+        if m.prior == "none" or m.num_scales == 1:
+            raise ConfigError(f"model.prior_aug_max={m.prior_aug_max:g}: no scale sees a prior to augment "
+                              f"(model.prior={m.prior!r}, {m.num_scales} scale(s)); set it to 0")
+        for k, s in enumerate(m.scales[1:], 1):
+            if s.time_convention != "msf":
+                raise ConfigError(f"model.prior_aug_max: scale {k} is a converted network "
+                                  f"(time_convention={s.time_convention!r}) with no level input; set it to 0")
+    for k, s in enumerate(m.scales):
+        top = 0.0 if k == 0 or m.prior == "none" else m.prior_aug_max
+        if s.prior_level > top:
+            why = "scale 0 has no prior" if k == 0 else f"model.prior_aug_max={m.prior_aug_max:g}"
+            raise ConfigError(f"model.scales.{k}.prior_level={s.prior_level:g} must be in [0, {top:g}]: "
+                              f"the levels its network was trained with ({why})")
 
 
 def _check_samplers(m: ModelConfig) -> None:

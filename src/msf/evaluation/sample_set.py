@@ -160,14 +160,14 @@ def _save_npz(path: Path, **arrays) -> None:
 @torch.no_grad()
 def sample_set(
     pipe: MSFPipeline, out: str | os.PathLike, num_samples: int, *, batch_size: int = 64, seed: int = 0,
-    steps=None, cfg_scale=None, solver=None, shift=None, guidance_interval=None,
+    steps=None, cfg_scale=None, solver=None, shift=None, guidance_interval=None, prior_level=None,
     sampler_name: str | None = None, precision: str = "auto", compile: bool = False, tf32: bool = True,
     labels: np.ndarray | None = None, meta: dict | None = None, world: World | None = None,
     overwrite: bool = False, keep_parts: bool = False, progress: bool = True,
 ) -> SampleSetResult:
     """Draw ``num_samples`` class-balanced samples from ``pipe`` into the ADM-format ``out``.
 
-    ``steps``, ``cfg_scale``, ``solver``, ``shift``, ``guidance_interval``: as in
+    ``steps``, ``cfg_scale``, ``solver``, ``shift``, ``guidance_interval``, ``prior_level``: as in
     :meth:`msf.config.SamplerSettings.of` (one value or one per scale; unset: the model's defaults, or
     its named settings ``sampler_name``, e.g. "paper"). ``precision``: "auto" (bf16 autocast where the
     hardware runs bf16 natively, else fp32; the settings record the answer), "fp32", "bf16" (autocast) or
@@ -182,7 +182,8 @@ def sample_set(
     out = Path(out)
     precision = _check_request(out, precision, num_samples, batch_size, pipe.device)
     sampler = SamplerSettings.of(pipe.config, steps, cfg_scale, solver, shift=shift,
-                                 guidance_interval=guidance_interval, name=sampler_name)
+                                 guidance_interval=guidance_interval, name=sampler_name,
+                                 prior_level=prior_level)
     labels, label_source = _labels(pipe, num_samples, seed, labels)
     settings = {  # what a finished set or chunk must have been drawn with to be kept
         "num_samples": num_samples, "batch_size": batch_size, "seed": seed, **sampler.to_dict(),

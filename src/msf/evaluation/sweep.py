@@ -2,7 +2,8 @@
 
 Tables 2 and 3 vary the CFG scale of scale 1 and of scale 2, Tables 4 and 5 the
 steps, each with the other settings at the model's defaults. A sweep here varies one
-setting (``cfg_scale`` or ``steps``) of one scale over a list of values, draws a sample
+setting (``cfg_scale``, ``steps``, or ``prior_level`` for a model trained with conditioning augmentation)
+of one scale over a list of values, draws a sample
 set per value, evaluates it against a reference, and writes ``sweep.csv``,
 ``sweep.md`` and ``sweep.png``. Sample sets stay in ``<out>/samples/``; re-running the
 sweep reuses finished ones, so an interrupted sweep continues where it stopped.
@@ -25,9 +26,10 @@ from msf.training.distributed import World, barrier
 if TYPE_CHECKING:
     from msf.method.pipeline import MSFPipeline
 
-COLUMNS = ["scale", "setting", "value", "steps", "cfg_scale", "nfe_per_image", "fid", "fid_ci", "is",
-           "precision", "recall", "kid", "kid_ci", "cas", "cas_ci", "cas_per_class", "seconds_per_image",
-           "num_samples", "feature_network"]
+SETTINGS = {"cfg_scale": "cfg", "steps": "steps", "prior_level": "prior level"}  # what a sweep varies
+COLUMNS = ["scale", "setting", "value", "steps", "cfg_scale", "prior_level", "nfe_per_image", "fid", "fid_ci",
+           "is", "precision", "recall", "kid", "kid_ci", "cas", "cas_ci", "cas_per_class",
+           "seconds_per_image", "num_samples", "feature_network"]
 
 
 def sweep_points(pipe: MSFPipeline, scale: int, setting: str, values: list) -> list[dict]:
@@ -35,16 +37,15 @@ def sweep_points(pipe: MSFPipeline, scale: int, setting: str, values: list) -> l
     cfg = pipe.config
     if not 0 <= scale < cfg.num_scales:
         raise ValueError(f"--scale {scale}: this model has scales 0..{cfg.num_scales - 1}")
-    if setting not in ("cfg_scale", "steps"):
-        raise ValueError(f"setting must be 'cfg_scale' or 'steps', got {setting!r}")
+    if setting not in SETTINGS:
+        raise ValueError(f"setting must be one of {tuple(SETTINGS)}, got {setting!r}")
     points = []
     for v in values:
-        steps = [s.steps for s in cfg.scales]
-        cfg_scale = [s.cfg_scale for s in cfg.scales]
-        (steps if setting == "steps" else cfg_scale)[scale] = v
-        SamplerSettings.of(cfg, steps, cfg_scale)  # every value checked before any sampling
-        points.append({"scale": scale, "setting": setting, "value": v, "steps": steps,
-                       "cfg_scale": cfg_scale})
+        point = {"steps": [s.steps for s in cfg.scales], "cfg_scale": [s.cfg_scale for s in cfg.scales],
+                 "prior_level": [s.prior_level for s in cfg.scales]}
+        point[setting][scale] = v
+        SamplerSettings.of(cfg, **point)  # every value checked before any sampling
+        points.append({"scale": scale, "setting": setting, "value": v, **point})
     return points
 
 
@@ -94,7 +95,8 @@ def run_sweep(
         # a set finished by an earlier run with the same settings and weights is reused; one drawn
         # with other weights (the model retrained) is the sweep's own file, drawn again
         res = sample_set(pipe, path, num_samples, batch_size=batch_size, steps=p["steps"],
-                         cfg_scale=p["cfg_scale"], seed=seed, precision=precision, compile=compile, tf32=tf32,
+                         cfg_scale=p["cfg_scale"], prior_level=p.get("prior_level"), seed=seed,
+                         precision=precision, compile=compile, tf32=tf32,
                          world=world, progress=progress, meta={"model": model}, overwrite=True)
         # wall-clock per image over all processes; unknown after a resume or reuse
         seconds = res.seconds / num_samples if res.resumed == 0 else math.nan
@@ -145,13 +147,14 @@ def sweep_strips(rows: list[dict], out_dir: str | os.PathLike, class_names: list
     _, first = np.unique(labels, return_index=True)
     picks = sorted(first)[:classes]
     cells = [[torch.from_numpy(images[i]) for images, _ in sets] for i in picks]
-    setting = {"cfg_scale": "cfg", "steps": "steps"}[rows[0]["setting"]]
+    setting = SETTINGS[rows[0]["setting"]]
     titles = [f"{setting} {_fmt(r['value'])}: {r['nfe_per_image']} evals" for r in rows]
     names = [class_names[labels[i]] if class_names else f"class {labels[i]}" for i in picks]
     caption = f"scale {rows[0]['scale']}'s {setting} varied; each row one seed and class"
     img = table_figure(cells, titles, names, upscale=max(1, 96 // sets[0][0].shape[1]), caption=caption)
     return save_png(img, out_dir / "sweep_strips.png", {"rows": [
-        {k: r[k] for k in ("scale", "setting", "value", "steps", "cfg_scale")} for r in rows]})
+        {k: r.get(k) for k in ("scale", "setting", "value", "steps", "cfg_scale", "prior_level")}
+        for r in rows]})
 
 
 def cost_plot(rows: list[dict], path: str | os.PathLike) -> Path:
@@ -232,7 +235,7 @@ def sweep_plot(rows: list[dict], path: str | os.PathLike) -> Path:
     xs = [r["value"] for r in rows]
     keys = ["fid"] + [k for k in ("is", "cas") if any(r.get(k) is not None for r in rows)]
     fig, axes = plt.subplots(1, len(keys), figsize=(0.5 + 4 * len(keys), 3.2), squeeze=False)
-    label = {"cfg_scale": "CFG scale", "steps": "steps"}[rows[0]["setting"]]
+    label = {"cfg_scale": "CFG scale", "steps": "steps", "prior_level": "prior level"}[rows[0]["setting"]]
     for ax, key in zip(axes[0], keys):
         ys = [r.get(key) if r.get(key) is not None else math.nan for r in rows]
         ax.plot(xs, ys, "o-")

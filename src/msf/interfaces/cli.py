@@ -8,7 +8,7 @@
     msf eval --samples A --ref B   FID and KID with 95% intervals, IS, precision/recall, class accuracy
     msf reference DATA --out R     training data as a reference .npz (decoded and cropped as in training)
     msf compare --presets A,B      train presets at equal budget over seeds, evaluate, tables and plots
-    msf sweep MODEL_DIR --ref B    per-scale CFG or steps sweep -> tables and plot (paper Tables 2-5)
+    msf sweep MODEL_DIR --ref B    per-scale CFG, steps or prior-level sweep -> tables, plot (Tables 2-5)
     msf app MODEL_DIR              a local web page: pick class, seed, steps, guidance; see each scale
     msf push MODEL_DIR org/name    upload to the Hugging Face Hub with a generated model card
     msf convert SIT.pt --out DIR   a SiT-XL/2 checkpoint as an msf model directory (K = 1)
@@ -116,6 +116,8 @@ def _sampling_args(p: argparse.ArgumentParser, per_scale: bool = True) -> None:
                        "3 more steps near the noise (SD3's shift): 3 or 3,1")
         p.add_argument("--guidance-interval", type=_intervals, help="guide only at times t in [a, b] "
                        "(0 data, 1 noise): 0.1:0.9, or one per scale 0:1,0.2:1")
+        p.add_argument("--prior-level", type=_floats, help="std of the noise on each generated prior, for "
+                       "a model trained with model.prior_aug_max: 0.2 (every scale with a level) or 0,0.2")
         p.add_argument("--sampler", default=None, metavar="NAME",
                        help="named settings the flags above refine: default (the model's), or one the "
                        "model's config names, e.g. paper (Euler, uniform grid, guidance throughout)")
@@ -302,6 +304,7 @@ def _sampling(args: argparse.Namespace) -> dict:
         "solver": None if args.solver is None else _one_or_list(args.solver.split(",")),
         "shift": None if args.shift is None else _one_or_list(args.shift),
         "guidance_interval": None if gi is None else (list(gi[0]) if len(gi) == 1 else gi),
+        "prior_level": None if args.prior_level is None else _one_or_list(args.prior_level),
         "name": args.sampler,
     }
 
@@ -496,7 +499,8 @@ def cmd_reference(args: argparse.Namespace) -> int:
 
 
 def _add_sweep(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("sweep", help="per-scale CFG or steps sweep: sample sets, metrics, tables, plot")
+    p = sub.add_parser("sweep", help="per-scale CFG, steps or prior-level sweep: sample sets, metrics, "
+                       "tables, plot")
     _shared(p, "model_dir")
     p.add_argument("--ref", required=True, help="reference: .npz, image folder, statistics file or "
                    "emoji (the built-in set)")
@@ -506,6 +510,9 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
                    help="guidance scales to try, one sample set each: 1,1.2,1.4 (--cfg is an old name)")
     p.add_argument("--steps-values", "--steps", dest="steps_values", type=_ints,
                    help="step counts to try, one sample set each: 10,50,100 (--steps is an old name)")
+    p.add_argument("--prior-levels", dest="prior_levels", type=_floats,
+                   help="prior noise levels to try at --scale (k > 0; a model trained with "
+                   "model.prior_aug_max), one sample set each: 0,0.1,0.2")
     _shared(p, num_samples={"default": 5000, "help": "samples per setting (default 5000)"})
     _shared(p, "batch_size")
     p.add_argument("--out", default="runs/sweep", help="output directory")
@@ -521,17 +528,18 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from msf.interfaces.load import load_with_source
     from msf.training.distributed import close_world, init_world
 
-    if (args.cfg_values is None) == (args.steps_values is None):
-        raise ConfigError("give exactly one of --cfg-values (guidance scales to try) or --steps-values "
-                          "(step counts to try)")
+    given = {name: values for name, values in (("cfg_scale", args.cfg_values), ("steps", args.steps_values),
+                                               ("prior_level", args.prior_levels)) if values is not None}
+    if len(given) != 1:
+        raise ConfigError("give exactly one of --cfg-values (guidance scales to try), --steps-values "
+                          "(step counts to try) or --prior-levels (prior noise levels to try)")
     check_reference(args.ref, "--ref")
     world = init_world(args.device)
     try:
         pipe, loaded = load_with_source(args.model_dir, args.model_weights, device=world.device)
         if world.is_main and not args.quiet:
             print(f"[msf] loaded {loaded.describe()}", flush=True)
-        setting, values = (("cfg_scale", args.cfg_values) if args.cfg_values is not None
-                           else ("steps", args.steps_values))
+        (setting, values), = given.items()
         points = sweep_points(pipe, args.scale, setting, values)
         rows = run_sweep(pipe, args.ref, points, args.out, num_samples=args.num_samples,
                          batch_size=args.batch_size, seed=args.seed, precision=args.precision,

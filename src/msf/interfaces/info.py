@@ -42,7 +42,13 @@ def _mlp_hidden(s: ScaleConfig) -> tuple[int, int]:
     return (int(2 / 3 * hidden), 2) if s.mlp == "swiglu" else (hidden, 1)
 
 
-def _dit_parameters(s: ScaleConfig, n: int, channels: int, prior_channels: int, classes: int) -> int:
+def _time_embedders(s: ScaleConfig, level: bool) -> int:
+    """The scale's scalar embedders: the time's, MeanFlow's interval t - r, the prior's noise level."""
+    return 1 + (s.objective == "meanflow") + level
+
+
+def _dit_parameters(s: ScaleConfig, n: int, channels: int, prior_channels: int, classes: int,
+                    level: bool = False) -> int:
     D, p = s.width, s.patch_size
     hidden, gates = _mlp_hidden(s)
     tokens = (n // p) ** 2
@@ -50,14 +56,14 @@ def _dit_parameters(s: ScaleConfig, n: int, channels: int, prior_channels: int, 
     block += D * 6 * D + 6 * D
     block += 2 * (D // s.heads) if s.qk_norm else 0  # the query and key norms' scales
     embed = (channels + prior_channels) * p * p * D + D
-    t_embed = (256 * D + D + D * D + D) * (2 if s.objective == "meanflow" else 1)  # MeanFlow: t and t - r
+    t_embed = (256 * D + D + D * D + D) * _time_embedders(s, level)
     y_embed = (classes + 1) * D
     final = D * 2 * D + 2 * D + D * p * p * channels + p * p * channels
     pos = tokens * D if "sincos" in s.pos_embed else 0  # counted as DiT counts it; RoPE has none
     return s.depth * block + embed + t_embed + y_embed + final + pos
 
 
-def _dit_macs(s: ScaleConfig, n: int, channels: int, prior_channels: int) -> int:
+def _dit_macs(s: ScaleConfig, n: int, channels: int, prior_channels: int, level: bool = False) -> int:
     D, p = s.width, s.patch_size
     hidden, gates = _mlp_hidden(s)
     N = (n // p) ** 2
@@ -69,7 +75,7 @@ def _dit_macs(s: ScaleConfig, n: int, channels: int, prior_channels: int) -> int
         + (gates + 1) * N * D * hidden  # MLP
     )
     embed = N * (channels + prior_channels) * p * p * D
-    t_embed = (256 * D + D * D) * (2 if s.objective == "meanflow" else 1)
+    t_embed = (256 * D + D * D) * _time_embedders(s, level)
     final = D * 2 * D + N * D * p * p * channels
     return s.depth * per_block + embed + t_embed + final
 
@@ -87,14 +93,15 @@ def scale_infos(model: ModelConfig) -> list[ScaleInfo]:
     out = []
     for k, (s, n) in enumerate(zip(model.scales, model.latent_sizes)):
         prior_ch = ch if (k > 0 and model.prior == "concat") else 0
-        macs = _dit_macs(s, n, ch, prior_ch)
+        level = prior_ch > 0 and model.prior_aug_max > 0  # its network embeds the prior's noise level
+        macs = _dit_macs(s, n, ch, prior_ch, level)
         forwards = evaluations(s.steps, s.cfg_scale, s.solver, s.shift, s.guidance_interval)
         out.append(
             ScaleInfo(
                 scale=k, image_size=s.image_size, latent_size=n, tokens=(n // s.patch_size) ** 2,
                 depth=s.depth, width=s.width, heads=s.heads, patch_size=s.patch_size,
                 in_channels=ch + prior_ch,
-                parameters=_dit_parameters(s, n, ch, prior_ch, model.num_classes),
+                parameters=_dit_parameters(s, n, ch, prior_ch, model.num_classes, level),
                 macs_per_forward=macs, flops_per_forward=2 * macs, steps=s.steps,
                 cfg_scale=s.cfg_scale, solver=s.solver, forwards_per_sample=forwards,
                 flops_per_sample=2 * macs * forwards, options=network_options(s),

@@ -23,7 +23,9 @@ feed-forward with 2/3 of the hidden width, so about the same parameters) and ``p
 (2-D rotary embedding of queries and keys instead of the added sin-cos table; ``"sincos+rope"``
 keeps both). A scale trained with MeanFlow (``objective="meanflow"``, :mod:`msf.method.meanflow`)
 predicts the average velocity over ``[r, t]``: its network embeds the interval ``t - r`` as a second
-time, added to the first; a ``flow`` network has no such input, its parameters unchanged.
+time, added to the first; a ``flow`` network has no such input, its parameters unchanged. Likewise a
+residual scale trained with conditioning augmentation (``augmented_prior``, ``model.prior_aug_max > 0``)
+embeds the level of the noise on its prior, added to the time's; without it the network is unchanged.
 
 ``Linear``, ``norm_input`` and ``attention`` come from :mod:`msf.speed`: an
 ``nn.Linear``, the identity and SDPA as far as results go (up to bf16 rounding), faster on
@@ -224,13 +226,14 @@ class DiT(nn.Module):
     module docstring; its image size and sampler settings are not the network's). The rest is
     the model's: ``input_size``, the component's spatial size ``n_k``; ``channels``, its channel
     count; ``num_classes`` (the null class is one more); ``prior_channels``, the prior's extra
-    input channels (0 at the base scale or without the prior).
+    input channels (0 at the base scale or without the prior); ``augmented_prior``, whether the network
+    takes the level of the noise on its prior (conditioning augmentation).
     """
 
     time_scale = 1000.0  # msf's t in [0, 1] times 1000: DiT's embedding frequencies
 
     def __init__(self, scale: ScaleConfig, input_size: int, channels: int, num_classes: int,
-                 prior_channels: int = 0):
+                 prior_channels: int = 0, augmented_prior: bool = False):
         super().__init__()
         width, heads, patch_size = scale.width, scale.heads, scale.patch_size
         if input_size % patch_size:
@@ -254,6 +257,9 @@ class DiT(nn.Module):
         self.objective = scale.objective
         if self.objective == "meanflow":  # the interval t - r, MeanFlow's second time
             self.interval_embedder = TimestepEmbedder(width, scale=self.time_scale)
+        self.augmented_prior = augmented_prior
+        if augmented_prior:  # the prior's noise level, in [0, ~1] as times are: the same frequencies
+            self.level_embedder = TimestepEmbedder(width, scale=1000.0)
         self.y_embedder = LabelEmbedder(num_classes, width)
         self.register_buffer(
             "pos_embed", sincos_pos_embed_2d(width, self.grid)[None] if "sincos" in scale.pos_embed else None,
@@ -287,6 +293,9 @@ class DiT(nn.Module):
         if self.objective == "meanflow":
             nn.init.normal_(self.interval_embedder.mlp[0].weight, std=0.02)
             nn.init.normal_(self.interval_embedder.mlp[2].weight, std=0.02)
+        if self.augmented_prior:
+            nn.init.normal_(self.level_embedder.mlp[0].weight, std=0.02)
+            nn.init.normal_(self.level_embedder.mlp[2].weight, std=0.02)
         # adaLN-Zero: every block starts as the identity, the output as zero.
         for block in self.blocks:
             nn.init.zeros_(block.adaLN_modulation[-1].weight)
@@ -303,13 +312,19 @@ class DiT(nn.Module):
         return x.reshape(B, c, g * p, g * p)
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor, prior: Tensor | None = None,
-                tokens_at: int | None = None, r: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+                tokens_at: int | None = None, r: Tensor | None = None,
+                level: Tensor | float | None = None) -> Tensor | tuple[Tensor, Tensor]:
         """The velocity; for a ``meanflow`` network the average velocity over ``[r, t]`` (``r = t``: the
-        velocity). With ``tokens_at=d``, also the tokens after block d (1-based), for REPA."""
+        velocity). With ``tokens_at=d``, also the tokens after block d (1-based), for REPA. ``level``: the
+        std of the noise on ``prior``, per sample or one for all, for an ``augmented_prior`` network only."""
         if (r is None) != (self.objective == "flow"):
             raise ValueError(f"this scale's network (objective {self.objective!r}) "
                              + ("takes the start r of its interval, got None" if r is None else
                                 "predicts the velocity at t and takes no r"))
+        if (level is None) == self.augmented_prior:
+            raise ValueError("this scale's network " + (
+                "was trained on priors noised at a level it is told (model.prior_aug_max): give level"
+                if level is None else "was trained without conditioning augmentation and takes no level"))
         if self.prior_channels:
             if prior is None:
                 raise ValueError("this scale's network needs its prior, got None")
@@ -323,6 +338,8 @@ class DiT(nn.Module):
         c = self.t_embedder(t) + self.y_embedder(y)
         if r is not None:
             c = c + self.interval_embedder(t - r)
+        if level is not None:
+            c = c + self.level_embedder(torch.as_tensor(level, device=t.device).expand(t.shape[0]))
         tokens = None
         for i, block in enumerate(self.blocks, 1):
             if self.grad_checkpointing and torch.is_grad_enabled():

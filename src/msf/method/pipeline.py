@@ -8,6 +8,7 @@ and saves to / loads from a model directory (``config.json`` + ``scale_k.safeten
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -37,22 +38,27 @@ def autocast(device: torch.device | str, precision: str) -> AbstractContextManag
 
 
 def build_scale_networks(config: ModelConfig) -> nn.ModuleList:
-    """One DiT per scale, sized by the config; scale k > 0 takes its prior as extra channels. A scale
-    of converted weights is built as the subclass that reads them in msf's time (``time_convention``)."""
-    ch = config.autoencoder.channels
-    return nn.ModuleList(
-        network_class(s.time_convention)(s, n, ch, config.num_classes,
-                                         prior_channels=ch if (k > 0 and config.prior == "concat") else 0)
-        for k, (s, n) in enumerate(zip(config.scales, config.latent_sizes))
-    )
+    """One DiT per scale, sized by the config; scale k > 0 takes its prior as extra channels, and the
+    prior's noise level where ``model.prior_aug_max > 0``. A scale of converted weights is built as the
+    subclass that reads them in msf's time (``time_convention``; the config gives those no level)."""
+    ch, told = config.autoencoder.channels, config.prior_aug_max > 0
+
+    def build(k: int, s, n: int) -> nn.Module:
+        prior = k > 0 and config.prior == "concat"
+        extra = {"augmented_prior": True} if prior and told else {}  # else exactly the network without it
+        return network_class(s.time_convention)(s, n, ch, config.num_classes,
+                                                prior_channels=ch if prior else 0, **extra)
+
+    return nn.ModuleList(build(k, s, n) for k, (s, n) in enumerate(zip(config.scales, config.latent_sizes)))
 
 
 class MSFPipeline(nn.Module):
     def __init__(self, config: ModelConfig, autoencoder: Autoencoder | None = None,
                  networks: Sequence[nn.Module] | None = None):
         """``autoencoder`` and ``networks`` replace the config's (an :class:`Autoencoder`; one module per
-        scale called as ``net(x_t, t, y, prior)``, with ``prior=None`` at scale 0, returning the
-        velocity in ``x_t``'s shape); by default they are built from ``config``."""
+        scale called as ``net(x_t, t, y, prior)``, with ``prior=None`` at scale 0, and ``level=`` the
+        prior's noise level at scales k > 0 where ``config.prior_aug_max > 0``, returning the velocity in
+        ``x_t``'s shape); by default they are built from ``config``."""
         super().__init__()
         validate(Config(model=config))
         self.config = config
@@ -124,23 +130,50 @@ class MSFPipeline(nn.Module):
 
     def _net_prior(
         self, k: int, prior: Tensor | None, generator: torch.Generator | None = None,
-        noise: Noise | None = None,
+        noise: Noise | None = None, level: Tensor | float | None = None,
     ) -> Tensor | None:
         """A prior as scale k's network sees it: scaled like the base, optionally noised.
 
-        The noise (conditioning augmentation, Ho et al. 2022) is added in training and
-        in sampling alike, so the network sees the same kind of prior in both.
+        Conditioning augmentation (Ho et al. 2022) takes one of two forms (the config refuses both):
+        ``prior_noise``, noise of one std the network is not told, added in training and in sampling alike,
+        so the network sees the same kind of prior in both; or ``prior_aug_max``, noise of a std ``level``
+        the network is told, ``prior + level * n``: per sample in training (:meth:`_prior_levels`), the
+        sampler's ``prior_level`` in sampling. ``n`` comes from ``noise`` in training, from ``generator``
+        in sampling (drawn at every level, 0 included: a sweep over levels keeps every other draw).
         """
         if k == 0 or self.config.prior == "none" or prior is None:
             return None
         prior = prior / self._std(0)
         if self.config.prior_noise > 0:
-            if noise is not None:
-                n = noise.normal(f"prior{k}", tuple(prior.shape), prior.device)
-            else:
-                n = torch.randn(prior.shape, generator=generator).to(prior.device)
-            prior = prior + self.config.prior_noise * n
+            prior = prior + self.config.prior_noise * self._prior_noise(k, prior, generator, noise)
+        elif self.config.prior_aug_max > 0:
+            s = level.view(-1, *([1] * (prior.dim() - 1))) if isinstance(level, Tensor) else level
+            prior = prior + s * self._prior_noise(k, prior, generator, noise)
         return prior
+
+    @staticmethod
+    def _prior_noise(k: int, prior: Tensor, generator: torch.Generator | None, noise: Noise | None) -> Tensor:
+        """The standard normal noise on scale k's prior: from the step's ``noise``, else ``generator``."""
+        if noise is not None:
+            return noise.normal(f"prior{k}", tuple(prior.shape), prior.device)
+        return torch.randn(prior.shape, generator=generator).to(prior.device)
+
+    def _prior_levels(self, k: int, n: int, noise: Noise, device: torch.device) -> Tensor | None:
+        """Training levels of scale k's prior noise, ``s ~ U[0, prior_aug_max]`` per sample (None where the
+        network takes no level). Uniform, as the cascaded-diffusion and Imagen papers draw theirs: every
+        level a sampling sweep may pick, 0 included, is trained as often; per sample, not per batch."""
+        if not self._takes_level(k):
+            return None
+        return noise.uniform(f"level{k}", n, device) * self.config.prior_aug_max
+
+    def _takes_level(self, k: int) -> bool:
+        """Whether scale k's network is told its prior's noise level (:func:`build_scale_networks`)."""
+        return k > 0 and self.config.prior == "concat" and self.config.prior_aug_max > 0
+
+    @staticmethod
+    def _told(net: Callable[..., Tensor], level: Tensor | float | None) -> Callable[..., Tensor]:
+        """``net`` called with the prior's noise level, where it takes one (``level`` not None)."""
+        return net if level is None else functools.partial(net, level=level)
 
     # ----------------------------------------------------------------- training
 
@@ -184,12 +217,14 @@ class MSFPipeline(nn.Module):
                                 std=settings.logit_std, device=c.device, noise=noise, key=f"t{k}")
                 t = shift_time(t, 1.0 if settings.time_shift is None else settings.time_shift[k])
             e = noise.normal(f"e{k}", tuple(c.shape), c.device)
-            prior = self._net_prior(k, priors[k], noise=noise)
-            net = self.networks[k] if nets is None or k not in nets else nets[k]
+            level = self._prior_levels(k, c.shape[0], noise, c.device)
+            prior = self._net_prior(k, priors[k], noise=noise, level=level)
+            net = self._told(self.networks[k] if nets is None or k not in nets else nets[k], level)
             term = None if align is None else align.get(k)
             if meanflow:  # the same target, prior and labels; the JVP differentiates the bare network
                 w = 1.0 if settings.meanflow_guidance is None else settings.meanflow_guidance[k]
-                losses[k] = meanflow_loss(net, c, y, t, r, prior, noise=e, field=self.networks[k], guidance=w,
+                field = self._told(self.networks[k], level)
+                losses[k] = meanflow_loss(net, c, y, t, r, prior, noise=e, field=field, guidance=w,
                                           null_class=self.config.num_classes,
                                           weight_power=settings.meanflow_weight_power, align=term)
             else:
@@ -216,6 +251,7 @@ class MSFPipeline(nn.Module):
         steps: int | Sequence[int] | None = None,
         cfg_scale: float | Sequence[float] | None = None,
         solver: str | Sequence[str] | None = None,
+        prior_level: float | Sequence[float] | None = None,
         seed: int | None = 0,
         generator: torch.Generator | None = None,
         precision: str = "fp32",
@@ -228,11 +264,12 @@ class MSFPipeline(nn.Module):
         """Algorithm 3: generate images in [-1, 1] for ``labels``.
 
         ``settings`` (:class:`msf.method.sampler.SamplerSettings`; by default the config's per-scale
-        steps, guidance and solver) says how each scale is sampled; ``steps``, ``cfg_scale``
-        and ``solver`` replace its values, each one value for all scales or a list with one
-        per scale. The initial noise of every scale comes from ``generator`` (or a fresh one
-        seeded ``seed``, on the CPU so that results do not depend on the device). ``nets``
-        replaces scale k's network, e.g. by ``msf.speed.compile_for_inference(pipe.networks[k])``.
+        steps, guidance and solver) says how each scale is sampled; ``steps``, ``cfg_scale``,
+        ``solver`` and ``prior_level`` replace its values, each one value for all scales (a prior level:
+        for those trained with one) or a list with one per scale. The initial noise of every scale
+        comes from ``generator`` (or a fresh one seeded ``seed``, on the CPU so that results do not
+        depend on the device), and so does the noise on a prior. ``nets`` replaces scale k's network,
+        e.g. by ``msf.speed.compile_for_inference(pipe.networks[k])``.
 
         ``batch_size`` bounds the images per network call; every scale's noise is still drawn
         for all images at once, so the samples do not depend on it. ``callback(k, done,
@@ -248,7 +285,7 @@ class MSFPipeline(nn.Module):
         labels = torch.as_tensor(labels, dtype=torch.int64)
         self.check_labels(labels)
         labels = labels.to(device)
-        settings = SamplerSettings.of(cfg, steps, cfg_scale, solver, base=settings)
+        settings = SamplerSettings.of(cfg, steps, cfg_scale, solver, base=settings, prior_level=prior_level)
         if generator is None:
             generator = torch.Generator().manual_seed(0 if seed is None else seed)
         B, C, N = labels.shape[0], cfg.autoencoder.channels, cfg.latent_sizes[-1]
@@ -261,10 +298,11 @@ class MSFPipeline(nn.Module):
         def generate(k: int, prior: Tensor | None) -> Tensor:
             n = cfg.latent_sizes[k]
             noise = torch.randn(B, C, n, n, generator=generator).to(device)  # drawn even where given
-            net_prior = self._net_prior(k, prior, generator)
+            level = settings.prior_level[k] if self._takes_level(k) else None
+            net_prior = self._net_prior(k, prior, generator, level=level)
             if k in given:
                 return given[k].to(device).float()
-            net = self.networks[k] if nets is None or k not in nets else nets[k]
+            net = self._told(self.networks[k] if nets is None or k not in nets else nets[k], level)
             return self._solve_scale(k, net, labels, noise, net_prior, settings, chunks, precision, callback)
 
         comps = accumulate_sample(generate, cfg.latent_sizes, torch.zeros(B, C, N, N, device=device))
@@ -281,8 +319,8 @@ class MSFPipeline(nn.Module):
                 raise ValueError(f"given[{k}]: expected shape {want}, got {tuple(c.shape)}")
         return given
 
-    def _solve_scale(self, k: int, net: nn.Module, labels: Tensor, noise: Tensor, net_prior: Tensor | None,
-                     settings: SamplerSettings, chunks: list[slice], precision: str,
+    def _solve_scale(self, k: int, net: Callable[..., Tensor], labels: Tensor, noise: Tensor,
+                     net_prior: Tensor | None, settings: SamplerSettings, chunks: list[slice], precision: str,
                      callback: Callable[[int, int, int], None] | None) -> Tensor:
         """Scale k's flow ODE with guidance (or its MeanFlow jumps), from ``noise`` at t = 1 to its
         component at t = 0 (unnormalised), one chunk of the batch at a time."""

@@ -23,6 +23,10 @@ A MeanFlow scale (``objective="meanflow"``, :mod:`msf.method.meanflow`) predicts
 ``x_r = x_t - (t - r) u(x_t, r, t)`` on the same grid, one evaluation each, guidance trained in
 (``cfg_scale`` 1). Each kind of network takes only its own kind of solver.
 
+A residual scale trained with conditioning augmentation (``model.prior_aug_max``) also takes the level
+``prior_level`` of the noise put on its generated prior (the pipeline adds it), at most the largest level
+it was trained with.
+
 :class:`SamplerSettings` holds these choices for every scale of a model, checked when made.
 """
 
@@ -185,8 +189,10 @@ def evaluations(steps: int, cfg_scale: float, solver: str = "euler", shift: floa
 class SampledModel(Protocol):
     """What :class:`SamplerSettings` reads of a model's config (an ``msf.config.ModelConfig``)."""
 
-    scales: list[Any]  # each with steps, cfg_scale, solver, shift, guidance_interval and objective
+    scales: list[Any]  # each with steps, cfg_scale, solver, shift, guidance_interval, prior_level, objective
     samplers: dict[str, dict[str, Any]]  # named settings besides the scales' own
+    prior: str  # "concat" or "none"
+    prior_aug_max: float  # the largest prior level the residual networks were trained with
 
 
 def objectives(model: SampledModel) -> tuple[str, ...]:
@@ -194,12 +200,20 @@ def objectives(model: SampledModel) -> tuple[str, ...]:
     return tuple(getattr(s, "objective", "flow") for s in model.scales)
 
 
+def prior_levels_max(model: SampledModel) -> tuple[float, ...]:
+    """The largest prior level each scale's network was trained with: 0 where it takes none (the base
+    scale, no prior, no conditioning augmentation), else ``model.prior_aug_max``."""
+    top = 0.0 if getattr(model, "prior", "concat") == "none" else float(getattr(model, "prior_aug_max", 0.0))
+    return tuple(0.0 if k == 0 else top for k in range(len(model.scales)))
+
+
 @dataclass(frozen=True)
 class SamplerSettings:
     """How each scale of Algorithm 3 is sampled, one value per scale: ``steps`` (network
     evaluations per CFG branch), ``cfg_scale`` (guidance; 1 is none), ``solver``, ``shift`` (of the
-    time grid) and ``guidance_interval``; ``objective``, the model's (what each network predicts),
-    says which solvers fit: :func:`solvers_for`.
+    time grid), ``guidance_interval`` and ``prior_level`` (the std of the noise on the generated prior);
+    ``objective`` and ``prior_max``, the model's (what each network predicts; the largest prior level it was
+    trained with, :func:`prior_levels_max`), say which solvers and levels fit.
 
     The pipeline, ``msf sample``, sample sets and sweeps share it; it is checked when made, so
     that a bad value fails before any sampling work, with the allowed range in the message.
@@ -211,9 +225,14 @@ class SamplerSettings:
     shift: tuple[float, ...] | None = None  # None: 1 (uniform) at every scale
     guidance_interval: tuple[tuple[float, float], ...] | None = None  # None: (0, 1) at every scale
     objective: tuple[str, ...] | None = None  # None: "flow" at every scale
+    prior_level: tuple[float, ...] | None = None  # None: 0 (the clean prior) at every scale
+    prior_max: tuple[float, ...] | None = None  # None: 0 at every scale (no network takes a level)
 
     def __post_init__(self) -> None:
         k = len(self.steps)
+        for name in ("prior_level", "prior_max"):
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, (0.0,) * k)
         if self.shift is None:
             object.__setattr__(self, "shift", (1.0,) * k)
         if self.objective is None:
@@ -247,6 +266,21 @@ class SamplerSettings:
                 raise ConfigError(f"solver: {solver!r} for scale {i} must be one of "
                                   f"{solvers_for(self.objective[i])}")
             self._check_objective(i)
+        self._check_prior_levels()
+
+    def _check_prior_levels(self) -> None:
+        """Each scale's prior level within the levels its network was trained with."""
+        if len(self.prior_level) != len(self.steps) or len(self.prior_max) != len(self.steps):
+            raise ConfigError(f"prior_level: one value per scale, got {list(self.prior_level)}")
+        for i, (level, top) in enumerate(zip(self.prior_level, self.prior_max)):
+            number = isinstance(level, (int, float)) and not isinstance(level, bool)
+            if number and top == 0 and level != 0:
+                raise ConfigError(f"prior_level: {level!r} for scale {i}, whose network was trained without "
+                                  "conditioning augmentation (model.prior_aug_max=0, or the base scale): "
+                                  "it takes the clean prior, level 0")
+            if not number or not 0 <= level <= top:  # also NaN
+                raise ConfigError(f"prior_level: {level!r} for scale {i} must be a number in [0, {top:g}], "
+                                  "the levels its network was trained with (model.prior_aug_max)")
 
     def _check_objective(self, i: int) -> None:
         """Scale i's solver, steps and guidance against what its network predicts."""
@@ -270,13 +304,15 @@ class SamplerSettings:
         throughout), also names the defaults of a model that has no named settings and samples so."""
         defaults = cls(tuple(s.steps for s in model.scales), tuple(float(s.cfg_scale) for s in model.scales),
                        tuple(s.solver for s in model.scales), tuple(float(s.shift) for s in model.scales),
-                       tuple(tuple(s.guidance_interval) for s in model.scales), objectives(model))
+                       tuple(tuple(s.guidance_interval) for s in model.scales), objectives(model),
+                       tuple(float(getattr(s, "prior_level", 0.0)) for s in model.scales),
+                       prior_levels_max(model))
         if name == "default":
             return defaults
         if name in model.samplers:
             return cls.of(model, base=defaults, **model.samplers[name])
         plain = all(s == "euler" for s in defaults.solver) and all(v == 1.0 for v in defaults.shift) \
-            and all(g == FULL_INTERVAL for g in defaults.guidance_interval)
+            and all(g == FULL_INTERVAL for g in defaults.guidance_interval) and not any(defaults.prior_level)
         if name == "paper" and not model.samplers and plain:
             return defaults
         raise ConfigError(f"sampler {name!r}: this model names {['default', *model.samplers]}")
@@ -284,14 +320,15 @@ class SamplerSettings:
     @classmethod
     def of(cls, model: SampledModel, steps: Any = None, cfg_scale: Any = None, solver: Any = None,
            base: SamplerSettings | None = None, shift: Any = None, guidance_interval: Any = None,
-           name: str | None = None) -> SamplerSettings:
+           name: str | None = None, prior_level: Any = None) -> SamplerSettings:
         """``base`` (by default the model's named settings ``name``, else its per-scale defaults) with
         the given values replacing its own: each one value for every scale, or a list with one per scale
-        (``guidance_interval``: one ``(a, b)`` pair, or a list of pairs). One ``solver`` or ``cfg_scale``
-        for every scale sets the scales it fits (a flow solver or a guidance scale: the flow scales;
-        ``meanflow``: the meanflow scales), so that ``--solver heun`` leaves a meanflow base as it is."""
+        (``guidance_interval``: one ``(a, b)`` pair, or a list of pairs). One ``solver``, ``cfg_scale`` or
+        ``prior_level`` for every scale sets the scales it fits (a flow solver or a guidance scale: the flow
+        scales; ``meanflow``: the meanflow scales; a prior level: the scales trained with one), so that
+        ``--solver heun`` leaves a meanflow base as it is and ``--prior-level 0.2`` the base scale."""
         base = base or cls.named(model, name or "default")
-        k, kinds = len(model.scales), objectives(model)
+        k, kinds, tops = len(model.scales), objectives(model), prior_levels_max(model)
 
         def per_scale(name: str, value: Any, default: tuple) -> tuple:
             if value is None:
@@ -300,8 +337,15 @@ class SamplerSettings:
                 if len(value) != k:
                     raise ConfigError(f"{name}: need one value per scale ({k}), got {list(value)}")
                 return tuple(value)
-            if name not in ("solver", "cfg_scale") or (name == "solver" and value not in SOLVERS):
+            if name not in ("solver", "cfg_scale", "prior_level") or (name == "solver"
+                                                                      and value not in SOLVERS):
                 return (value,) * k
+            if name == "prior_level":
+                fits = [top > 0 for top in tops]
+                if not any(fits) and value != 0:
+                    raise ConfigError(f"prior_level: {value!r} fits none of this model's scales: they were "
+                                      "trained without conditioning augmentation (model.prior_aug_max=0)")
+                return tuple(value if fit else d for fit, d in zip(fits, default))
             fits = [value in solvers_for(kind) if name == "solver" else kind == "flow" for kind in kinds]
             if not any(fits) and value != default[0]:
                 raise ConfigError(f"{name}: {value!r} fits none of this model's scales ({', '.join(kinds)}); "
@@ -315,13 +359,15 @@ class SamplerSettings:
                    per_scale("cfg_scale", cfg_scale, base.cfg_scale),
                    per_scale("solver", solver, base.solver),
                    per_scale("shift", shift, base.shift),
-                   per_scale("guidance_interval", guidance_interval, base.guidance_interval), kinds)
+                   per_scale("guidance_interval", guidance_interval, base.guidance_interval), kinds,
+                   per_scale("prior_level", prior_level, base.prior_level), tops)
 
     def make_defaults(self, model: SampledModel) -> None:
         """Write these settings into ``model``'s scales as their defaults."""
         for k, s in enumerate(model.scales):
             s.steps, s.cfg_scale, s.solver = self.steps[k], self.cfg_scale[k], self.solver[k]
             s.shift, s.guidance_interval = self.shift[k], list(self.guidance_interval[k])
+            s.prior_level = self.prior_level[k]
 
     def scale_evaluations(self, k: int) -> int:
         """Network evaluations per image of scale k, CFG branches counted."""
@@ -334,13 +380,16 @@ class SamplerSettings:
         return sum(self.scale_evaluations(k) for k in range(len(self.steps)))
 
     def to_dict(self) -> dict[str, list]:
-        """The settings; the shift and the guidance interval only where one differs from the paper's
-        (uniform grid, guidance everywhere), so that records written without them still match."""
+        """The settings; the shift, the guidance interval and the prior level only where one differs from
+        the paper's (uniform grid, guidance everywhere, the clean prior), so that records written without them
+        still match."""
         out = {"steps": list(self.steps), "cfg_scale": list(self.cfg_scale), "solver": list(self.solver)}
         if any(v != 1.0 for v in self.shift):
             out["shift"] = list(self.shift)
         if any(g != FULL_INTERVAL for g in self.guidance_interval):
             out["guidance_interval"] = [list(g) for g in self.guidance_interval]
+        if any(v != 0 for v in self.prior_level):
+            out["prior_level"] = list(self.prior_level)
         return out
 
     def describe(self) -> str:
@@ -351,5 +400,7 @@ class SamplerSettings:
             extra += f"  shift {','.join(f'{v:g}' for v in self.shift)}"
         if any(g != FULL_INTERVAL for g in self.guidance_interval):
             extra += "  guided t in " + ",".join(f"[{a:g},{b:g}]" for a, b in self.guidance_interval)
+        if any(v != 0 for v in self.prior_level):
+            extra += f"  prior level {','.join(f'{v:g}' for v in self.prior_level)}"
         return (f"steps {','.join(map(str, self.steps))}  cfg {','.join(f'{w:g}' for w in self.cfg_scale)}  "
                 f"{solvers}{extra}  ({self.evaluations} evaluations/image)")
