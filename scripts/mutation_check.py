@@ -606,6 +606,16 @@ MUTATIONS = [
     ("sampling ignores the prior level asked for", "method/pipeline.py",
      "level = settings.prior_level[k] if self._takes_level(k) else None",
      "level = 0.0 if self._takes_level(k) else None", "tests/test_prior_augmentation.py"),
+    ("train.init_from loads no weights", "training/checkpoint.py",
+     "net.load_state_dict(theirs, strict=not fresh)", "net.load_state_dict(mine, strict=not fresh)",
+     "tests/test_meanflow_finetune.py"),
+    ("a flow scale made meanflow keeps its interval embedder's random output layer", "training/checkpoint.py",
+     "        nn.init.zeros_(out.weight)\n", "", "tests/test_meanflow_finetune.py"),
+    ("a resumed fine-tune starts from train.init_from again", "training/train.py",
+     "if fresh and tc.init_from:", "if tc.init_from:", "tests/test_meanflow_finetune.py"),
+    ("a named sampler's flow steps set a scale made meanflow", "method/sampler.py",
+     "d if keep else v for v, d, keep in zip(values, mine, own)",
+     "v for v, d, keep in zip(values, mine, own)", "tests/test_meanflow_finetune.py"),
 ]
 
 

@@ -15,6 +15,7 @@ import copy
 import json
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from msf.fields import (  # re-exported: from_dict and to_dict
@@ -142,6 +143,11 @@ class TrainConfig:
 
     scale: str = setting("all")  # "all", or one scale index: the scales train independently
     other_scales_from: str = setting("")  # model dir whose weights the scales this job does not train take
+    # the weights a fresh run starts from ("": seeded at random): a model or run directory, a checkpoint, a
+    # shipped name or hub id (its EMA weights); a scale made meanflow from a flow one starts as that flow
+    # network (msf.training.checkpoint.take_initial_weights). nanoGPT's name for it, which says what it does;
+    # `pretrained` (DMF's, timm's) and diffusers' `pretrained_model_name_or_path` are accepted for it
+    init_from: str = setting("", resume=True, cost=False)
     steps: int = setting(1000, "[0, inf)", resume=True, cost=False)  # optimizer steps per scale
     scale_steps: list[int] | None = setting(None, "[0, inf)", per_scale=True, resume=True)  # overrides steps
     batch_size: int = setting(64, "[1, inf)")  # global batch: split evenly over the processes
@@ -388,6 +394,10 @@ def _check_train(t: TrainConfig, m: ModelConfig) -> None:
     if bad or not str(t.eval_metrics).strip():
         raise ConfigError(f"train.eval_metrics={t.eval_metrics!r}: a comma-separated list of fid, kid, pr "
                           "and cas")
+    src = Path(t.init_from).expanduser().resolve()
+    if t.init_from and Path(t.out_dir).resolve() in (src, *src.parents):
+        raise ConfigError(f"train.init_from={t.init_from} lies in train.out_dir={t.out_dir}: the run would "
+                          "write over the model it starts from (--overwrite: delete it); pick another one")
 
 
 # --------------------------------------------------------------------------- (de)serialisation
@@ -403,6 +413,7 @@ KEY_ALIASES = {
     "class_dropout_prob": "class_dropout", "ema_rate": "ema_decay", "adam_weight_decay": "weight_decay",
     "hidden_size": "width", "num_heads": "heads", "guidance_scale": "cfg_scale",
     "num_sampling_steps": "steps", "num_inference_steps": "steps",
+    "pretrained": "init_from", "pretrained_model_name_or_path": "init_from",
 }
 def config_to_json(cfg: Config) -> str:
     return json.dumps(to_dict(cfg), indent=2)

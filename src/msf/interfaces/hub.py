@@ -199,9 +199,11 @@ def _training(train: dict | None, num_scales: int) -> list[str]:
            f"EMA decay {train.get('ema_decay', '?')}, class dropout {train.get('class_dropout', '?')}, "
            f"time sampler {train.get('time_sampler', '?')}, precision {train.get('precision', '?')}",
            f"- data: {train.get('data', '?')}; seed {train.get('seed', '?')}"]
+    if train.get("init_from"):
+        out.append(f"- fine-tuned: every scale started from the weights of {train['init_from']}")
     if str(train.get("scale", "all")) != "all":
         out.append(f"- this run trained scale {train['scale']} only; the other scales' weights came from "
-                   f"{train.get('other_scales_from') or 'another run'}")
+                   f"{train.get('other_scales_from') or train.get('init_from') or 'another run'}")
     return [*out, "", *_details("train config (config.json's \"train\")", train)]
 
 

@@ -207,6 +207,26 @@ def prior_levels_max(model: SampledModel) -> tuple[float, ...]:
     return tuple(0.0 if k == 0 else top for k in range(len(model.scales)))
 
 
+def _for_its_scales(given: dict[str, Any], defaults: SamplerSettings) -> dict[str, Any]:
+    """A named sampler's values, with a meanflow scale it names a flow solver for left at its own settings:
+    written for a flow scale (the presets' ``paper``, Euler at 50 steps, on a base since made meanflow),
+    they do not say how to sample it, as ``--solver euler`` does not."""
+    k, solver = len(defaults.steps), given.get("solver")
+    named = list(solver) if isinstance(solver, (list, tuple)) else [solver] * k
+    own = [kind == "meanflow" and s in FLOW_SOLVERS for kind, s in zip(defaults.objective, named)]
+    if not any(own) or len(named) != k:
+        return given
+    out = {}
+    for key, value in given.items():
+        one = not isinstance(value, (list, tuple)) or (key == "guidance_interval" and len(value) == 2 and all(
+            isinstance(v, (int, float)) for v in value))  # one value (one pair) for every scale
+        values = [value] * k if one else value
+        mine = getattr(defaults, key, None)  # an unknown key or a wrong length: SamplerSettings.of says so
+        out[key] = value if mine is None or len(values) != k else [
+            d if keep else v for v, d, keep in zip(values, mine, own)]
+    return out
+
+
 @dataclass(frozen=True)
 class SamplerSettings:
     """How each scale of Algorithm 3 is sampled, one value per scale: ``steps`` (network
@@ -310,7 +330,7 @@ class SamplerSettings:
         if name == "default":
             return defaults
         if name in model.samplers:
-            return cls.of(model, base=defaults, **model.samplers[name])
+            return cls.of(model, base=defaults, **_for_its_scales(model.samplers[name], defaults))
         plain = all(s == "euler" for s in defaults.solver) and all(v == 1.0 for v in defaults.shift) \
             and all(g == FULL_INTERVAL for g in defaults.guidance_interval) and not any(defaults.prior_level)
         if name == "paper" and not model.samplers and plain:

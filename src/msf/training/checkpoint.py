@@ -21,7 +21,8 @@ Its ``.metadata`` is read with an unpickler that admits DCP's own metadata class
 (Model directories for sampling are safetensors + JSON, see ``msf.method.pipeline``.)
 
 Also here, a run's bookkeeping: :class:`Checkpoints` (the newest to resume from; saving, then
-pruning), claiming the run directory, and taking the scales a job does not train from another run.
+pruning), claiming the run directory, taking the scales a job does not train from another run, and the
+weights a fresh run starts from (``train.init_from``).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from msf.config import RESUMABLE_FIELDS, SAMPLING_FIELDS, Config, ConfigError, from_dict, to_dict
+from msf.config import RESUMABLE_FIELDS, SAMPLING_FIELDS, Config, ConfigError, ModelConfig, from_dict, to_dict
 from msf.files import atomic_write, atomic_write_text
 from msf.training.distributed import World, barrier, full_state
 
@@ -541,6 +542,16 @@ def claim_run_directory(out: Path, world: World, overwrite: bool) -> None:
     barrier(world)
 
 
+def _check_same_model(mine: dict, theirs: dict, where: str) -> None:
+    """What every scale's weights assume (classes, autoencoder, priors, scale sizes) alike in two model
+    configs (as dicts); ``where`` names the setting that brought the other one."""
+    for key in ("num_classes", "autoencoder", "base_mode", "prior", "normalize"):
+        if mine[key] != theirs[key]:
+            raise ConfigError(f"{where}: model.{key} is {theirs[key]!r} there, {mine[key]!r} here")
+    if [s["image_size"] for s in mine["scales"]] != [s["image_size"] for s in theirs["scales"]]:
+        raise ConfigError(f"{where}: its scale sizes differ from this run's")
+
+
 def take_other_scales(pipe: MSFPipeline, cfg: Config, scales: list[int], src: Path) -> None:
     """Take the scales this job does not train from another run's model directory.
 
@@ -552,12 +563,7 @@ def take_other_scales(pipe: MSFPipeline, cfg: Config, scales: list[int], src: Pa
 
     other = MSFPipeline.from_pretrained(src, autoencoder=pipe.autoencoder)
     a, b = to_dict(cfg.model), to_dict(other.config)
-    for key in ("num_classes", "autoencoder", "base_mode", "prior", "normalize"):
-        if a[key] != b[key]:
-            raise ConfigError(f"train.other_scales_from={src}: model.{key} is {b[key]!r} there, "
-                              f"{a[key]!r} here")
-    if [s["image_size"] for s in a["scales"]] != [s["image_size"] for s in b["scales"]]:
-        raise ConfigError(f"train.other_scales_from={src}: its scale sizes differ from this run's")
+    _check_same_model(a, b, f"train.other_scales_from={src}")
     for k in range(pipe.num_scales):
         if k not in scales:
             if a["scales"][k] != b["scales"][k]:
@@ -568,3 +574,91 @@ def take_other_scales(pipe: MSFPipeline, cfg: Config, scales: list[int], src: Pa
         raise ConfigError(f"train.other_scales_from={src}: its component_std "
                           f"{other.config.component_std} differs from this run's "
                           f"{cfg.model.component_std} (different data or seed?)")
+
+
+def take_initial_weights(pipe: MSFPipeline, cfg: Config, src: str) -> str:
+    """``train.init_from``: every scale of a fresh run starts from the EMA weights of ``src`` (a model or
+    run directory, a checkpoint, a shipped name or hub id: what ``msf sample`` reads), which must be the
+    same architecture; returns a line saying what was taken.
+
+    A scale made ``meanflow`` from a ``flow`` one (a fine-tune into a few-step scale, as Decoupled MeanFlow
+    does) takes all the flow weights, and its interval embedder, which the flow network lacks, starts with
+    its output layer at zero: the network then equals the flow network for every ``r``, ``u(x, r, t) =
+    v(x, t)``, and the embedder trains from there (its output layer's gradient is not zero). With
+    ``model.normalize=std`` the run takes ``src``'s component std, the one its weights were trained with.
+    """
+    where = f"train.init_from={src}"
+    theirs, states, path = _initial_source(src, pipe, where)
+    _check_same_model(to_dict(cfg.model), to_dict(theirs), where)
+    made_meanflow = []
+    for k, (mine, other) in enumerate(zip(cfg.model.scales, theirs.scales)):
+        for key in to_dict(mine):
+            if key not in (*SAMPLING_FIELDS, "objective") and getattr(mine, key) != getattr(other, key):
+                raise ConfigError(f"{where}: scale {k}'s {key} is {getattr(other, key)!r} there, "
+                                  f"{getattr(mine, key)!r} here; only a scale's objective (flow to meanflow) "
+                                  "and sampler settings may change")
+        if (other.objective, mine.objective) == ("meanflow", "flow"):
+            raise ConfigError(f"{where}: scale {k} is a meanflow network there (the average velocity); it "
+                              f"cannot start a flow scale: set model.scales.{k}.objective=meanflow")
+        new = other.objective != mine.objective  # flow to meanflow: the interval embedder is new
+        _load_fitting(pipe.networks[k], states[k], k, where, new)
+        made_meanflow += [k] if new else []
+    if cfg.model.normalize == "std":
+        if cfg.model.component_std is None:
+            cfg.model.component_std = theirs.component_std
+        elif cfg.model.component_std != theirs.component_std:
+            raise ConfigError(f"{where}: its component_std {theirs.component_std} differs from this run's "
+                              f"{cfg.model.component_std}: leave model.component_std unset to take it")
+    made = "".join(f"; scale {k}: flow made meanflow, the flow network for every r at start (its interval "
+                   "embedder's output layer at zero)" for k in made_meanflow)
+    return f"{where}: every scale from the EMA weights of {path}{made}"
+
+
+def _initial_source(src: str, pipe: MSFPipeline, where: str) -> tuple[ModelConfig, list[dict], Path]:
+    """The model config of what ``train.init_from`` names, its EMA weights per scale, and the path read:
+    a run directory's newest checkpoint (else its model directory), a checkpoint, or a model."""
+    from msf.method.model_dir import ModelDirError
+    from msf.method.pipeline import MSFPipeline, load_model_config
+
+    path, state = Path(src).expanduser(), None
+    try:
+        if path.is_dir() and ((path / "checkpoints").is_dir() or (path / "model").is_dir()):  # a run
+            found = load_latest(path / "checkpoints")
+            state, path = found if found is not None else (None, path / "model")
+        elif path.is_file() or is_sharded_checkpoint(path):
+            state = load_checkpoint(path)
+        if state is None:  # a model directory, a shipped name or a hub id
+            model = src if path == Path(src).expanduser() else path
+            config = load_model_config(model)  # before building networks: a missing model says so
+            # on the run's device, where from_pretrained also moves the autoencoder it shares
+            other = MSFPipeline.from_pretrained(model, autoencoder=pipe.autoencoder, device=pipe.device)
+            return config, [net.state_dict() for net in other.networks], path
+        config = from_dict(Config, state["config"], f"{path}: its config").model
+        if "dcp" in state:  # sharded: the EMA weights only, whole, in this process
+            state = read_sharded(state["dcp"], keys=["emas"])
+        return config, [state["emas"][str(k)] for k in range(config.num_scales)], path
+    except (ModelDirError, CheckpointError) as e:
+        raise ConfigError(f"{where}: {e}") from None
+    except KeyError as e:
+        raise ConfigError(f"{where}: {path} is not a checkpoint msf train wrote (no {e})") from None
+
+
+def _load_fitting(net: nn.Module, theirs: dict, k: int, where: str, new_interval: bool) -> None:
+    """``theirs`` into scale k's network, every weight of the same name and shape, refused otherwise;
+    ``new_interval``: the interval embedder is the network's own, its output layer zeroed."""
+    mine = net.state_dict()
+    fresh = {key for key in mine if new_interval and key.startswith("interval_embedder.")}
+    missing = sorted(set(mine) - set(theirs) - fresh)
+    extra = sorted(set(theirs) - set(mine))
+    if missing or extra:
+        raise ConfigError(f"{where}: scale {k}'s weights do not fit this run's network (missing there: "
+                          f"{missing[:4]}, not here: {extra[:4]})")
+    for key, w in theirs.items():
+        if tuple(w.shape) != tuple(mine[key].shape):
+            raise ConfigError(f"{where}: scale {k}'s {key} is {tuple(w.shape)} there, "
+                              f"{tuple(mine[key].shape)} here")
+    net.load_state_dict(theirs, strict=not fresh)
+    if fresh:
+        out = net.interval_embedder.mlp[-1]  # its output layer: the embedding adds exactly 0 at start
+        nn.init.zeros_(out.weight)
+        nn.init.zeros_(out.bias)

@@ -45,6 +45,7 @@ from msf.training.checkpoint import (
     claim_run_directory,
     load_network_states,
     network_states,
+    take_initial_weights,
     take_other_scales,
 )
 from msf.training.data import (
@@ -160,10 +161,11 @@ class TrainState:
     projector_opts: dict[int, torch.optim.Optimizer] = field(default_factory=dict)
 
     @classmethod
-    def create(cls, cfg: Config, world: World, data, bad_files: list[str], load_other_scales: bool = True,
+    def create(cls, cfg: Config, world: World, data, bad_files: list[str], fresh: bool = True,
                autoencoder: nn.Module | None = None, networks: list[nn.Module] | None = None) -> TrainState:
         """Fresh networks (seeded; or the caller's), the EMA as their copy, FSDP shards, one AdamW per
-        trained scale.
+        trained scale. ``fresh``: a run's start, which takes ``train.init_from``'s and
+        ``train.other_scales_from``'s weights (a resumed run takes its checkpoint's instead).
 
         With ``model.normalize=std`` and no ``model.component_std`` yet, the std is measured on
         ``data`` here and written into ``cfg`` (the run's own copy), before the EMA copies the config.
@@ -172,10 +174,14 @@ class TrainState:
         torch.manual_seed(tc.seed)  # the same initial weights on every process
         own = None if networks is None else copy.deepcopy(list(networks))
         pipe = MSFPipeline(cfg.model, autoencoder=autoencoder, networks=own).to(world.device)
+        if fresh and tc.init_from:  # before the std is measured: the weights come with theirs
+            said = take_initial_weights(pipe, cfg, tc.init_from)
+            if world.is_main:
+                print(f"[msf] {said}", flush=True)
         if cfg.model.normalize == "std" and cfg.model.component_std is None:
             cfg.model.component_std = _measure_std(pipe, data, tc.seed, world.device, bad_files)
         pipe.config = cfg.model
-        if load_other_scales and tc.other_scales_from:
+        if fresh and tc.other_scales_from:
             take_other_scales(pipe, cfg, scales, Path(tc.other_scales_from))
         for k in scales:
             pipe.networks[k].grad_checkpointing = tc.grad_checkpointing
@@ -348,7 +354,7 @@ def _run(cfg: Config, world: World, data, progress: bool, max_seconds: float | N
     data, bad_files = open_training_data(cfg, data, world=world, progress=progress and world.is_main), []
     ckpts = Checkpoints(out / "checkpoints", cfg, world, save)
     found = ckpts.latest() if resume else None  # checked against this run's config
-    state = TrainState.create(cfg, world, data, bad_files, load_other_scales=found is None,
+    state = TrainState.create(cfg, world, data, bad_files, fresh=found is None,
                               autoencoder=autoencoder, networks=networks)
     if found is not None:
         state.load_state_dict(found[0])
