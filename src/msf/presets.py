@@ -241,11 +241,10 @@ def _dit_latent_demo() -> Config:
 def _demo64() -> Config:
     """``latent-demo`` in pixel space: the same networks and token counts on 64 x 64 pixels (48 px base,
     patch 8), to ask whether the latent is worth it at this scale."""
-    cfg = _demo_paper_ratio()
-    cfg.model.scales[0].image_size, cfg.model.scales[1].image_size = 48, 64
+    cfg = _latent_demo()
+    cfg.model.autoencoder = AutoencoderConfig()
     for s in cfg.model.scales:
         s.patch_size = 8
-    cfg.train.data = "emoji64"
     cfg.preset, cfg.train.out_dir = "demo64", "runs/demo64"
     return cfg
 
